@@ -1,0 +1,239 @@
+"""Shared machinery, not public API: parameters <-> flat vectors, functional model calls, batch checks.
+
+The flat parameter vector of an operator is the concatenation of ``p.reshape(-1)`` over the selected
+parameters, in the order given (default: ``model.parameters()`` with ``requires_grad``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from hessops.errors import (
+    DeviceMismatchError,
+    DtypeMismatchError,
+    EmptyDataError,
+    NoParametersError,
+    TrainModeError,
+    UnsupportedLossError,
+)
+
+ParamTree = tuple[Tensor, ...]
+
+# Modules whose forward differs between train and eval mode: batch statistics, random masks, random slopes.
+_TRAIN_MODE_TYPES: tuple[type, ...] = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.dropout._DropoutNd,
+    nn.RReLU,
+)
+_TRAIN_MODE_NAME_HINTS = ("Dropout", "DropPath", "DropBlock", "BatchNorm", "StochasticDepth")
+
+
+@dataclass(frozen=True, eq=False)
+class Problem:
+    """Everything an operator needs besides its dtype and device: held by reference, so the copies that
+    CoLA makes of an operator (annotation wrappers, ``.to``) share it."""
+
+    model: nn.Module
+    loss_fn: Callable[[Any, Any], Tensor]
+    data: Iterable
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+    model_dtype: torch.dtype
+    chunk_size: int | None
+    progress: bool
+    allow_train_mode: bool
+    memo: dict = field(default_factory=dict)
+
+    @property
+    def numel(self) -> int:
+        return sum(s.numel() for s in self.shapes)
+
+
+def normalize_device(device: torch.device | str) -> torch.device:
+    """``cuda`` -> ``cuda:<current>``, so that CoLA's device equality checks hold."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def select_parameters(model: nn.Module, params: Sequence[Tensor] | None) -> tuple[tuple[str, ...], tuple[Tensor, ...]]:
+    """Names and tensors of the parameters to differentiate, in the flat vector's order."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    named = list(model.named_parameters())
+    if params is None:
+        chosen = [(name, p) for name, p in named if p.requires_grad]
+        if not chosen:
+            raise NoParametersError(
+                "the model has no trainable parameters (every parameter has requires_grad=False): "
+                "unfreeze some with p.requires_grad_(True), or pass params=[...] explicitly"
+            )
+    else:
+        params = list(params)
+        if not params:
+            raise NoParametersError("params is empty: pass at least one parameter of the model, or params=None")
+        by_id = {id(p): name for name, p in named}
+        chosen, seen = [], set()
+        for i, p in enumerate(params):
+            if id(p) not in by_id:
+                raise NoParametersError(
+                    f"params[{i}] (shape {tuple(getattr(p, 'shape', ()))}) is not a parameter of the model: "
+                    "pass tensors from model.parameters() (not copies)"
+                )
+            if id(p) in seen:
+                raise NoParametersError(f"params[{i}] ({by_id[id(p)]}) is listed twice")
+            seen.add(id(p))
+            chosen.append((by_id[id(p)], p))
+    dtypes = {p.dtype for _, p in chosen}
+    devices = {normalize_device(p.device) for _, p in chosen}
+    if len(dtypes) > 1:
+        raise DtypeMismatchError(f"the parameters have several dtypes {sorted(map(str, dtypes))}: cast the model, e.g. model.double()")
+    if len(devices) > 1:
+        raise DeviceMismatchError(f"the parameters lie on several devices {sorted(map(str, devices))}: move the model with model.to(device)")
+    if not next(iter(dtypes)).is_floating_point:
+        raise DtypeMismatchError(f"the parameters have dtype {next(iter(dtypes))}; curvature needs floating point")
+    return tuple(n for n, _ in chosen), tuple(p for _, p in chosen)
+
+
+def check_train_mode(model: nn.Module, allow: bool) -> None:
+    """Refuse modules whose output is random or batch-dependent in training mode (unless ``allow``)."""
+    if allow:
+        return
+    for name, module in model.named_modules():
+        if not module.training:
+            continue
+        kind = type(module).__name__
+        stateful = isinstance(module, _TRAIN_MODE_TYPES) or any(h in kind for h in _TRAIN_MODE_NAME_HINTS)
+        if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+            stateful = module.track_running_stats
+        if stateful:
+            raise TrainModeError(
+                f"module '{name or type(model).__name__}' ({kind}) is in training mode, which makes the operator "
+                "random or dependent on how data is batched (and breaks torch.func): call model.eval() first, "
+                "or pass allow_train_mode=True if you really want the train-mode curvature"
+            )
+
+
+def check_loss(loss_fn: Callable) -> None:
+    """Refuse losses that are not a batch mean, which would make the dataset weights wrong."""
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    reduction = getattr(loss_fn, "reduction", "mean")
+    if reduction in ("sum", "none"):
+        raise UnsupportedLossError(
+            f"{type(loss_fn).__name__}(reduction='{reduction}'): hessops needs the batch mean, so that batches "
+            "weigh n_b/N in the dataset mean; use reduction='mean'"
+        )
+    if getattr(loss_fn, "weight", None) is not None and isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
+        raise UnsupportedLossError(
+            f"{type(loss_fn).__name__} with class weights averages by the sum of weights, not by the number of "
+            "examples, so batches cannot be combined into a dataset mean: drop weight= (or write the weighted "
+            "loss as a per-example mean yourself)"
+        )
+
+
+def split_batch(batch: Any, index: int) -> tuple[Any, Any]:
+    """A batch is ``(inputs, targets)``; inputs are a tensor, a tuple of positional tensors or a dict."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError(f"batch {index} is a {type(batch).__name__}: data must yield (inputs, targets) pairs")
+    return batch[0], batch[1]
+
+
+def _leaves(obj: Any) -> list[Tensor]:
+    return [t for t in torch.utils._pytree.tree_leaves(obj) if isinstance(t, Tensor)]
+
+
+def batch_size(inputs: Any, index: int) -> int:
+    leaves = _leaves(inputs)
+    if not leaves:
+        raise TypeError(f"batch {index} has no tensor inputs")
+    return leaves[0].shape[0] if leaves[0].dim() > 0 else 1
+
+
+def check_batch(inputs: Any, targets: Any, index: int, device: torch.device, model_dtype: torch.dtype) -> None:
+    """Inputs and targets must be on the parameters' device, floating tensors of the parameters' dtype."""
+    for role, obj in (("inputs", inputs), ("targets", targets)):
+        for t in _leaves(obj):
+            if normalize_device(t.device) != device:
+                raise DeviceMismatchError(
+                    f"batch {index} {role} are on {t.device} but the parameters are on {device}: move each batch "
+                    f"(x.to('{device}')) in your loader or collate_fn, or move the model"
+                )
+            if t.is_floating_point() and t.dtype != model_dtype:
+                raise DtypeMismatchError(
+                    f"batch {index} {role} have dtype {t.dtype} but the parameters have {model_dtype}: "
+                    f"cast the data (x.to({model_dtype})) or the model (model.to({t.dtype}))"
+                )
+
+
+def cast_floating(obj: Any, dtype: torch.dtype) -> Any:
+    """Cast every floating tensor in a pytree to ``dtype`` (no copy when it already has it)."""
+    return torch.utils._pytree.tree_map(
+        lambda t: t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t, obj
+    )
+
+
+def model_state(problem: Problem, dtype: torch.dtype) -> tuple[ParamTree, dict[str, Tensor]]:
+    """The current values of the selected parameters (detached, as ``dtype``) and of everything else the
+    model holds (other parameters and buffers), cast too when ``dtype`` is not the model's."""
+    model = problem.model
+    all_params = dict(model.named_parameters())
+    params = tuple(all_params[n].detach().to(dtype) for n in problem.names)
+    constants: dict[str, Tensor] = {}
+    if dtype != problem.model_dtype:
+        selected = set(problem.names)
+        constants = {n: p.detach().to(dtype) for n, p in all_params.items() if n not in selected}
+        constants.update({n: cast_floating(b, dtype) for n, b in model.named_buffers()})
+    if problem.allow_train_mode:
+        # Train-mode BatchNorm normalizes by batch statistics and updates its running statistics in place,
+        # which torch.func forbids; hiding the running statistics (None) skips the update and leaves the
+        # user's buffers untouched, without changing the output.
+        for name, module in model.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training and module.track_running_stats:
+                prefix = f"{name}." if name else ""
+                constants.update({prefix + b: None for b in ("running_mean", "running_var", "num_batches_tracked")})
+    return params, constants
+
+
+def call_model(model: nn.Module, names: Sequence[str], params: ParamTree, constants: dict[str, Tensor], inputs: Any) -> Any:
+    """``model(inputs)`` with the given parameter values, through ``torch.func.functional_call``."""
+    state = dict(constants)
+    state.update(zip(names, params))
+    if isinstance(inputs, dict):
+        return functional_call(model, state, (), inputs)
+    if isinstance(inputs, (tuple, list)):
+        return functional_call(model, state, tuple(inputs))
+    return functional_call(model, state, (inputs,))
+
+
+def flat_to_tree(rows: Tensor, shapes: Sequence[torch.Size]) -> ParamTree:
+    """(c, n) -> tuple of (c, *shape) tensors, views where possible."""
+    sizes = [s.numel() for s in shapes]
+    return tuple(part.reshape(rows.shape[0], *shape) for part, shape in zip(rows.split(sizes, dim=1), shapes))
+
+
+def tree_to_flat(tree: ParamTree) -> Tensor:
+    """tuple of (c, *shape) tensors -> (c, n)."""
+    return torch.cat([t.reshape(t.shape[0], -1) for t in tree], dim=1)
+
+
+def first_batch(data: Iterable) -> Any:
+    try:
+        iterator = iter(data)
+    except TypeError:
+        raise TypeError(f"data must be a re-iterable of (inputs, targets) batches, got {type(data).__name__}") from None
+    if iterator is data:
+        raise TypeError(
+            "data is a one-shot iterator (a generator?): every matmat is a pass over the data, so pass a "
+            "re-iterable such as a DataLoader or a list of (inputs, targets) batches"
+        )
+    try:
+        return next(iterator)
+    except StopIteration:
+        raise EmptyDataError("data yielded no batch: pass a non-empty DataLoader or list of (inputs, targets)") from None

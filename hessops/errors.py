@@ -1,0 +1,51 @@
+"""Exceptions raised by hessops: each names the cause and the fix."""
+
+from __future__ import annotations
+
+__all__ = [
+    "HessopsError",
+    "TrainModeError",
+    "EmptyDataError",
+    "NonFiniteLossError",
+    "DeviceMismatchError",
+    "DtypeMismatchError",
+    "NoParametersError",
+    "UnsupportedLossError",
+    "NondeterministicOperatorError",
+]
+
+
+class HessopsError(ValueError):
+    """Base class of every error hessops raises on bad input."""
+
+
+class TrainModeError(HessopsError):
+    """The model holds Dropout or BatchNorm (or similar) modules in training mode."""
+
+
+class EmptyDataError(HessopsError):
+    """The data yielded no batch, or only empty batches."""
+
+
+class NonFiniteLossError(HessopsError):
+    """The loss (or the curvature product) of some batch is NaN or infinite."""
+
+
+class DeviceMismatchError(HessopsError):
+    """A batch or a vector lives on another device than the parameters."""
+
+
+class DtypeMismatchError(HessopsError):
+    """A batch or a vector has another floating dtype than expected."""
+
+
+class NoParametersError(HessopsError):
+    """There is nothing to differentiate, or `params` names a tensor the model does not own."""
+
+
+class UnsupportedLossError(HessopsError):
+    """The loss cannot define this operator (wrong reduction, no likelihood to sample from, ...)."""
+
+
+class NondeterministicOperatorError(HessopsError):
+    """Applying the operator twice to the same vector gave different results."""

@@ -1,0 +1,217 @@
+"""The base class of every curvature operator: it owns the data loop, the dataset weights, the checks and
+the device; a subclass only says how one mini-batch's curvature multiplies a block of vectors."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Sequence
+
+import cola
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from hessops._functional import (
+    ParamTree,
+    Problem,
+    batch_size,
+    cast_floating,
+    check_batch,
+    check_loss,
+    check_train_mode,
+    first_batch,
+    flat_to_tree,
+    model_state,
+    normalize_device,
+    select_parameters,
+    split_batch,
+    tree_to_flat,
+)
+from hessops.errors import (
+    DeviceMismatchError,
+    DtypeMismatchError,
+    EmptyDataError,
+    NondeterministicOperatorError,
+    NonFiniteLossError,
+)
+
+DEFAULT_CHUNK_SIZE = 16
+
+
+class CurvatureOperator(cola.ops.LinearOperator):
+    r"""Curvature of the dataset mean loss :math:`L(\theta) = \frac1N \sum_{n=1}^N \ell(f(x_n;\theta), y_n)`.
+
+    One matmat is one pass over ``data``. Batch :math:`b` of :math:`n_b` examples contributes
+    :math:`n_b \cdot C_b V`, where :math:`C_b` is the curvature of the batch-mean loss; the sum is divided
+    by :math:`N = \sum_b n_b` at the end, so unequal batches give exactly the full-batch operator.
+    Subclasses implement :meth:`_batch_matmat`.
+
+    Args:
+        model: the network; its current parameters are the point :math:`\theta`. Buffers are used as they are.
+        loss_fn: ``loss_fn(outputs, targets)`` returning the batch mean.
+        data: a re-iterable of ``(inputs, targets)`` batches (a DataLoader, a list of tuples).
+        params: parameters to differentiate, in the flat vector's order; default the trainable ones.
+        dtype: the operator's dtype; default the parameters'. A wider dtype than the model's evaluates the
+            model in that dtype (parameters, buffers and floating inputs are cast on the fly).
+        chunk_size: columns vectorized together with ``vmap`` (bounds memory); default 16.
+        progress: show a tqdm bar over batches during each matmat.
+        allow_train_mode: accept Dropout/BatchNorm in training mode (the operator is then random).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, Any], Tensor],
+        data: Iterable,
+        *,
+        params: Sequence[Tensor] | None = None,
+        dtype: torch.dtype | None = None,
+        chunk_size: int | None = None,
+        progress: bool = False,
+        allow_train_mode: bool = False,
+    ):
+        names, tensors = select_parameters(model, params)
+        model_dtype = tensors[0].dtype
+        device = normalize_device(tensors[0].device)
+        dtype = model_dtype if dtype is None else dtype
+        if not dtype.is_floating_point:
+            raise DtypeMismatchError(f"dtype={dtype} is not a floating dtype: use torch.float32 or torch.float64")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive number of columns, got {chunk_size}")
+        check_train_mode(model, allow_train_mode)
+        check_loss(loss_fn)
+        inputs, targets = self._split_first(data)
+        check_batch(inputs, targets, 0, device, model_dtype)
+        problem = Problem(
+            model=model,
+            loss_fn=loss_fn,
+            data=data,
+            names=names,
+            shapes=tuple(p.shape for p in tensors),
+            model_dtype=model_dtype,
+            chunk_size=chunk_size,
+            progress=progress,
+            allow_train_mode=allow_train_mode,
+        )
+        n = problem.numel
+        super().__init__(dtype=dtype, shape=(n, n))
+        self.problem = problem
+        self.device = device
+
+    @staticmethod
+    def _split_first(data: Iterable) -> tuple[Any, Any]:
+        return split_batch(first_batch(data), 0)
+
+    # -- what a subclass says ------------------------------------------------------------------------------
+    def _batch_matmat(
+        self, params: ParamTree, constants: dict[str, Tensor], inputs: Any, targets: Any, blocks: list[ParamTree], index: int
+    ) -> tuple[list[ParamTree], Tensor]:
+        """For one batch: the batch-mean curvature times each block of columns (each a tuple of
+        ``(c, *shape)`` tensors), and the batch-mean loss (a scalar tensor, for the finiteness check)."""
+        raise NotImplementedError
+
+    # -- the data loop ------------------------------------------------------------------------------------
+    def _matmat(self, X: Tensor) -> Tensor:
+        self._check_vectors(X)
+        problem = self.problem
+        n, k = X.shape
+        chunk = problem.chunk_size or DEFAULT_CHUNK_SIZE
+        rows = X.T
+        blocks = [flat_to_tree(rows[i : i + chunk], problem.shapes) for i in range(0, k, chunk)]
+        acc = torch.zeros(k, n, dtype=self.dtype, device=self.device)
+        losses: list[Tensor] = []
+        total = 0
+        params, constants = model_state(problem, self.dtype)
+        bar = tqdm(
+            problem.data,
+            total=len(problem.data) if hasattr(problem.data, "__len__") else None,
+            desc=f"{type(self).__name__} @ {k} vector{'s' if k > 1 else ''}",
+            disable=not problem.progress,
+            leave=False,
+            unit="batch",
+        )
+        with torch.no_grad():
+            for index, batch in enumerate(bar):
+                inputs, targets = self._prepare(batch, index)
+                n_b = batch_size(inputs, index)
+                if n_b == 0:
+                    continue
+                products, loss = self._batch_matmat(params, constants, inputs, targets, blocks, index)
+                for i, product in zip(range(0, k, chunk), products):
+                    acc[i : i + chunk].add_(tree_to_flat(product), alpha=n_b)
+                losses.append(loss.detach().reshape(()))
+                total += n_b
+        if total == 0:
+            raise EmptyDataError("data yielded no examples: pass a non-empty DataLoader or list of (inputs, targets)")
+        self._check_finite(torch.stack(losses), acc)
+        return (acc / total).T
+
+    def _prepare(self, batch: Any, index: int) -> tuple[Any, Any]:
+        inputs, targets = split_batch(batch, index)
+        check_batch(inputs, targets, index, self.device, self.problem.model_dtype)
+        if self.dtype != self.problem.model_dtype:
+            inputs, targets = cast_floating(inputs, self.dtype), cast_floating(targets, self.dtype)
+        return inputs, targets
+
+    def _check_vectors(self, X: Tensor) -> None:
+        if not isinstance(X, Tensor):
+            raise TypeError(f"{type(self).__name__} multiplies torch tensors, got {type(X).__name__}")
+        if X.dtype != self.dtype:
+            raise DtypeMismatchError(
+                f"vector dtype {X.dtype} differs from the operator's {self.dtype}: cast it (v.to({self.dtype})) "
+                f"or build the operator with dtype={X.dtype}"
+            )
+        if normalize_device(X.device) != self.device:
+            raise DeviceMismatchError(f"vector is on {X.device} but the operator is on {self.device}: v.to('{self.device}')")
+
+    def _check_finite(self, losses: Tensor, acc: Tensor) -> None:
+        finite = torch.isfinite(losses)
+        if not bool(finite.all()):
+            index = int((~finite).nonzero()[0])
+            raise NonFiniteLossError(
+                f"the loss of batch {index} is {losses[index].item()}: check that batch's inputs and targets for "
+                "NaN/inf, and the model for overflow (a smaller learning rate, float64, or a checkpoint from "
+                "before divergence)"
+            )
+        if not bool(torch.isfinite(acc).all()):
+            raise NonFiniteLossError(
+                "every batch loss is finite but the curvature product is not: it overflows in "
+                f"{self.dtype}; build the operator with dtype=torch.float64"
+            )
+
+    # -- conveniences -------------------------------------------------------------------------------------
+    def check_deterministic(self, *, seed: int = 0, rtol: float | None = None) -> float:
+        """Apply the operator twice to the same random vector; raise if the results differ.
+
+        Random augmentation in the loader, shuffling with ``drop_last``, or sampling in the model make the
+        operator random, and Lanczos on a random operator returns nonsense. Returns the relative difference
+        ``‖Av − A'v‖ / ‖Av‖``; the default ``rtol`` is ``1000·eps`` of the dtype (room for nondeterministic
+        GPU reductions)."""
+        rtol = 1e3 * torch.finfo(self.dtype).eps if rtol is None else rtol
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        v = torch.randn(self.shape[1], generator=generator, dtype=self.dtype).to(self.device)
+        first, second = self @ v, self @ v
+        scale = torch.linalg.vector_norm(first).clamp_min(torch.finfo(self.dtype).tiny)
+        rel = float(torch.linalg.vector_norm(first - second) / scale)
+        if rel > rtol:
+            raise NondeterministicOperatorError(
+                f"applying {type(self).__name__} twice to the same vector gave results {rel:.3g} apart (relative; "
+                f"tolerance {rtol:.1g}): the data or the model is random. Remove random augmentation from the "
+                "loader (curvature needs a fixed function), use shuffle=False or drop_last=False, and call "
+                "model.eval()"
+            )
+        return rel
+
+    def to(self, device, dtype=None):
+        """Operators follow their model: move the model and build a new operator instead."""
+        if dtype is not None and dtype != self.dtype:
+            raise DtypeMismatchError(f"{type(self).__name__}.to cannot change the dtype: build the operator with dtype={dtype}")
+        if normalize_device(device) != self.device:
+            raise DeviceMismatchError(
+                f"{type(self).__name__} lives where its model's parameters are ({self.device}): "
+                f"call model.to('{device}'), move the data, and build a new operator"
+            )
+        return self
+
+    def __repr__(self) -> str:
+        n = self.shape[0]
+        return f"<{type(self).__name__} {n}x{n}, dtype={self.dtype}, device={self.device}>"

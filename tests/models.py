@@ -1,0 +1,37 @@
+"""The small networks the tests run on, the two of our users' studies among them."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def mlp(d_in: int = 4, hidden: int = 6, d_out: int = 3) -> nn.Module:
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, d_out))
+
+
+def bn_mlp(d_in: int = 4, hidden: int = 6, d_out: int = 3) -> nn.Module:
+    """An MLP with BatchNorm, with non-trivial running statistics, put in eval mode."""
+    model = nn.Sequential(nn.Linear(d_in, hidden), nn.BatchNorm1d(hidden), nn.Tanh(), nn.Linear(hidden, d_out))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+def cifar_cnn_5k() -> nn.Module:
+    """The 5,100-parameter CIFAR-10 CNN of the spectrum study (3×32×32 inputs)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 5, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(5, 5, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(125, 30), nn.ReLU(), nn.Linear(30, 10),
+    )
+
+
+def mnist_cnn_1710() -> nn.Module:
+    """The 1,710-parameter MNIST network of the basin-volume study (1×28×28 inputs, log-probabilities out)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 1, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(169, 10), nn.LogSoftmax(dim=1),
+    )
