@@ -25,12 +25,8 @@ def make_data(n: int = 512, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return centers[labels] + torch.randn(n, 10, generator=generator), labels
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("demo/result.json"))
-    parser.add_argument("--k", type=int, default=5)
-    args = parser.parse_args()
-
+def trained_problem() -> tuple[nn.Module, nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """An MLP trained for 200 full-batch SGD steps; its loss and the data in batches of 128."""
     torch.manual_seed(0)
     x, y = make_data()
     model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 3))
@@ -40,19 +36,29 @@ def main() -> None:
         optimizer.zero_grad()
         loss_fn(model(x), y).backward()
         optimizer.step()
-    model.eval()
-    data = [(x[i : i + 128], y[i : i + 128]) for i in range(0, len(x), 128)]
+    return model.eval(), loss_fn, [(x[i : i + 128], y[i : i + 128]) for i in range(0, len(x), 128)]
 
-    H = hessops.Hessian(model, loss_fn, data)
+
+def top_eigenvalues(k: int) -> tuple[list[float], int, float]:
+    """The k largest eigenvalues of the training-loss Hessian by CoLA's Lanczos, n, and the seconds taken."""
+    H = hessops.Hessian(*trained_problem())
     start = time.perf_counter()
-    values, _ = cola.eig(H, args.k, which="LM", alg=cola.Lanczos(max_iters=60, tol=1e-8, key=0))
-    seconds = time.perf_counter() - start
-    top = sorted(values.real.tolist(), reverse=True)
-    print(f"{H!r}: top-{args.k} eigenvalues of the training-loss Hessian ({seconds:.2f} s)")
+    values, _ = cola.eig(H, k, which="LM", alg=cola.Lanczos(max_iters=80, tol=1e-8, key=0))
+    return sorted(values.real.tolist(), reverse=True), H.shape[0], time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("demo/result.json"))
+    parser.add_argument("--k", type=int, default=5)
+    args = parser.parse_args()
+
+    top, n, seconds = top_eigenvalues(args.k)
+    print(f"top-{args.k} eigenvalues of the training-loss Hessian, n = {n} parameters ({seconds:.2f} s):")
     for i, value in enumerate(top, 1):
         print(f"  λ{i} = {value:.6f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"eigenvalues": top, "n_params": H.shape[0], "seconds": seconds}, indent=2))
+    args.out.write_text(json.dumps({"eigenvalues": top, "n_params": n, "seconds": seconds}, indent=2))
     print(f"wrote {args.out}")
 
 
