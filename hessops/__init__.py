@@ -13,35 +13,10 @@ with warnings.catch_warnings():
     import cola  # noqa: F401
     import torch._decomp.decompositions_for_jvp  # noqa: F401
 
-from hessops.errors import (
-    DeviceMismatchError,
-    DtypeMismatchError,
-    EmptyDataError,
-    HessopsError,
-    NondeterministicOperatorError,
-    NonFiniteLossError,
-    NoParametersError,
-    TrainModeError,
-    UnsupportedLossError,
-)
+from hessops import errors
+from hessops.errors import *  # noqa: F403 - every exception is public
 from hessops.operators import GGN, CurvatureOperator, EmpiricalFisher, Hessian, MCFisher, Regularized
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Hessian",
-    "GGN",
-    "EmpiricalFisher",
-    "MCFisher",
-    "Regularized",
-    "CurvatureOperator",
-    "HessopsError",
-    "TrainModeError",
-    "EmptyDataError",
-    "NonFiniteLossError",
-    "DeviceMismatchError",
-    "DtypeMismatchError",
-    "NoParametersError",
-    "UnsupportedLossError",
-    "NondeterministicOperatorError",
-]
+__all__ = ["Hessian", "GGN", "EmpiricalFisher", "MCFisher", "Regularized", "CurvatureOperator", *errors.__all__]

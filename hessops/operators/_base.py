@@ -79,7 +79,7 @@ class CurvatureOperator(cola.ops.LinearOperator):
             raise ValueError(f"chunk_size must be a positive number of columns, got {chunk_size}")
         check_train_mode(model, allow_train_mode)
         check_loss(loss_fn)
-        inputs, targets = self._split_first(data)
+        inputs, targets = split_batch(first_batch(data), 0)
         check_batch(inputs, targets, 0, device, model_dtype)
         problem = Problem(
             model=model,
@@ -96,10 +96,6 @@ class CurvatureOperator(cola.ops.LinearOperator):
         super().__init__(dtype=dtype, shape=(n, n))
         self.problem = problem
         self.device = device
-
-    @staticmethod
-    def _split_first(data: Iterable) -> tuple[Any, Any]:
-        return split_batch(first_batch(data), 0)
 
     # -- what a subclass says ------------------------------------------------------------------------------
     def _batch_matmat(

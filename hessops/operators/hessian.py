@@ -76,12 +76,7 @@ def _forward_over_reverse(batch_loss: Callable, params: ParamTree, blocks: list[
         _, product, loss = jvp(gradient, (params,), (v,), has_aux=True)
         return product, loss
 
-    products, loss = [], None
-    for block in blocks:
-        product, losses = vmap(hvp, randomness=randomness)(block)
-        products.append(product)
-        loss = losses[0] if loss is None else loss
-    return products, loss
+    return _map_blocks(hvp, blocks, randomness)
 
 
 def _reverse_over_forward(batch_loss: Callable, params: ParamTree, blocks: list[ParamTree], randomness: str):
@@ -92,6 +87,11 @@ def _reverse_over_forward(batch_loss: Callable, params: ParamTree, blocks: list[
     def hvp(v: ParamTree):
         return grad(directional, has_aux=True)(params, v)
 
+    return _map_blocks(hvp, blocks, randomness)
+
+
+def _map_blocks(hvp: Callable, blocks: list[ParamTree], randomness: str):
+    """``vmap(hvp)`` over each block of columns; ``hvp(v)`` returns ``(Hv, loss)``."""
     products, loss = [], None
     for block in blocks:
         product, losses = vmap(hvp, randomness=randomness)(block)
