@@ -231,3 +231,33 @@ def test_operators_take_a_dataloader_and_cifar_sized_inputs():
     listed = hessops.Hessian(model, nn.CrossEntropyLoss(), list(loader))
     v = torch.randn(5100)
     torch.testing.assert_close(op @ v, listed @ v)
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(2, 3)
+
+    def forward(self, x, z):
+        return torch.tanh(self.a(x)) + self.b(z)
+
+
+def test_inputs_as_a_tuple_or_a_dict():
+    torch.manual_seed(0)
+    model = TwoInputs().double()
+    x, z, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64), torch.randint(0, 3, (8,))
+    positional = [((x[:5], z[:5]), y[:5]), ((x[5:], z[5:]), y[5:])]
+    # the reference: one concatenated tensor, split back inside the model
+    keywords = [({"x": x[:5], "z": z[:5]}, y[:5]), ({"x": x[5:], "z": z[5:]}, y[5:])]
+
+    class Concat(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, xz):
+            return self.inner(xz[:, :4], xz[:, 4:])
+
+    expected = dense_hessian(Concat(model), nn.CrossEntropyLoss(), [(torch.cat([x, z], 1), y)])
+    for data in (positional, keywords):
+        assert relative_error(hessops.Hessian(model, nn.CrossEntropyLoss(), data).to_dense(), expected) < RTOL64
