@@ -16,7 +16,23 @@ with warnings.catch_warnings():
 from hessops import errors
 from hessops.errors import *  # noqa: F403 - every exception is public
 from hessops.operators import GGN, CurvatureOperator, EmpiricalFisher, Hessian, MCFisher, Regularized
+from hessops.dense import dense_hessian
+from hessops.density import SpectralDensity, spectral_density
+from hessops.spectrum import Spectrum, eigs
+from hessops.trace import TraceEstimate, trace
+from hessops.tracking import GradNormTracker, SharpnessTracker
+from hessops.volume import BasinVolume, LogdetEstimate, NotPositiveDefiniteError, basin_volume, log_unit_ball_volume, logdet
 
 __version__ = "0.1.0"
 
-__all__ = ["Hessian", "GGN", "EmpiricalFisher", "MCFisher", "Regularized", "CurvatureOperator", *errors.__all__]
+__all__ = [
+    # operators
+    "Hessian", "GGN", "EmpiricalFisher", "MCFisher", "Regularized", "CurvatureOperator",
+    # analysis
+    "eigs", "Spectrum", "spectral_density", "SpectralDensity", "trace", "TraceEstimate", "logdet", "LogdetEstimate",
+    "basin_volume", "BasinVolume", "log_unit_ball_volume", "dense_hessian",
+    # training
+    "SharpnessTracker", "GradNormTracker",
+    # errors
+    "NotPositiveDefiniteError", *errors.__all__,
+]

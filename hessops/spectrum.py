@@ -1,0 +1,131 @@
+"""Extreme eigenvalues of a symmetric operator: ``eigs``, with the meanings numerical libraries give to
+``which``, residual norms, and a stop as soon as the wanted Ritz pairs have converged."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import cola
+import torch
+from torch import Tensor
+
+from hessops.lanczos import LanczosState, lanczos, ritz
+
+WHICH = ("LM", "LA", "SA", "both")
+
+
+@dataclass
+class Spectrum:
+    """Eigenpairs found by :func:`eigs`; unpacks as ``values, vectors = eigs(...)``.
+
+    ``values`` (k,) in the order ``which`` implies (LM: by decreasing magnitude; LA and both: decreasing;
+    SA: increasing), ``vectors`` (n, k) orthonormal columns, ``residuals`` (k,) the true ``‖Av − λv‖``
+    (one extra matmat), ``n_matvecs`` the operator products used, ``converged`` whether every residual
+    met the tolerance."""
+
+    values: Tensor
+    vectors: Tensor
+    residuals: Tensor
+    n_matvecs: int
+    seconds: float
+    converged: bool
+    which: str = "LM"
+    steps: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __iter__(self):
+        return iter((self.values, self.vectors))
+
+
+def _select(theta: Tensor, k: int, which: str) -> Tensor:
+    """Indices of the wanted Ritz values among ascending ``theta``, in the output order."""
+    m = theta.shape[0]
+    k = min(k, m)
+    if which == "LA":
+        return torch.arange(m - 1, m - 1 - k, -1)
+    if which == "SA":
+        return torch.arange(k)
+    if which == "LM":
+        return torch.argsort(theta.abs(), descending=True, stable=True)[:k]
+    top, bottom = k - k // 2, k // 2
+    wanted = torch.cat([torch.arange(m - 1, m - 1 - top, -1), torch.arange(bottom).flip(0)])
+    return wanted if top + bottom <= m else torch.arange(m - 1, -1, -1)
+
+
+def eigs(
+    op: cola.ops.LinearOperator,
+    k: int = 10,
+    which: str = "LM",
+    *,
+    tol: float = 1e-5,
+    max_iters: int | None = None,
+    seed: int = 0,
+    start: Tensor | None = None,
+    progress: bool = False,
+) -> Spectrum:
+    """The ``k`` extreme eigenpairs of a self-adjoint operator by Lanczos with full re-orthogonalization.
+
+    ``which``: ``"LM"`` largest magnitude (either sign: large negative Hessian eigenvalues are found),
+    ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic, ``"both"``: the ``k - k//2`` largest and
+    ``k//2`` smallest. Lanczos approximates both ends of the spectrum at once; it stops as soon as the wanted
+    Ritz pairs' residual estimates fall below ``tol · max|θ|`` (``tol`` is relative to the spectral scale; an
+    eigenvalue's error is then about ``residual² / gap``), or after ``max_iters`` steps (default
+    ``min(n, max(300, 20k))``), with a warning. ``start`` warm-starts from a vector (a previous top
+    eigenvector, say). Memory: the ``n × steps`` basis of the steps actually taken.
+
+    A single Lanczos run finds one copy of a repeated eigenvalue (the start vector's component in the
+    eigenspace); near-exact multiplicities are therefore not resolved.
+    """
+    if which not in WHICH:
+        raise ValueError(f"which={which!r}: choose one of {WHICH} (LM = largest magnitude)")
+    if not op.isa(cola.SelfAdjoint):
+        raise ValueError(
+            f"eigs needs a self-adjoint operator (Lanczos); {op!r} is not annotated SelfAdjoint: wrap it with "
+            "cola.SelfAdjoint(op) if you know it is symmetric"
+        )
+    n = op.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} must be between 1 and the operator's size {n}")
+    max_iters = min(n, max(300, 20 * k)) if max_iters is None else min(max_iters, n)
+    if max_iters < k:
+        raise ValueError(f"max_iters={max_iters} is less than k={k}: Lanczos needs at least k steps")
+    if start is None:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        start = torch.randn(n, generator=generator, dtype=op.dtype)
+    start = start.reshape(n, 1).to(device=op.device, dtype=op.dtype)
+
+    def converged(state: LanczosState) -> bool:
+        if state.steps < k:
+            return False
+        theta, _, residuals = ritz(state)
+        wanted = _select(theta, k, which)
+        return bool((residuals[wanted] <= tol * theta.abs().max().clamp_min(1e-300)).all())
+
+    began = time.perf_counter()
+    state = lanczos(op, start, max_iters, stop=converged, seed=seed, progress=progress, description=f"eigs {which}")
+    theta, S, estimates = ritz(state)
+    wanted = _select(theta, k, which)
+    values = theta[wanted]
+    vectors = torch.einsum("mn,mk->nk", state.basis[:, :, 0], S[:, wanted].to(state.basis))
+    residuals = torch.linalg.vector_norm(op @ vectors - vectors * values.to(vectors), dim=0).cpu().double()
+    ok = bool((residuals <= 10 * tol * theta.abs().max().clamp_min(1e-300)).all()) or converged(state)
+    if not ok:
+        warnings.warn(
+            f"eigs stopped after {state.steps} Lanczos steps with residuals up to {float(residuals.max()):.3g} "
+            f"(tolerance {tol:g} × {float(theta.abs().max()):.3g}): raise max_iters or tol",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return Spectrum(
+        values=values,
+        vectors=vectors,
+        residuals=residuals,
+        n_matvecs=state.n_matvecs + len(wanted),
+        seconds=time.perf_counter() - began,
+        converged=ok,
+        which=which,
+        steps=state.steps,
+        extra={"residual_estimates": estimates[wanted]},
+    )

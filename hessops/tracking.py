@@ -1,0 +1,113 @@
+"""Curvature tracked during training, from any training loop."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from hessops.operators.hessian import Hessian
+from hessops.spectrum import eigs
+
+
+@dataclass
+class SharpnessRecord:
+    step: int
+    values: list[float]
+    residuals: list[float]
+    n_matvecs: int
+    seconds: float
+
+
+class SharpnessTracker:
+    """The top-``k`` Hessian eigenvalues (largest algebraic: the sharpness) on a fixed data subset, every
+    ``every`` calls of :meth:`step`.
+
+    Each measurement puts the model in eval mode for its duration (restoring the previous mode), builds the
+    :class:`hessops.Hessian` at the current parameters and runs :func:`hessops.eigs` warm-started from the
+    previous top eigenvectors' span, which usually cuts the Lanczos steps once training moves slowly.
+
+    Use ``tracker.step()`` once per optimizer step or per epoch (then pass ``unit="epoch"``)."""
+
+    def __init__(
+        self, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], data: Iterable, *, every: int = 1,
+        k: int = 1, unit: str = "step", tol: float = 1e-4, max_iters: int | None = None, seed: int = 0,
+        **operator_kwargs,
+    ):
+        if every < 1:
+            raise ValueError(f"every must be a positive number of calls, got {every}")
+        self.model, self.loss_fn, self.data = model, loss_fn, data
+        self.every, self.k, self.unit, self.tol, self.max_iters, self.seed = every, k, unit, tol, max_iters, seed
+        self.operator_kwargs = operator_kwargs
+        self.history: list[SharpnessRecord] = []
+        self._calls = 0
+        self._start: Tensor | None = None
+
+    def step(self) -> SharpnessRecord | None:
+        """Count one step; measure on the first call and every ``every``-th after. Returns the new record."""
+        step, self._calls = self._calls, self._calls + 1
+        return self.measure(step) if step % self.every == 0 else None
+
+    def measure(self, step: int) -> SharpnessRecord:
+        """Measure now and record it under ``step``."""
+        began = time.perf_counter()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            H = Hessian(self.model, self.loss_fn, self.data, **self.operator_kwargs)
+            start = self._start if self._start is not None and self._start.shape[0] == H.shape[0] else None
+            spectrum = eigs(H, self.k, "LA", tol=self.tol, max_iters=self.max_iters, seed=self.seed, start=start)
+        finally:
+            self.model.train(was_training)
+        self._start = spectrum.vectors.sum(1)
+        record = SharpnessRecord(
+            step, spectrum.values.tolist(), spectrum.residuals.tolist(), spectrum.n_matvecs, time.perf_counter() - began
+        )
+        self.history.append(record)
+        return record
+
+    def plot(self, path: str | Path | None = None):
+        from hessops.plot import plot_sharpness
+
+        return plot_sharpness([r.step for r in self.history], [r.values for r in self.history], path, unit=self.unit)
+
+
+@dataclass
+class GradNormTracker:
+    """Each parameter tensor's gradient Frobenius norm at every :meth:`step` (call it after
+    ``loss.backward()``), averaged per epoch by :meth:`end_epoch`. ``history`` holds one dict per epoch:
+    ``{"epoch": e, "steps": s, "norms": {name: mean norm}}``."""
+
+    model: nn.Module
+    history: list[dict] = field(default_factory=list)
+    _sums: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    _steps: int = 0
+
+    def step(self) -> None:
+        """Add the current gradients' norms (no host sync: they stay on the device until the epoch ends)."""
+        for name, p in self.model.named_parameters():
+            if p.grad is not None:
+                norm = torch.linalg.vector_norm(p.grad.detach())
+                self._sums[name] = self._sums[name] + norm if name in self._sums else norm
+        self._steps += 1
+
+    def end_epoch(self, epoch: int | None = None) -> dict:
+        """Close an epoch: record the mean norm of each parameter over its steps."""
+        if self._steps == 0:
+            raise ValueError("end_epoch() before any step(): call step() after each loss.backward()")
+        epoch = len(self.history) if epoch is None else epoch
+        record = {"epoch": epoch, "steps": self._steps, "norms": {k: float(v) / self._steps for k, v in self._sums.items()}}
+        self.history.append(record)
+        self._sums, self._steps = {}, 0
+        return record
+
+    def plot(self, path: str | Path | None = None):
+        from hessops.plot import plot_grad_norms
+
+        names = list(self.history[0]["norms"]) if self.history else []
+        series = {n: [h["norms"].get(n, float("nan")) for h in self.history] for n in names}
+        return plot_grad_norms([h["epoch"] for h in self.history], series, path)

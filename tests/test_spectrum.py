@@ -1,0 +1,91 @@
+"""hessops.eigs against eigvalsh on indefinite Hessians, for every `which`."""
+
+from __future__ import annotations
+
+import cola
+import pytest
+import torch
+from torch import nn
+
+import hessops
+from models import mlp
+
+
+@pytest.fixture(scope="module")
+def indefinite():
+    """An MLP Hessian (n = 131) with negative eigenvalues, and its exact spectrum."""
+    torch.manual_seed(0)
+    model, x, y = mlp(4, 16, 3).double(), torch.randn(40, 4, dtype=torch.float64), torch.randn(40, 3, dtype=torch.float64)
+    H = hessops.Hessian(model, nn.MSELoss(), [(x[:25], y[:25]), (x[25:], y[25:])])
+    exact = torch.linalg.eigvalsh(H.to_dense())
+    assert exact.min() < -0.1 * exact.max()  # really indefinite
+    return H, exact
+
+
+def expected(exact: torch.Tensor, k: int, which: str) -> torch.Tensor:
+    if which == "LA":
+        return exact.flip(0)[:k]
+    if which == "SA":
+        return exact[:k]
+    if which == "LM":
+        return exact[torch.argsort(exact.abs(), descending=True)[:k]]
+    return torch.cat([exact.flip(0)[: k - k // 2], exact[: k // 2].flip(0)])
+
+
+@pytest.mark.parametrize("which", ["LM", "LA", "SA", "both"])
+def test_eigs_matches_eigvalsh(indefinite, which):
+    """tol 1e-8 on residuals relative to max|λ| bounds eigenvalue errors by ~residual²/gap: 1e-9 · max|λ|."""
+    H, exact = indefinite
+    spectrum = hessops.eigs(H, 4, which, tol=1e-8)
+    scale = float(exact.abs().max())
+    torch.testing.assert_close(spectrum.values, expected(exact, 4, which), rtol=0, atol=1e-9 * scale)
+    assert spectrum.converged and spectrum.n_matvecs < H.shape[0]  # stopped early, not at n steps
+    assert float(spectrum.residuals.max()) < 1e-7 * scale
+    V = spectrum.vectors
+    torch.testing.assert_close(V.T @ V, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-10)
+    values, vectors = spectrum  # unpacks
+    assert values is spectrum.values and vectors is V
+
+
+def test_eigs_finds_a_large_negative_eigenvalue():
+    """LM must return the largest *magnitude*: here a negative eigenvalue, which CoLA's "LM" misses."""
+    q, _ = torch.linalg.qr(torch.randn(50, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    spectrum = torch.linspace(-1, 1, 50, dtype=torch.float64)
+    spectrum[0] = -20.0
+    A = cola.SelfAdjoint(cola.ops.Dense(q @ torch.diag(spectrum) @ q.T))
+    assert float(hessops.eigs(A, 1, "LM").values[0]) == pytest.approx(-20.0, rel=1e-10)
+    assert float(cola.eig(A, 1, which="LM", alg=cola.Lanczos(max_iters=50, key=0))[0].real[0]) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_eigs_of_a_low_rank_operator_restarts_past_the_invariant_subspace():
+    """The empirical Fisher of 5 examples has rank ≤ 5: Lanczos breaks down after 5 steps and must restart."""
+    torch.manual_seed(0)
+    model, x, y = mlp().double(), torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    F = hessops.EmpiricalFisher(model, nn.CrossEntropyLoss(), [(x, y)])
+    exact = torch.linalg.eigvalsh(F.to_dense())
+    spectrum = hessops.eigs(F, 8, "LA", tol=1e-10)
+    torch.testing.assert_close(spectrum.values, exact.flip(0)[:8], rtol=0, atol=1e-10 * float(exact.max()))
+
+
+def test_warm_start_cuts_the_steps(indefinite):
+    H, _ = indefinite
+    cold = hessops.eigs(H, 1, "LA", tol=1e-6)
+    warm = hessops.eigs(H, 1, "LA", tol=1e-6, start=cold.vectors[:, 0])
+    assert warm.n_matvecs < cold.n_matvecs
+
+
+def test_eigs_warns_when_not_converged(indefinite):
+    H, _ = indefinite
+    with pytest.warns(RuntimeWarning, match="raise max_iters"):
+        spectrum = hessops.eigs(H, 3, "SA", tol=1e-12, max_iters=5)
+    assert not spectrum.converged
+
+
+def test_eigs_bad_arguments(indefinite):
+    H, _ = indefinite
+    with pytest.raises(ValueError, match="largest magnitude"):
+        hessops.eigs(H, 2, "BE")
+    with pytest.raises(ValueError, match="k=0"):
+        hessops.eigs(H, 0)
+    with pytest.raises(ValueError, match="SelfAdjoint"):
+        hessops.eigs(cola.ops.Dense(torch.eye(3, dtype=torch.float64)), 1)
