@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/demo.py --out demo/result.json
+	$(VENV)/bin/hessops demo --out demo/result.json --plot demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -12,6 +12,12 @@ __all__ = [
     "NoParametersError",
     "UnsupportedLossError",
     "NondeterministicOperatorError",
+    "UnknownModelError",
+    "CheckpointError",
+    "MissingDependencyError",
+    "UnknownDatasetError",
+    "DatasetNotFoundError",
+    "CorruptDatasetError",
 ]
 
 
@@ -49,3 +55,27 @@ class UnsupportedLossError(HessopsError):
 
 class NondeterministicOperatorError(HessopsError):
     """Applying the operator twice to the same vector gave different results."""
+
+
+class UnknownModelError(HessopsError):
+    """The name is neither in ``hessops.models.MODEL_NAMES`` nor a model timm knows (``timm:NAME``)."""
+
+
+class CheckpointError(HessopsError):
+    """The checkpoint file is missing, unreadable, or its tensors do not fit the model's."""
+
+
+class MissingDependencyError(HessopsError, ImportError):
+    """An optional package that this feature needs is not installed."""
+
+
+class UnknownDatasetError(HessopsError):
+    """The name is not in ``hessops.data.DATA_NAMES``."""
+
+
+class DatasetNotFoundError(HessopsError):
+    """The dataset's files are not in the data directory (and ``download=False``)."""
+
+
+class CorruptDatasetError(HessopsError):
+    """The dataset's files differ from the published ones, or are not in the expected format."""

@@ -43,10 +43,11 @@ def plot_density(
     grid: Sequence[float], density: Sequence[float], path: str | Path | None = None, *,
     top: Sequence[float] | None = None, title: str = "Hessian spectral density (SLQ)",
 ) -> Figure:
-    """The density on a log scale (floored at 1e-12 of its peak) with the top eigenvalues marked."""
+    """The density on a log scale (floored at 1e-7 of its peak) with the top eigenvalues marked."""
     grid, density = np.asarray(grid, dtype=float), np.asarray(density, dtype=float)
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.semilogy(grid, np.maximum(density, 1e-12 * density.max()))
+    ax.semilogy(grid, np.maximum(density, 1e-7 * density.max()))
+    ax.set_ylim(bottom=1e-7 * density.max())
     for i, value in enumerate(top or []):
         ax.axvline(value, color="tab:red", lw=0.8, ls="--", label="top eigenvalues" if i == 0 else None)
     ax.set_xlabel("eigenvalue λ")
@@ -67,7 +68,7 @@ def plot_sharpness(
     fig, ax = plt.subplots(figsize=(6, 4))
     for i in range(values.shape[1]):
         ax.plot(steps, values[:, i], "o-", label=f"λ{i + 1}")
-    if (values > 0).all():
+    if (values > 0).all() and values.max() > 10 * values.min():  # log only when it spans a decade
         ax.set_yscale("log")
     ax.set_xlabel(unit)
     ax.set_ylabel("top Hessian eigenvalue")
