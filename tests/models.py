@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hessops.models import build_model
+
 
 def mlp(d_in: int = 4, hidden: int = 6, d_out: int = 3) -> nn.Module:
     return nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, d_out))
@@ -22,16 +24,10 @@ def bn_mlp(d_in: int = 4, hidden: int = 6, d_out: int = 3) -> nn.Module:
 
 
 def cifar_cnn_5k() -> nn.Module:
-    """The 5,100-parameter CIFAR-10 CNN of the spectrum study (3×32×32 inputs)."""
-    return nn.Sequential(
-        nn.Conv2d(3, 5, 5), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(5, 5, 5), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(125, 30), nn.ReLU(), nn.Linear(30, 10),
-    )
+    """The 5,100-parameter CIFAR-10 CNN of the spectrum study, from the zoo."""
+    return build_model("cnn-cifar-5k")
 
 
 def mnist_cnn_1710() -> nn.Module:
-    """The 1,710-parameter MNIST network of the basin-volume study (1×28×28 inputs, log-probabilities out)."""
-    return nn.Sequential(
-        nn.Conv2d(1, 1, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(169, 10), nn.LogSoftmax(dim=1),
-    )
+    """The 1,710-parameter MNIST network of the basin-volume study (log-probabilities out), from the zoo."""
+    return build_model("cnn-mnist-1710")
