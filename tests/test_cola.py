@@ -143,3 +143,38 @@ def test_colas_product_with_identity_is_ambiguous(problem):
     with pytest.raises(AmbiguousLookupError):
         G @ cola.ops.I_like(G)
     assert G.to_dense().shape == G.shape
+
+
+def test_colas_lanczos_logdet_drops_the_sign():
+    """The reason hessops.logdet exists: cola.linalg.logdet with Lanczos returns |log det|."""
+    q, _ = torch.linalg.qr(torch.randn(40, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    eigenvalues = torch.linspace(0.1, 2.0, 40, dtype=torch.float64)  # log det < 0
+    A = cola.PSD(cola.ops.Dense(q @ torch.diag(eigenvalues) @ q.T))
+    truth = float(eigenvalues.log().sum())
+    assert truth < 0
+    assert float(cola.linalg.logdet(A, cola.Lanczos(max_iters=40), cola.Exact())) == pytest.approx(-truth, rel=1e-8)
+    assert hessops.logdet(A).estimate == pytest.approx(truth, rel=1e-12)
+
+
+def test_colas_stochastic_traces(problem):
+    """HutchPP raises NotImplementedError; Hutch ignores bs (same columns per call) and returns no error."""
+    G = hessops.GGN(*problem)
+    with pytest.raises(NotImplementedError):
+        cola.linalg.trace(G, cola.linalg.HutchPP())
+    columns = {}
+    for bs in (10, 100):
+        seen = []
+
+        class Counting(cola.ops.LinearOperator):
+            def __init__(self, A):
+                super().__init__(A.dtype, A.shape)
+                self.A = A
+
+            def _matmat(self, X):
+                seen.append(X.shape[1])
+                return self.A @ X
+
+        estimate = cola.linalg.trace(cola.PSD(Counting(G)), cola.linalg.Hutch(bs=bs, key=0))
+        assert estimate.dim() == 0  # a bare number: no standard error
+        columns[bs] = seen[0]
+    assert columns[10] == columns[100]
