@@ -21,7 +21,8 @@ from hessops.density import SpectralDensity, spectral_density
 from hessops.spectrum import Spectrum, eigs
 from hessops.trace import TraceEstimate, trace
 from hessops.tracking import GradNormTracker, SharpnessTracker
-from hessops.volume import BasinVolume, LogdetEstimate, NotPositiveDefiniteError, basin_volume, log_unit_ball_volume, logdet
+from hessops.volume import BasinVolume, LogdetEstimate, basin_volume, log_unit_ball_volume, logdet
+from hessops.data import on_device
 
 __version__ = "0.1.0"
 
@@ -31,8 +32,10 @@ __all__ = [
     # analysis
     "eigs", "Spectrum", "spectral_density", "SpectralDensity", "trace", "TraceEstimate", "logdet", "LogdetEstimate",
     "basin_volume", "BasinVolume", "log_unit_ball_volume", "dense_hessian",
+    # data
+    "on_device",
     # training
     "SharpnessTracker", "GradNormTracker",
     # errors
-    "NotPositiveDefiniteError", *errors.__all__,
+    *errors.__all__,
 ]

@@ -47,7 +47,12 @@ class Problem:
     chunk_size: int | None
     progress: bool
     allow_train_mode: bool
+    distributed: tuple | None = None  # (group, rank, world size) when data-parallel
     memo: dict = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.distributed is None else self.distributed[1]
 
     @property
     def numel(self) -> int:
@@ -162,8 +167,8 @@ def check_batch(inputs: Any, targets: Any, index: int, device: torch.device, mod
         for t in _leaves(obj):
             if normalize_device(t.device) != device:
                 raise DeviceMismatchError(
-                    f"batch {index} {role} are on {t.device} but the parameters are on {device}: move each batch "
-                    f"(x.to('{device}')) in your loader or collate_fn, or move the model"
+                    f"batch {index} {role} are on {t.device} but the parameters are on {device}: wrap the loader, "
+                    f"hessops.data.on_device(loader, '{device}'), or move the model"
                 )
             if t.is_floating_point() and t.dtype != model_dtype:
                 raise DtypeMismatchError(

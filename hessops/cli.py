@@ -46,6 +46,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--out", type=Path, help="write the result as JSON here")
     out.add_argument("--plot", type=Path, help="write the figure here (PNG)")
     out.add_argument("--no-progress", action="store_true", help="no progress bars")
+    par = parser.add_argument_group("data-parallel (torch.distributed)")
+    par.add_argument("--distributed", action="store_true",
+                     help="shard the data over the processes torchrun started (automatic when WORLD_SIZE > 1)")
+    par.add_argument("--timeout", type=float, default=600.0, help="seconds a rank waits for the others before failing")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +138,8 @@ def _setup(args: argparse.Namespace) -> Setup:
     from hessops.models import build_model, load_checkpoint, make_loss, model_spec
 
     device = _device(args.device)
+    if getattr(args, "rank", None) is not None:
+        device = args.rank_device
     spec = model_spec(args.model)
     model = build_model(args.model, seed=args.seed)
     if args.checkpoint is not None:
@@ -145,6 +151,11 @@ def _setup(args: argparse.Namespace) -> Setup:
     # The model's own normalization where it was trained on this data (resnet18_cifar10's checkpoint differs).
     normalization = {"mean": spec.mean, "std": spec.std} if data_name == spec.default_data and spec.mean else {}
     dataset = load_dataset(data_name, data_dir=args.data_dir, train=not args.test_split, num_examples=args.num_examples, seed=args.seed, **normalization)
+    total_examples = len(dataset)
+    if getattr(args, "rank", None) is not None:
+        from hessops.distributed import shard
+
+        dataset = shard(dataset)  # this rank's contiguous part; the operator sums over all ranks
     loader = on_device(make_loader(dataset, batch_size=args.batch_size), device)
     loss_fn = make_loss(spec)
     kwargs = dict(dtype=DTYPES[args.dtype], progress=not args.no_progress)
@@ -154,9 +165,9 @@ def _setup(args: argparse.Namespace) -> Setup:
     op = cls(model, loss_fn, loader, **kwargs)
     settings = {
         "model": args.model, "checkpoint": str(args.checkpoint) if args.checkpoint else None, "data": data_name,
-        "split": "test" if args.test_split else "train", "num_examples": len(dataset), "batch_size": args.batch_size,
+        "split": "test" if args.test_split else "train", "num_examples": total_examples, "batch_size": args.batch_size,
         "operator": args.operator, "device": str(op.device), "dtype": args.dtype, "seed": args.seed, "n_params": op.shape[0],
-        "torch": torch.__version__, "hessops": __version__,
+        "torch": torch.__version__, "hessops": __version__, "world_size": getattr(args, "world_size", 1),
     }
     return Setup(model, loss_fn, dataset, loader, op, settings)
 
@@ -353,10 +364,15 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
+    import os
+
     args = build_parser().parse_args(argv)
+    args.rank = None
     try:
+        if hasattr(args, "distributed") and (args.distributed or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+            _start_distributed(args)
         result = COMMANDS[args.command](args)
-        if result and getattr(args, "out", None) is not None:
+        if result and getattr(args, "out", None) is not None and not args.rank:
             _write(args, _finite(result))
         return 0
     except KeyboardInterrupt:
@@ -365,6 +381,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (HessopsError, CommandError, FileNotFoundError) as error:
         print(f"hessops: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        if args.rank is not None:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _start_distributed(args: argparse.Namespace) -> None:
+    """Join the process group torchrun set up; only rank 0 prints, shows progress and writes files."""
+    import io
+
+    from hessops.distributed import init_from_environment
+
+    _device(args.device)
+    args.rank, args.world_size, args.rank_device = init_from_environment(args.device, args.timeout)
+    if args.rank != 0:
+        args.no_progress = True
+        args.plot = None
+        sys.stdout = io.StringIO()  # ranks other than 0 compute in silence
 
 
 def _finite(obj: Any) -> Any:

@@ -18,6 +18,8 @@ __all__ = [
     "UnknownDatasetError",
     "DatasetNotFoundError",
     "CorruptDatasetError",
+    "NotPositiveDefiniteError",
+    "DistributedError",
 ]
 
 
@@ -79,3 +81,11 @@ class DatasetNotFoundError(HessopsError):
 
 class CorruptDatasetError(HessopsError):
     """The dataset's files differ from the published ones, or are not in the expected format."""
+
+
+class NotPositiveDefiniteError(HessopsError):
+    """The operator has a non-positive eigenvalue, so its log-determinant is not defined."""
+
+
+class DistributedError(HessopsError):
+    """Another rank failed, or stopped answering, during a distributed product."""

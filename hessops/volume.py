@@ -10,15 +10,11 @@ import cola
 import torch
 
 from hessops.density import quadrature
-from hessops.errors import HessopsError
+from hessops.errors import NotPositiveDefiniteError
 from hessops.operators.regularized import Regularized
 
 LOGDET_METHODS = ("auto", "dense", "slq")
 DENSE_LIMIT = 3000
-
-
-class NotPositiveDefiniteError(HessopsError):
-    """The operator has a non-positive eigenvalue, so its log-determinant is not defined."""
 
 
 @dataclass

@@ -261,3 +261,22 @@ def test_inputs_as_a_tuple_or_a_dict():
     expected = dense_hessian(Concat(model), nn.CrossEntropyLoss(), [(torch.cat([x, z], 1), y)])
     for data in (positional, keywords):
         assert relative_error(hessops.Hessian(model, nn.CrossEntropyLoss(), data).to_dense(), expected) < RTOL64
+
+
+def test_auto_mode_picks_a_measured_formulation_once_per_kind():
+    from hessops.operators import hessian as hessian_module
+
+    torch.manual_seed(0)
+    model, x, y = mlp().double(), torch.randn(9, 4, dtype=torch.float64), torch.randint(0, 3, (9,))
+    data = [(x[:4], y[:4]), (x[4:], y[4:])]
+    hessian_module._TUNED.clear()
+    op = hessops.Hessian(model, nn.CrossEntropyLoss(), data)
+    assert op.hvp_mode == "auto"
+    dense = dense_hessian(model, nn.CrossEntropyLoss(), data)
+    v, V = torch.randn(op.shape[0], dtype=torch.float64), torch.randn(op.shape[0], 3, dtype=torch.float64)
+    assert relative_error(op @ v, dense @ v) < RTOL64  # the timed first batch's result is used as is
+    assert relative_error(op @ V, dense @ V) < RTOL64
+    tuned = {key[-1]: mode for key, mode in hessian_module._TUNED.items()}
+    assert tuned["single"] in hessian_module.CANDIDATES["single"] and tuned["block"] in hessian_module.CANDIDATES["block"]
+    assert relative_error(op @ V, dense @ V) < RTOL64  # later products reuse the choice
+    assert len(hessian_module._TUNED) == 2

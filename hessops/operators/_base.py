@@ -26,7 +26,10 @@ from hessops._functional import (
     split_batch,
     tree_to_flat,
 )
+from hessops.distributed import resolve as resolve_distributed
+from hessops.distributed import synchronize
 from hessops.errors import (
+    DistributedError,
     DeviceMismatchError,
     DtypeMismatchError,
     EmptyDataError,
@@ -55,6 +58,10 @@ class CurvatureOperator(cola.ops.LinearOperator):
         chunk_size: columns vectorized together with ``vmap`` (bounds memory); default 16.
         progress: show a tqdm bar over batches during each matmat.
         allow_train_mode: accept Dropout/BatchNorm in training mode (the operator is then random).
+        distributed, group: data-parallel over a torch.distributed process group (default: exactly when
+            ``torch.distributed`` is initialized or a ``group`` is given). Each rank passes its own shard as
+            ``data``; every product is the exact mean over all ranks' examples, on every rank
+            (docs/distributed.md).
     """
 
     def __init__(
@@ -68,8 +75,11 @@ class CurvatureOperator(cola.ops.LinearOperator):
         chunk_size: int | None = None,
         progress: bool = False,
         allow_train_mode: bool = False,
+        distributed: bool | None = None,
+        group: Any = None,
     ):
         names, tensors = select_parameters(model, params)
+        setup = resolve_distributed(distributed, group)
         model_dtype = tensors[0].dtype
         device = normalize_device(tensors[0].device)
         dtype = model_dtype if dtype is None else dtype
@@ -79,8 +89,12 @@ class CurvatureOperator(cola.ops.LinearOperator):
             raise ValueError(f"chunk_size must be a positive number of columns, got {chunk_size}")
         check_train_mode(model, allow_train_mode)
         check_loss(loss_fn)
-        inputs, targets = split_batch(first_batch(data), 0)
-        check_batch(inputs, targets, 0, device, model_dtype)
+        try:
+            inputs, targets = split_batch(first_batch(data), 0)
+            check_batch(inputs, targets, 0, device, model_dtype)
+        except EmptyDataError:
+            if setup is None:  # a rank's shard may be empty; the data loop checks the total
+                raise
         problem = Problem(
             model=model,
             loss_fn=loss_fn,
@@ -91,6 +105,7 @@ class CurvatureOperator(cola.ops.LinearOperator):
             chunk_size=chunk_size,
             progress=progress,
             allow_train_mode=allow_train_mode,
+            distributed=setup,
         )
         n = problem.numel
         super().__init__(dtype=dtype, shape=(n, n))
@@ -125,20 +140,43 @@ class CurvatureOperator(cola.ops.LinearOperator):
             leave=False,
             unit="batch",
         )
-        with torch.no_grad():
-            for index, batch in enumerate(bar):
-                inputs, targets = self._prepare(batch, index)
-                n_b = batch_size(inputs, index)
-                if n_b == 0:
-                    continue
-                products, loss = self._batch_matmat(params, constants, inputs, targets, blocks, index)
-                for i, product in zip(range(0, k, chunk), products):
-                    acc[i : i + chunk].add_(tree_to_flat(product), alpha=n_b)
-                losses.append(loss.detach().reshape(()))
-                total += n_b
+        status: dict[str, Any] = {"error": None, "nonfinite": None}
+        try:
+            with torch.no_grad():
+                for index, batch in enumerate(bar):
+                    inputs, targets = self._prepare(batch, index)
+                    n_b = batch_size(inputs, index)
+                    if n_b == 0:
+                        continue
+                    products, loss = self._batch_matmat(params, constants, inputs, targets, blocks, index)
+                    for i, product in zip(range(0, k, chunk), products):
+                        acc[i : i + chunk].add_(tree_to_flat(product), alpha=n_b)
+                    losses.append(loss.detach().reshape(()))
+                    total += n_b
+            if losses:
+                finite = torch.isfinite(torch.stack(losses))
+                if not bool(finite.all()):
+                    bad = int((~finite).nonzero()[0])
+                    status["nonfinite"] = (bad, float(losses[bad]))
+        except Exception as error:
+            if problem.distributed is None:
+                raise
+            status["error"] = f"{type(error).__name__}: {error}"
+            try:
+                synchronize(acc, total, status, problem.distributed)  # tell the other ranks, so they stop too
+            except DistributedError:
+                pass
+            raise
+        where = ""
+        if problem.distributed is not None:
+            acc, total, statuses = synchronize(acc, total, status, problem.distributed)
+            bad = [(r, s["nonfinite"]) for r, s in enumerate(statuses) if s["nonfinite"]]
+            if bad:
+                rank, status["nonfinite"] = bad[0]
+                where = f" on rank {rank}"
         if total == 0:
             raise EmptyDataError("data yielded no examples: pass a non-empty DataLoader or list of (inputs, targets)")
-        self._check_finite(torch.stack(losses), acc)
+        self._check_finite(status["nonfinite"], acc, where)
         return (acc / total).T
 
     def _prepare(self, batch: Any, index: int) -> tuple[Any, Any]:
@@ -159,12 +197,11 @@ class CurvatureOperator(cola.ops.LinearOperator):
         if normalize_device(X.device) != self.device:
             raise DeviceMismatchError(f"vector is on {X.device} but the operator is on {self.device}: v.to('{self.device}')")
 
-    def _check_finite(self, losses: Tensor, acc: Tensor) -> None:
-        finite = torch.isfinite(losses)
-        if not bool(finite.all()):
-            index = int((~finite).nonzero()[0])
+    def _check_finite(self, nonfinite: tuple[int, float] | None, acc: Tensor, where: str = "") -> None:
+        if nonfinite is not None:
+            index, value = nonfinite
             raise NonFiniteLossError(
-                f"the loss of batch {index} is {losses[index].item()}: check that batch's inputs and targets for "
+                f"the loss of batch {index}{where} is {value}: check that batch's inputs and targets for "
                 "NaN/inf, and the model for overflow (a smaller learning rate, float64, or a checkpoint from "
                 "before divergence)"
             )

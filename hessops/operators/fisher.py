@@ -63,7 +63,7 @@ class MCFisher(JacobianSandwich):
     example (BCE with several outputs, cross-entropy over pixels), :math:`\hat g \hat g^\top` is scaled by
     :math:`d`, so that the expectation is still the GGN.
 
-    The labels of batch :math:`b` are drawn from a generator seeded by ``(seed, b)``, so the operator is a fixed
+    The labels of batch :math:`b` are drawn from a generator seeded by ``(seed, rank, b)``, so the operator is a fixed
     matrix as long as the data come in a fixed order (``shuffle=False``). Other arguments as for
     :class:`hessops.Hessian`.
     """
@@ -111,7 +111,8 @@ class MCFisher(JacobianSandwich):
         )
 
     def _output_operator(self, outputs: Tensor, targets, index: int):
-        generator = torch.Generator(device=outputs.device).manual_seed((self.seed * 1_000_003 + index) % 2**63)
+        stream = (self.seed * 1_000_003 + self.problem.rank) * 1_000_033 + index  # one per (seed, rank, batch)
+        generator = torch.Generator(device=outputs.device).manual_seed(stream % 2**63)
         sampled, scale = self._sampler_for(self.output_loss)(outputs.detach(), self.samples, generator)
         r = torch.stack([_output_gradients(self.output_loss, outputs, y) for y in sampled])
         return _outer_matmat(r * math.sqrt(scale), outputs.shape[0])

@@ -2,35 +2,48 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 import cola
+import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
 
 from hessops._functional import ParamTree, call_model
 from hessops.operators._base import CurvatureOperator
 
-HVP_MODES = ("forward-over-reverse", "reverse-over-forward", "reverse-over-reverse")
+HVP_MODES = ("auto", "autograd", "forward-over-reverse", "reverse-over-forward", "reverse-over-reverse")
+# What "auto" times on the first batch, for single vectors and for blocks of columns.
+CANDIDATES = {
+    "single": ("autograd", "reverse-over-forward", "forward-over-reverse"),
+    "block": ("autograd", "reverse-over-reverse", "forward-over-reverse"),
+}
+# The fastest mode found for a workload: (model id, device, dtype, parameter names, single/block) -> mode.
+_TUNED: dict[tuple, str] = {}
 
 
 class Hessian(CurvatureOperator):
     r"""The Hessian :math:`H = \nabla^2_\theta L(\theta)` of the dataset mean loss
     :math:`L(\theta) = \frac1N \sum_n \ell(f(x_n;\theta), y_n)`, as a ``SelfAdjoint`` CoLA operator.
 
-    It is symmetric but in general indefinite. Products are computed batch by batch with ``torch.func``
-    (``hvp_mode``):
+    It is symmetric but in general indefinite. Products are computed batch by batch, each block of
+    ``chunk_size`` columns at once, in one of these exact formulations (``hvp_mode``):
 
-    - ``"forward-over-reverse"`` (default): ``jvp(grad(L_b))``; where torch cannot (in torch 2.14 it raises
-      "ZeroTensors are immutable" for ``nn.MSELoss``), it falls back to reverse-over-forward by itself;
-    - ``"reverse-over-forward"``: ``grad(v ↦ jvp(L_b)·v)``;
-    - ``"reverse-over-reverse"``: the gradient's ``vjp``, one forward and backward shared by all columns.
+    - ``"autograd"``: double backward with ``torch.autograd.grad`` — the gradient's graph is built once per
+      batch and differentiated again for all columns (``is_grads_batched``); freed before the next batch;
+    - ``"forward-over-reverse"``: ``vmap(jvp(grad(L_b)))``; where torch cannot run it (in torch 2.14 it raises
+      "ZeroTensors are immutable" for ``nn.MSELoss``) it falls back to reverse-over-forward by itself;
+    - ``"reverse-over-forward"``: ``vmap(grad(v ↦ jvp(L_b)·v))``;
+    - ``"reverse-over-reverse"``: ``vmap`` over the ``vjp`` of ``grad(L_b)``;
+    - ``"auto"`` (default): the first product of each kind (one column, or a block) runs the candidates twice
+      on its first batch, times the second run, and keeps the fastest for this model, device and dtype. Which wins depends on the
+      model and the device (benchmarks/RESULTS.md); all agree to rounding.
 
-    Each block of ``chunk_size`` columns is vectorized with ``vmap``. See :class:`CurvatureOperator` for the
-    other arguments.
+    See :class:`CurvatureOperator` for the other arguments.
     """
 
-    def __init__(self, model, loss_fn, data, *, hvp_mode: str = "forward-over-reverse", **kwargs):
+    def __init__(self, model, loss_fn, data, *, hvp_mode: str = "auto", **kwargs):
         if hvp_mode not in HVP_MODES:
             raise ValueError(f"hvp_mode={hvp_mode!r}: choose one of {HVP_MODES}")
         super().__init__(model, loss_fn, data, **kwargs)
@@ -47,17 +60,78 @@ class Hessian(CurvatureOperator):
                 raise _not_scalar(loss)
             return loss, loss
 
-        mode = problem.memo.get("hvp_mode", self.hvp_mode)
-        if mode == "forward-over-reverse":
-            try:
-                return _forward_over_reverse(batch_loss, params, blocks, randomness)
-            except RuntimeError as error:
-                if "ZeroTensor" not in str(error):
-                    raise
-                problem.memo["hvp_mode"] = mode = "reverse-over-forward"
-        if mode == "reverse-over-forward":
-            return _reverse_over_forward(batch_loss, params, blocks, randomness)
-        return _reverse_over_reverse(batch_loss, params, blocks, randomness)
+        if self.hvp_mode != "auto":
+            return _run(self.hvp_mode, problem, batch_loss, params, blocks, randomness)
+        kind = "single" if all(block[0].shape[0] == 1 for block in blocks) else "block"
+        key = (id(problem.model), str(self.device), self.dtype, problem.names, kind)
+        if key in _TUNED:
+            return _run(_TUNED[key], problem, batch_loss, params, blocks, randomness)
+        timings, outcomes = {}, {}
+        for round_ in range(2):  # the first round pays each formulation's first-call costs; the second is timed
+            for mode in CANDIDATES[kind]:
+                if round_ and mode not in timings:
+                    continue
+                _synchronize(self.device)
+                began = time.perf_counter()
+                try:
+                    outcome = _run(mode, problem, batch_loss, params, blocks, randomness)
+                except RuntimeError:
+                    continue  # a formulation torch cannot run on this model: not a candidate
+                _synchronize(self.device)
+                timings[mode] = time.perf_counter() - began
+                outcomes[mode] = outcome
+        if not timings:
+            raise RuntimeError("no Hessian-vector product formulation ran on this model; pass hvp_mode= to see why")
+        _TUNED[key] = best = min(timings, key=timings.get)
+        return outcomes[best]  # the winner's own result: later products repeat it bit for bit
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _run(mode: str, problem, batch_loss: Callable, params: ParamTree, blocks: list[ParamTree], randomness: str):
+    if mode == "autograd":
+        return _autograd(batch_loss, params, blocks)
+    if mode == "forward-over-reverse" and problem.memo.get("forward_fails"):
+        mode = "reverse-over-forward"
+    if mode == "forward-over-reverse":
+        try:
+            return _forward_over_reverse(batch_loss, params, blocks, randomness)
+        except RuntimeError as error:
+            if "ZeroTensor" not in str(error):
+                raise
+            problem.memo["forward_fails"] = True
+            mode = "reverse-over-forward"
+    if mode == "reverse-over-forward":
+        return _reverse_over_forward(batch_loss, params, blocks, randomness)
+    return _reverse_over_reverse(batch_loss, params, blocks, randomness)
+
+
+def _autograd(batch_loss: Callable, params: ParamTree, blocks: list[ParamTree]):
+    """Double backward: one graph of the gradient per batch, differentiated for every column."""
+    with torch.enable_grad():
+        p = tuple(t.detach().requires_grad_() for t in params)
+        loss, _ = batch_loss(p)
+        g = torch.autograd.grad(loss, p, create_graph=True, allow_unused=True, materialize_grads=True)
+        live = [i for i, gi in enumerate(g) if gi.requires_grad]  # a gradient constant in θ has zero Hessian rows
+        products = []
+        for b, block in enumerate(blocks):
+            columns = block[0].shape[0]
+            out = [torch.zeros_like(t) for t in block]
+            if live:
+                keep = b < len(blocks) - 1
+                outputs = [g[i] for i in live]
+                cotangents = [block[i] for i in live]
+                if columns == 1:
+                    hv = torch.autograd.grad(outputs, p, [c[0] for c in cotangents], retain_graph=keep, allow_unused=True, materialize_grads=True)
+                    hv = [h.unsqueeze(0) for h in hv]
+                else:
+                    hv = torch.autograd.grad(outputs, p, cotangents, retain_graph=keep, allow_unused=True, materialize_grads=True, is_grads_batched=True)
+                out = [h.detach() for h in hv]
+            products.append(tuple(out))
+    return products, loss.detach()
 
 
 def _not_scalar(loss: Tensor) -> Exception:

@@ -1,0 +1,1 @@
+"""Benchmarks of hessops against its peers; run with ``python -m benchmarks.run``."""

@@ -1,0 +1,258 @@
+"""hessops against its peers, side by side in one process on the same model, data and device.
+
+    python -m benchmarks.run                                  # CPU workloads, prints the table
+    python -m benchmarks.run --workloads resnet18 --num-examples 64 --batch-size 64 --device cuda
+    python -m benchmarks.run --smoke                          # seconds: checks the harness (CI)
+
+Timings are medians over ``--repeats`` rounds in which the methods take turns (interleaved). Ratios:
+``hvp/grad`` is one dataset HVP over one dataset gradient; ``block8/8×hvp`` one product with 8 columns over
+8 single products. Eigenvalues and traces are compared with a reference (hessops' eigs at a tight tolerance)
+to show that faster is not less accurate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+import hessops
+from benchmarks.peers import ColaPerBatch, CurvlinopsPeer, PyHessianPeer, cola_top, dataset_gradient, timer
+from benchmarks.workloads import make_workload
+
+
+def _median(times: list[float]) -> float:
+    return statistics.median(times) if times else float("nan")
+
+
+def bench_products(w, device, repeats: int, peers: dict) -> dict:
+    """Interleaved medians of: dataset gradient, one HVP per method, a block of 8 per method."""
+    now = timer(device)
+    H = hessops.Hessian(w.model, w.loss_fn, w.data)
+    n = H.shape[0]
+    generator = torch.Generator().manual_seed(0)
+    v = torch.randn(n, generator=generator, dtype=H.dtype).to(device)
+    V8 = torch.randn(n, 8, generator=generator, dtype=H.dtype).to(device)
+    shapes = [p.shape for p in w.model.parameters()]
+    v_list = [t.reshape(s) for t, s in zip(v.split([s.numel() for s in shapes]), shapes)]
+    methods = {
+        "grad": lambda: dataset_gradient(w),
+        "hessops hvp": lambda: H @ v,
+        "hessops block8": lambda: H @ V8,
+    }
+    if "pyhessian" in peers:
+        methods["pyhessian hvp"] = lambda: peers["pyhessian"].hvp(v_list)
+    if "curvlinops" in peers:
+        methods["curvlinops hvp"] = lambda: peers["curvlinops"].matmat(v[:, None])
+        methods["curvlinops block8"] = lambda: peers["curvlinops"].matmat(V8)
+    if "cola" in peers:
+        methods["cola-per-batch hvp"] = lambda: peers["cola"] @ v
+    for f in methods.values():  # warm-up: first-call costs are not what we compare
+        f()
+    times: dict[str, list[float]] = {k: [] for k in methods}
+    for _ in range(repeats):
+        for name, f in methods.items():
+            start = now()
+            f()
+            times[name].append(now() - start)
+    medians = {k: _median(t) for k, t in times.items()}
+    grad = medians["grad"]
+    ratios = {f"{k} / grad": medians[k] / grad for k in medians if k.endswith("hvp")}
+    ratios["hessops block8 / 8×hvp"] = medians["hessops block8"] / (8 * medians["hessops hvp"])
+    if "curvlinops block8" in medians:
+        ratios["curvlinops block8 / 8×hvp"] = medians["curvlinops block8"] / (8 * medians["curvlinops hvp"])
+    agreement = {}
+    reference = H @ v
+    if "curvlinops" in peers:
+        agreement["curvlinops hvp rel. diff"] = float((peers["curvlinops"].matmat(v[:, None])[:, 0] - reference).norm() / reference.norm())
+    if "pyhessian" in peers:
+        ph = torch.cat([t.reshape(-1) for t in peers["pyhessian"].hvp(v_list)]).to(reference)
+        agreement["pyhessian hvp rel. diff"] = float((ph - reference).norm() / reference.norm())
+    return {"seconds": medians, "ratios": ratios, "agreement": agreement}
+
+
+def bench_memory(w, device) -> dict:
+    """Peak memory of one HVP against one gradient (CUDA: allocator peaks; CPU: not measured in-process)."""
+    if device.type != "cuda":
+        return {}
+    H = hessops.Hessian(w.model, w.loss_fn, w.data)
+    v = torch.randn(H.shape[0], device=device, dtype=H.dtype)
+    peaks = {}
+    for name, f in (("grad", lambda: dataset_gradient(w)), ("hessops hvp", lambda: H @ v)):
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        f()
+        torch.cuda.synchronize(device)
+        peaks[name] = torch.cuda.max_memory_allocated(device) - base
+    return {"peak_bytes": peaks, "hvp / grad": peaks["hessops hvp"] / peaks["grad"]}
+
+
+def bench_top(w, device, k: int, peers: dict, cola_steps: int) -> dict:
+    """Wall time and HVPs to the top-k eigenvalues: hessops.eigs (LA, tol 1e-4), PyHessian's deflated power
+    iteration (tol 1e-3), CoLA-per-batch with cola.Lanczos for `cola_steps` steps; errors against a
+    reference run of hessops.eigs at tol 1e-7."""
+    now = timer(device)
+    H = hessops.Hessian(w.model, w.loss_fn, w.data)
+    out: dict = {}
+    start = now()
+    ours = hessops.eigs(H, k, "LA", tol=1e-4)
+    out["hessops"] = {"seconds": now() - start, "hvps": ours.n_matvecs, "values": ours.values.tolist()}
+    if "pyhessian" in peers:
+        peer = peers["pyhessian"]
+        peer.hvps = 0
+        start = now()
+        values = peer.top(k)
+        out["pyhessian"] = {"seconds": now() - start, "hvps": peer.hvps, "values": values}
+    if "cola" in peers:
+        peers["cola"].spec.hvps = 0
+        start = now()
+        values = cola_top(peers["cola"], k, cola_steps)
+        out["cola-per-batch"] = {"seconds": now() - start, "hvps": peers["cola"].spec.hvps, "values": values}
+    reference = hessops.eigs(H, k, "LA", tol=1e-7, start=ours.vectors.sum(1)).values
+    scale = float(reference.abs().max())
+    for name, result in out.items():
+        got = torch.tensor(result["values"], dtype=torch.float64)
+        result["max rel. error"] = float((got - reference.double().cpu()).abs().max() / scale)
+    out["reference"] = reference.tolist()
+    for name in ("pyhessian", "cola-per-batch"):
+        if name in out:
+            out[f"{name} / hessops time"] = out[name]["seconds"] / out["hessops"]["seconds"]
+    return out
+
+
+def bench_trace(w, device, peers: dict, probes: int) -> dict:
+    """Traces from the same number of products: hessops Hutch++ and Hutchinson, PyHessian's Hutchinson
+    (forced to ``probes`` samples). Each reports its standard error and the time it would take to reach 1%
+    standard error, projected by the 1/probes law of the variance: ``seconds · (std_error / 1%)²``."""
+    now = timer(device)
+    H = hessops.Hessian(w.model, w.loss_fn, w.data)
+    H @ torch.randn(H.shape[0], probes, dtype=H.dtype, device=device)  # tune the block formulation first
+    out = {}
+    for method in ("hutch++", "hutchinson"):
+        start = now()
+        estimate = hessops.trace(H, probes=probes, method=method)
+        out[f"hessops {method}"] = {"seconds": now() - start, "trace": estimate.estimate, "std_error": estimate.std_error, "probes": probes}
+    if "pyhessian" in peers:
+        peers["pyhessian"].hvps = 0
+        start = now()
+        samples = peers["pyhessian"].h.trace(maxIter=probes, tol=0.0)
+        mean = sum(samples) / len(samples)
+        error = (sum((x - mean) ** 2 for x in samples) / (len(samples) - 1) / len(samples)) ** 0.5
+        out["pyhessian"] = {"seconds": now() - start, "trace": mean, "std_error": error, "probes": len(samples)}
+    for r in out.values():
+        r["projected seconds to 1%"] = r["seconds"] * (r["std_error"] / (0.01 * abs(r["trace"]))) ** 2
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
+    torch.set_num_threads(args.threads) if args.threads else None
+    report = {
+        "command": " ".join(["python -m benchmarks.run", *sys.argv[1:]]),
+        "date": date.today().isoformat(),
+        "machine": _machine(device),
+        "torch": torch.__version__,
+        "hessops": hessops.__version__,
+        "workloads": {},
+    }
+    for name in args.workloads:
+        w = make_workload(name, num_examples=args.num_examples, batch_size=args.batch_size, device=device, dtype=dtype)
+        peers = {}
+        for peer in args.peers:
+            try:
+                peers[peer] = {"pyhessian": PyHessianPeer, "curvlinops": CurvlinopsPeer, "cola": ColaPerBatch}[peer](w)
+            except ImportError as error:
+                print(f"skipping {peer}: {error} (pip install -e '.[bench]')", file=sys.stderr)
+        entry = {"n_params": w.n_params, "num_examples": w.num_examples, "batch_size": args.batch_size, "dtype": args.dtype}
+        began = time.perf_counter()
+        entry["products"] = bench_products(w, device, args.repeats, peers)
+        entry["memory"] = bench_memory(w, device)
+        if args.top:
+            entry["top"] = bench_top(w, device, args.top, peers, args.cola_steps)
+        if args.trace:
+            entry["trace"] = bench_trace(w, device, peers, args.trace)
+        entry["seconds"] = time.perf_counter() - began
+        report["workloads"][name] = entry
+        print(render_workload(name, entry), flush=True)
+    return report
+
+
+def _machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, {torch.get_num_threads()} CPU threads"
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads"
+
+
+def render_workload(name: str, e: dict) -> str:
+    """A markdown table of one workload's results."""
+    lines = [f"### {name}: n = {e['n_params']:,} parameters, N = {e['num_examples']}, batch {e['batch_size']}, {e['dtype']}", ""]
+    lines += ["| measure | value |", "| --- | ---: |"]
+    for k, v in e["products"]["seconds"].items():
+        lines.append(f"| {k} (s, median) | {v:.4f} |")
+    for k, v in e["products"]["ratios"].items():
+        lines.append(f"| **{k}** | **{v:.2f}** |")
+    for k, v in e["products"]["agreement"].items():
+        lines.append(f"| {k} | {v:.1e} |")
+    if e.get("memory"):
+        lines.append(f"| peak memory hvp / grad | {e['memory']['hvp / grad']:.2f} |")
+    if "top" in e:
+        t = e["top"]
+        for method in ("hessops", "pyhessian", "cola-per-batch"):
+            if method in t:
+                r = t[method]
+                lines.append(f"| top-{len(t['reference'])} {method}: s / HVPs / max rel. error | {r['seconds']:.2f} / {r['hvps']} / {r['max rel. error']:.1e} |")
+        for k in ("pyhessian / hessops time", "cola-per-batch / hessops time"):
+            if k in t:
+                lines.append(f"| **top-k {k}** | **{t[k]:.2f}** |")
+        lines.append(f"| reference top eigenvalues | {', '.join(f'{x:.5g}' for x in t['reference'])} |")
+    if "trace" in e:
+        for method, r in e["trace"].items():
+            lines.append(
+                f"| trace {method}: s / HVPs / estimate ± s.e. / projected s to 1% | {r['seconds']:.2f} / {r['probes']} / "
+                f"{r['trace']:.5g} ± {r['std_error']:.2g} / {r['projected seconds to 1%']:.3g} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", nargs="+", default=["mlp", "cnn"], choices=("mlp", "cnn", "resnet18", "tiny"))
+    parser.add_argument("--num-examples", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--top", type=int, default=10, help="top-k eigenvalues to time (0: skip)")
+    parser.add_argument("--cola-steps", type=int, default=80, help="CoLA Lanczos steps (it has no convergence test)")
+    parser.add_argument("--trace", type=int, default=0, metavar="PROBES", help="also compare traces from this many products (0: skip)")
+    parser.add_argument("--peers", nargs="*", default=["pyhessian", "curvlinops", "cola"])
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks the harness")
+    parser.add_argument("--out", type=Path, help="write the JSON report here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.smoke:
+        args.workloads, args.num_examples, args.batch_size, args.repeats, args.top, args.cola_steps = ["tiny"], 12, 5, 1, 2, 20
+        args.trace = 8
+    report = run(args)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

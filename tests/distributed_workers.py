@@ -1,0 +1,92 @@
+"""Worker functions for tests/test_distributed.py, run in spawned processes (gloo on the CPU)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import traceback
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import hessops
+from models import mlp
+
+N_EXAMPLES = 23
+
+
+def problem():
+    torch.manual_seed(0)
+    model = mlp(4, 8, 3).double()
+    x, y = torch.randn(N_EXAMPLES, 4, dtype=torch.float64), torch.randint(0, 3, (N_EXAMPLES,))
+    return model, nn.CrossEntropyLoss(), x, y
+
+
+def uneven_shards(world: int) -> list[list[int]]:
+    """Batch sizes per rank, uneven on purpose; with 3 ranks the last one has no data at all."""
+    return {1: [[5, 7, 11]], 2: [[5, 7], [11]], 3: [[5, 7, 1], [10], []]}[world]
+
+
+def single_process_results() -> dict:
+    model, loss_fn, x, y = problem()
+    data = [(x, y)]
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    H, G = hessops.Hessian(model, loss_fn, data), hessops.GGN(model, loss_fn, data)
+    return {"HV": H @ V, "GV": G @ V, "top5": hessops.eigs(H, 5, "LM", tol=1e-10).values, "V": V}
+
+
+def _init(rank: int, world: int, store: str, timeout: float = 30.0) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout))
+
+
+def products(rank: int, world: int, store: str, out_dir: str) -> None:
+    _init(rank, world, store)
+    try:
+        model, loss_fn, x, y = problem()
+        sizes = uneven_shards(world)
+        start = sum(sum(s) for s in sizes[:rank])
+        mine = sizes[rank]
+        xs, ys = x[start : start + sum(mine)], y[start : start + sum(mine)]
+        data = list(zip(xs.split(mine), ys.split(mine))) if mine else []
+        V = single_process_results()["V"]
+        H, G = hessops.Hessian(model, loss_fn, data), hessops.GGN(model, loss_fn, data)
+        assert H.problem.distributed is not None
+        result = {"HV": H @ V, "GV": G @ V, "top5": hessops.eigs(H, 5, "LM", tol=1e-10).values}
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def failing(rank: int, world: int, store: str, out_dir: str) -> None:
+    """Rank 1's data holds a batch the model cannot take; every rank must end with an error naming rank 1."""
+    _init(rank, world, store)
+    try:
+        model, loss_fn, x, y = problem()
+        data = [(x[:5], y[:5])] if rank == 0 else [(x[5:10], y[5:10]), (torch.randn(4, 7, dtype=torch.float64), y[:4])]
+        H = hessops.Hessian(model, loss_fn, data)
+        try:
+            H @ torch.randn(H.shape[0], dtype=torch.float64)
+            message = "no error"
+        except Exception as error:  # noqa: BLE001 - the test reads what each rank saw
+            message = f"{type(error).__name__}: {error}"
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(message)
+    finally:
+        dist.destroy_process_group()
+
+
+def dying(rank: int, world: int, store: str, out_dir: str) -> None:
+    """Rank 1 dies before the product; rank 0 must end with an error within the process group's timeout."""
+    _init(rank, world, store, timeout=20.0)
+    model, loss_fn, x, y = problem()
+    H = hessops.Hessian(model, loss_fn, [(x, y)])
+    if rank == 1:
+        os._exit(3)
+    try:
+        H @ torch.randn(H.shape[0], dtype=torch.float64)
+        message = "no error"
+    except Exception as error:  # noqa: BLE001
+        message = f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=1)}"
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(message)

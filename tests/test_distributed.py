@@ -1,0 +1,91 @@
+"""Data-parallel operators on torch.distributed (gloo, CPU processes) against the single-process result.
+
+Tolerance 1e-10 relative in float64: the ranks' partial sums are added in another order than one process
+adds its batches, which costs ~1e-15.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import distributed_workers as workers
+from reference import relative_error
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+
+
+def spawn(fn, world: int, tmp_path) -> None:
+    mp.spawn(fn, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world, join=True)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_distributed_products_and_eigenvalues_match_one_process(world, tmp_path):
+    spawn(workers.products, world, tmp_path)
+    expected = workers.single_process_results()
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for result in results:
+        assert relative_error(result["HV"], expected["HV"]) < 1e-10
+        assert relative_error(result["GV"], expected["GV"]) < 1e-10
+        torch.testing.assert_close(result["top5"], expected["top5"], rtol=1e-10, atol=1e-12)
+    for result in results[1:]:  # lock-step: every rank holds the same numbers
+        assert torch.equal(result["HV"], results[0]["HV"]) and torch.equal(result["top5"], results[0]["top5"])
+
+
+def test_a_failing_rank_stops_every_rank_with_its_name(tmp_path):
+    began = time.monotonic()
+    spawn(workers.failing, 2, tmp_path)
+    messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert messages[0].startswith("DistributedError: rank 1 failed: RuntimeError")
+    assert "RuntimeError" in messages[1] and "mat1 and mat2 shapes cannot be multiplied" in messages[1]
+    assert time.monotonic() - began < 120
+
+
+def test_a_dead_rank_ends_the_others_within_the_timeout(tmp_path):
+    """Rank 1 exits abruptly; rank 0 must end with a DistributedError, not wait forever (timeout 20 s)."""
+    began = time.monotonic()
+    context = mp.get_context("spawn")
+    processes = [context.Process(target=workers.dying, args=(r, 2, str(tmp_path / "store"), str(tmp_path))) for r in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+    assert processes[1].exitcode == 3 and processes[0].exitcode == 0
+    message = (tmp_path / "rank0.txt").read_text()
+    assert message.startswith("DistributedError: rank 0: a collective failed"), message
+    assert time.monotonic() - began < 120
+
+
+def test_shard_covers_every_example_once():
+    from hessops.distributed import shard
+
+    dataset = list(range(10))
+    assert list(shard(dataset)) == dataset  # outside torch.distributed: everything
+
+
+def test_torchrun_cli_matches_one_process(tmp_path):
+    """`torchrun --nproc_per_node=2 -m hessops eigs` shards the data, agrees with one process, and only rank 0
+    writes."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    args = ["-m", "hessops", "eigs", "--num-examples", "200", "--k", "3", "--dtype", "float64", "--tol", "1e-10", "--no-progress"]
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one.json")], capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [str(torchrun), "--nproc_per_node=2", "--master_port=29547", *args, "--out", str(tmp_path / "two.json")],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )
+    assert two.returncode == 0, two.stderr
+    single, parallel = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert parallel["settings"]["world_size"] == 2 and parallel["settings"]["num_examples"] == 200
+    torch.testing.assert_close(torch.tensor(parallel["eigenvalues"]), torch.tensor(single["eigenvalues"]), rtol=1e-10, atol=0)
+    assert two.stdout.count("wrote") == 1  # rank 0 alone prints and writes

@@ -1,0 +1,64 @@
+"""hessops against independent peers: curvlinops' operators and PyHessian's Hessian-vector products, and
+the benchmark harness that runs them side by side (smoke mode).
+
+Tolerance 1e-10 relative in float64: independent implementations of the same sums.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import hessops
+from models import mlp
+from reference import relative_error
+
+curvlinops = pytest.importorskip("curvlinops")
+
+
+@pytest.fixture(scope="module")
+def problem():
+    torch.manual_seed(0)
+    model, x, y = mlp(4, 8, 3).double(), torch.randn(23, 4, dtype=torch.float64), torch.randint(0, 3, (23,))
+    return model, nn.CrossEntropyLoss(), [(x[:10], y[:10]), (x[10:20], y[10:20]), (x[20:], y[20:])]
+
+
+@pytest.mark.parametrize(
+    "ours, theirs",
+    [("Hessian", "HessianLinearOperator"), ("GGN", "GGNLinearOperator"), ("EmpiricalFisher", "EFLinearOperator")],
+)
+def test_operators_match_curvlinops(problem, ours, theirs):
+    model, loss_fn, data = problem
+    op = getattr(hessops, ours)(model, loss_fn, data)
+    peer = getattr(curvlinops, theirs)(model, loss_fn, list(model.parameters()), data, check_deterministic=False)
+    V = torch.randn(op.shape[0], 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert relative_error(op @ V, peer @ V) < 1e-10
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True:UserWarning")  # PyHessian's own call
+def test_hessian_matches_pyhessian(problem):
+    pyhessian = pytest.importorskip("pyhessian")
+    model, loss_fn, data = problem
+    H = hessops.Hessian(model, loss_fn, data)
+    peer = pyhessian.hessian(model, loss_fn, dataloader=data, cuda=False)
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    shapes = [p.shape for p in model.parameters()]
+    v_list = [t.reshape(s) for t, s in zip(v.split([s.numel() for s in shapes]), shapes)]
+    _, theirs = peer.dataloader_hv_product(v_list)
+    assert relative_error(H @ v, torch.cat([t.reshape(-1) for t in theirs]).double()) < 1e-6  # PyHessian accumulates in float32
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True:UserWarning")
+def test_benchmark_harness_smoke(tmp_path):
+    """Not a timing test: the harness runs every method and the methods agree."""
+    from benchmarks.run import main
+
+    report = main(["--smoke", "--out", str(tmp_path / "bench.json")])
+    entry = report["workloads"]["tiny"]
+    ratios = entry["products"]["ratios"]
+    assert ratios["hessops hvp / grad"] > 0 and ratios["hessops block8 / 8×hvp"] > 0
+    assert all(diff < 1e-5 for diff in entry["products"]["agreement"].values())
+    assert entry["top"]["hessops"]["max rel. error"] < 1e-3
+    assert entry["trace"]["hessops hutch++"]["std_error"] > 0 and entry["trace"]["pyhessian"]["probes"] == 8
+    assert (tmp_path / "bench.json").exists()
