@@ -13,11 +13,11 @@ from torch.func import grad, jvp, vjp, vmap
 from hessops._functional import ParamTree, call_model
 from hessops.operators._base import CurvatureOperator
 
-HVP_MODES = ("auto", "autograd", "forward-over-reverse", "reverse-over-forward", "reverse-over-reverse")
+HVP_MODES = ("auto", "autograd", "autograd-loop", "forward-over-reverse", "reverse-over-forward", "reverse-over-reverse")
 # What "auto" times on the first batch, for single vectors and for blocks of columns.
 CANDIDATES = {
     "single": ("autograd", "reverse-over-forward", "forward-over-reverse"),
-    "block": ("autograd", "reverse-over-reverse", "forward-over-reverse"),
+    "block": ("autograd", "autograd-loop", "reverse-over-reverse", "forward-over-reverse"),
 }
 # The fastest mode found for a workload: (model id, device, dtype, parameter names, single/block) -> mode.
 _TUNED: dict[tuple, str] = {}
@@ -32,12 +32,15 @@ class Hessian(CurvatureOperator):
 
     - ``"autograd"``: double backward with ``torch.autograd.grad`` — the gradient's graph is built once per
       batch and differentiated again for all columns (``is_grads_batched``); freed before the next batch;
+    - ``"autograd-loop"``: the same graph, differentiated once per column (wins where the device is busy with
+      one column already, e.g. a ResNet on a few CPU cores);
     - ``"forward-over-reverse"``: ``vmap(jvp(grad(L_b)))``; where torch cannot run it (in torch 2.14 it raises
       "ZeroTensors are immutable" for ``nn.MSELoss``) it falls back to reverse-over-forward by itself;
     - ``"reverse-over-forward"``: ``vmap(grad(v ↦ jvp(L_b)·v))``;
     - ``"reverse-over-reverse"``: ``vmap`` over the ``vjp`` of ``grad(L_b)``;
     - ``"auto"`` (default): the first product of each kind (one column, or a block) runs the candidates twice
-      on its first batch, times the second run, and keeps the fastest for this model, device and dtype. Which wins depends on the
+      on its first batch and first ``chunk_size`` columns (once, for runs over a second), and keeps the
+      fastest for this model, device and dtype. Which wins depends on the
       model and the device (benchmarks/RESULTS.md); all agree to rounding.
 
     See :class:`CurvatureOperator` for the other arguments.
@@ -67,14 +70,17 @@ class Hessian(CurvatureOperator):
         if key in _TUNED:
             return _run(_TUNED[key], problem, batch_loss, params, blocks, randomness)
         timings, outcomes = {}, {}
-        for round_ in range(2):  # the first round pays each formulation's first-call costs; the second is timed
+        first = blocks[:1]  # candidates are timed on the first block of columns only
+        for round_ in range(2):
+            # The first round pays each formulation's first-call costs; the second, timed round is skipped
+            # for runs over a second, where those costs no longer matter.
             for mode in CANDIDATES[kind]:
-                if round_ and mode not in timings:
+                if round_ and (mode not in timings or timings[mode] > 1.0):
                     continue
                 _synchronize(self.device)
                 began = time.perf_counter()
                 try:
-                    outcome = _run(mode, problem, batch_loss, params, blocks, randomness)
+                    outcome = _run(mode, problem, batch_loss, params, first, randomness)
                 except RuntimeError:
                     continue  # a formulation torch cannot run on this model: not a candidate
                 _synchronize(self.device)
@@ -83,7 +89,10 @@ class Hessian(CurvatureOperator):
         if not timings:
             raise RuntimeError("no Hessian-vector product formulation ran on this model; pass hvp_mode= to see why")
         _TUNED[key] = best = min(timings, key=timings.get)
-        return outcomes[best]  # the winner's own result: later products repeat it bit for bit
+        products, loss = outcomes[best]  # the winner's own result: later products repeat it bit for bit
+        if len(blocks) > 1:
+            products = products + _run(best, problem, batch_loss, params, blocks[1:], randomness)[0]
+        return products, loss
 
 
 def _synchronize(device: torch.device) -> None:
@@ -92,8 +101,8 @@ def _synchronize(device: torch.device) -> None:
 
 
 def _run(mode: str, problem, batch_loss: Callable, params: ParamTree, blocks: list[ParamTree], randomness: str):
-    if mode == "autograd":
-        return _autograd(batch_loss, params, blocks)
+    if mode in ("autograd", "autograd-loop"):
+        return _autograd(batch_loss, params, blocks, batched=mode == "autograd")
     if mode == "forward-over-reverse" and problem.memo.get("forward_fails"):
         mode = "reverse-over-forward"
     if mode == "forward-over-reverse":
@@ -109,8 +118,9 @@ def _run(mode: str, problem, batch_loss: Callable, params: ParamTree, blocks: li
     return _reverse_over_reverse(batch_loss, params, blocks, randomness)
 
 
-def _autograd(batch_loss: Callable, params: ParamTree, blocks: list[ParamTree]):
-    """Double backward: one graph of the gradient per batch, differentiated for every column."""
+def _autograd(batch_loss: Callable, params: ParamTree, blocks: list[ParamTree], batched: bool = True):
+    """Double backward: one graph of the gradient per batch, differentiated for every column (all columns of
+    a block at once when ``batched``, else one after the other)."""
     with torch.enable_grad():
         p = tuple(t.detach().requires_grad_() for t in params)
         loss, _ = batch_loss(p)
@@ -124,9 +134,15 @@ def _autograd(batch_loss: Callable, params: ParamTree, blocks: list[ParamTree]):
                 keep = b < len(blocks) - 1
                 outputs = [g[i] for i in live]
                 cotangents = [block[i] for i in live]
-                if columns == 1:
-                    hv = torch.autograd.grad(outputs, p, [c[0] for c in cotangents], retain_graph=keep, allow_unused=True, materialize_grads=True)
-                    hv = [h.unsqueeze(0) for h in hv]
+                if columns == 1 or not batched:
+                    per_column = []
+                    for c in range(columns):
+                        last_column = c == columns - 1
+                        per_column.append(torch.autograd.grad(
+                            outputs, p, [t[c] for t in cotangents], retain_graph=keep or not last_column,
+                            allow_unused=True, materialize_grads=True,
+                        ))
+                    hv = [torch.stack(parts) for parts in zip(*per_column)]
                 else:
                     hv = torch.autograd.grad(outputs, p, cotangents, retain_graph=keep, allow_unused=True, materialize_grads=True, is_grads_batched=True)
                 out = [h.detach() for h in hv]
