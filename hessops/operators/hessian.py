@@ -38,9 +38,9 @@ class Hessian(CurvatureOperator):
       "ZeroTensors are immutable" for ``nn.MSELoss``) it falls back to reverse-over-forward by itself;
     - ``"reverse-over-forward"``: ``vmap(grad(v ↦ jvp(L_b)·v))``;
     - ``"reverse-over-reverse"``: ``vmap`` over the ``vjp`` of ``grad(L_b)``;
-    - ``"auto"`` (default): the first product of each kind (one column, or a block) runs the candidates twice
-      on its first batch and first ``chunk_size`` columns (once, for runs over a second), and keeps the
-      fastest for this model, device and dtype. Which wins depends on the
+    - ``"auto"`` (default): the first product of each kind (one column, or a block) runs the candidates
+      on its first batch and first ``chunk_size`` columns (a warm-up, then the best of three timed runs; one
+      timed run for those over a second), and keeps the fastest for this model, device and dtype. Which wins depends on the
       model and the device (benchmarks/RESULTS.md); all agree to rounding.
 
     See :class:`CurvatureOperator` for the other arguments.
@@ -71,11 +71,11 @@ class Hessian(CurvatureOperator):
             return _run(_TUNED[key], problem, batch_loss, params, blocks, randomness)
         timings, outcomes = {}, {}
         first = blocks[:1]  # candidates are timed on the first block of columns only
-        for round_ in range(2):
-            # The first round pays each formulation's first-call costs; the second, timed round is skipped
-            # for runs over a second, where those costs no longer matter.
+        for round_ in range(4):
+            # Round 0 pays each formulation's first-call costs; round 1 times every candidate; rounds 2-3
+            # time again those under a second, where noise matters (the minimum counts).
             for mode in CANDIDATES[kind]:
-                if round_ and (mode not in timings or timings[mode] > 1.0):
+                if round_ and mode not in timings or round_ > 1 and timings[mode] > 1.0:
                     continue
                 _synchronize(self.device)
                 began = time.perf_counter()
@@ -84,7 +84,8 @@ class Hessian(CurvatureOperator):
                 except RuntimeError:
                     continue  # a formulation torch cannot run on this model: not a candidate
                 _synchronize(self.device)
-                timings[mode] = time.perf_counter() - began
+                elapsed = time.perf_counter() - began
+                timings[mode] = elapsed if round_ < 2 else min(timings[mode], elapsed)
                 outcomes[mode] = outcome
         if not timings:
             raise RuntimeError("no Hessian-vector product formulation ran on this model; pass hvp_mode= to see why")
