@@ -272,41 +272,9 @@ def cmd_basin(args: argparse.Namespace) -> dict:
     }
 
 
-def train(model, loss_fn, loader, *, epochs, lr, momentum=0.0, weight_decay=0.0, sharpness=None, grad_norms=None, every=1, progress=True):
-    """Plain SGD over ``loader`` for ``epochs``; sharpness measured before training and every ``every``
-    epochs, gradient norms every step. Returns the per-epoch mean training loss and accuracy."""
-    from tqdm.auto import tqdm
-
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    history = []
-    if sharpness is not None:
-        sharpness.measure(0)
-    for epoch in tqdm(range(1, epochs + 1), desc="training", disable=not progress, unit="epoch"):
-        model.train()
-        total, correct, loss_sum = 0, 0, torch.zeros(())
-        for x, y in loader:
-            optimizer.zero_grad()
-            out = model(x)
-            loss = loss_fn(out, y)
-            loss.backward()
-            if grad_norms is not None:
-                grad_norms.step()
-            optimizer.step()
-            loss_sum = loss_sum + loss.detach().cpu() * len(y)
-            correct += int((out.argmax(1) == y).sum())
-            total += len(y)
-        model.eval()
-        if grad_norms is not None:
-            grad_norms.end_epoch(epoch)
-        if sharpness is not None and epoch % every == 0:
-            sharpness.measure(epoch)
-        history.append({"epoch": epoch, "loss": float(loss_sum) / total, "accuracy": correct / total})
-    return history
-
-
 def cmd_track(args: argparse.Namespace) -> dict:
     from hessops.data import make_loader, on_device
-    from hessops.tracking import GradNormTracker, SharpnessTracker
+    from hessops.tracking import GradNormTracker, SharpnessTracker, train
 
     setup = _setup(args)
     model, loss_fn, loader, op, settings, dataset = setup.model, setup.loss_fn, setup.loader, setup.op, setup.settings, setup.dataset

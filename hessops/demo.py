@@ -14,7 +14,7 @@ from hessops.operators import Hessian
 from hessops.plot import plot_density, plot_eigenvalues
 from hessops.spectrum import eigs
 from hessops.trace import trace
-from hessops.tracking import GradNormTracker, SharpnessTracker
+from hessops.tracking import GradNormTracker, SharpnessTracker, train
 from hessops.volume import basin_volume
 
 DEMO_MODEL = "mlp-digits"
@@ -27,8 +27,6 @@ def run_demo(out_dir: Path = Path("demo"), *, k: int = 10, epochs: int = 30, see
     sharpness and gradient norms; then at the solution the top-``k`` Hessian eigenvalues, the spectral
     density, the trace and the log basin volume. Writes four figures to ``out_dir`` and returns the result
     (``hessops demo`` writes it as JSON)."""
-    from hessops.cli import train
-
     out_dir = Path(out_dir)
     began = time.perf_counter()
     spec = model_spec(DEMO_MODEL)

@@ -111,3 +111,40 @@ class GradNormTracker:
         names = list(self.history[0]["norms"]) if self.history else []
         series = {n: [h["norms"].get(n, float("nan")) for h in self.history] for n in names}
         return plot_grad_norms([h["epoch"] for h in self.history], series, path)
+
+
+def train(
+    model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], loader: Iterable, *, epochs: int, lr: float,
+    momentum: float = 0.0, weight_decay: float = 0.0, sharpness: SharpnessTracker | None = None,
+    grad_norms: GradNormTracker | None = None, every: int = 1, progress: bool = True,
+) -> list[dict]:
+    """Plain SGD over ``loader`` for ``epochs`` (classification: outputs are logits or log-probabilities);
+    sharpness measured before training and every ``every`` epochs, gradient norms every step. Returns the
+    per-epoch mean training loss and accuracy."""
+    from tqdm.auto import tqdm
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    history = []
+    if sharpness is not None:
+        sharpness.measure(0)
+    for epoch in tqdm(range(1, epochs + 1), desc="training", disable=not progress, unit="epoch"):
+        model.train()
+        total, correct, loss_sum = 0, 0, torch.zeros(())
+        for x, y in loader:
+            optimizer.zero_grad()
+            out = model(x)
+            loss = loss_fn(out, y)
+            loss.backward()
+            if grad_norms is not None:
+                grad_norms.step()
+            optimizer.step()
+            loss_sum = loss_sum + loss.detach().cpu() * len(y)
+            correct += int((out.argmax(1) == y).sum())
+            total += len(y)
+        model.eval()
+        if grad_norms is not None:
+            grad_norms.end_epoch(epoch)
+        if sharpness is not None and epoch % every == 0:
+            sharpness.measure(epoch)
+        history.append({"epoch": epoch, "loss": float(loss_sum) / total, "accuracy": correct / total})
+    return history
