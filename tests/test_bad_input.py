@@ -92,6 +92,28 @@ def test_non_finite_loss_names_the_batch(problem, cls):
         op @ torch.randn(op.shape[0])
 
 
+def test_non_finite_loss_after_an_empty_batch_names_the_right_batch(problem):
+    model, loss_fn, data = problem
+    x, y = data[1]
+    x = x.clone()
+    x[0, 0] = float("nan")
+    empty = (torch.empty(0, 4), torch.empty(0, dtype=torch.long))
+    op = hessops.Hessian(model, loss_fn, [data[0], empty, (x, y)])
+    with pytest.raises(hessops.NonFiniteLossError, match="batch 2 is nan"):
+        op @ torch.randn(op.shape[0])
+
+
+def test_an_infinite_input_that_the_loss_hides_is_still_caught(problem):
+    """tanh saturates an inf input, so the loss is finite while the product is not."""
+    model, loss_fn, data = problem
+    x, y = data[1]
+    x = x.clone()
+    x[0, 0] = float("inf")
+    op = hessops.Hessian(model, loss_fn, [data[0], (x, y)])
+    with pytest.raises(hessops.NonFiniteLossError, match="check the inputs"):
+        op @ torch.randn(op.shape[0])
+
+
 def test_inputs_on_another_device(problem):
     model, loss_fn, data = problem
     meta = [(x.to("meta"), y.to("meta")) for x, y in data]

@@ -130,6 +130,7 @@ class CurvatureOperator(cola.ops.LinearOperator):
         blocks = [flat_to_tree(rows[i : i + chunk], problem.shapes) for i in range(0, k, chunk)]
         acc = torch.zeros(k, n, dtype=self.dtype, device=self.device)
         losses: list[Tensor] = []
+        loss_batches: list[int] = []  # the batch index of each loss (empty batches have none)
         total = 0
         params, constants = model_state(problem, self.dtype)
         bar = tqdm(
@@ -152,12 +153,13 @@ class CurvatureOperator(cola.ops.LinearOperator):
                     for i, product in zip(range(0, k, chunk), products):
                         acc[i : i + chunk].add_(tree_to_flat(product), alpha=n_b)
                     losses.append(loss.detach().reshape(()))
+                    loss_batches.append(index)
                     total += n_b
             if losses:
                 finite = torch.isfinite(torch.stack(losses))
                 if not bool(finite.all()):
                     bad = int((~finite).nonzero()[0])
-                    status["nonfinite"] = (bad, float(losses[bad]))
+                    status["nonfinite"] = (loss_batches[bad], float(losses[bad]))
         except Exception as error:
             if problem.distributed is None:
                 raise
@@ -207,8 +209,9 @@ class CurvatureOperator(cola.ops.LinearOperator):
             )
         if not bool(torch.isfinite(acc).all()):
             raise NonFiniteLossError(
-                "every batch loss is finite but the curvature product is not: it overflows in "
-                f"{self.dtype}; build the operator with dtype=torch.float64"
+                "every batch loss is finite but the curvature product is not: the data hold an inf or NaN that "
+                f"the loss does not show (check the inputs), or the product overflows in {self.dtype} "
+                "(build the operator with dtype=torch.float64)"
             )
 
     # -- conveniences -------------------------------------------------------------------------------------
