@@ -6,9 +6,19 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev
+from torch.func import jacrev
 
-from hessops._functional import batch_size, check_loss, check_train_mode, first_batch, select_parameters, split_batch
+from hessops._functional import (
+    batch_size,
+    call_model,
+    cast_floating,
+    check_loss,
+    check_train_mode,
+    first_batch,
+    flat_to_tree,
+    select_parameters,
+    split_batch,
+)
 from hessops.errors import EmptyDataError
 
 
@@ -31,12 +41,8 @@ def dense_hessian(
     dtype = tensors[0].dtype if dtype is None else dtype
     shapes = [p.shape for p in tensors]
     theta = torch.cat([p.detach().reshape(-1) for p in tensors]).to(dtype)
-    buffers = {k: (b.to(dtype) if b.is_floating_point() else b) for k, b in model.named_buffers()}
-    others = {k: p.detach().to(dtype) for k, p in model.named_parameters() if k not in names}
-
-    def unflatten(flat: Tensor) -> dict[str, Tensor]:
-        parts = flat.split([s.numel() for s in shapes])
-        return {**buffers, **others, **{n: t.reshape(s) for n, t, s in zip(names, parts, shapes)}}
+    constants = cast_floating(dict(model.named_buffers()), dtype)
+    constants.update({k: p.detach().to(dtype) for k, p in model.named_parameters() if k not in names})
 
     total, result = 0, torch.zeros(theta.numel(), theta.numel(), dtype=dtype, device=theta.device)
     for index, batch in enumerate(data):
@@ -44,11 +50,11 @@ def dense_hessian(
         n_b = batch_size(inputs, index)
         if n_b == 0:
             continue
-        inputs = inputs.to(dtype) if isinstance(inputs, Tensor) and inputs.is_floating_point() else inputs
-        targets = targets.to(dtype) if isinstance(targets, Tensor) and targets.is_floating_point() else targets
+        inputs, targets = cast_floating(inputs, dtype), cast_floating(targets, dtype)
 
         def loss(flat: Tensor, inputs=inputs, targets=targets) -> Tensor:
-            return loss_fn(functional_call(model, unflatten(flat), (inputs,)), targets)
+            params = tuple(t[0] for t in flat_to_tree(flat[None], shapes))
+            return loss_fn(call_model(model, names, params, constants, inputs), targets)
 
         result += n_b * jacrev(jacrev(loss), chunk_size=chunk_size)(theta)
         total += n_b

@@ -14,7 +14,7 @@ import cola
 import torch
 from torch import Tensor
 
-from hessops.lanczos import lanczos
+from hessops.lanczos import lanczos, rademacher
 
 REORTHOGONALIZATION_BUDGET_BYTES = 4 * 2**30
 
@@ -60,7 +60,7 @@ def quadrature(
     if reorthogonalize is None:
         reorthogonalize = steps * n * num_probes * op.dtype.itemsize <= REORTHOGONALIZATION_BUDGET_BYTES
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    probes = (torch.randint(0, 2, (n, num_probes), generator=generator) * 2 - 1).to(device=op.device, dtype=op.dtype)
+    probes = rademacher(n, num_probes, generator, op)
     state = lanczos(op, probes, steps, reorthogonalize=reorthogonalize, seed=seed, progress=progress, description="SLQ")
     nodes, weights = [], []
     for p in range(num_probes):

@@ -109,6 +109,12 @@ def lanczos(
     return state
 
 
+def rademacher(n: int, k: int, generator: torch.Generator, op: cola.ops.LinearOperator) -> Tensor:
+    """``k`` random ±1 probe vectors ``(n, k)`` in the operator's dtype and device, drawn on the CPU so that
+    every device (and every rank) draws the same ones for a seed."""
+    return (torch.randint(0, 2, (n, k), generator=generator) * 2 - 1).to(device=op.device, dtype=op.dtype)
+
+
 def _restart(q: Tensor, broken: Tensor, basis: Tensor, generator: torch.Generator) -> Tensor:
     """Replace the columns of ``q`` whose recurrence broke down by random unit vectors orthogonal to their basis."""
     fresh = torch.randn(q.shape, generator=generator, dtype=q.dtype).to(q.device)

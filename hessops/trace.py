@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import cola
 import torch
-from torch import Tensor
+
+from hessops.lanczos import rademacher
 
 METHODS = ("hutch++", "hutchinson")
 
@@ -26,10 +27,6 @@ class TraceEstimate:
 
     def __iter__(self):
         return iter((self.estimate, self.std_error))
-
-
-def _rademacher(n: int, k: int, generator: torch.Generator, op: cola.ops.LinearOperator) -> Tensor:
-    return (torch.randint(0, 2, (n, k), generator=generator) * 2 - 1).to(device=op.device, dtype=op.dtype)
 
 
 def trace(op: cola.ops.LinearOperator, *, probes: int = 100, method: str = "hutch++", seed: int = 0) -> TraceEstimate:
@@ -51,15 +48,15 @@ def trace(op: cola.ops.LinearOperator, *, probes: int = 100, method: str = "hutc
     if method == "hutchinson":
         if probes < 2:
             raise ValueError("Hutchinson needs at least 2 probes to report a standard error")
-        Z = _rademacher(n, probes, generator, op)
+        Z = rademacher(n, probes, generator, op)
         samples = (Z * (op @ Z)).sum(0).double().cpu()
         return TraceEstimate(float(samples.mean()), float(samples.std() / math.sqrt(probes)), probes, method, time.perf_counter() - began)
     if probes < 4:
         raise ValueError("Hutch++ needs at least 4 probes (a sketch, its trace, and 2 for the remainder)")
     sketch = probes // 3
     remaining = probes - 2 * sketch
-    Q, _ = torch.linalg.qr(op @ _rademacher(n, sketch, generator, op))
-    Z = _rademacher(n, remaining, generator, op)
+    Q, _ = torch.linalg.qr(op @ rademacher(n, sketch, generator, op))
+    Z = rademacher(n, remaining, generator, op)
     Z = Z - Q @ (Q.T @ Z)
     products = op @ torch.cat([Q, Z], dim=1)  # one pass over the data for both
     exact_part = float(torch.einsum("nk,nk->", Q, products[:, :sketch]))

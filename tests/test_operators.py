@@ -7,7 +7,6 @@ batch weight (n_b/N), missing example or wrong reduction shows up as an error of
 
 from __future__ import annotations
 
-import cola
 import pytest
 import torch
 from torch import nn
