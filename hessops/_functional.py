@@ -45,6 +45,7 @@ class Problem:
     shapes: tuple[torch.Size, ...]
     model_dtype: torch.dtype
     chunk_size: int | None
+    micro_batch_size: int | None
     progress: bool
     allow_train_mode: bool
     distributed: tuple | None = None  # (group, rank, world size) when data-parallel
@@ -159,6 +160,21 @@ def batch_size(inputs: Any, index: int) -> int:
     if not leaves:
         raise TypeError(f"batch {index} has no tensor inputs")
     return leaves[0].shape[0] if leaves[0].dim() > 0 else 1
+
+
+def split_examples(inputs: Any, targets: Any, n_b: int, size: int | None) -> list[tuple[Any, Any, int]]:
+    """``[(inputs, targets, n_m)]``: the batch cut along dim 0 into consecutive pieces of at most ``size``
+    examples (the whole batch when ``size`` is ``None`` or not smaller). Every tensor whose first dimension
+    is ``n_b`` is cut; anything else is passed to every piece unchanged."""
+    if size is None or n_b <= size:
+        return [(inputs, targets, n_b)]
+
+    def cut(obj: Any, start: int) -> Any:
+        return torch.utils._pytree.tree_map(
+            lambda t: t[start : start + size] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n_b else t, obj
+        )
+
+    return [(cut(inputs, start), cut(targets, start), min(size, n_b - start)) for start in range(0, n_b, size)]
 
 
 def check_batch(inputs: Any, targets: Any, index: int, device: torch.device, model_dtype: torch.dtype) -> None:

@@ -195,9 +195,18 @@ def test_batches_that_are_not_pairs(problem):
         hessops.Hessian(model, loss_fn, [data[0][0]])
 
 
+def test_micro_batches_are_refused_in_train_mode(problem):
+    model, loss_fn, data = problem
+    model = nn.Sequential(model[0], nn.BatchNorm1d(6), *model[1:]).train()
+    with pytest.raises(ValueError, match="model.eval"):
+        hessops.Hessian(model, loss_fn, data, allow_train_mode=True, micro_batch_size=2)
+
+
 def test_bad_options(problem):
     with pytest.raises(ValueError, match="chunk_size"):
         hessops.Hessian(*problem, chunk_size=0)
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        hessops.GGN(*problem, micro_batch_size=0)
     with pytest.raises(ValueError, match="hvp_mode"):
         hessops.Hessian(*problem, hvp_mode="finite-differences")
     with pytest.raises(hessops.DtypeMismatchError, match="floating"):

@@ -24,6 +24,7 @@ from hessops._functional import (
     normalize_device,
     select_parameters,
     split_batch,
+    split_examples,
     tree_to_flat,
 )
 from hessops.distributed import resolve as resolve_distributed
@@ -56,6 +57,10 @@ class CurvatureOperator(cola.ops.LinearOperator):
         dtype: the operator's dtype; default the parameters'. A wider dtype than the model's evaluates the
             model in that dtype (parameters, buffers and floating inputs are cast on the fly).
         chunk_size: columns vectorized together with ``vmap`` (bounds memory); default 16.
+        micro_batch_size: split each batch into pieces of at most this many examples, each weighted by its
+            size (bounds the memory of one batch's derivatives, at some speed; exact for a loss that is a
+            mean over examples and a model that treats examples independently, i.e. in eval mode); default
+            ``None``, whole batches.
         progress: show a tqdm bar over batches during each matmat.
         allow_train_mode: accept Dropout/BatchNorm in training mode (the operator is then random).
         distributed, group: data-parallel over a torch.distributed process group (default: exactly when
@@ -73,6 +78,7 @@ class CurvatureOperator(cola.ops.LinearOperator):
         params: Sequence[Tensor] | None = None,
         dtype: torch.dtype | None = None,
         chunk_size: int | None = None,
+        micro_batch_size: int | None = None,
         progress: bool = False,
         allow_train_mode: bool = False,
         distributed: bool | None = None,
@@ -87,6 +93,13 @@ class CurvatureOperator(cola.ops.LinearOperator):
             raise DtypeMismatchError(f"dtype={dtype} is not a floating dtype: use torch.float32 or torch.float64")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of columns, got {chunk_size}")
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be a positive number of examples, got {micro_batch_size}")
+        if micro_batch_size is not None and allow_train_mode:
+            raise ValueError(
+                "micro_batch_size splits batches, which changes what train-mode BatchNorm computes (batch "
+                "statistics): call model.eval(), or drop micro_batch_size"
+            )
         check_train_mode(model, allow_train_mode)
         check_loss(loss_fn)
         try:
@@ -103,6 +116,7 @@ class CurvatureOperator(cola.ops.LinearOperator):
             shapes=tuple(p.shape for p in tensors),
             model_dtype=model_dtype,
             chunk_size=chunk_size,
+            micro_batch_size=micro_batch_size,
             progress=progress,
             allow_train_mode=allow_train_mode,
             distributed=setup,
@@ -114,10 +128,18 @@ class CurvatureOperator(cola.ops.LinearOperator):
 
     # -- what a subclass says ------------------------------------------------------------------------------
     def _batch_matmat(
-        self, params: ParamTree, constants: dict[str, Tensor], inputs: Any, targets: Any, blocks: list[ParamTree], index: int
+        self,
+        params: ParamTree,
+        constants: dict[str, Tensor],
+        inputs: Any,
+        targets: Any,
+        blocks: list[ParamTree],
+        index: int,
+        part: int = 0,
     ) -> tuple[list[ParamTree], Tensor]:
-        """For one batch: the batch-mean curvature times each block of columns (each a tuple of
-        ``(c, *shape)`` tensors), and the batch-mean loss (a scalar tensor, for the finiteness check)."""
+        """For one batch (piece ``part`` of batch ``index`` when batches are split into micro-batches): the
+        batch-mean curvature times each block of columns (each a tuple of ``(c, *shape)`` tensors), and the
+        batch-mean loss (a scalar tensor, for the finiteness check)."""
         raise NotImplementedError
 
     # -- the data loop ------------------------------------------------------------------------------------
@@ -149,11 +171,13 @@ class CurvatureOperator(cola.ops.LinearOperator):
                     n_b = batch_size(inputs, index)
                     if n_b == 0:
                         continue
-                    products, loss = self._batch_matmat(params, constants, inputs, targets, blocks, index)
-                    for i, product in zip(range(0, k, chunk), products):
-                        acc[i : i + chunk].add_(tree_to_flat(product), alpha=n_b)
-                    losses.append(loss.detach().reshape(()))
-                    loss_batches.append(index)
+                    pieces = split_examples(inputs, targets, n_b, problem.micro_batch_size)
+                    for part, (piece_inputs, piece_targets, n_m) in enumerate(pieces):
+                        products, loss = self._batch_matmat(params, constants, piece_inputs, piece_targets, blocks, index, part)
+                        for i, product in zip(range(0, k, chunk), products):
+                            acc[i : i + chunk].add_(tree_to_flat(product), alpha=n_m)
+                        losses.append(loss.detach().reshape(()))
+                        loss_batches.append(index)
                     total += n_b
             if losses:
                 finite = torch.isfinite(torch.stack(losses))

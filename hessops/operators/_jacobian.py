@@ -29,12 +29,13 @@ class JacobianSandwich(CurvatureOperator):
         self.output_loss = loss_fn
         self.annotations = self.annotations | {cola.PSD}
 
-    def _output_operator(self, outputs: Tensor, targets: Any, index: int) -> OutputMatmat:
+    def _output_operator(self, outputs: Tensor, targets: Any, index: int, part: int = 0) -> OutputMatmat:
         """``U ↦ M U`` for a block ``U`` of shape ``(c, *outputs.shape)``, where ``M`` belongs to the batch-mean
-        loss (so ``M`` of example ``n`` enters as ``M_n / n_b``)."""
+        loss (so ``M`` of example ``n`` enters as ``M_n / n_b``); ``part`` numbers the micro-batches of batch
+        ``index``."""
         raise NotImplementedError
 
-    def _batch_matmat(self, params, constants, inputs, targets, blocks, index):
+    def _batch_matmat(self, params, constants, inputs, targets, blocks, index, part=0):
         problem = self.problem
         randomness = "same" if problem.allow_train_mode else "error"
 
@@ -48,7 +49,7 @@ class JacobianSandwich(CurvatureOperator):
 
         outputs, pullback = vjp(forward, params)
         loss = self.output_loss(outputs, targets)
-        output_matmat = self._output_operator(outputs, targets, index)
+        output_matmat = self._output_operator(outputs, targets, index, part)
         products = []
         for block in blocks:
             jv = vmap(lambda v: jvp(forward, (params,), (v,))[1], randomness=randomness)(block)

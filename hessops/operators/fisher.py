@@ -45,7 +45,7 @@ class EmpiricalFisher(JacobianSandwich):
     Arguments as for :class:`hessops.Hessian`.
     """
 
-    def _output_operator(self, outputs: Tensor, targets, index: int):
+    def _output_operator(self, outputs: Tensor, targets, index: int, part: int = 0):
         r = _output_gradients(self.output_loss, outputs, targets)
         return _outer_matmat(r.unsqueeze(0), outputs.shape[0])
 
@@ -63,7 +63,7 @@ class MCFisher(JacobianSandwich):
     example (BCE with several outputs, cross-entropy over pixels), :math:`\hat g \hat g^\top` is scaled by
     :math:`d`, so that the expectation is still the GGN.
 
-    The labels of batch :math:`b` are drawn from a generator seeded by ``(seed, rank, b)``, so the operator is a fixed
+    The labels of batch :math:`b` (micro-batch :math:`m`) are drawn from a generator seeded by ``(seed, rank, b, m)``, so the operator is a fixed
     matrix as long as the data come in a fixed order (``shuffle=False``). Other arguments as for
     :class:`hessops.Hessian`.
     """
@@ -110,8 +110,9 @@ class MCFisher(JacobianSandwich):
             "use GGN (its expectation) or EmpiricalFisher"
         )
 
-    def _output_operator(self, outputs: Tensor, targets, index: int):
-        stream = (self.seed * 1_000_003 + self.problem.rank) * 1_000_033 + index  # one per (seed, rank, batch)
+    def _output_operator(self, outputs: Tensor, targets, index: int, part: int = 0):
+        # one stream per (seed, rank, batch, micro-batch); a whole batch (part 0) keeps its stream
+        stream = (self.seed * 1_000_003 + self.problem.rank) * 1_000_033 + index + (part << 40)
         generator = torch.Generator(device=outputs.device).manual_seed(stream % 2**63)
         sampled, scale = self._sampler_for(self.output_loss)(outputs.detach(), self.samples, generator)
         r = torch.stack([_output_gradients(self.output_loss, outputs, y) for y in sampled])

@@ -38,7 +38,7 @@ class GGN(JacobianSandwich):
             self.output_model = model[:-1]
             self.output_loss = nn.CrossEntropyLoss(ignore_index=loss_fn.ignore_index)
 
-    def _output_operator(self, outputs: Tensor, targets, index: int):
+    def _output_operator(self, outputs: Tensor, targets, index: int, part: int = 0):
         loss_fn = self.output_loss
         _, hessian_vjp = vjp(grad(lambda o: loss_fn(o, targets)), outputs)
         return lambda u: vmap(hessian_vjp)(u)[0]

@@ -53,7 +53,7 @@ class Hessian(CurvatureOperator):
         self.hvp_mode = hvp_mode
         self.annotations = self.annotations | {cola.SelfAdjoint}
 
-    def _batch_matmat(self, params, constants, inputs, targets, blocks, index):
+    def _batch_matmat(self, params, constants, inputs, targets, blocks, index, part=0):
         problem = self.problem
         randomness = "same" if problem.allow_train_mode else "error"
 
