@@ -89,3 +89,45 @@ def test_eigs_bad_arguments(indefinite):
         hessops.eigs(H, 0)
     with pytest.raises(ValueError, match="SelfAdjoint"):
         hessops.eigs(cola.ops.Dense(torch.eye(3, dtype=torch.float64)), 1)
+
+
+@pytest.mark.parametrize("which", ["LM", "LA", "SA", "both"])
+def test_value_tol_bounds_the_eigenvalue_errors(indefinite, which):
+    """With value_tol the stop is on eigenvalue error bounds min(r, r²/gap): the values must be within
+    value_tol · max|λ| of the exact ones (and within their reported bounds), in fewer products than the
+    residual test at the same tolerance."""
+    H, exact = indefinite
+    scale = float(exact.abs().max())
+    for value_tol in (1e-4, 1e-8):
+        spectrum = hessops.eigs(H, 4, which, value_tol=value_tol)
+        errors = (spectrum.values - expected(exact, 4, which)).abs()
+        assert spectrum.converged and float(errors.max()) <= value_tol * scale
+        assert bool((errors <= spectrum.error_bounds * (1 + 1e-6) + 1e-12 * scale).all())
+        assert spectrum.n_matvecs < hessops.eigs(H, 4, which, tol=value_tol).n_matvecs
+
+
+def test_error_bounds_on_a_known_spectrum():
+    """Kato–Temple: on a diagonal operator with separated top eigenvalues, every Lanczos Ritz value lies within
+    its bound of an eigenvalue, at every step count, and the bound is far below the residual once converged."""
+    from hessops.lanczos import lanczos, ritz
+    from hessops.spectrum import error_bounds
+
+    spectrum = torch.cat([torch.tensor([10.0, 7.0, 5.0]), torch.linspace(-1, 1, 197)]).double()
+    A = cola.SelfAdjoint(cola.ops.Dense(torch.diag(spectrum)))
+    start = torch.randn(200, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for steps in (5, 10, 20, 40):
+        theta, _, residuals = ritz(lanczos(A, start, steps))
+        bounds = error_bounds(theta, residuals)
+        for value, bound in zip(theta[-3:], bounds[-3:]):  # the three largest Ritz values
+            assert float((spectrum - value).abs().min()) <= float(bound) * (1 + 1e-9) + 1e-13
+        if steps == 10:
+            assert 0 < float(bounds[-1]) < 1e-2 * float(residuals[-1])
+
+
+def test_verify_false_skips_the_residual_product(indefinite):
+    H, _ = indefinite
+    checked = hessops.eigs(H, 3, "LA", tol=1e-8)
+    estimated = hessops.eigs(H, 3, "LA", tol=1e-8, verify=False)
+    assert estimated.n_matvecs == checked.n_matvecs - 3
+    torch.testing.assert_close(estimated.values, checked.values, rtol=0, atol=0)
+    assert float(estimated.residuals.max()) < 1e-7 * float(checked.values.abs().max())
