@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--which", choices=("LM", "LA", "SA", "both"), default="LM")
     p.add_argument("--tol", type=float, default=1e-5, help="residual tolerance relative to max |λ|")
+    p.add_argument("--value-tol", type=float, help="stop on eigenvalue error bounds instead (relative to max |λ|)")
     p.add_argument("--max-iters", type=int)
 
     p = sub.add_parser("density", help="spectral density by stochastic Lanczos quadrature")
@@ -191,16 +192,20 @@ def cmd_eigs(args: argparse.Namespace) -> dict:
 
     setup = _setup(args)
     op, settings = setup.op, setup.settings
-    s = eigs(op, args.k, args.which, tol=args.tol, max_iters=args.max_iters, seed=args.seed, progress=not args.no_progress)
-    for i, (value, residual) in enumerate(zip(s.values.tolist(), s.residuals.tolist()), 1):
-        print(f"λ{i:<3d} = {value: .8g}   ‖Hv − λv‖ = {residual:.2g}")
+    s = eigs(
+        op, args.k, args.which, tol=args.tol, value_tol=args.value_tol, max_iters=args.max_iters, seed=args.seed,
+        progress=not args.no_progress,
+    )
+    for i, (value, residual, bound) in enumerate(zip(s.values.tolist(), s.residuals.tolist(), s.error_bounds.tolist()), 1):
+        print(f"λ{i:<3d} = {value: .8g}   ‖Hv − λv‖ = {residual:.2g}   error ≤ {bound:.2g}")
     print(f"{s.n_matvecs} products in {s.seconds:.2f} s ({s.steps} Lanczos steps), converged: {s.converged}")
     if args.plot:
         plot_eigenvalues(s.values.tolist(), args.plot, title=f"{args.operator} eigenvalues ({args.which}), {args.model}")
         _plotted(args.plot)
     return {
-        "command": "eigs", "settings": settings | {"k": args.k, "which": args.which, "tol": args.tol},
-        "eigenvalues": s.values.tolist(), "residuals": s.residuals.tolist(), "n_matvecs": s.n_matvecs,
+        "command": "eigs", "settings": settings | {"k": args.k, "which": args.which, "tol": args.tol, "value_tol": args.value_tol},
+        "eigenvalues": s.values.tolist(), "residuals": s.residuals.tolist(), "error_bounds": s.error_bounds.tolist(),
+        "n_matvecs": s.n_matvecs,
         "lanczos_steps": s.steps, "converged": s.converged, "seconds": s.seconds,
     }
 

@@ -50,6 +50,19 @@ def test_eigs_writes_json_and_plot_matching_the_dense_spectrum(tmp_path, exact_2
     assert "λ1" in run.stdout
 
 
+def test_eigs_value_tol_stops_on_eigenvalue_error_bounds(tmp_path, exact_200):
+    """--value-tol: the values within value_tol · max|λ| of the dense ones, each within its reported bound."""
+    out = tmp_path / "eigs.json"
+    run = hessops_cli("eigs", "--num-examples", "200", "--k", "2", "--which", "LA", "--dtype", "float64",
+                      "--value-tol", "1e-6", "--no-progress", "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    result = json.loads(out.read_text())
+    assert result["settings"]["value_tol"] == 1e-6 and "error ≤" in run.stdout
+    errors = (torch.tensor(result["eigenvalues"], dtype=torch.float64) - exact_200.flip(0)[:2]).abs()
+    assert float(errors.max()) <= 1e-6 * float(exact_200.abs().max())
+    assert all(float(e) <= b * (1 + 1e-6) + 1e-14 for e, b in zip(errors, result["error_bounds"]))
+
+
 def test_density_trace_logdet_basin(tmp_path, exact_200):
     common = ("--num-examples", "200", "--dtype", "float64", "--no-progress")
     runs = {
