@@ -57,7 +57,8 @@ def test_benchmark_harness_smoke(tmp_path):
     report = main(["--smoke", "--out", str(tmp_path / "bench.json")])
     entry = report["workloads"]["tiny"]
     ratios = entry["products"]["ratios"]
-    assert ratios["hessops hvp / grad"] > 0 and ratios["hessops block8 / 8×hvp"] > 0
+    assert ratios["hessops hvp / grad"] > 0 and ratios["hessops block8 / 8×hvp"] > 0 and ratios["hessops micro2 hvp / grad"] > 0
+    assert entry["top"]["hessops LA"]["criterion"] == {"value_tol": 1e-4, "verify": False}
     assert all(diff < 1e-5 for diff in entry["products"]["agreement"].values())
     assert entry["top"]["hessops LA"]["max rel. error"] < 1e-3 and entry["top"]["hessops LM"]["max rel. error"] < 1e-3
     assert entry["trace"]["hessops hutch++"]["std_error"] > 0 and entry["trace"]["pyhessian"]["probes"] == 8
