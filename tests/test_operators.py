@@ -7,6 +7,8 @@ batch weight (n_b/N), missing example or wrong reduction shows up as an error of
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from torch import nn
@@ -275,10 +277,13 @@ def test_auto_mode_picks_a_measured_formulation_once_per_kind():
     v, V = torch.randn(op.shape[0], dtype=torch.float64), torch.randn(op.shape[0], 3, dtype=torch.float64)
     assert relative_error(op @ v, dense @ v) < RTOL64  # the timed first batch's result is used as is
     assert relative_error(op @ V, dense @ V) < RTOL64
-    tuned = {key[-1]: mode for key, mode in hessian_module._TUNED.items()}
+    tuned = {key[-1]: mode for key, mode in hessian_module._TUNED[model].items()}
     assert tuned["single"] in hessian_module.CANDIDATES["single"] and tuned["block"] in hessian_module.CANDIDATES["block"]
     assert relative_error(op @ V, dense @ V) < RTOL64  # later products reuse the choice
-    assert len(hessian_module._TUNED) == 2
+    assert len(hessian_module._TUNED[model]) == 2
+    del op, model  # the choice dies with its model: a later model at the same address tunes afresh
+    gc.collect()
+    assert len(hessian_module._TUNED) == 0
 
 
 @pytest.mark.parametrize("kind", OPERATORS)

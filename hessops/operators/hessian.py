@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
+import weakref
 from typing import Callable
 
 import cola
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
 from hessops._functional import ParamTree, call_model
@@ -19,8 +20,9 @@ CANDIDATES = {
     "single": ("autograd", "reverse-over-forward", "forward-over-reverse"),
     "block": ("autograd", "autograd-loop", "reverse-over-reverse", "forward-over-reverse"),
 }
-# The fastest mode found for a workload: (model id, device, dtype, parameter names, single/block) -> mode.
-_TUNED: dict[tuple, str] = {}
+# The fastest mode found for a workload: model -> {(device, dtype, parameter names, single/block): mode}. Held
+# weakly, so that a model's choice dies with it (an id() key would pass it on to a later model at the same address).
+_TUNED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, str]] = weakref.WeakKeyDictionary()
 
 
 class Hessian(CurvatureOperator):
@@ -66,9 +68,10 @@ class Hessian(CurvatureOperator):
         if self.hvp_mode != "auto":
             return _run(self.hvp_mode, problem, batch_loss, params, blocks, randomness)
         kind = "single" if all(block[0].shape[0] == 1 for block in blocks) else "block"
-        key = (id(problem.model), str(self.device), self.dtype, problem.names, kind)
-        if key in _TUNED:
-            return _run(_TUNED[key], problem, batch_loss, params, blocks, randomness)
+        key = (str(self.device), self.dtype, problem.names, kind)
+        tuned = _TUNED.setdefault(problem.model, {})
+        if key in tuned:
+            return _run(tuned[key], problem, batch_loss, params, blocks, randomness)
         timings, outcomes = {}, {}
         first = blocks[:1]  # candidates are timed on the first block of columns only
         for round_ in range(4):
@@ -89,7 +92,7 @@ class Hessian(CurvatureOperator):
                 outcomes[mode] = outcome
         if not timings:
             raise RuntimeError("no Hessian-vector product formulation ran on this model; pass hvp_mode= to see why")
-        _TUNED[key] = best = min(timings, key=timings.get)
+        tuned[key] = best = min(timings, key=timings.get)
         products, loss = outcomes[best]  # the winner's own result: later products repeat it bit for bit
         if len(blocks) > 1:
             products = products + _run(best, problem, batch_loss, params, blocks[1:], randomness)[0]
