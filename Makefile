@@ -1,11 +1,11 @@
-# `make demo` and `make test` set everything up from nothing: a virtual environment in .venv with hessops
-# installed (editable) and its test dependencies.
+# `make demo`, `make test` and `make docs` set everything up from nothing: a virtual environment in .venv with
+# hessops installed (editable) and its test dependencies (mkdocs among them).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test clean
+.PHONY: demo test docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,5 +19,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The documentation site (mkdocs.yml, docs/) into site/; --strict fails on a broken link or a page left out of
+# the nav.
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) demo .pytest_cache
+	rm -rf $(VENV) demo site .pytest_cache
