@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 import hessops
+from benchmarks.memory import peak_bytes
 from benchmarks.peers import ColaPerBatch, CurvlinopsPeer, PyHessianPeer, cola_top, dataset_gradient, timer
 from benchmarks.workloads import make_workload
 
@@ -83,20 +84,13 @@ def bench_products(w, device, repeats: int, peers: dict, micro_batch_size: int |
 
 
 def bench_memory(w, device) -> dict:
-    """Peak memory of one HVP against one gradient (CUDA: allocator peaks; CPU: not measured in-process)."""
+    """Peak memory of one HVP against one gradient (CUDA: allocator peaks; on the CPU, benchmarks/memory.py
+    counts tensor storages, which is slower, so it is a script of its own)."""
     if device.type != "cuda":
         return {}
     H = hessops.Hessian(w.model, w.loss_fn, w.data)
     v = torch.randn(H.shape[0], device=device, dtype=H.dtype)
-    peaks = {}
-    for name, f in (("grad", lambda: dataset_gradient(w)), ("hessops hvp", lambda: H @ v)):
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        f()
-        torch.cuda.synchronize(device)
-        peaks[name] = torch.cuda.max_memory_allocated(device) - base
+    peaks = {name: peak_bytes(f, device) for name, f in (("grad", lambda: dataset_gradient(w)), ("hessops hvp", lambda: H @ v))}
     return {"peak_bytes": peaks, "hvp / grad": peaks["hessops hvp"] / peaks["grad"]}
 
 
