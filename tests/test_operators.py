@@ -317,3 +317,22 @@ def test_mc_fisher_with_micro_batches_is_fixed_and_unbiased():
     ggn = hessops.GGN(model, nn.CrossEntropyLoss(), data).to_dense()
     many = hessops.MCFisher(model, nn.CrossEntropyLoss(), data, micro_batch_size=2, samples=4096)
     assert relative_error(many.to_dense(), ggn) < 0.05
+
+
+def test_ctrl_c_while_tuning_is_not_taken_for_a_failed_candidate(monkeypatch):
+    """torch can hand a KeyboardInterrupt back wrapped in a RuntimeError; the tuner skips formulations that
+    raise RuntimeError, but must not swallow an interrupt."""
+    from hessops.operators import hessian as hessian_module
+
+    def interrupted(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("KeyboardInterrupt: raised in a vmapped function")
+
+    torch.manual_seed(0)
+    model, x, y = mlp().double(), torch.randn(9, 4, dtype=torch.float64), torch.randint(0, 3, (9,))
+    monkeypatch.setattr(hessian_module, "_run", interrupted)
+    op = hessops.Hessian(model, nn.CrossEntropyLoss(), [(x, y)])
+    with pytest.raises(KeyboardInterrupt):
+        op @ torch.randn(op.shape[0], dtype=torch.float64)

@@ -84,7 +84,9 @@ class Hessian(CurvatureOperator):
                 began = time.perf_counter()
                 try:
                     outcome = _run(mode, problem, batch_loss, params, first, randomness)
-                except RuntimeError:
+                except RuntimeError as error:
+                    if isinstance(error.__context__, KeyboardInterrupt) or "KeyboardInterrupt" in str(error):
+                        raise KeyboardInterrupt from error  # Ctrl-C inside torch, wrapped: not a failed candidate
                     continue  # a formulation torch cannot run on this model: not a candidate
                 _synchronize(self.device)
                 elapsed = time.perf_counter() - began
