@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
-import json
-import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -17,6 +14,7 @@ import pytest
 import torch
 
 import hessops.data
+import examples_runner
 from test_data import write_cifar
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cifar2_mlp_sgd.py"
@@ -24,21 +22,12 @@ GRID = [[0.0, 0.0], [0.0, 0.01], [0.9, 0.001], [0.8, 0.01]]
 
 
 def load_example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("cifar2_mlp_sgd", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return examples_runner.load_example("cifar2_mlp_sgd")
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory) -> tuple[dict, Path]:
-    out = tmp_path_factory.mktemp("cifar2_quick")
-    run = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--quick", "--out", str(out)], capture_output=True, text=True, timeout=600
-    )
-    assert run.returncode == 0, run.stderr
-    return json.loads((out / "result.json").read_text()), out
+    return examples_runner.run_quick("cifar2_mlp_sgd", tmp_path_factory.mktemp("cifar2_quick"))
 
 
 def test_quick_runs_the_grid_and_learns(quick):

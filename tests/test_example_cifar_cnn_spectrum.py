@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +16,7 @@ import torch
 
 import hessops.data
 from hessops.data import CIFAR10_MEAN, CIFAR10_STD
+import examples_runner
 from test_data import write_cifar
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cifar_cnn_spectrum.py"
@@ -25,21 +24,12 @@ FLOAT32_EPS = torch.finfo(torch.float32).eps
 
 
 def load_example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("cifar_cnn_spectrum", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return examples_runner.load_example("cifar_cnn_spectrum")
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory) -> tuple[dict, Path]:
-    out = tmp_path_factory.mktemp("cifar_cnn_quick")
-    run = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--quick", "--out", str(out)], capture_output=True, text=True, timeout=600
-    )
-    assert run.returncode == 0, run.stderr
-    return json.loads((out / "result.json").read_text()), out
+    return examples_runner.run_quick("cifar_cnn_spectrum", tmp_path_factory.mktemp("cifar_cnn_quick"))
 
 
 def test_quick_settings_and_training(quick):

@@ -5,10 +5,7 @@ result.json; the gradient norms recomputed by hand; the matrix-sensing Hessian t
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -20,6 +17,7 @@ from torch.utils.data import DataLoader
 
 import hessops
 from hessops.models import build_model
+import examples_runner
 from test_data import mnist_dir  # noqa: F401 - a fixture: MNIST's idx files with 20 training and 10 test images
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "gradient_norms_and_matrix_sensing.py"
@@ -27,21 +25,12 @@ WEIGHTS = ["1.weight", "3.weight", "5.weight", "7.weight"]  # mlp-mnist's four b
 
 
 def load_example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gradient_norms_and_matrix_sensing", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return examples_runner.load_example("gradient_norms_and_matrix_sensing")
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory) -> tuple[dict, Path]:
-    out = tmp_path_factory.mktemp("gradient_norms_quick")
-    run = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--quick", "--out", str(out)], capture_output=True, text=True, timeout=600
-    )
-    assert run.returncode == 0, run.stderr
-    return json.loads((out / "result.json").read_text()), out
+    return examples_runner.run_quick("gradient_norms_and_matrix_sensing", tmp_path_factory.mktemp("gradient_norms_quick"))
 
 
 def test_quick_gradient_norms_and_losses(quick):

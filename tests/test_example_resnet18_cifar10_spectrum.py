@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import json
 import os
 import subprocess
@@ -20,6 +19,7 @@ import torch
 
 import hessops.data
 from hessops.models import build_model, load_checkpoint, model_spec
+import examples_runner
 from test_data import write_cifar
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "resnet18_cifar10_spectrum.py"
@@ -27,11 +27,7 @@ MODEL = "resnet18_cifar10"
 
 
 def load_example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("resnet18_cifar10_spectrum", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return examples_runner.load_example("resnet18_cifar10_spectrum")
 
 
 def run_example(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
