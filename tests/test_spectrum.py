@@ -87,6 +87,8 @@ def test_eigs_bad_arguments(indefinite):
         hessops.eigs(H, 2, "BE")
     with pytest.raises(ValueError, match="k=0"):
         hessops.eigs(H, 0)
+    with pytest.raises(ValueError, match="value_tol"):
+        hessops.eigs(H, 2, value_tol=0.0)
     with pytest.raises(ValueError, match="SelfAdjoint"):
         hessops.eigs(cola.ops.Dense(torch.eye(3, dtype=torch.float64)), 1)
 
