@@ -90,3 +90,24 @@ def dying(rank: int, world: int, store: str, out_dir: str) -> None:
         message = f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=1)}"
     with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
         f.write(message)
+
+
+def releasing(rank: int, world: int, store: str, out_dir: str) -> None:
+    """200 sums through hessops.distributed.all_reduce: each must be right and, once it returns, no longer
+    held by gloo's worker thread (the tensor's Python reference count is back where it was)."""
+    import sys
+
+    from hessops.distributed import all_reduce
+
+    _init(rank, world, store)
+    try:
+        held, wrong = 0, 0
+        for i in range(200):
+            tensor = torch.full((1000,), float(rank + i))
+            before = sys.getrefcount(tensor)
+            all_reduce(tensor, None)
+            held += sys.getrefcount(tensor) > before
+            wrong += not torch.equal(tensor, torch.full((1000,), float(sum(r + i for r in range(world)))))
+        torch.save({"held": held, "wrong": wrong}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
