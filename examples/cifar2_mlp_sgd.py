@@ -40,7 +40,6 @@ from torch.utils.data import DataLoader, Dataset, random_split  # noqa: E402
 import hessops  # noqa: E402
 from hessops.data import ImageDataset, load_dataset, make_loader, on_device  # noqa: E402
 from hessops.models import build_model, make_loss  # noqa: E402
-from hessops.tracking import train  # noqa: E402
 
 GRID = ((0.0, 0.0), (0.0, 0.01), (0.9, 0.001), (0.8, 0.01))  # (momentum, weight decay)
 LR = 0.01
@@ -85,18 +84,6 @@ def make_model(args: argparse.Namespace) -> nn.Module:
         ).eval()
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loss_fn: nn.Module, loader) -> dict[str, float]:
-    """Mean loss and accuracy of ``model`` over ``loader``."""
-    loss, correct, total = torch.zeros(()), 0, 0
-    for x, y in loader:
-        out = model(x)
-        loss += loss_fn(out, y).cpu() * len(y)
-        correct += int((out.argmax(1) == y).sum())
-        total += len(y)
-    return {"loss": float(loss) / total, "accuracy": correct / total}
-
-
 def curvature(model: nn.Module, loss_fn: nn.Module, loader, args: argparse.Namespace) -> dict:
     """λ_max of the Hessian of the mean loss over ``loader`` (Lanczos, relative residual tolerance
     ``args.tol``) and its trace (Hutch++, ``args.probes`` products); when the model has at most
@@ -129,15 +116,15 @@ def study(args: argparse.Namespace, momentum: float, weight_decay: float, data: 
     batches = DataLoader(train_set, batch_size=args.batch_size, shuffle=True,
                          generator=torch.Generator().manual_seed(args.seed))  # the same order for every run
     began = time.perf_counter()
-    history = train(model, loss_fn, on_device(batches, args.device), epochs=args.epochs, lr=LR, momentum=momentum,
-                    weight_decay=weight_decay, progress=False)
+    history = hessops.train(model, loss_fn, on_device(batches, args.device), epochs=args.epochs, lr=LR,
+                            momentum=momentum, weight_decay=weight_decay, progress=False)
     train_seconds = time.perf_counter() - began
     model.eval()
     fixed = {name: on_device(make_loader(d, batch_size=args.eval_batch_size), args.device)
              for name, d in (("train", train_set), ("val", val_set), ("test", test_set))}
     result = {
         "momentum": momentum, "weight_decay": weight_decay, "history": history, "train_seconds": train_seconds,
-        **{name: evaluate(model, loss_fn, loader) for name, loader in fixed.items()},
+        **{name: hessops.evaluate(model, loss_fn, loader) for name, loader in fixed.items()},
         **curvature(model, loss_fn, fixed["train"], args),
     }
     result["regularized"] = {  # the Hessian of L(θ) + (w/2)‖θ‖², the objective SGD with weight decay w follows

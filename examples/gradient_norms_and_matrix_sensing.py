@@ -82,18 +82,6 @@ def mnist_data(args: argparse.Namespace) -> tuple[Dataset, Dataset]:
     return tuple(load_dataset("mnist", data_dir=args.data_dir, train=split) for split in (True, False))
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loss_fn: nn.Module, loader) -> dict[str, float]:
-    """Mean loss and accuracy of ``model`` over ``loader``."""
-    loss, correct, total = torch.zeros(()), 0, 0
-    for x, y in loader:
-        out = model(x)
-        loss += loss_fn(out, y).cpu() * len(y)
-        correct += int((out.argmax(1) == y).sum())
-        total += len(y)
-    return {"loss": float(loss) / total, "accuracy": correct / total}
-
-
 def gradient_norms(args: argparse.Namespace) -> dict:
     """SGD on ``mlp-mnist``, each layer's gradient norm tracked per step (mean per epoch), the train and test
     loss evaluated after every epoch (and before the first)."""
@@ -104,20 +92,16 @@ def gradient_norms(args: argparse.Namespace) -> dict:
     batches = on_device(shuffled, args.device)
     fixed = {name: on_device(make_loader(d, batch_size=1000), args.device)
              for name, d in (("train", train_set), ("test", test_set))}
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     tracker = hessops.GradNormTracker(model)
     began = time.perf_counter()
-    curves = [{"epoch": 0, **{name: evaluate(model, loss_fn, loader) for name, loader in fixed.items()}}]
-    for epoch in range(1, args.epochs + 1):
-        model.train()
-        for x, y in batches:
-            optimizer.zero_grad()
-            loss_fn(model(x), y).backward()
-            tracker.step()
-            optimizer.step()
-        tracker.end_epoch(epoch)
-        model.eval()
-        curves.append({"epoch": epoch, **{name: evaluate(model, loss_fn, loader) for name, loader in fixed.items()}})
+
+    def losses(epoch: int, _record: dict | None = None) -> None:
+        curves.append({"epoch": epoch, **{name: hessops.evaluate(model, loss_fn, d) for name, d in fixed.items()}})
+
+    curves: list[dict] = []
+    losses(0)
+    hessops.train(model, loss_fn, batches, epochs=args.epochs, lr=LR, grad_norms=tracker, progress=False,
+                  on_epoch_end=losses)
     return {
         "model": MODEL, "n_params": sum(p.numel() for p in model.parameters()), "n_train": len(train_set),
         "n_test": len(test_set), "lr": LR, "batch_size": args.batch_size, "epochs": args.epochs,

@@ -98,18 +98,6 @@ def load_test_set(args: argparse.Namespace) -> Dataset:
     return load_dataset("cifar10", data_dir=args.data_dir, train=False, mean=spec.mean, std=spec.std)
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> dict[str, float]:
-    """Mean cross-entropy and accuracy of ``model`` over ``batches``."""
-    loss, correct, total = 0.0, 0, 0
-    for x, y in batches:
-        out = model(x)
-        loss += float(F.cross_entropy(out, y, reduction="sum"))
-        correct += int((out.argmax(1) == y).sum())
-        total += len(y)
-    return {"loss": loss / total, "accuracy": correct / total}
-
-
 def spectrum(model: nn.Module, batches: list[tuple[Tensor, Tensor]], args: argparse.Namespace) -> dict:
     """The top-``args.k`` eigenvalues (largest magnitude) of the Hessian of the mean loss over ``batches`` and its
     spectral density from ``args.lanczos_steps`` Lanczos steps on ``args.probes`` probes."""
@@ -167,7 +155,7 @@ def main() -> None:
     except (hessops.CheckpointError, hessops.DatasetNotFoundError) as error:
         raise SystemExit(f"error: {error}") from error
     batches = list(on_device(make_loader(data, batch_size=args.batch_size), args.device))  # moved once
-    test = evaluate(model, batches)
+    test = hessops.evaluate(model, nn.CrossEntropyLoss(), batches)
     print(f"{MODEL} from {checkpoint} ({source}): test accuracy {test['accuracy']:.4f}, loss {test['loss']:.4f} "
           f"on {len(data):,} images")
 

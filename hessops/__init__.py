@@ -20,7 +20,7 @@ from hessops.dense import dense_hessian
 from hessops.density import SpectralDensity, spectral_density
 from hessops.spectrum import Spectrum, eigs
 from hessops.trace import TraceEstimate, trace
-from hessops.tracking import GradNormTracker, SharpnessTracker
+from hessops.tracking import GradNormTracker, SharpnessTracker, evaluate, train
 from hessops.volume import BasinVolume, LogdetEstimate, basin_volume, log_unit_ball_volume, logdet
 from hessops.data import on_device
 
@@ -35,7 +35,7 @@ __all__ = [
     # data
     "on_device",
     # training
-    "SharpnessTracker", "GradNormTracker",
+    "SharpnessTracker", "GradNormTracker", "train", "evaluate",
     # errors
     *errors.__all__,
 ]

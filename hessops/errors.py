@@ -34,6 +34,8 @@ class TrainModeError(HessopsError):
 class EmptyDataError(HessopsError):
     """The data yielded no batch, or only empty batches."""
 
+    NO_EXAMPLES = "data yielded no examples: pass a non-empty DataLoader or list of (inputs, targets)"
+
 
 class NonFiniteLossError(HessopsError):
     """The loss (or the curvature product) of some batch is NaN or infinite."""

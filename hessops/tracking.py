@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
 
+from hessops.errors import EmptyDataError
 from hessops.operators.hessian import Hessian
 from hessops.spectrum import eigs
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode for the block; its previous mode restored after, even on an error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 @dataclass
@@ -30,6 +43,10 @@ class SharpnessTracker:
     Each measurement puts the model in eval mode for its duration (restoring the previous mode), builds the
     :class:`hessops.Hessian` at the current parameters and runs :func:`hessops.eigs` warm-started from the
     previous top eigenvectors' span, which usually cuts the Lanczos steps once training moves slowly.
+
+    Measuring leaves torch's random number generators (CPU, and the model's CUDA devices) as it found them:
+    iterating ``data`` (a shuffling DataLoader, say) inside a measurement does not change the training run's
+    later shuffles, augmentations or dropout masks.
 
     Use ``tracker.step()`` once per optimizer step or per epoch (then pass ``unit="epoch"``)."""
 
@@ -55,14 +72,11 @@ class SharpnessTracker:
     def measure(self, step: int) -> SharpnessRecord:
         """Measure now and record it under ``step``."""
         began = time.perf_counter()
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        cuda_devices = sorted({p.device.index or 0 for p in self.model.parameters() if p.device.type == "cuda"})
+        with _eval_mode(self.model), torch.random.fork_rng(devices=cuda_devices):
             H = Hessian(self.model, self.loss_fn, self.data, **self.operator_kwargs)
             start = self._start if self._start is not None and self._start.shape[0] == H.shape[0] else None
             spectrum = eigs(H, self.k, "LA", tol=self.tol, max_iters=self.max_iters, seed=self.seed, start=start)
-        finally:
-            self.model.train(was_training)
         self._start = spectrum.vectors.sum(1)
         record = SharpnessRecord(
             step, spectrum.values.tolist(), spectrum.residuals.tolist(), spectrum.n_matvecs, time.perf_counter() - began
@@ -70,10 +84,13 @@ class SharpnessTracker:
         self.history.append(record)
         return record
 
-    def plot(self, path: str | Path | None = None):
+    def plot(self, path: str | Path | None = None, *, ax=None):
+        """The recorded sharpness against steps (or epochs); into ``ax`` when given, saved to ``path`` if any."""
         from hessops.plot import plot_sharpness
 
-        return plot_sharpness([r.step for r in self.history], [r.values for r in self.history], path, unit=self.unit)
+        return plot_sharpness(
+            [r.step for r in self.history], [r.values for r in self.history], path, unit=self.unit, ax=ax
+        )
 
 
 @dataclass
@@ -105,22 +122,27 @@ class GradNormTracker:
         self._sums, self._steps = {}, 0
         return record
 
-    def plot(self, path: str | Path | None = None):
+    def plot(self, path: str | Path | None = None, *, ax=None):
+        """Each parameter's mean gradient norm per epoch; into ``ax`` when given, saved to ``path`` if any."""
         from hessops.plot import plot_grad_norms
 
         names = list(self.history[0]["norms"]) if self.history else []
         series = {n: [h["norms"].get(n, float("nan")) for h in self.history] for n in names}
-        return plot_grad_norms([h["epoch"] for h in self.history], series, path)
+        return plot_grad_norms([h["epoch"] for h in self.history], series, path, ax=ax)
 
 
 def train(
     model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], loader: Iterable, *, epochs: int, lr: float,
     momentum: float = 0.0, weight_decay: float = 0.0, sharpness: SharpnessTracker | None = None,
     grad_norms: GradNormTracker | None = None, every: int = 1, progress: bool = True,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
 ) -> list[dict]:
     """Plain SGD over ``loader`` for ``epochs`` (classification: outputs are logits or log-probabilities);
     sharpness measured before training and every ``every`` epochs, gradient norms every step. Returns the
-    per-epoch mean training loss and accuracy."""
+    per-epoch mean training loss and accuracy (over the epoch's steps, as the parameters moved).
+
+    ``on_epoch_end(epoch, record)`` is called after each epoch's measurements, the model in eval mode, with
+    that epoch's record (add keys to it, e.g. ``record.update(test=evaluate(model, loss_fn, test_loader))``)."""
     from tqdm.auto import tqdm
 
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -146,5 +168,30 @@ def train(
             grad_norms.end_epoch(epoch)
         if sharpness is not None and epoch % every == 0:
             sharpness.measure(epoch)
-        history.append({"epoch": epoch, "loss": float(loss_sum) / total, "accuracy": correct / total})
+        record = {"epoch": epoch, "loss": float(loss_sum) / total, "accuracy": correct / total}
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, record)
+        history.append(record)
     return history
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], data: Iterable) -> dict[str, float]:
+    """The mean loss of ``model`` over the examples of ``data`` (each batch's mean loss weighted by its size)
+    and, when the outputs are class scores ``(B, C)`` and the targets class indices, the accuracy. Runs in
+    eval mode without gradients and restores the model's mode."""
+    losses, hits, total, classes = [], [], 0, True  # kept on the device: no host sync per batch
+    with _eval_mode(model):
+        for x, y in data:
+            out = model(x)
+            losses.append(loss_fn(out, y).detach().to(torch.float64) * len(y))
+            classes = classes and out.dim() == 2 and y.dim() == 1 and not y.is_floating_point()
+            if classes:
+                hits.append((out.argmax(1) == y).sum())
+            total += len(y)
+    if total == 0:
+        raise EmptyDataError(EmptyDataError.NO_EXAMPLES)
+    result = {"loss": float(torch.stack(losses).sum()) / total}
+    if classes:
+        result["accuracy"] = int(torch.stack(hits).sum()) / total
+    return result

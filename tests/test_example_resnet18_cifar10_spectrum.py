@@ -16,7 +16,9 @@ from types import ModuleType
 
 import pytest
 import torch
+from torch import nn
 
+import hessops
 import hessops.data
 from hessops.models import build_model, load_checkpoint, model_spec
 import examples_runner
@@ -62,10 +64,10 @@ def test_quick_evaluates_the_checkpoint_it_wrote(quick):
     test_images = example.random_images(8, seed=1)
     batches = [test_images.tensors]
     loaded = load_checkpoint(build_model(MODEL, seed=0), checkpoint).eval()
-    mine = example.evaluate(loaded, batches)
+    mine = hessops.evaluate(loaded, nn.CrossEntropyLoss(), batches)
     assert mine["loss"] == pytest.approx(result["test"]["loss"], rel=1e-5)
     assert mine["accuracy"] == result["test"]["accuracy"]
-    fresh = example.evaluate(build_model(MODEL, seed=0), batches)
+    fresh = hessops.evaluate(build_model(MODEL, seed=0), nn.CrossEntropyLoss(), batches)
     assert abs(fresh["loss"] - mine["loss"]) > 1e-3  # without the checkpoint, another model
     state, init = loaded.state_dict(), build_model(MODEL, seed=1).state_dict()
     assert not torch.equal(state["layer1.0.conv1.weight"], init["layer1.0.conv1.weight"])  # SGD steps taken

@@ -70,3 +70,60 @@ def test_sharpness_tracker_warm_start_uses_fewer_products():
     first, second = tracker.step(), tracker.step()
     assert second.n_matvecs < first.n_matvecs
     assert second.values[0] == pytest.approx(first.values[0], rel=1e-6)
+
+
+def test_a_measurement_leaves_the_training_runs_random_draws_alone():
+    # A shuffling loader draws its order from torch's global generator; without fork_rng in measure(), the
+    # training run's next shuffle, augmentation or dropout mask would change because sharpness was measured.
+    x, y = blobs(64)
+    shuffled = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=True)
+    tracker = hessops.SharpnessTracker(mlp(), nn.CrossEntropyLoss(), shuffled, tol=1e-4)
+    torch.manual_seed(1)
+    expected = torch.rand(5)
+    torch.manual_seed(1)
+    record = tracker.measure(0)
+    assert record.n_matvecs > 1  # the loader was iterated several times, each drawing from the generator
+    assert torch.equal(torch.rand(5), expected)
+
+
+def test_evaluate_is_the_mean_over_examples_and_the_accuracy():
+    torch.manual_seed(0)
+    x, y = blobs(70)
+    model, loss_fn = bn_mlp(), nn.CrossEntropyLoss()
+    model.train()
+    uneven = [(x[:50], y[:50]), (x[50:], y[50:])]  # batch means weighted by size, not averaged equally
+    result = hessops.evaluate(model, loss_fn, uneven)
+    assert model.training  # its mode is restored
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    assert result["loss"] == pytest.approx(float(loss_fn(out, y)), rel=1e-6)
+    assert result["accuracy"] == int((out.argmax(1) == y).sum()) / 70
+
+
+def test_evaluate_reports_no_accuracy_for_regression_and_refuses_empty_data():
+    x = torch.randn(12, 3)
+    model = nn.Linear(3, 2)
+    result = hessops.evaluate(model, nn.MSELoss(), [(x, torch.zeros(12, 2))])
+    assert set(result) == {"loss"}
+    assert result["loss"] == pytest.approx(float(model(x).detach().pow(2).mean()), rel=1e-6)
+    with pytest.raises(hessops.EmptyDataError, match="no examples"):
+        hessops.evaluate(model, nn.MSELoss(), [])
+
+
+def test_train_calls_the_epoch_hook_in_eval_mode_with_the_epochs_record():
+    torch.manual_seed(0)
+    x, y = blobs(60)
+    model, loss_fn = bn_mlp(), nn.CrossEntropyLoss()
+    loader = [(x[i : i + 20], y[i : i + 20]) for i in range(0, 60, 20)]
+    seen = []
+
+    def hook(epoch, record):
+        seen.append((epoch, record["epoch"], model.training))
+        record["val"] = hessops.evaluate(model, loss_fn, loader)
+
+    history = hessops.train(model, loss_fn, loader, epochs=3, lr=0.1, progress=False, on_epoch_end=hook)
+    assert seen == [(1, 1, False), (2, 2, False), (3, 3, False)]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert history[-1]["val"]["loss"] < history[0]["val"]["loss"]  # it trained
+    assert history[-1]["val"] == hessops.evaluate(model, loss_fn, loader)  # recorded at the end of its epoch

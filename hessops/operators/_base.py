@@ -201,7 +201,7 @@ class CurvatureOperator(cola.ops.LinearOperator):
                 rank, status["nonfinite"] = bad[0]
                 where = f" on rank {rank}"
         if total == 0:
-            raise EmptyDataError("data yielded no examples: pass a non-empty DataLoader or list of (inputs, targets)")
+            raise EmptyDataError(EmptyDataError.NO_EXAMPLES)
         self._check_finite(status["nonfinite"], acc, where)
         return (acc / total).T
 
