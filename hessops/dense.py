@@ -59,5 +59,5 @@ def dense_hessian(
         result += n_b * jacrev(jacrev(loss), chunk_size=chunk_size)(theta)
         total += n_b
     if total == 0:
-        raise EmptyDataError("data yielded no examples")
+        raise EmptyDataError(EmptyDataError.NO_EXAMPLES)
     return result / total

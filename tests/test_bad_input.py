@@ -75,6 +75,13 @@ def test_empty_data(problem, cls, data):
         op @ torch.randn(op.shape[0])
 
 
+@pytest.mark.parametrize("data", [[], [(torch.empty(0, 4), torch.empty(0, dtype=torch.long))]], ids=["no-batch", "empty-batch"])
+def test_empty_data_for_the_dense_hessian(problem, data):
+    model, loss_fn, _ = problem
+    with pytest.raises(hessops.EmptyDataError, match="pass a non-empty DataLoader"):
+        hessops.dense_hessian(model, loss_fn, data)
+
+
 def test_one_shot_iterator_is_refused(problem):
     model, loss_fn, data = problem
     with pytest.raises(TypeError, match="re-iterable"):
