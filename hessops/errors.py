@@ -20,6 +20,7 @@ __all__ = [
     "CorruptDatasetError",
     "NotPositiveDefiniteError",
     "DistributedError",
+    "InvalidArgumentError",
 ]
 
 
@@ -91,3 +92,9 @@ class NotPositiveDefiniteError(HessopsError):
 
 class DistributedError(HessopsError):
     """Another rank failed, or stopped answering, during a distributed product."""
+
+
+class InvalidArgumentError(HessopsError, TypeError):
+    """An argument of a public function or constructor has the wrong type (``k=2.5``, ``True`` for a
+    count), a value outside its range, or a NaN/inf; the message names the argument. Both a ``ValueError``
+    and a ``TypeError``, so either ``except`` catches it."""

@@ -11,7 +11,9 @@ import cola
 import torch
 from torch import Tensor
 
-from hessops.lanczos import LanczosState, lanczos, ritz
+from hessops._arguments import boolean, integer, real
+from hessops.errors import InvalidArgumentError
+from hessops.lanczos import LanczosState, check_precision, lanczos, ritz
 
 WHICH = ("LM", "LA", "SA", "both")
 
@@ -23,8 +25,10 @@ class Spectrum:
     ``values`` (k,) in the order ``which`` implies (LM: by decreasing magnitude; LA and both: decreasing;
     SA: increasing), ``vectors`` (n, k) orthonormal columns, ``residuals`` (k,) the true ``‖Av − λv‖``
     (one extra matmat; the Lanczos estimates with ``verify=False``), ``error_bounds`` (k,) bounds on each
-    value's error ``min(r, r²/gap)`` (see :func:`eigs`), ``n_matvecs`` the operator products used,
-    ``converged`` whether the stopping test was met."""
+    value's error ``min(r, r²/gap)`` computed from those residuals (see :func:`eigs`), ``n_matvecs`` the
+    operator products used, ``converged`` whether the stopping test holds for the reported residuals,
+    ``verified`` whether they are the true residuals (``False``: Lanczos estimates, which rounding can make
+    far too small in float32)."""
 
     values: Tensor
     vectors: Tensor
@@ -36,6 +40,7 @@ class Spectrum:
     steps: int = 0
     error_bounds: Tensor | None = None
     extra: dict = field(default_factory=dict)
+    verified: bool = True
 
     def __iter__(self):
         return iter((self.values, self.vectors))
@@ -56,23 +61,25 @@ def _select(theta: Tensor, k: int, which: str) -> Tensor:
     return wanted if top + bottom <= m else torch.arange(m - 1, -1, -1)
 
 
-def error_bounds(theta: Tensor, residuals: Tensor) -> Tensor:
-    """Bounds on the distance from each Ritz value to an eigenvalue: ``min(r_i, r_i² / gap_i)``.
+def error_bounds(theta: Tensor, residuals: Tensor, rounding: float = 0.0) -> Tensor:
+    """Bounds on the distance from each Ritz value to an eigenvalue: ``min(r_i, r_i² / gap_i) + rounding``.
 
     ``r_i`` alone always bounds it (Weyl). ``r_i² / gap_i`` is the Kato–Temple bound (Parlett, *The
     Symmetric Eigenvalue Problem*, 1998, §11.7), with ``gap_i`` the distance from ``θ_i`` to the rest of the
     spectrum, estimated by the other Ritz values moved towards ``θ_i`` by their own residuals:
     ``min_j≠i |θ_i − θ_j| − r_j``. The estimate is exact once the neighbouring eigenvalues have been found; it
     is optimistic only while an eigenvalue that the Krylov space has not yet seen lies closer to ``θ_i`` than
-    the Ritz values do."""
+    the Ritz values do. Both bounds hold for the operator as its products are computed; ``rounding`` (in
+    :func:`eigs`: ``eps · max|θ|`` of the operator's dtype) adds how far rounding in those products moves
+    the eigenvalues, since a residual cannot show it."""
     m = theta.shape[0]
     if m == 1:
-        return residuals.clone()
+        return residuals + rounding
     distance = (theta[:, None] - theta[None, :]).abs() - residuals[None, :]
     distance.fill_diagonal_(float("inf"))
     gap = distance.min(dim=1).values.clamp_min(0.0)
     squared = torch.where(gap > 0, residuals**2 / gap.clamp_min(torch.finfo(gap.dtype).tiny), residuals)
-    return torch.minimum(residuals, squared)
+    return torch.minimum(residuals, squared) + rounding
 
 
 def eigs(
@@ -93,74 +100,84 @@ def eigs(
     ``which``: ``"LM"`` largest magnitude (either sign: large negative Hessian eigenvalues are found),
     ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic, ``"both"``: the ``k - k//2`` largest and
     ``k//2`` smallest. Lanczos approximates both ends of the spectrum at once. It stops as soon as the wanted
-    Ritz pairs have converged, or after ``max_iters`` steps (default ``min(n, max(300, 20k))``), with a
-    warning. Converged means, with the default ``value_tol=None``, residual estimates below
+    Ritz pairs pass the test below on their residual estimates, or after ``max_iters`` steps (default
+    ``min(n, max(300, 20k))``). The test, with the default ``value_tol=None``: residuals below
     ``tol · max|θ|`` (eigenpairs: vectors and values; a value's error is then about ``residual² / gap``);
-    with ``value_tol``, eigenvalue error bounds ``min(r, r²/gap)`` (:func:`error_bounds`) below
-    ``value_tol · max|θ|``: eigenvalues only, in far fewer steps when the wanted values are separated,
-    and the vectors are then less accurate than the values. ``start`` warm-starts from a vector (a previous
-    top eigenvector, say). ``verify`` spends one product of ``k`` columns on the true residuals
-    ``‖Av − θv‖``; ``False`` reports the Lanczos estimates (equal in exact arithmetic). Memory: the
-    ``n × steps`` basis of the steps actually taken.
+    with ``value_tol``: eigenvalue error bounds ``min(r, r²/gap)`` (:func:`error_bounds`) below
+    ``value_tol · max|θ|`` (eigenvalues only, in far fewer steps when the wanted values are separated; the
+    vectors are then less accurate than the values).
+
+    ``verify`` (default) spends one product of ``k`` columns on the true residuals ``r = ‖Av − θv‖``; the
+    reported ``residuals``, ``error_bounds`` and ``converged`` all come from them (the estimates, which
+    rounding can make orders of magnitude too small in float32, only decide when to stop). In the gaps of
+    the bounds, the Ritz values that were not verified count with their estimate raised to at least the
+    largest verified residual. ``converged`` is ``False``, with a ``RuntimeWarning``, when the verified
+    residuals miss the test. ``verify=False`` saves those products and reports the estimates
+    (``Spectrum.verified`` is then ``False``). ``start`` warm-starts from a vector (a previous top
+    eigenvector, say). Memory: the ``n × steps`` basis of the steps actually taken. Half-precision operators
+    are refused (:func:`hessops.lanczos.check_precision`).
 
     A single Lanczos run finds one copy of a repeated eigenvalue (the start vector's component in the
     eigenspace); near-exact multiplicities are therefore not resolved.
     """
-    if which not in WHICH:
-        raise ValueError(f"which={which!r}: choose one of {WHICH} (LM = largest magnitude)")
+    if not isinstance(which, str) or which not in WHICH:
+        raise InvalidArgumentError(f"which={which!r}: choose one of {WHICH} (LM = largest magnitude)")
+    if not isinstance(op, cola.ops.LinearOperator):
+        raise InvalidArgumentError(f"op must be a CoLA LinearOperator, got {type(op).__name__}")
     if not op.isa(cola.SelfAdjoint):
         raise ValueError(
             f"eigs needs a self-adjoint operator (Lanczos); {op!r} is not annotated SelfAdjoint: wrap it with "
             "cola.SelfAdjoint(op) if you know it is symmetric"
         )
+    check_precision(op, "eigs")
     n = op.shape[0]
-    if not 1 <= k <= n:
-        raise ValueError(f"k={k} must be between 1 and the operator's size {n}")
-    if value_tol is not None and not value_tol > 0:
-        raise ValueError(f"value_tol={value_tol} must be positive (a relative eigenvalue accuracy, e.g. 1e-4)")
-    max_iters = min(n, max(300, 20 * k)) if max_iters is None else min(max_iters, n)
+    k = integer("k", k, minimum=1)
+    if k > n:
+        raise InvalidArgumentError(f"k={k} must be between 1 and the operator's size {n}")
+    tol = real("tol", tol, positive=True)
+    if value_tol is not None:
+        value_tol = real("value_tol", value_tol, positive=True)
+    seed = integer("seed", seed)
+    verify, progress = boolean("verify", verify), boolean("progress", progress)
+    max_iters = min(n, max(300, 20 * k)) if max_iters is None else min(integer("max_iters", max_iters, minimum=1), n)
     if max_iters < k:
-        raise ValueError(f"max_iters={max_iters} is less than k={k}: Lanczos needs at least k steps")
+        raise InvalidArgumentError(f"max_iters={max_iters} is less than k={k}: Lanczos needs at least k steps")
     if start is None:
         generator = torch.Generator(device="cpu").manual_seed(seed)
         start = torch.randn(n, generator=generator, dtype=op.dtype)
-    start = start.reshape(n, 1).to(device=op.device, dtype=op.dtype)
+    start = _checked_start(start, n).reshape(n, 1).to(device=op.device, dtype=op.dtype)
 
-    def met(theta: Tensor, residuals: Tensor) -> bool:
-        wanted = _select(theta, k, which)
+    eps = torch.finfo(op.dtype).eps
+
+    def met(theta: Tensor, residuals: Tensor, wanted: Tensor) -> bool:
+        """The stopping test on all Ritz values' residuals (the wanted ones' decide; the others set gaps)."""
         scale = theta.abs().max().clamp_min(1e-300)
         if value_tol is None:
             return bool((residuals[wanted] <= tol * scale).all())
-        return bool((error_bounds(theta, residuals)[wanted] <= value_tol * scale).all())
+        return bool((error_bounds(theta, residuals, eps * float(scale))[wanted] <= value_tol * scale).all())
 
-    def converged(state: LanczosState) -> bool:
+    def estimated(state: LanczosState) -> bool:
         if state.steps < k:
             return False
         theta, _, residuals = ritz(state)
-        return met(theta, residuals)
+        return met(theta, residuals, _select(theta, k, which))
 
     began = time.perf_counter()
-    state = lanczos(op, start, max_iters, stop=converged, seed=seed, progress=progress, description=f"eigs {which}")
+    state = lanczos(op, start, max_iters, stop=estimated, seed=seed, progress=progress, description=f"eigs {which}")
     theta, S, estimates = ritz(state)
     wanted = _select(theta, k, which)
     values = theta[wanted]
     vectors = torch.einsum("mn,mk->nk", state.basis[:, :, 0], S[:, wanted].to(state.basis))
-    residuals = estimates[wanted].clone()
+    everyone = estimates.clone()  # each Ritz value's residual: verified where known
     if verify:
-        residuals = torch.linalg.vector_norm(op @ vectors - vectors * values.to(vectors), dim=0).cpu().double()
-    bounds = error_bounds(theta, estimates)[wanted]
-    ok = converged(state)
-    if not ok and verify and value_tol is None:  # the true residuals may have met the tolerance (with room)
-        ok = bool((residuals <= 10 * tol * theta.abs().max().clamp_min(1e-300)).all())
+        verified = torch.linalg.vector_norm(op @ vectors - vectors * values.to(vectors), dim=0).cpu().double()
+        everyone = torch.maximum(everyone, verified.max())
+        everyone[wanted] = verified
+    residuals = everyone[wanted].clone()
+    bounds = error_bounds(theta, everyone, eps * float(theta.abs().max()))[wanted]
+    ok = met(theta, everyone, wanted)
     if not ok:
-        what = "residuals" if value_tol is None else "eigenvalue error bounds"
-        worst = float(residuals.max() if value_tol is None else bounds.max())
-        warnings.warn(
-            f"eigs stopped after {state.steps} Lanczos steps with {what} up to {worst:.3g} "
-            f"(tolerance {tol if value_tol is None else value_tol:g} × {float(theta.abs().max()):.3g}): raise max_iters or tol",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        _warn_not_converged(state.steps, residuals, bounds, estimates[wanted], theta, tol, value_tol, op.dtype, verify and estimated(state))
     return Spectrum(
         values=values,
         vectors=vectors,
@@ -172,4 +189,36 @@ def eigs(
         steps=state.steps,
         error_bounds=bounds,
         extra={"residual_estimates": estimates[wanted]},
+        verified=verify,
     )
+
+
+def _checked_start(start: Tensor, n: int) -> Tensor:
+    """``start`` when it is a finite, non-zero tensor of ``n`` entries (``(n,)`` or ``(n, 1)``)."""
+    if not isinstance(start, Tensor):
+        raise InvalidArgumentError(f"start must be a torch tensor of {n} entries, got {type(start).__name__}")
+    if start.shape not in ((n,), (n, 1)):
+        raise InvalidArgumentError(f"start has shape {tuple(start.shape)}: it must be one vector of the operator's size, ({n},)")
+    if not bool(torch.isfinite(start).all()):
+        raise InvalidArgumentError("start holds NaN or inf: pass a finite vector (or start=None for a random one)")
+    if not bool((start != 0).any()):
+        raise InvalidArgumentError("start is the zero vector, which spans no Krylov space: pass a non-zero vector (or start=None)")
+    return start
+
+
+def _warn_not_converged(
+    steps: int, residuals: Tensor, bounds: Tensor, estimates: Tensor, theta: Tensor, tol: float,
+    value_tol: float | None, dtype: torch.dtype, estimates_met: bool,
+) -> None:
+    """The RuntimeWarning of a run whose reported residuals (or bounds) miss the stopping test."""
+    what = "residuals" if value_tol is None else "eigenvalue error bounds"
+    worst = float(residuals.max() if value_tol is None else bounds.max())
+    tolerance = f"tolerance {tol if value_tol is None else value_tol:g} × {float(theta.abs().max()):.3g}"
+    fix = "raise max_iters or tol"
+    if estimates_met:
+        what = "verified " + what
+        fix = (
+            f"the Lanczos estimates (up to {float(estimates.max()):.3g}) met it, but products in {dtype} do not "
+            "reach that accuracy: raise tol (or value_tol) above the verified level, or use a float64 operator"
+        )
+    warnings.warn(f"eigs stopped after {steps} Lanczos steps with {what} up to {worst:.3g} ({tolerance}): {fix}", RuntimeWarning, stacklevel=3)
