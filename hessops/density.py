@@ -7,6 +7,7 @@ and PyHessian (Yao et al., 2020).
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass
 
@@ -14,21 +15,26 @@ import cola
 import torch
 from torch import Tensor
 
-from hessops.lanczos import lanczos, rademacher
+from hessops._arguments import boolean, integer, real
+from hessops.errors import InvalidArgumentError
+from hessops.lanczos import check_precision, lanczos, rademacher, ritz
 
 REORTHOGONALIZATION_BUDGET_BYTES = 4 * 2**30
 
 
 @dataclass
 class Quadrature:
-    """Gauss quadrature of the spectral measure from ``P`` probes: ``nodes`` and ``weights`` are ``(P, m)``,
-    each row's weights sum to one. For a probe ``v``, ``Σ_j w_j f(θ_j) ≈ vᵀ f(A) v / ‖v‖²``, exact for
-    polynomials of degree < 2m."""
+    """Gauss quadrature of the spectral measure from ``P`` probes: ``nodes`` (ascending in each row) and
+    ``weights`` are ``(P, m)``, each row's weights sum to one. For a probe ``v``, ``Σ_j w_j f(θ_j) ≈
+    vᵀ f(A) v / ‖v‖²``, exact for polynomials of degree < 2m. ``residuals`` ``(P, m)`` are the Lanczos
+    residual estimates ``|β_m s_mj|`` of the nodes as Ritz values: an eigenvalue lies within each of its
+    node (in exact arithmetic)."""
 
     nodes: Tensor
     weights: Tensor
     n: int
     n_matvecs: int
+    residuals: Tensor
 
     def per_probe(self, f) -> Tensor:
         """``Σ_j w_pj f(θ_pj)`` for each probe: unbiased estimates of ``tr f(A) / n``."""
@@ -52,9 +58,19 @@ def quadrature(
     """Run ``lanczos_steps`` Lanczos steps from ``num_probes`` Rademacher vectors at once (one ``(n, P)``
     product a step) and return the Gauss quadrature rules. ``reorthogonalize`` defaults to full
     re-orthogonalization when the basis fits in 4 GiB (else the plain three-term recurrence, whose spurious
-    Ritz copies leave the density's smooth shape intact but may bias sharp features)."""
+    Ritz copies leave the density's smooth shape intact but may bias sharp features). Half-precision
+    operators are refused (:func:`hessops.lanczos.check_precision`)."""
+    if not isinstance(op, cola.ops.LinearOperator):
+        raise InvalidArgumentError(f"op must be a CoLA LinearOperator, got {type(op).__name__}")
     if not op.isa(cola.SelfAdjoint):
         raise ValueError(f"{op!r} is not annotated SelfAdjoint: stochastic Lanczos quadrature needs a symmetric operator")
+    check_precision(op, "stochastic Lanczos quadrature")
+    num_probes = integer("num_probes", num_probes, minimum=1)
+    lanczos_steps = integer("lanczos_steps", lanczos_steps, minimum=1)
+    seed = integer("seed", seed)
+    progress = boolean("progress", progress)
+    if reorthogonalize is not None:
+        reorthogonalize = boolean("reorthogonalize", reorthogonalize)
     n = op.shape[0]
     steps = min(lanczos_steps, n)
     if reorthogonalize is None:
@@ -62,12 +78,13 @@ def quadrature(
     generator = torch.Generator(device="cpu").manual_seed(seed)
     probes = rademacher(n, num_probes, generator, op)
     state = lanczos(op, probes, steps, reorthogonalize=reorthogonalize, seed=seed, progress=progress, description="SLQ")
-    nodes, weights = [], []
+    nodes, weights, residuals = [], [], []
     for p in range(num_probes):
-        theta, S = torch.linalg.eigh(state.tridiagonal(p))
+        theta, S, estimates = ritz(state, p)
         nodes.append(theta)
         weights.append(S[0] ** 2)
-    return Quadrature(torch.stack(nodes), torch.stack(weights), n, state.n_matvecs)
+        residuals.append(estimates)
+    return Quadrature(torch.stack(nodes), torch.stack(weights), n, state.n_matvecs, torch.stack(residuals))
 
 
 @dataclass
@@ -100,11 +117,20 @@ def spectral_density(
     to integrate to one on the grid. ``grid`` is a number of points spanning the Ritz values ± 5σ, or the
     points themselves; ``sigma`` defaults to 1% of that span. Cost: ``num_probes × lanczos_steps`` products,
     ``lanczos_steps`` passes over the data. Unpacks as ``grid, density = spectral_density(...)``."""
+    if not isinstance(grid, Tensor) and (isinstance(grid, bool) or not isinstance(grid, numbers.Integral)):
+        raise InvalidArgumentError(f"grid={grid!r} must be a number of points or a 1-D tensor of points")
+    if isinstance(grid, Tensor):
+        if grid.dim() != 1 or grid.numel() < 2 or not bool(torch.isfinite(grid).all()):
+            raise InvalidArgumentError(f"grid must be a 1-D tensor of at least 2 finite points, got shape {tuple(grid.shape)}")
+    else:
+        grid = integer("grid", grid, minimum=2)
+    if sigma is not None:
+        sigma = real("sigma", sigma, positive=True)
     began = time.perf_counter()
     rule = quadrature(op, num_probes=num_probes, lanczos_steps=lanczos_steps, seed=seed, progress=progress)
     lo, hi = float(rule.nodes.min()), float(rule.nodes.max())
     span = max(hi - lo, 1e-12 * max(abs(lo), abs(hi), 1.0))
-    sigma = 0.01 * span if sigma is None else float(sigma)
+    sigma = 0.01 * span if sigma is None else sigma
     if isinstance(grid, int):
         grid = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, grid, dtype=torch.float64)
     grid = torch.as_tensor(grid, dtype=torch.float64)

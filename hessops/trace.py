@@ -9,7 +9,9 @@ from dataclasses import dataclass
 import cola
 import torch
 
-from hessops.lanczos import rademacher
+from hessops._arguments import choice, integer
+from hessops.errors import InvalidArgumentError
+from hessops.lanczos import check_precision, rademacher
 
 METHODS = ("hutch++", "hutchinson")
 
@@ -17,7 +19,8 @@ METHODS = ("hutch++", "hutchinson")
 @dataclass
 class TraceEstimate:
     """``estimate`` of ``tr A`` with its ``std_error`` (the sample standard deviation of the stochastic part
-    over √probes), and the products used."""
+    over √probes), and the products used. ``method`` is ``"exact"`` when ``probes ≥ n`` made the exact trace
+    (``std_error`` 0) no dearer than the estimate."""
 
     estimate: float
     std_error: float
@@ -39,20 +42,28 @@ def trace(op: cola.ops.LinearOperator, *, probes: int = 100, method: str = "hutc
       :math:`\mathrm{tr}(Q^\top A Q)` is exact, and Hutchinson on the deflated :math:`(I-QQ^\top)A(I-QQ^\top)`
       takes the rest: error :math:`O(1/m)` instead of :math:`O(1/\sqrt m)` for the spiked spectra of Hessians.
       ``std_error`` is the deflated part's.
+
+    When ``probes ≥ n`` the exact trace :math:`\sum_i e_i^\top A e_i` takes ``n ≤ probes`` products, no more
+    than the estimate: it is returned instead, with ``std_error`` 0 and ``method="exact"`` (so Hutch++'s
+    sketch of ``probes // 3`` columns never exceeds ``n``). Half-precision operators are refused.
     """
-    if method not in METHODS:
-        raise ValueError(f"method={method!r}: choose one of {METHODS}")
+    method = choice("method", method, METHODS)
+    probes = integer("probes", probes, minimum=2 if method == "hutchinson" else 4)
+    seed = integer("seed", seed)
+    if not isinstance(op, cola.ops.LinearOperator) or op.shape[0] != op.shape[1]:
+        raise InvalidArgumentError(f"op must be a square CoLA LinearOperator, got {op!r}")
+    check_precision(op, "trace")
     n = op.shape[0]
     began = time.perf_counter()
+    if probes >= n:
+        identity = torch.eye(n, dtype=op.dtype, device=op.device)
+        exact = float(torch.diagonal(op @ identity).double().sum())
+        return TraceEstimate(exact, 0.0, n, "exact", time.perf_counter() - began)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     if method == "hutchinson":
-        if probes < 2:
-            raise ValueError("Hutchinson needs at least 2 probes to report a standard error")
         Z = rademacher(n, probes, generator, op)
         samples = (Z * (op @ Z)).sum(0).double().cpu()
         return TraceEstimate(float(samples.mean()), float(samples.std() / math.sqrt(probes)), probes, method, time.perf_counter() - began)
-    if probes < 4:
-        raise ValueError("Hutch++ needs at least 4 probes (a sketch, its trace, and 2 for the remainder)")
     sketch = probes // 3
     remaining = probes - 2 * sketch
     Q, _ = torch.linalg.qr(op @ rademacher(n, sketch, generator, op))

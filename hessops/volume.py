@@ -9,12 +9,15 @@ from dataclasses import dataclass
 import cola
 import torch
 
-from hessops.density import quadrature
-from hessops.errors import NotPositiveDefiniteError
+from hessops._arguments import boolean, choice, integer, real
+from hessops.density import Quadrature, quadrature
+from hessops.errors import InvalidArgumentError, NotPositiveDefiniteError
+from hessops.lanczos import check_precision
 from hessops.operators.regularized import Regularized
 
 LOGDET_METHODS = ("auto", "dense", "slq")
 DENSE_LIMIT = 3000
+SLQ_CONVERGED = 1e-2  # a smallest Ritz value counts as converged when its residual is below this × the Ritz span
 
 
 @dataclass
@@ -49,11 +52,25 @@ def logdet(
       standard error over probes (the quadrature bias is small once ``lanczos_steps`` resolves the spectrum).
     - ``"auto"``: dense when ``n <= 3000``, else SLQ.
 
-    A non-positive eigenvalue (or Ritz value) raises :class:`NotPositiveDefiniteError`, never a NaN."""
-    if method not in LOGDET_METHODS:
-        raise ValueError(f"method={method!r}: choose one of {LOGDET_METHODS}")
+    A non-positive eigenvalue raises :class:`NotPositiveDefiniteError`, never a NaN. SLQ sees the spectrum
+    only through Ritz values, so it also raises unless every probe's smallest Ritz value ``θ`` is verified
+    positive: converged (its residual estimate ``r`` at most ``1e-2`` times the span of the Ritz values: the
+    bottom of the spectrum has been reached) and ``θ − r > 0``, so that the eigenvalue ``θ`` approximates lies
+    above 0. Guaranteed (in exact arithmetic): a non-positive Ritz value proves the operator indefinite
+    (interlacing), and a refused run is never reported as a number. Not guaranteed: that the operator is
+    positive definite when the check passes, since an eigenvalue that the Krylov spaces have not reached
+    (one the probes barely touch) can still lie below 0; ``method="dense"`` is exact. Half-precision
+    operators are refused."""
+    method = choice("method", method, LOGDET_METHODS)
+    probes = integer("probes", probes, minimum=1)
+    lanczos_steps = integer("lanczos_steps", lanczos_steps, minimum=1)
+    seed = integer("seed", seed)
+    progress = boolean("progress", progress)
+    if not isinstance(op, cola.ops.LinearOperator):
+        raise InvalidArgumentError(f"op must be a CoLA LinearOperator, got {type(op).__name__}")
     if not op.isa(cola.SelfAdjoint):
         raise ValueError(f"logdet needs a symmetric operator; {op!r} is not annotated SelfAdjoint")
+    check_precision(op, "logdet")
     n = op.shape[0]
     began = time.perf_counter()
     if method == "dense" or (method == "auto" and n <= DENSE_LIMIT):
@@ -62,6 +79,7 @@ def logdet(
         return LogdetEstimate(float(eigenvalues.log().sum()), 0.0, "dense", n, time.perf_counter() - began)
     rule = quadrature(op, num_probes=probes, lanczos_steps=lanczos_steps, seed=seed, progress=progress)
     _check_positive(float(rule.nodes.min()), "Ritz value")
+    _check_verified(rule)
     estimate, error = rule.estimate(torch.log)
     return LogdetEstimate(estimate, error, "slq", rule.n_matvecs, time.perf_counter() - began)
 
@@ -71,6 +89,25 @@ def _check_positive(smallest: float, what: str) -> None:
         raise NotPositiveDefiniteError(
             f"the operator's smallest {what} is {smallest:.6g}, so log det is undefined: add a larger multiple of "
             "the identity (hessops.Regularized(op, c) with c above that magnitude), or use a PSD operator (GGN)"
+        )
+
+
+def _check_verified(rule: Quadrature) -> None:
+    """Refuse unless each probe's smallest Ritz value ``θ`` has converged (residual estimate ``r`` at most
+    ``SLQ_CONVERGED`` times the span of the Ritz values) and ``θ − r > 0``."""
+    theta, r = rule.nodes[:, 0], rule.residuals[:, 0]
+    span = float(rule.nodes.max() - rule.nodes.min())
+    failing = (theta - r <= 0) | (r > SLQ_CONVERGED * span)
+    if bool(failing.any()):
+        p = int(failing.nonzero()[0])
+        theta, r = float(theta[p]), float(r[p])
+        raise NotPositiveDefiniteError(
+            f"SLQ cannot verify that the operator is positive definite: probe {p}'s smallest Ritz value {theta:.6g} "
+            f"has residual {r:.3g} (converged means at most {SLQ_CONVERGED:g} × the Ritz span {span:.3g}, and an "
+            f"interval [{theta - r:.3g}, {theta + r:.3g}] above 0), so an eigenvalue at or below 0 is not ruled out "
+            "(the operator may be indefinite, and log det undefined): raise "
+            "lanczos_steps (the smallest Ritz values converge as steps grow), use method='dense' where n allows, "
+            "or add a larger multiple of the identity (hessops.Regularized(op, c))"
         )
 
 
@@ -92,6 +129,7 @@ class BasinVolume:
 
 def log_unit_ball_volume(n: int) -> float:
     r""":math:`\log V_n = \tfrac n2 \log\pi - \log\Gamma(\tfrac n2 + 1)`, exact through ``lgamma``."""
+    n = integer("n", n, minimum=0)
     return 0.5 * n * math.log(math.pi) - math.lgamma(0.5 * n + 1)
 
 
@@ -114,8 +152,10 @@ def basin_volume(
     ``c`` damps flat and negative directions; a Gaussian prior of std ``s`` with weight decay ``λ`` gives
     ``c = λ + 1/s²`` (the MNIST basin-volume study: ``1e-5 + 1/0.5**2``). The log-determinant is exact for
     small ``n`` (see :func:`logdet`), else estimated by SLQ with its standard error."""
-    if not threshold > 0:
-        raise ValueError(f"threshold must be positive, got {threshold}")
+    threshold = real("threshold", threshold, positive=True)
+    c = real("c", c)
+    if not isinstance(H, cola.ops.LinearOperator):
+        raise InvalidArgumentError(f"H must be a CoLA LinearOperator, got {type(H).__name__}")
     n = H.shape[0]
     op = Regularized(H, c) if c != 0 else H
     estimate = logdet(op, method=method, probes=probes, lanczos_steps=lanczos_steps, seed=seed, progress=progress)
