@@ -22,6 +22,7 @@ from torch.utils.data import Dataset, Subset
 
 from hessops.errors import DistributedError
 
+AGREEMENT_RTOL = 1e-9  # checksums further apart than this (relative) mean the ranks hold different numbers
 STATUS_BYTES = 4096  # room for one rank's pickled status; error messages are cut to fit
 RELEASE_TIMEOUT_S = 1.0  # the longest all_reduce waits for gloo's worker thread to let go of a tensor
 
@@ -68,6 +69,7 @@ def synchronize(acc: torch.Tensor, count: int, status: dict, setup: tuple[Any, i
                 "; ".join(f"rank {r} failed: {message}" for r, message in failed)
                 + ": the product was abandoned on every rank"
             )
+        check_agreement(statuses)
         all_reduce(acc, group)
     except DistributedError:
         raise
@@ -77,6 +79,59 @@ def synchronize(acc: torch.Tensor, count: int, status: dict, setup: tuple[Any, i
             "within the process group's timeout (init_process_group(timeout=...))"
         ) from error
     return acc, sum(s["count"] for s in statuses), statuses
+
+
+def fingerprint(params: tuple[torch.Tensor, ...], X: torch.Tensor) -> dict:
+    """What every rank of a product must share, for the status exchange: the operator's size ``n``, and
+    checksums ``(count, Σx, Σx²)`` in float64 of the flat parameters ``θ`` and of the block ``X`` (``(n,
+    k)``): a pass over each and two host syncs, nothing next to a product."""
+    return {"size": X.shape[0], "params": _checksum([p.detach().reshape(-1) for p in params]), "vectors": _checksum([X.detach().reshape(-1)])}
+
+
+def _checksum(tensors: list[torch.Tensor]) -> tuple[int, float, float]:
+    flat = torch.cat([t.double() for t in tensors])
+    return flat.numel(), float(flat.sum()), float((flat * flat).sum())
+
+
+def check_agreement(statuses: list[dict]) -> None:
+    """Raise :class:`DistributedError` (on every rank: each holds every status) when the ranks' fingerprints
+    (:func:`fingerprint`) differ: operator sizes exactly, checksums beyond ``AGREEMENT_RTOL`` of their
+    scale (room for sums taken in another order, on another thread count). Before the sum of the products,
+    so that ranks of different sizes never enter a collective with different shapes (gloo aborts)."""
+    if "size" not in statuses[0]:
+        return
+    causes = {
+        "size": "the operators have different sizes: build the same model with the same params on every rank",
+        "params": "the model's parameters differ: load the same checkpoint (and the same params=) on every rank",
+        "vectors": "the vectors multiplied differ: pass the same seed (and start) to eigs, trace, logdet, "
+        "spectral_density on every rank, and call them in the same order",
+    }
+    for key, cause in causes.items():
+        values = [s[key] for s in statuses]
+        groups: list[list[int]] = []
+        for rank, value in enumerate(values):
+            for group in groups:
+                if _close(values[group[0]], value):
+                    group.append(rank)
+                    break
+            else:
+                groups.append([rank])
+        if len(groups) > 1:
+            seen = "; ".join(f"ranks {', '.join(map(str, g))}: {_shown(values[g[0]])}" for g in groups)
+            raise DistributedError(f"the ranks disagree ({seen}): {cause}. The product was abandoned on every rank")
+
+
+def _close(a, b) -> bool:
+    """Equal sizes, or checksums ``(count, Σx, Σx²)`` within ``AGREEMENT_RTOL`` of their scales:
+    ``√(count · Σx²) ≥ Σ|x|`` for the sum, ``Σx²`` for the sum of squares."""
+    if isinstance(a, int) or a[0] != b[0]:
+        return a == b
+    squares = max(a[2], b[2])
+    return abs(a[1] - b[1]) <= AGREEMENT_RTOL * (a[0] * squares) ** 0.5 and abs(a[2] - b[2]) <= AGREEMENT_RTOL * squares
+
+
+def _shown(value) -> str:
+    return str(value) if isinstance(value, int) else f"{value[0]} numbers, sum {value[1]:.17g}, sum of squares {value[2]:.17g}"
 
 
 def exchange_statuses(status: dict, device: torch.device, setup: tuple[Any, int, int]) -> list[dict]:

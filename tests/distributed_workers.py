@@ -111,3 +111,41 @@ def releasing(rank: int, world: int, store: str, out_dir: str) -> None:
         torch.save({"held": held, "wrong": wrong}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def disagreeing(rank: int, world: int, store: str, out_dir: str) -> None:
+    """Three ways for ranks to disagree, one after the other in one process group: rank 1's model differs
+    (a perturbed weight), each rank passes its own eigs seed, rank 1's operator is smaller (other params).
+    Each must end every rank with a DistributedError, the group still usable for the next."""
+    import json
+
+    _init(rank, world, store)
+    try:
+        model, loss_fn, x, y = problem()
+        data = [(x[rank::world], y[rank::world])]
+        messages = {}
+
+        def attempt(name, fn):
+            try:
+                fn()
+                messages[name] = "no error"
+            except Exception as error:  # noqa: BLE001 - the test reads what each rank saw
+                messages[name] = f"{type(error).__name__}: {error}"
+
+        perturbed = mlp(4, 8, 3).double()
+        perturbed.load_state_dict(model.state_dict())
+        if rank == 1:
+            with torch.no_grad():
+                perturbed[0].weight[0, 0] += 1e-6
+        V = torch.ones(sum(p.numel() for p in model.parameters()), 2, dtype=torch.float64)
+        attempt("params", lambda: hessops.Hessian(perturbed, loss_fn, data) @ V)
+        H = hessops.Hessian(model, loss_fn, data)
+        attempt("seed", lambda: hessops.eigs(H, 2, "LA", seed=rank))
+        params = list(model.parameters()) if rank == 0 else [model[2].weight, model[2].bias]
+        small = hessops.Hessian(model, loss_fn, data, params=params)
+        attempt("size", lambda: hessops.eigs(small, 2, "LA"))
+        attempt("agreeing", lambda: H @ V)  # the group survived the three refusals
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(messages, f)
+    finally:
+        dist.destroy_process_group()

@@ -112,3 +112,19 @@ def test_torchrun_cli_matches_one_process(tmp_path):
     assert parallel["settings"]["world_size"] == 2 and parallel["settings"]["num_examples"] == 200
     torch.testing.assert_close(torch.tensor(parallel["eigenvalues"]), torch.tensor(single["eigenvalues"]), rtol=1e-10, atol=0)
     assert two.stdout.count("wrote") == 1  # rank 0 alone prints and writes
+
+
+def test_disagreeing_ranks_end_every_rank_with_the_cause(tmp_path):
+    """Different weights, a different eigs seed, different operator sizes: each ends every rank with a
+    DistributedError naming the ranks and the fix (the sizes before any collective of the product, so gloo
+    cannot abort), and the process group stays usable."""
+    import json
+
+    spawn(workers.disagreeing, 2, tmp_path)  # mp.spawn raises if a rank died (SIGABRT included)
+    for rank in range(2):
+        messages = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert messages["params"].startswith("DistributedError: the ranks disagree (ranks 0: "), messages
+        assert "ranks 1: " in messages["params"] and "load the same checkpoint" in messages["params"]
+        assert messages["seed"].startswith("DistributedError: the ranks disagree") and "same seed" in messages["seed"]
+        assert messages["size"].startswith("DistributedError: the ranks disagree (ranks 0: 67; ranks 1: 27)"), messages
+        assert messages["agreeing"] == "no error"

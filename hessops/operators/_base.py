@@ -28,12 +28,13 @@ from hessops._functional import (
     tree_to_flat,
 )
 from hessops.distributed import resolve as resolve_distributed
-from hessops.distributed import synchronize
+from hessops.distributed import fingerprint, synchronize
 from hessops.errors import (
     DistributedError,
     DeviceMismatchError,
     DtypeMismatchError,
     EmptyDataError,
+    InvalidArgumentError,
     NondeterministicOperatorError,
     NonFiniteLossError,
 )
@@ -164,6 +165,8 @@ class CurvatureOperator(cola.ops.LinearOperator):
             unit="batch",
         )
         status: dict[str, Any] = {"error": None, "nonfinite": None}
+        if problem.distributed is not None:
+            status.update(fingerprint(params, X))
         try:
             with torch.no_grad():
                 for index, batch in enumerate(bar):
@@ -212,6 +215,15 @@ class CurvatureOperator(cola.ops.LinearOperator):
             inputs, targets = cast_floating(inputs, self.dtype), cast_floating(targets, self.dtype)
         return inputs, targets
 
+    def __matmul__(self, X):
+        if isinstance(X, Tensor) and (X.dim() not in (1, 2) or X.shape[0] != self.shape[1]):
+            n = self.shape[1]
+            raise InvalidArgumentError(
+                f"{type(self).__name__} of size {n} multiplies a vector ({n},) or a block ({n}, k), got shape "
+                f"{tuple(X.shape)}: reshape it (X.reshape({n}, -1))"
+            )
+        return super().__matmul__(X)
+
     def _check_vectors(self, X: Tensor) -> None:
         if not isinstance(X, Tensor):
             raise TypeError(f"{type(self).__name__} multiplies torch tensors, got {type(X).__name__}")
@@ -222,6 +234,11 @@ class CurvatureOperator(cola.ops.LinearOperator):
             )
         if normalize_device(X.device) != self.device:
             raise DeviceMismatchError(f"vector is on {X.device} but the operator is on {self.device}: v.to('{self.device}')")
+        if not bool(torch.isfinite(X).all()):
+            raise InvalidArgumentError(
+                f"the vector multiplied by {type(self).__name__} holds NaN or inf: the product would be NaN; check "
+                "where the vector came from (an earlier product of a diverged model, a division by a zero norm)"
+            )
 
     def _check_finite(self, nonfinite: tuple[int, float] | None, acc: Tensor, where: str = "") -> None:
         if nonfinite is not None:
