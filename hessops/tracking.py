@@ -11,7 +11,8 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-from hessops.errors import EmptyDataError
+from hessops._arguments import integer, real
+from hessops.errors import EmptyDataError, InvalidArgumentError
 from hessops.operators.hessian import Hessian
 from hessops.spectrum import eigs
 
@@ -55,8 +56,14 @@ class SharpnessTracker:
         k: int = 1, unit: str = "step", tol: float = 1e-4, max_iters: int | None = None, seed: int = 0,
         **operator_kwargs,
     ):
-        if every < 1:
-            raise ValueError(f"every must be a positive number of calls, got {every}")
+        every, k, seed = integer("every", every, minimum=1), integer("k", k, minimum=1), integer("seed", seed)
+        tol = real("tol", tol, positive=True)
+        if not isinstance(unit, str):
+            raise InvalidArgumentError(f"unit={unit!r} must be a string (the x-axis label: 'step' or 'epoch')")
+        if max_iters is not None:
+            max_iters = integer("max_iters", max_iters, minimum=k)
+        if not isinstance(model, nn.Module):
+            raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model, self.loss_fn, self.data = model, loss_fn, data
         self.every, self.k, self.unit, self.tol, self.max_iters, self.seed = every, k, unit, tol, max_iters, seed
         self.operator_kwargs = operator_kwargs
@@ -103,6 +110,10 @@ class GradNormTracker:
     history: list[dict] = field(default_factory=list)
     _sums: dict[str, Tensor] = field(default_factory=dict, repr=False)
     _steps: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.model, nn.Module):
+            raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(self.model).__name__}")
 
     def step(self) -> None:
         """Add the current gradients' norms (no host sync: they stay on the device until the epoch ends)."""

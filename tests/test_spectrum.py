@@ -133,3 +133,40 @@ def test_verify_false_skips_the_residual_product(indefinite):
     assert estimated.n_matvecs == checked.n_matvecs - 3
     torch.testing.assert_close(estimated.values, checked.values, rtol=0, atol=0)
     assert float(estimated.residuals.max()) < 1e-7 * float(checked.values.abs().max())
+
+
+@pytest.fixture(scope="module")
+def float32_hessian():
+    """A float32 MLP Hessian (n = 131) and the exact spectrum of the same function in float64."""
+    torch.manual_seed(0)
+    model, x, y = mlp(4, 16, 3), torch.randn(40, 4), torch.randn(40, 3)
+    exact_model = mlp(4, 16, 3).double()
+    exact_model.load_state_dict(model.state_dict())  # float32 values, held exactly in float64
+    exact = torch.linalg.eigvalsh(hessops.Hessian(exact_model, nn.MSELoss(), [(x.double(), y.double())]).to_dense())
+    return hessops.Hessian(model, nn.MSELoss(), [(x, y)]), exact
+
+
+def test_converged_and_bounds_come_from_the_verified_residuals(float32_hessian):
+    """tol=1e-8 is below what float32 products reach (~eps·‖H‖ = 1.2e-7 · 2.1): the Lanczos estimates pass it
+    (rounding makes them orders of magnitude too small) but the true residuals do not, so converged must be
+    False with a warning, and the bounds must cover the true errors (against float64: up to ~1.3e-7)."""
+    H, exact = float32_hessian
+    scale = float(exact.abs().max())
+    with pytest.warns(RuntimeWarning, match="verified residuals .* Lanczos estimates .* met it"):
+        strict = hessops.eigs(H, 3, "LA", tol=1e-8)
+    assert not strict.converged and strict.verified
+    assert float(strict.extra["residual_estimates"].max()) <= 1e-8 * scale < float(strict.residuals.max())
+    errors = (strict.values - exact.flip(0)[:3]).abs()
+    assert bool((errors <= strict.error_bounds).all())
+    assert float(strict.error_bounds.min()) >= torch.finfo(torch.float32).eps * float(strict.values.abs().max())
+    loose = hessops.eigs(H, 3, "LA", tol=1e-5)  # reachable in float32: converged, the bounds still cover the errors
+    assert loose.converged and float(loose.residuals.max()) <= 1e-5 * scale
+    assert bool(((loose.values - exact.flip(0)[:3]).abs() <= loose.error_bounds).all())
+
+
+def test_verify_false_says_so(float32_hessian):
+    """Without verification, converged is the estimate test, and the result says it was not verified."""
+    H, _ = float32_hessian
+    unverified = hessops.eigs(H, 3, "LA", tol=1e-8, verify=False)
+    assert unverified.converged and not unverified.verified
+    torch.testing.assert_close(unverified.residuals, unverified.extra["residual_estimates"], rtol=0, atol=0)
