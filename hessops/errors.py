@@ -20,6 +20,7 @@ __all__ = [
     "CorruptDatasetError",
     "NotPositiveDefiniteError",
     "DistributedError",
+    "BatchSizeError",
 ]
 
 
@@ -91,3 +92,7 @@ class NotPositiveDefiniteError(HessopsError):
 
 class DistributedError(HessopsError):
     """Another rank failed, or stopped answering, during a distributed product."""
+
+
+class BatchSizeError(HessopsError):
+    """The examples in a batch cannot be counted from its inputs (pass ``batch_size_fn``)."""
