@@ -6,6 +6,7 @@ parameters, in the order given (default: ``model.parameters()`` with ``requires_
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from hessops.errors import (
+    BatchSizeError,
     DeviceMismatchError,
     DtypeMismatchError,
     EmptyDataError,
@@ -48,6 +50,9 @@ class Problem:
     micro_batch_size: int | None
     progress: bool
     allow_train_mode: bool
+    batch_size_fn: Callable[[Any], int] | None = None  # inputs -> number of examples (default: their shared dim 0)
+    unpack_inputs: bool = True  # model(*tuple) / model(**mapping), or model(inputs) when False
+    check_determinism: bool = True
     distributed: tuple | None = None  # (group, rank, world size) when data-parallel
     memo: dict = field(default_factory=dict)
 
@@ -108,13 +113,23 @@ def select_parameters(model: nn.Module, params: Sequence[Tensor] | None) -> tupl
 
 
 def check_train_mode(model: nn.Module, allow: bool) -> None:
-    """Refuse modules whose output is random or batch-dependent in training mode (unless ``allow``)."""
+    """Refuse modules whose output is random or batch-dependent (unless ``allow``): Dropout, BatchNorm and
+    similar in training mode, and BatchNorm without running statistics (``track_running_stats=False``), which
+    normalizes by the batch's statistics in eval mode too."""
     if allow:
         return
     for name, module in model.named_modules():
+        kind = type(module).__name__
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.training and module.running_mean is None:
+            raise TrainModeError(
+                f"module '{name or type(model).__name__}' ({kind}) has no running statistics "
+                "(track_running_stats=False), so it normalizes by each batch's statistics even in eval mode, which "
+                "makes the operator depend on how data is batched: use a BatchNorm with track_running_stats=True "
+                "(or GroupNorm/LayerNorm, which are per example), or pass allow_train_mode=True if you really want "
+                "the batch-statistics curvature"
+            )
         if not module.training:
             continue
-        kind = type(module).__name__
         stateful = isinstance(module, _TRAIN_MODE_TYPES) or any(h in kind for h in _TRAIN_MODE_NAME_HINTS)
         if isinstance(module, nn.modules.instancenorm._InstanceNorm):
             stateful = module.track_running_stats
@@ -145,21 +160,55 @@ def check_loss(loss_fn: Callable) -> None:
 
 
 def split_batch(batch: Any, index: int) -> tuple[Any, Any]:
-    """A batch is ``(inputs, targets)``; inputs are a tensor, a tuple of positional tensors or a dict."""
+    """A batch is ``(inputs, targets)``; inputs are a tensor, a tuple of positional tensors or a mapping of
+    keyword tensors (any ``collections.abc.Mapping``, returned as a plain ``dict``)."""
+    if isinstance(batch, Mapping):
+        raise TypeError(
+            f"batch {index} is a {type(batch).__name__} (a HuggingFace-style batch that holds its labels?): data "
+            "must yield (inputs, targets) pairs; wrap the loader, hessops.data.labels_from(loader, key='labels')"
+        )
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise TypeError(f"batch {index} is a {type(batch).__name__}: data must yield (inputs, targets) pairs")
-    return batch[0], batch[1]
+    inputs = dict(batch[0]) if isinstance(batch[0], Mapping) and not isinstance(batch[0], dict) else batch[0]
+    return inputs, batch[1]
 
 
 def _leaves(obj: Any) -> list[Tensor]:
-    return [t for t in torch.utils._pytree.tree_leaves(obj) if isinstance(t, Tensor)]
+    """The tensors in a nest of tuples, lists and mappings, in order."""
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, Mapping):
+        return [t for value in obj.values() for t in _leaves(value)]
+    if isinstance(obj, (tuple, list)):
+        return [t for value in obj for t in _leaves(value)]
+    return []
 
 
-def batch_size(inputs: Any, index: int) -> int:
+def batch_size(inputs: Any, index: int, batch_size_fn: Callable[[Any], int] | None = None) -> int:
+    """The number of examples in a batch: ``batch_size_fn(inputs)`` when given, else the leading dimension
+    that the input tensors share (0-d tensors are constants, not examples)."""
+    if batch_size_fn is not None:
+        n_b = batch_size_fn(inputs)
+        if isinstance(n_b, Tensor) and n_b.dim() == 0 and not n_b.is_floating_point():
+            n_b = int(n_b)
+        if isinstance(n_b, bool) or not isinstance(n_b, int) or n_b < 0:
+            raise BatchSizeError(
+                f"batch_size_fn returned {n_b!r} for batch {index}: it must return the number of examples in the "
+                "batch's inputs, an int >= 0"
+            )
+        return n_b
     leaves = _leaves(inputs)
     if not leaves:
         raise TypeError(f"batch {index} has no tensor inputs")
-    return leaves[0].shape[0] if leaves[0].dim() > 0 else 1
+    sizes = {tuple(t.shape)[0] for t in leaves if t.dim() > 0}
+    if len(sizes) != 1:
+        shapes = ", ".join(str(tuple(t.shape)) for t in leaves)
+        what = "only 0-d tensors" if not sizes else "tensors whose first dimensions differ"
+        raise BatchSizeError(
+            f"batch {index}'s inputs are {what} ({shapes}), so the examples in it cannot be counted from their "
+            "first dimension: pass batch_size_fn=lambda inputs: <number of examples> to the operator"
+        )
+    return sizes.pop()
 
 
 def split_examples(inputs: Any, targets: Any, n_b: int, size: int | None) -> list[tuple[Any, Any, int]]:
@@ -223,11 +272,12 @@ def model_state(problem: Problem, dtype: torch.dtype) -> tuple[ParamTree, dict[s
 
 
 def call_model(model: nn.Module, names: Sequence[str], params: ParamTree, constants: dict[str, Tensor], inputs: Any) -> Any:
-    """``model(inputs)`` with the given parameter values, through ``torch.func.functional_call``."""
+    """``model(inputs)`` with the given parameter values, through ``torch.func.functional_call``:
+    ``model(**inputs)`` for a mapping, ``model(*inputs)`` for a tuple or list, else ``model(inputs)``."""
     state = dict(constants)
     state.update(zip(names, params))
-    if isinstance(inputs, dict):
-        return functional_call(model, state, (), inputs)
+    if isinstance(inputs, Mapping):
+        return functional_call(model, state, (), dict(inputs))
     if isinstance(inputs, (tuple, list)):
         return functional_call(model, state, tuple(inputs))
     return functional_call(model, state, (inputs,))
@@ -245,14 +295,19 @@ def tree_to_flat(tree: ParamTree) -> Tensor:
 
 
 def first_batch(data: Iterable) -> Any:
+    """The first batch of ``data``, after checking that ``data`` can be iterated again (each product is one
+    pass): a generator, or an object whose ``__iter__`` hands out one stored iterator, is refused before
+    anything is consumed from it."""
     try:
         iterator = iter(data)
     except TypeError:
         raise TypeError(f"data must be a re-iterable of (inputs, targets) batches, got {type(data).__name__}") from None
-    if iterator is data:
+    # A DataLoader is re-iterable; with persistent workers it hands out the same (reset) iterator each time.
+    if iterator is data or (not isinstance(data, torch.utils.data.DataLoader) and iter(data) is iterator):
         raise TypeError(
-            "data is a one-shot iterator (a generator?): every matmat is a pass over the data, so pass a "
-            "re-iterable such as a DataLoader or a list of (inputs, targets) batches"
+            f"data ({type(data).__name__}) is a one-shot iterator (a generator, or an object whose __iter__ returns "
+            "one stored iterator): every matmat is a pass over the data, so pass a re-iterable such as a "
+            "DataLoader, a list of (inputs, targets) batches, or an object whose __iter__ starts a new pass"
         )
     try:
         return next(iterator)

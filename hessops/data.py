@@ -4,6 +4,10 @@ Every item is ``(x, y)``: ``x`` a float32 tensor of shape ``(C, H, W)``, ``x = (
 channel from the stored integer pixels ``u`` (``scale`` 255, or 16 for digits), exactly as torchvision's
 ``ToTensor()`` followed by ``Normalize(mean, std)``; ``y`` an int64 scalar tensor. Curvature is that of one
 fixed function of the data, so no transform is random.
+
+For data of other shapes: ``labels_from`` turns HuggingFace-style batches (one dict holding the labels) into
+``(inputs, labels)`` pairs, and ``LogitsOf`` a model that returns an object with ``.logits`` into one that
+returns the tensor.
 """
 
 from __future__ import annotations
@@ -12,12 +16,13 @@ import hashlib
 import os
 import pickle
 import shlex
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from hessops.errors import CorruptDatasetError, DatasetNotFoundError, MissingDependencyError, UnknownDatasetError
@@ -31,6 +36,9 @@ __all__ = [
     "make_loader",
     "on_device",
     "DeviceLoader",
+    "labels_from",
+    "LabelsFrom",
+    "LogitsOf",
 ]
 
 DATA_NAMES: tuple[str, ...] = ("digits", "mnist", "cifar10", "cifar2")
@@ -192,6 +200,51 @@ class DeviceLoader:
 def on_device(loader: Iterable, device: torch.device | str) -> DeviceLoader:
     """``loader``'s batches, re-iterably, with their tensors on ``device`` (e.g. ``make_loader(ds)`` on GPU)."""
     return DeviceLoader(loader, device)
+
+
+class LabelsFrom:
+    """Re-iterable view of ``loader`` whose batches are single mappings holding the labels under ``key``
+    (HuggingFace style): each is yielded as ``(inputs, labels)``, ``inputs`` the other entries as a ``dict``
+    (in their order) and ``labels = batch[key]``. ``len`` is the loader's (where it has one)."""
+
+    def __init__(self, loader: Iterable, key: str = "labels") -> None:
+        self.loader = loader
+        self.key = key
+
+    def __iter__(self) -> Iterator[tuple[dict[str, Any], Any]]:
+        for index, batch in enumerate(self.loader):
+            if not isinstance(batch, Mapping) or self.key not in batch:
+                what = f"a mapping with keys {list(batch)}" if isinstance(batch, Mapping) else f"a {type(batch).__name__}"
+                raise TypeError(
+                    f"labels_from(..., key={self.key!r}): batch {index} is {what}, not a mapping holding the labels "
+                    f"under {self.key!r}: pass the key the labels are under (key='label'?), or, for (inputs, targets) "
+                    "pairs, the loader itself"
+                )
+            yield {k: v for k, v in batch.items() if k != self.key}, batch[self.key]
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def labels_from(loader: Iterable, key: str = "labels") -> LabelsFrom:
+    """``loader``'s batches ``{..., key: labels}`` as ``(inputs, labels)`` pairs, re-iterably, for the
+    operators: ``Hessian(LogitsOf(model), nn.CrossEntropyLoss(), labels_from(loader))``. The labels are left
+    out of the inputs, so a HuggingFace model returns logits instead of computing its own loss."""
+    return LabelsFrom(loader, key)
+
+
+class LogitsOf(nn.Module):
+    """``model(*args, **kwargs).logits``: a model that returns an output object (HuggingFace's
+    ``ModelOutput``) as one that returns the logits tensor, which the losses and the GGN need. Its parameters
+    are ``model``'s (named ``model.<name>``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.train(model.training)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        return self.model(*args, **kwargs).logits
 
 
 def _check_name(name: str) -> None:

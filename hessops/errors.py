@@ -21,6 +21,7 @@ __all__ = [
     "NotPositiveDefiniteError",
     "DistributedError",
     "InvalidArgumentError",
+    "BatchSizeError",
 ]
 
 
@@ -98,3 +99,7 @@ class InvalidArgumentError(HessopsError, TypeError):
     """An argument of a public function or constructor has the wrong type (``k=2.5``, ``True`` for a
     count), a value outside its range, or a NaN/inf; the message names the argument. Both a ``ValueError``
     and a ``TypeError``, so either ``except`` catches it."""
+
+
+class BatchSizeError(HessopsError):
+    """The examples in a batch cannot be counted from its inputs (pass ``batch_size_fn``)."""

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from hessops._determinism import batch_fingerprint, check_model, data_changed_error, fingerprint_change
 from hessops._functional import (
     ParamTree,
     Problem,
@@ -53,7 +54,10 @@ class CurvatureOperator(cola.ops.LinearOperator):
     Args:
         model: the network; its current parameters are the point :math:`\theta`. Buffers are used as they are.
         loss_fn: ``loss_fn(outputs, targets)`` returning the batch mean.
-        data: a re-iterable of ``(inputs, targets)`` batches (a DataLoader, a list of tuples).
+        data: a re-iterable of ``(inputs, targets)`` batches (a DataLoader, a list of tuples; a one-shot
+            iterator is refused). ``inputs`` is a tensor, a tuple of positional tensors or a mapping of keyword
+            tensors; the examples in a batch are counted from the first dimension its input tensors share
+            (0-d tensors are constants). For one dict that holds the labels, use ``hessops.data.labels_from``.
         params: parameters to differentiate, in the flat vector's order; default the trainable ones.
         dtype: the operator's dtype; default the parameters'. A wider dtype than the model's evaluates the
             model in that dtype (parameters, buffers and floating inputs are cast on the fly).
@@ -63,7 +67,20 @@ class CurvatureOperator(cola.ops.LinearOperator):
             mean over examples and a model that treats examples independently, i.e. in eval mode); default
             ``None``, whole batches.
         progress: show a tqdm bar over batches during each matmat.
-        allow_train_mode: accept Dropout/BatchNorm in training mode (the operator is then random).
+        allow_train_mode: accept Dropout/BatchNorm in training mode, and BatchNorm without running statistics
+            (the operator then depends on the batching, or is random).
+        batch_size_fn: ``batch_size_fn(inputs) -> int``, the number of examples in a batch, where its input
+            tensors do not share a first dimension (micro-batches then cut the tensors whose first dimension
+            is that number).
+        unpack_inputs: call ``model(*inputs)`` for a tuple and ``model(**inputs)`` for a mapping (default);
+            with ``False``, ``model(inputs)``: the whole inputs object as one argument (``forward(batch)``; a
+            mapping arrives as a ``dict``).
+        check_determinism: check, cheaply, that the operator is one fixed matrix, and raise
+            ``NondeterministicOperatorError`` naming the cause if not: at construction, the first batch's
+            forward run twice must agree and leave the buffers alone (catches dropout with training=True,
+            sampling, buffers updated in forward); at every product, an order-independent fingerprint of the
+            examples seen must match the first product's (catches random augmentation and shuffle with
+            drop_last; plain shuffling passes).
         distributed, group: data-parallel over a torch.distributed process group (default: exactly when
             ``torch.distributed`` is initialized or a ``group`` is given). Each rank passes its own shard as
             ``data``; every product is the exact mean over all ranks' examples, on every rank
@@ -82,6 +99,9 @@ class CurvatureOperator(cola.ops.LinearOperator):
         micro_batch_size: int | None = None,
         progress: bool = False,
         allow_train_mode: bool = False,
+        batch_size_fn: Callable[[Any], int] | None = None,
+        unpack_inputs: bool = True,
+        check_determinism: bool = True,
         distributed: bool | None = None,
         group: Any = None,
     ):
@@ -101,10 +121,14 @@ class CurvatureOperator(cola.ops.LinearOperator):
                 "micro_batch_size splits batches, which changes what train-mode BatchNorm computes (batch "
                 "statistics): call model.eval(), or drop micro_batch_size"
             )
+        if batch_size_fn is not None and not callable(batch_size_fn):
+            raise TypeError(f"batch_size_fn must be a function of a batch's inputs, got {type(batch_size_fn).__name__}")
         check_train_mode(model, allow_train_mode)
         check_loss(loss_fn)
+        first = None
         try:
-            inputs, targets = split_batch(first_batch(data), 0)
+            first = first_batch(data)
+            inputs, targets = split_batch(first, 0)
             check_batch(inputs, targets, 0, device, model_dtype)
         except EmptyDataError:
             if setup is None:  # a rank's shard may be empty; the data loop checks the total
@@ -120,12 +144,27 @@ class CurvatureOperator(cola.ops.LinearOperator):
             micro_batch_size=micro_batch_size,
             progress=progress,
             allow_train_mode=allow_train_mode,
+            batch_size_fn=batch_size_fn,
+            unpack_inputs=unpack_inputs,
+            check_determinism=check_determinism,
             distributed=setup,
         )
         n = problem.numel
         super().__init__(dtype=dtype, shape=(n, n))
         self.problem = problem
         self.device = device
+        if first is not None:
+            self._check_first_batch(first)
+
+    def _check_first_batch(self, batch: Any) -> None:
+        """Count batch 0's examples (an uncountable batch fails here, not in the first product) and, with
+        ``check_determinism``, check the model on its first micro-batch (:func:`hessops._determinism.check_model`)."""
+        problem = self.problem
+        inputs, targets = self._prepare(batch, 0)
+        n_b = batch_size(inputs, 0, problem.batch_size_fn)
+        if problem.check_determinism and n_b > 0:
+            inputs, targets, _ = split_examples(inputs, targets, n_b, problem.micro_batch_size)[0]
+            check_model(problem, *model_state(problem, self.dtype), inputs, targets)
 
     # -- what a subclass says ------------------------------------------------------------------------------
     def _batch_matmat(
@@ -158,7 +197,7 @@ class CurvatureOperator(cola.ops.LinearOperator):
         params, constants = model_state(problem, self.dtype)
         bar = tqdm(
             problem.data,
-            total=len(problem.data) if hasattr(problem.data, "__len__") else None,
+            total=_length(problem.data),
             desc=f"{type(self).__name__} @ {k} vector{'s' if k > 1 else ''}",
             disable=not problem.progress,
             leave=False,
@@ -167,13 +206,16 @@ class CurvatureOperator(cola.ops.LinearOperator):
         status: dict[str, Any] = {"error": None, "nonfinite": None}
         if problem.distributed is not None:
             status.update(fingerprint(params, X))
+        data_fingerprint = torch.zeros(5, dtype=torch.float64, device=self.device)
         try:
             with torch.no_grad():
                 for index, batch in enumerate(bar):
                     inputs, targets = self._prepare(batch, index)
-                    n_b = batch_size(inputs, index)
+                    n_b = batch_size(inputs, index, problem.batch_size_fn)
                     if n_b == 0:
                         continue
+                    if problem.check_determinism:
+                        data_fingerprint += batch_fingerprint(inputs, targets, n_b).to(self.device)
                     pieces = split_examples(inputs, targets, n_b, problem.micro_batch_size)
                     for part, (piece_inputs, piece_targets, n_m) in enumerate(pieces):
                         products, loss = self._batch_matmat(params, constants, piece_inputs, piece_targets, blocks, index, part)
@@ -182,6 +224,8 @@ class CurvatureOperator(cola.ops.LinearOperator):
                         losses.append(loss.detach().reshape(()))
                         loss_batches.append(index)
                     total += n_b
+            if problem.check_determinism:
+                self._check_same_data(data_fingerprint)
             if losses:
                 finite = torch.isfinite(torch.stack(losses))
                 if not bool(finite.all()):
@@ -213,6 +257,8 @@ class CurvatureOperator(cola.ops.LinearOperator):
         check_batch(inputs, targets, index, self.device, self.problem.model_dtype)
         if self.dtype != self.problem.model_dtype:
             inputs, targets = cast_floating(inputs, self.dtype), cast_floating(targets, self.dtype)
+        if not self.problem.unpack_inputs:
+            inputs = (inputs,)  # call_model unpacks the 1-tuple: model(inputs)
         return inputs, targets
 
     def __matmul__(self, X):
@@ -223,6 +269,13 @@ class CurvatureOperator(cola.ops.LinearOperator):
                 f"{tuple(X.shape)}: reshape it (X.reshape({n}, -1))"
             )
         return super().__matmul__(X)
+
+    def _check_same_data(self, fingerprint: Tensor) -> None:
+        """The first product keeps its data's fingerprint; every later one must match it."""
+        first = self.problem.memo.setdefault("data_fingerprint", fingerprint)
+        change = fingerprint_change(first, fingerprint)
+        if change is not None:
+            raise data_changed_error(change)
 
     def _check_vectors(self, X: Tensor) -> None:
         if not isinstance(X, Tensor):
@@ -292,3 +345,11 @@ class CurvatureOperator(cola.ops.LinearOperator):
     def __repr__(self) -> str:
         n = self.shape[0]
         return f"<{type(self).__name__} {n}x{n}, dtype={self.dtype}, device={self.device}>"
+
+
+def _length(data: Iterable) -> int | None:
+    """``len(data)``, or ``None`` where it has none (a DataLoader over an IterableDataset raises TypeError)."""
+    try:
+        return len(data)
+    except TypeError:
+        return None
