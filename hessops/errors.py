@@ -20,6 +20,7 @@ __all__ = [
     "CorruptDatasetError",
     "NotPositiveDefiniteError",
     "DistributedError",
+    "TargetShapeError",
 ]
 
 
@@ -91,3 +92,7 @@ class NotPositiveDefiniteError(HessopsError):
 
 class DistributedError(HessopsError):
     """Another rank failed, or stopped answering, during a distributed product."""
+
+
+class TargetShapeError(HessopsError):
+    """An element-wise loss got targets of another shape than the outputs, which torch would broadcast."""
