@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad
+from torch.func import grad, vmap
 
 from hessops.errors import UnsupportedLossError
 from hessops.losses import LossSpec, loss_spec
@@ -146,7 +146,7 @@ class MCFisher(JacobianSandwich):
         spec = self.output_loss
         sampled = self._sampler_for(spec)(outputs.detach(), targets, self.samples, generator)
         total = spec.batch_weight(targets, outputs.shape[0]) if spec.mean else 1.0
-        s = torch.stack([_summed_gradients(spec, outputs, y, total) for y in sampled])
+        s = vmap(lambda y: _summed_gradients(spec, outputs, y, total))(sampled)
         return _outer_matmat(s, torch.ones(outputs.shape[0], device=outputs.device), total * self.samples)
 
 
