@@ -176,6 +176,9 @@ def probe_mean(spec: LossSpec, outputs: Any, targets: Any, n: int, examples: int
     - the batch loss of the first ``examples`` examples equals the mean of their one-example losses (a class
       weight, an ignored target or a broadcast would break it).
 
+    A module with ``reduction="sum"`` that hessops does not know must be a plain sum instead: doubled by
+    the concatenation, and the sum of the one-example losses.
+
     Both to ``1000·eps`` relative in the outputs' dtype. A loss that does not return a scalar is left to the
     operators, which name its shape."""
     if spec.kind is not None:
@@ -191,28 +194,33 @@ def probe_mean(spec: LossSpec, outputs: Any, targets: Any, n: int, examples: int
     singles = torch.stack([
         spec.fn(*(_map_examples(obj, n, lambda t, i=i: t[i : i + 1]) for obj in (outputs, targets))).reshape(())
         for i in range(k)
-    ]).mean()
+    ])
+    singles = singles.mean() if spec.mean else singles.sum()
 
     def close(a: Tensor, b: Tensor) -> bool:
-        return bool(torch.isfinite(a)) and bool(abs(a - b) <= rtol * max(abs(float(a)), abs(float(b)), torch.finfo(dtype).tiny))
+        scale = max(abs(float(a)), abs(float(b)), torch.finfo(dtype).tiny)
+        return bool(torch.isfinite(a)) and bool(abs(a - b) <= rtol * scale)
 
     shapes = f"outputs {_shapes(outputs)}, targets {_shapes(targets)}"
     fix = (
         "pass a loss hessops knows (a module such as nn.CrossEntropyLoss(ignore_index=..., weight=...), its "
         "functional form, or functools.partial of it), or a callable that returns the mean of per-example losses"
     )
-    if not close(doubled, first):
-        what = "a sum over examples" if close(doubled, 2 * first) else "not a mean over examples"
+    expected, other = (1, 2) if spec.mean else (2, 1)  # what concatenating the batch with itself multiplies by
+    if not close(doubled, expected * first):
+        what = {1: "a mean", 2: "a sum"}[other] if close(doubled, other * first) else f"not a {spec.reduction}"
         raise UnsupportedLossError(
-            f"{spec.name} looks like {what}: on the first batch ({shapes}) it gives {float(first):.6g}, and "
-            f"{float(doubled):.6g} on that batch concatenated with itself (a mean is unchanged). Curvature of the "
-            f"dataset loss needs to know how batches combine: {fix} (reduction='sum' for a sum)"
+            f"{spec.name} looks like {what} over examples: on the first batch ({shapes}) it gives "
+            f"{float(first):.6g}, and {float(doubled):.6g} on that batch concatenated with itself (a mean is "
+            f"unchanged, a sum doubles). Curvature of the dataset loss needs to know how batches combine: {fix} "
+            "(reduction='sum' for a sum)"
         )
     if not close(head, singles):
         raise UnsupportedLossError(
-            f"{spec.name} is not the mean of per-example losses on the first batch ({shapes}): {float(head):.6g} "
-            f"for {k} examples together, {float(singles):.6g} as the mean of each alone (class weights, ignored "
-            f"targets or broadcasting shapes do this), so batches cannot be combined into the dataset loss: {fix}"
+            f"{spec.name} is not the {spec.reduction} of per-example losses on the first batch ({shapes}): "
+            f"{float(head):.6g} for {k} examples together, {float(singles):.6g} from each alone (class weights, "
+            f"ignored targets or broadcasting shapes do this), so batches cannot be combined into the dataset "
+            f"loss: {fix}"
         )
 
 
