@@ -21,7 +21,6 @@ from hessops.errors import (
     EmptyDataError,
     NoParametersError,
     TrainModeError,
-    UnsupportedLossError,
 )
 
 ParamTree = tuple[Tensor, ...]
@@ -139,24 +138,6 @@ def check_train_mode(model: nn.Module, allow: bool) -> None:
                 "random or dependent on how data is batched (and breaks torch.func): call model.eval() first, "
                 "or pass allow_train_mode=True if you really want the train-mode curvature"
             )
-
-
-def check_loss(loss_fn: Callable) -> None:
-    """Refuse losses that are not a batch mean, which would make the dataset weights wrong."""
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    reduction = getattr(loss_fn, "reduction", "mean")
-    if reduction in ("sum", "none"):
-        raise UnsupportedLossError(
-            f"{type(loss_fn).__name__}(reduction='{reduction}'): hessops needs the batch mean, so that batches "
-            "weigh n_b/N in the dataset mean; use reduction='mean'"
-        )
-    if getattr(loss_fn, "weight", None) is not None and isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
-        raise UnsupportedLossError(
-            f"{type(loss_fn).__name__} with class weights averages by the sum of weights, not by the number of "
-            "examples, so batches cannot be combined into a dataset mean: drop weight= (or write the weighted "
-            "loss as a per-example mean yourself)"
-        )
 
 
 def split_batch(batch: Any, index: int) -> tuple[Any, Any]:

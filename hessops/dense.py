@@ -12,7 +12,6 @@ from hessops._functional import (
     batch_size,
     call_model,
     cast_floating,
-    check_loss,
     check_train_mode,
     first_batch,
     flat_to_tree,
@@ -20,6 +19,7 @@ from hessops._functional import (
     split_batch,
 )
 from hessops.errors import EmptyDataError
+from hessops.losses import check_counted, loss_spec, probe_mean
 
 
 def dense_hessian(
@@ -31,11 +31,11 @@ def dense_hessian(
     dtype: torch.dtype | None = None,
     chunk_size: int | None = 256,
 ) -> Tensor:
-    r"""The ``(n, n)`` Hessian of the dataset mean loss :math:`\frac1N\sum_n \ell_n`, accumulated batch by
-    batch as :math:`\sum_b \frac{n_b}N \nabla^2 L_b` with ``jacrev(jacrev(L_b))`` (``chunk_size`` rows at a
-    time). Same parameter order as the operators. Memory ``n²``: for models up to a few thousand parameters."""
+    r"""The ``(n, n)`` Hessian of the dataset loss (:mod:`hessops.losses`), accumulated batch by batch as
+    :math:`\sum_b \frac{W_b}W \nabla^2 L_b` (:math:`\sum_b \nabla^2 L_b` for ``reduction="sum"``) with
+    ``jacrev(jacrev(L_b))`` (``chunk_size`` rows at a time). Same parameter order as the operators. Memory ``n²``: for models up to a few thousand parameters."""
     check_train_mode(model, False)
-    check_loss(loss_fn)
+    spec = loss_spec(loss_fn)
     first_batch(data)
     names, tensors = select_parameters(model, params)
     dtype = tensors[0].dtype if dtype is None else dtype
@@ -44,20 +44,29 @@ def dense_hessian(
     constants = cast_floating(dict(model.named_buffers()), dtype)
     constants.update({k: p.detach().to(dtype) for k, p in model.named_parameters() if k not in names})
 
-    total, result = 0, torch.zeros(theta.numel(), theta.numel(), dtype=dtype, device=theta.device)
+    total, examples, result = 0.0, 0, torch.zeros(theta.numel(), theta.numel(), dtype=dtype, device=theta.device)
     for index, batch in enumerate(data):
         inputs, targets = split_batch(batch, index)
         n_b = batch_size(inputs, index)
         if n_b == 0:
             continue
         inputs, targets = cast_floating(inputs, dtype), cast_floating(targets, dtype)
+        if examples == 0 and spec.kind is None:  # a callable hessops does not know must be a mean
+            with torch.no_grad():
+                point = tuple(t[0] for t in flat_to_tree(theta[None], shapes))
+                probe_mean(spec, call_model(model, names, point, constants, inputs), targets, n_b)
+        examples += n_b
+        weight = spec.batch_weight(targets, n_b)
+        if weight == 0:
+            continue
 
         def loss(flat: Tensor, inputs=inputs, targets=targets) -> Tensor:
             params = tuple(t[0] for t in flat_to_tree(flat[None], shapes))
-            return loss_fn(call_model(model, names, params, constants, inputs), targets)
+            return spec(call_model(model, names, params, constants, inputs), targets)
 
-        result += n_b * jacrev(jacrev(loss), chunk_size=chunk_size)(theta)
-        total += n_b
-    if total == 0:
+        result += (weight if spec.mean else 1.0) * jacrev(jacrev(loss), chunk_size=chunk_size)(theta)
+        total += weight
+    if examples == 0:
         raise EmptyDataError(EmptyDataError.NO_EXAMPLES)
-    return result / total
+    check_counted(total, examples)
+    return result / total if spec.mean else result

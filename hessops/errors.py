@@ -22,6 +22,7 @@ __all__ = [
     "DistributedError",
     "InvalidArgumentError",
     "BatchSizeError",
+    "TargetShapeError",
 ]
 
 
@@ -103,3 +104,7 @@ class InvalidArgumentError(HessopsError, TypeError):
 
 class BatchSizeError(HessopsError):
     """The examples in a batch cannot be counted from its inputs (pass ``batch_size_fn``)."""
+
+
+class TargetShapeError(HessopsError):
+    """An element-wise loss got targets of another shape than the outputs, which torch would broadcast."""

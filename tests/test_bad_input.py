@@ -160,11 +160,10 @@ def test_no_parameters(problem):
         hessops.Hessian(nn.ReLU(), loss_fn, data)
 
 
-@pytest.mark.parametrize("reduction", ["sum", "none"])
-def test_loss_that_is_not_a_batch_mean(problem, reduction):
+def test_loss_that_is_not_a_batch_mean(problem):
     model, _, data = problem
     with pytest.raises(hessops.UnsupportedLossError, match="reduction='mean'"):
-        hessops.Hessian(model, nn.CrossEntropyLoss(reduction=reduction), data)
+        hessops.Hessian(model, nn.CrossEntropyLoss(reduction="none"), data)
 
 
 def test_loss_function_returning_a_vector(problem):
@@ -172,12 +171,6 @@ def test_loss_function_returning_a_vector(problem):
     op = hessops.Hessian(model, lambda out, y: nn.functional.cross_entropy(out, y, reduction="none"), data)
     with pytest.raises(hessops.UnsupportedLossError, match=r"shape \(6,\), not a scalar"):
         op @ torch.randn(op.shape[0])
-
-
-def test_class_weighted_cross_entropy_is_refused(problem):
-    model, _, data = problem
-    with pytest.raises(hessops.UnsupportedLossError, match="class weights"):
-        hessops.Hessian(model, nn.CrossEntropyLoss(weight=torch.ones(3)), data)
 
 
 def test_ggn_of_nll_without_a_log_softmax_tail_is_refused(problem):

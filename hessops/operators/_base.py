@@ -17,7 +17,7 @@ from hessops._functional import (
     batch_size,
     cast_floating,
     check_batch,
-    check_loss,
+    call_model,
     check_train_mode,
     first_batch,
     flat_to_tree,
@@ -39,21 +39,27 @@ from hessops.errors import (
     NondeterministicOperatorError,
     NonFiniteLossError,
 )
+from hessops.losses import check_counted, loss_spec, probe_mean
 
 DEFAULT_CHUNK_SIZE = 16
 
 
 class CurvatureOperator(cola.ops.LinearOperator):
-    r"""Curvature of the dataset mean loss :math:`L(\theta) = \frac1N \sum_{n=1}^N \ell(f(x_n;\theta), y_n)`.
+    r"""Curvature of the dataset loss :math:`L(\theta) = \frac1W \sum_b W_b L_b(\theta)` (``reduction="mean"``;
+    :math:`W = \sum_b W_b`) or :math:`\sum_b L_b(\theta)` (``reduction="sum"``), :math:`L_b` the loss of batch
+    :math:`b` (:mod:`hessops.losses`).
 
-    One matmat is one pass over ``data``. Batch :math:`b` of :math:`n_b` examples contributes
-    :math:`n_b \cdot C_b V`, where :math:`C_b` is the curvature of the batch-mean loss; the sum is divided
-    by :math:`N = \sum_b n_b` at the end, so unequal batches give exactly the full-batch operator.
-    Subclasses implement :meth:`_batch_matmat`.
+    One matmat is one pass over ``data``. Batch :math:`b` contributes :math:`W_b \cdot C_b V` (mean) or
+    :math:`C_b V` (sum), where :math:`C_b` is the curvature of the batch loss and :math:`W_b` what the batch
+    mean divides by (its examples, elements, counted targets, or their class weights); a mean is divided by
+    :math:`W` at the end, so unequal batches give exactly the full-batch operator, and a batch whose targets
+    are all ignored (:math:`W_b = 0`) is skipped. Subclasses implement :meth:`_batch_matmat`.
 
     Args:
         model: the network; its current parameters are the point :math:`\theta`. Buffers are used as they are.
-        loss_fn: ``loss_fn(outputs, targets)`` returning the batch mean.
+        loss_fn: ``loss_fn(outputs, targets)`` returning the batch mean or sum: a loss hessops knows (module,
+            functional form or ``functools.partial`` of it), or a callable verified to be a mean over
+            examples on the first batch (:func:`hessops.losses.probe_mean`).
         data: a re-iterable of ``(inputs, targets)`` batches (a DataLoader, a list of tuples; a one-shot
             iterator is refused). ``inputs`` is a tensor, a tuple of positional tensors or a mapping of keyword
             tensors; the examples in a batch are counted from the first dimension its input tensors share
@@ -124,7 +130,7 @@ class CurvatureOperator(cola.ops.LinearOperator):
         if batch_size_fn is not None and not callable(batch_size_fn):
             raise TypeError(f"batch_size_fn must be a function of a batch's inputs, got {type(batch_size_fn).__name__}")
         check_train_mode(model, allow_train_mode)
-        check_loss(loss_fn)
+        spec = loss_spec(loss_fn)
         first = None
         try:
             first = first_batch(data)
@@ -135,7 +141,7 @@ class CurvatureOperator(cola.ops.LinearOperator):
                 raise
         problem = Problem(
             model=model,
-            loss_fn=loss_fn,
+            loss_fn=spec,
             data=data,
             names=names,
             shapes=tuple(p.shape for p in tensors),
@@ -157,11 +163,16 @@ class CurvatureOperator(cola.ops.LinearOperator):
             self._check_first_batch(first)
 
     def _check_first_batch(self, batch: Any) -> None:
-        """Count batch 0's examples (an uncountable batch fails here, not in the first product) and, with
-        ``check_determinism``, check the model on its first micro-batch (:func:`hessops._determinism.check_model`)."""
+        """Count batch 0's examples (an uncountable batch fails here, not in the first product), probe a loss
+        hessops does not know (:func:`hessops.losses.probe_mean`) and, with ``check_determinism``, check the
+        model on its first micro-batch (:func:`hessops._determinism.check_model`)."""
         problem = self.problem
         inputs, targets = self._prepare(batch, 0)
         n_b = batch_size(inputs, 0, problem.batch_size_fn)
+        if n_b > 0 and problem.loss_fn.kind is None:
+            with torch.no_grad():
+                outputs = call_model(problem.model, problem.names, *model_state(problem, self.dtype), inputs)
+            probe_mean(problem.loss_fn, outputs, targets, n_b)
         if problem.check_determinism and n_b > 0:
             inputs, targets, _ = split_examples(inputs, targets, n_b, problem.micro_batch_size)[0]
             check_model(problem, *model_state(problem, self.dtype), inputs, targets)
@@ -178,8 +189,8 @@ class CurvatureOperator(cola.ops.LinearOperator):
         part: int = 0,
     ) -> tuple[list[ParamTree], Tensor]:
         """For one batch (piece ``part`` of batch ``index`` when batches are split into micro-batches): the
-        batch-mean curvature times each block of columns (each a tuple of ``(c, *shape)`` tensors), and the
-        batch-mean loss (a scalar tensor, for the finiteness check)."""
+        curvature of the batch loss (mean or sum, as the loss reduces) times each block of columns (each a
+        tuple of ``(c, *shape)`` tensors), and the batch loss (a scalar tensor, for the finiteness check)."""
         raise NotImplementedError
 
     # -- the data loop ------------------------------------------------------------------------------------
@@ -193,7 +204,8 @@ class CurvatureOperator(cola.ops.LinearOperator):
         acc = torch.zeros(k, n, dtype=self.dtype, device=self.device)
         losses: list[Tensor] = []
         loss_batches: list[int] = []  # the batch index of each loss (empty batches have none)
-        total = 0
+        total, examples = 0.0, 0  # the dataset loss's divisor W = Σ_b W_b, and the examples seen
+        spec = problem.loss_fn
         params, constants = model_state(problem, self.dtype)
         bar = tqdm(
             problem.data,
@@ -203,7 +215,7 @@ class CurvatureOperator(cola.ops.LinearOperator):
             leave=False,
             unit="batch",
         )
-        status: dict[str, Any] = {"error": None, "nonfinite": None}
+        status: dict[str, Any] = {"error": None, "nonfinite": None, "examples": 0}
         if problem.distributed is not None:
             status.update(fingerprint(params, X))
         data_fingerprint = torch.zeros(5, dtype=torch.float64, device=self.device)
@@ -218,12 +230,17 @@ class CurvatureOperator(cola.ops.LinearOperator):
                         data_fingerprint += batch_fingerprint(inputs, targets, n_b).to(self.device)
                     pieces = split_examples(inputs, targets, n_b, problem.micro_batch_size)
                     for part, (piece_inputs, piece_targets, n_m) in enumerate(pieces):
+                        weight = spec.batch_weight(piece_targets, n_m)  # W_b; 0: every target ignored
+                        if weight == 0:
+                            continue
                         products, loss = self._batch_matmat(params, constants, piece_inputs, piece_targets, blocks, index, part)
                         for i, product in zip(range(0, k, chunk), products):
-                            acc[i : i + chunk].add_(tree_to_flat(product), alpha=n_m)
+                            acc[i : i + chunk].add_(tree_to_flat(product), alpha=weight if spec.mean else 1.0)
                         losses.append(loss.detach().reshape(()))
                         loss_batches.append(index)
-                    total += n_b
+                        total += weight
+                    examples += n_b
+            status["examples"] = examples
             if problem.check_determinism:
                 self._check_same_data(data_fingerprint)
             if losses:
@@ -243,14 +260,16 @@ class CurvatureOperator(cola.ops.LinearOperator):
         where = ""
         if problem.distributed is not None:
             acc, total, statuses = synchronize(acc, total, status, problem.distributed)
+            examples = sum(s["examples"] for s in statuses)
             bad = [(r, s["nonfinite"]) for r, s in enumerate(statuses) if s["nonfinite"]]
             if bad:
                 rank, status["nonfinite"] = bad[0]
                 where = f" on rank {rank}"
-        if total == 0:
+        if examples == 0:
             raise EmptyDataError(EmptyDataError.NO_EXAMPLES)
+        check_counted(total, examples)
         self._check_finite(status["nonfinite"], acc, where)
-        return (acc / total).T
+        return (acc / total if spec.mean else acc).T
 
     def _prepare(self, batch: Any, index: int) -> tuple[Any, Any]:
         inputs, targets = split_batch(batch, index)

@@ -15,8 +15,10 @@ OutputMatmat = Callable[[Tensor], Tensor]
 
 
 class JacobianSandwich(CurvatureOperator):
-    r"""A PSD operator :math:`\frac1N \sum_n J_n^\top M_n J_n`, with :math:`J_n = \partial f(x_n;\theta)/\partial\theta`
-    and :math:`M_n` a PSD matrix in output space that each subclass defines (:meth:`_output_operator`).
+    r"""A PSD operator :math:`\frac1W \sum_b W_b J_b^\top M_b J_b` (``reduction="mean"``; :math:`\sum_b J_b^\top M_b J_b`
+    for ``"sum"``), with :math:`J_b` the Jacobian of batch :math:`b`'s outputs and :math:`M_b` a PSD matrix in
+    output space that each subclass defines (:meth:`_output_operator`); :math:`W_b` as in
+    :class:`CurvatureOperator`.
 
     Per batch: one forward with its ``vjp``; for each block of columns a ``vmap``'d ``jvp`` (:math:`U = JV`),
     the output-space product :math:`W = MU`, and a ``vmap``'d ``vjp`` (:math:`J^\top W`). No per-example
@@ -26,13 +28,13 @@ class JacobianSandwich(CurvatureOperator):
     def __init__(self, model: nn.Module, loss_fn, data, **kwargs):
         super().__init__(model, loss_fn, data, **kwargs)
         self.output_model = model
-        self.output_loss = loss_fn
+        self.output_loss = self.problem.loss_fn  # a hessops.losses.LossSpec
         self.annotations = self.annotations | {cola.PSD}
 
     def _output_operator(self, outputs: Tensor, targets: Any, index: int, part: int = 0) -> OutputMatmat:
-        """``U ↦ M U`` for a block ``U`` of shape ``(c, *outputs.shape)``, where ``M`` belongs to the batch-mean
-        loss (so ``M`` of example ``n`` enters as ``M_n / n_b``); ``part`` numbers the micro-batches of batch
-        ``index``."""
+        """``U ↦ M_b U`` for a block ``U`` of shape ``(c, *outputs.shape)``, where ``M_b`` belongs to the batch
+        loss as the loss reduces it (a mean: the data loop multiplies by :math:`W_b`); ``part`` numbers the
+        micro-batches of batch ``index``."""
         raise NotImplementedError
 
     def _batch_matmat(self, params, constants, inputs, targets, blocks, index, part=0):

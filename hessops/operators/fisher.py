@@ -6,62 +6,83 @@ import math
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import grad
+from torch.func import grad, vmap
 
 from hessops.errors import UnsupportedLossError
+from hessops.losses import LossSpec, loss_spec
 from hessops.operators._jacobian import JacobianSandwich
 
-
-def _output_gradients(loss_fn: Callable, outputs: Tensor, targets: Any) -> Tensor:
-    """Per-example output gradients :math:`r_n = \\nabla_{f_n} \\ell(f_n, y_n)`, stacked like ``outputs``:
-    the gradient of ``n_b · loss_fn`` (the batch sum) w.r.t. the outputs, for a loss that is a mean of
-    per-example terms."""
-    n_b = outputs.shape[0]
-    return grad(lambda o: n_b * loss_fn(o, targets))(outputs)
+Sampler = Callable[[Tensor, Any, int, torch.Generator], Tensor]
 
 
-def _outer_matmat(r: Tensor, n_b: int) -> Callable[[Tensor], Tensor]:
-    """``U ↦ (1/(S·n_b)) Σ_s Σ_n r_sn (r_snᵀ u_n)`` for ``r`` of shape ``(S, n_b, *out)``."""
-    samples = r.shape[0]
+def _summed_gradients(spec: LossSpec, outputs: Tensor, targets: Any, scale: float) -> Tensor:
+    r""":math:`s_n = \nabla_{f_n} (\mathrm{scale} \cdot L_b)`, stacked like ``outputs``: with ``scale`` the batch's
+    :math:`W_b` for a mean (1 for a sum), the gradient of the batch's summed (weighted) per-target losses
+    that belong to example :math:`n`."""
+    return grad(lambda o: scale * spec(o, targets))(outputs)
+
+
+def _outer_matmat(s: Tensor, coefficients: Tensor, divisor: float) -> Callable[[Tensor], Tensor]:
+    """``U ↦ (1/divisor) Σ_s Σ_n c_n s_sn (s_snᵀ u_n)`` for ``s`` of shape ``(S, n_b, *out)``."""
+    samples, n_b = s.shape[:2]
+    c = coefficients.to(s.dtype)
 
     def matmat(u: Tensor) -> Tensor:
         # u: (c, n_b, *out) -> coefficients (S, c, n_b)
-        r_flat, u_flat = r.reshape(samples, n_b, -1), u.reshape(u.shape[0], n_b, -1)
-        coefficients = torch.einsum("sno,cno->scn", r_flat, u_flat)
-        w = torch.einsum("scn,sno->cno", coefficients, r_flat)
-        return (w / (samples * n_b)).reshape(u.shape)
+        s_flat, u_flat = s.reshape(samples, n_b, -1), u.reshape(u.shape[0], n_b, -1)
+        projections = torch.einsum("sno,cno->scn", s_flat, u_flat) * c
+        w = torch.einsum("scn,sno->cno", projections, s_flat)
+        return (w / divisor).reshape(u.shape)
 
     return matmat
 
 
 class EmpiricalFisher(JacobianSandwich):
-    r"""The empirical Fisher :math:`F = \frac1N \sum_n g_n g_n^\top`, :math:`g_n = \nabla_\theta \ell(f(x_n;\theta), y_n)`,
-    with the data's own labels, as a ``PSD`` CoLA operator.
+    r"""The empirical Fisher with the data's own labels, as a ``PSD`` CoLA operator:
 
-    Computed as :math:`J^\top (r r^\top) J` with :math:`r_n = \nabla_f \ell_n` (no per-example parameter
-    gradient is stored). ``loss_fn`` must be a mean of per-example terms (true of every standard loss).
-    Arguments as for :class:`hessops.Hessian`.
+    .. math:: F = \frac1W \sum_n w_n\, g_n g_n^\top \quad (\texttt{reduction="mean"}), \qquad
+              F = \sum_n g_n g_n^\top \quad (\texttt{reduction="sum"}),
+
+    with :math:`g_n = \nabla_\theta\, \mathrm{loss\_fn}(f(x_n;\theta), y_n)` the gradient of example
+    :math:`n`'s loss alone, :math:`w_n` its weight in the batch divisor (:mod:`hessops.losses`: 1 per example
+    for a plain mean, so :math:`F = \frac1N\sum_n g_n g_n^\top`; its counted targets, or their class weights,
+    for cross-entropy with ``ignore_index``/``weight=``; its elements for MSE) and :math:`W = \sum_n w_n`.
+    Examples whose targets are all ignored contribute nothing.
+
+    Computed as :math:`J^\top (s s^\top / w) J` with :math:`s_n = w_n \nabla_f \ell_n` the output gradient of
+    the batch's summed loss (no per-example parameter gradient is stored). Arguments as for
+    :class:`hessops.Hessian`.
     """
 
     def _output_operator(self, outputs: Tensor, targets, index: int, part: int = 0):
-        r = _output_gradients(self.output_loss, outputs, targets)
-        return _outer_matmat(r.unsqueeze(0), outputs.shape[0])
+        spec, n_b = self.output_loss, outputs.shape[0]
+        weights = spec.example_weights(targets, n_b).to(outputs.device)
+        if not spec.mean:
+            return _outer_matmat(_summed_gradients(spec, outputs, targets, 1.0).unsqueeze(0), torch.ones_like(weights), 1.0)
+        total = float(weights.sum())
+        coefficients = torch.where(weights > 0, 1 / weights.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+        return _outer_matmat(_summed_gradients(spec, outputs, targets, total).unsqueeze(0), coefficients, total)
 
 
 class MCFisher(JacobianSandwich):
-    r"""The Monte-Carlo Fisher :math:`\hat F = \frac1{NS} \sum_n \sum_{s=1}^S \hat g_{ns} \hat g_{ns}^\top`,
-    :math:`\hat g_{ns} = \nabla_\theta \ell(f(x_n;\theta), \hat y_{ns})`, with labels
-    :math:`\hat y_{ns} \sim p(y \mid f(x_n;\theta))` sampled from the model, as a ``PSD`` CoLA operator.
+    r"""The Monte-Carlo Fisher with labels :math:`\hat y \sim p(y \mid f(x;\theta))` sampled from the model,
+    as a ``PSD`` CoLA operator:
 
-    Its expectation is the true Fisher, which for these losses equals the GGN. The likelihood follows the
-    loss: ``CrossEntropyLoss`` (categorical on softmax logits), ``NLLLoss`` (categorical on log-probabilities),
-    ``BCEWithLogitsLoss`` (Bernoulli), ``MSELoss`` (Gaussian of variance :math:`d/2` for :math:`d` outputs per
-    example, the variance at which the mean-reduced MSE is the negative log-likelihood). Their functional
-    forms (``F.cross_entropy``, ...) work too. Where the loss also averages over :math:`d` elements of one
-    example (BCE with several outputs, cross-entropy over pixels), :math:`\hat g \hat g^\top` is scaled by
-    :math:`d`, so that the expectation is still the GGN.
+    .. math:: \hat F = \frac1{WS} \sum_n \sum_{s=1}^S \hat s_{ns} \hat s_{ns}^\top, \qquad
+              \hat s_{ns} = J_n^\top \sum_{t \in n} \nabla_{f_t}\, \ell_t(f_t, \hat y_{ts}),
+
+    where :math:`t` runs over the counted targets (classification: positions whose target is not
+    ``ignore_index``) or elements of example :math:`n`, :math:`\ell_t` is the per-target (per-element) loss, and
+    :math:`W` the dataset divisor of :mod:`hessops.losses` (the number of counted targets or elements; 1 for
+    ``reduction="sum"``). Sampled targets of one example are independent, so the cross terms vanish in
+    expectation and :math:`\mathbb E\hat F` is the true Fisher, which for these losses equals the GGN.
+
+    The likelihood follows the loss: cross-entropy (categorical on softmax logits), NLL (categorical on
+    log-probabilities), BCE with logits and BCE (Bernoulli), MSE (Gaussian of variance 1/2 per element, at
+    which the summed squared error is the negative log-likelihood), as modules, functional forms or
+    ``partial``\ s. Class ``weight=``, ``pos_weight`` and ``label_smoothing`` define no likelihood and are
+    refused (use :class:`GGN`, the expectation).
 
     The labels of batch :math:`b` (micro-batch :math:`m`) are drawn from a generator seeded by ``(seed, rank, b, m)``, so the operator is a fixed
     matrix as long as the data come in a fixed order (``shuffle=False``). Other arguments as for
@@ -71,42 +92,50 @@ class MCFisher(JacobianSandwich):
     def __init__(self, model: nn.Module, loss_fn, data, *, samples: int = 1, seed: int = 0, **kwargs):
         if samples < 1:
             raise ValueError(f"samples must be at least 1, got {samples}")
-        self._sampler_for(loss_fn)
+        self._sampler_for(loss_spec(loss_fn))
         super().__init__(model, loss_fn, data, **kwargs)
         self.samples = samples
         self.seed = seed
 
     @staticmethod
-    def _sampler_for(loss_fn: Callable) -> Callable[[Tensor, int, torch.Generator], tuple[Tensor, float]]:
-        """``(outputs, S, generator) -> (labels (S, *targets.shape), scale)``. ``scale`` undoes the mean over the
-        ``d`` elements of one example that the loss takes (the per-example loss is then ``NLL / d``, whose
-        expected gradient outer product is ``1/d`` times its Hessian)."""
-        if isinstance(loss_fn, nn.CrossEntropyLoss) or loss_fn is F.cross_entropy:
-            if getattr(loss_fn, "label_smoothing", 0.0):
+    def _sampler_for(spec: LossSpec) -> Sampler:
+        """``(outputs, targets, S, generator) -> labels`` of shape ``(S, *targets.shape)`` (classification:
+        ``(S, n_b, *d)``), ignored targets kept ignored."""
+        if spec.kind in ("cross_entropy", "nll"):
+            if spec.options.get("label_smoothing"):
                 raise UnsupportedLossError(
-                    "CrossEntropyLoss with label_smoothing is not the negative log-likelihood of a distribution "
+                    f"{spec.name} with label_smoothing is not the negative log-likelihood of a distribution "
                     "over labels, so there is nothing to sample from: use label_smoothing=0 (or GGN)"
                 )
-            return lambda out, s, gen: (_sample_categorical(out.softmax(dim=1), s, gen), math.prod(out.shape[2:]))
-        if isinstance(loss_fn, nn.NLLLoss) or loss_fn is F.nll_loss:
-            return lambda out, s, gen: (_sample_categorical(out.exp(), s, gen), math.prod(out.shape[2:]))
-        if isinstance(loss_fn, nn.BCEWithLogitsLoss) or loss_fn is F.binary_cross_entropy_with_logits:
-            if getattr(loss_fn, "pos_weight", None) is not None or getattr(loss_fn, "weight", None) is not None:
-                raise UnsupportedLossError("BCEWithLogitsLoss with weight or pos_weight has no Bernoulli likelihood: drop them")
-            return lambda out, s, gen: (
-                torch.bernoulli(_sanitized(out.sigmoid()).expand(s, *out.shape), generator=gen),
-                out[0].numel(),
-            )
-        if isinstance(loss_fn, nn.MSELoss) or loss_fn is F.mse_loss:
-            def gaussian(out: Tensor, s: int, gen: torch.Generator) -> tuple[Tensor, float]:
-                # (1/d)·||y − f||² is exactly the NLL of N(f, (d/2)·I), up to a constant: no rescaling.
-                std = math.sqrt(out[0].numel() / 2)
+            if spec.weight is not None:
+                raise UnsupportedLossError(
+                    f"{spec.name} with class weights is not the negative log-likelihood of a distribution over "
+                    "labels, so there is nothing to sample from: use GGN (the Fisher's expectation without "
+                    "weights is the GGN) or EmpiricalFisher, or drop weight="
+                )
+            to_probs = (lambda out: out.softmax(dim=1)) if spec.kind == "cross_entropy" else (lambda out: out.exp())
+
+            def categorical(out: Tensor, targets: Any, s: int, gen: torch.Generator) -> Tensor:
+                drawn = _sample_categorical(to_probs(out), s, gen)
+                if isinstance(targets, Tensor) and not targets.is_floating_point():
+                    drawn = torch.where(targets == spec.ignore_index, targets, drawn)
+                return drawn
+
+            return categorical
+        if spec.kind in ("bce_logits", "bce"):
+            if spec.options.get("pos_weight") is not None or spec.options.get("weight") is not None:
+                raise UnsupportedLossError(f"{spec.name} with weight or pos_weight has no Bernoulli likelihood: drop them")
+            to_probs = (lambda out: out.sigmoid()) if spec.kind == "bce_logits" else (lambda out: out.clamp(0, 1))
+            return lambda out, targets, s, gen: torch.bernoulli(_sanitized(to_probs(out)).expand(s, *out.shape), generator=gen)
+        if spec.kind == "mse":
+            def gaussian(out: Tensor, targets: Any, s: int, gen: torch.Generator) -> Tensor:
+                # (f − y)² is exactly the NLL of N(f, 1/2), up to a constant, per element.
                 noise = torch.randn((s, *out.shape), generator=gen, dtype=out.dtype, device=out.device)
-                return out + std * noise, 1.0
+                return out + math.sqrt(0.5) * noise
             return gaussian
         raise UnsupportedLossError(
-            f"MCFisher samples labels from the likelihood the loss defines; it knows CrossEntropyLoss, NLLLoss, "
-            f"BCEWithLogitsLoss and MSELoss (modules or functional forms), not {getattr(loss_fn, '__name__', type(loss_fn).__name__)}: "
+            f"MCFisher samples labels from the likelihood the loss defines; it knows cross-entropy, NLL, BCE, "
+            f"BCE with logits and MSE (modules, functional forms or partials), not {spec.name}: "
             "use GGN (its expectation) or EmpiricalFisher"
         )
 
@@ -114,9 +143,11 @@ class MCFisher(JacobianSandwich):
         # one stream per (seed, rank, batch, micro-batch); a whole batch (part 0) keeps its stream
         stream = (self.seed * 1_000_003 + self.problem.rank) * 1_000_033 + index + (part << 40)
         generator = torch.Generator(device=outputs.device).manual_seed(stream % 2**63)
-        sampled, scale = self._sampler_for(self.output_loss)(outputs.detach(), self.samples, generator)
-        r = torch.stack([_output_gradients(self.output_loss, outputs, y) for y in sampled])
-        return _outer_matmat(r * math.sqrt(scale), outputs.shape[0])
+        spec = self.output_loss
+        sampled = self._sampler_for(spec)(outputs.detach(), targets, self.samples, generator)
+        total = spec.batch_weight(targets, outputs.shape[0]) if spec.mean else 1.0
+        s = vmap(lambda y: _summed_gradients(spec, outputs, y, total))(sampled)
+        return _outer_matmat(s, torch.ones(outputs.shape[0], device=outputs.device), total * self.samples)
 
 
 def _sample_categorical(probs: Tensor, samples: int, generator: torch.Generator) -> Tensor:

@@ -10,33 +10,43 @@ from hessops.operators._jacobian import JacobianSandwich
 
 
 class GGN(JacobianSandwich):
-    r"""The generalized Gauss-Newton matrix :math:`G = \frac1N \sum_n J_n^\top \, \nabla_f^2 \ell(f_n, y_n) \, J_n`
-    of the dataset mean loss, as a ``PSD`` CoLA operator (PSD whenever the loss is convex in the model's
-    outputs, as cross-entropy, MSE and BCE are).
+    r"""The generalized Gauss-Newton matrix :math:`G = \frac1W \sum_b W_b\, J_b^\top \, \nabla_f^2 L_b \, J_b` of
+    the dataset mean loss (:math:`\sum_b J_b^\top \nabla_f^2 L_b J_b` for ``reduction="sum"``), as a ``PSD``
+    CoLA operator (PSD whenever the loss is convex in the model's outputs, as cross-entropy, MSE and BCE are).
+    For a plain per-example mean this is :math:`\frac1N \sum_n J_n^\top \nabla_f^2 \ell_n J_n`; with ignored
+    targets or class weights :math:`w_n`, :math:`\frac1W \sum_n w_n J_n^\top \nabla_f^2 \ell_n J_n` over the
+    counted targets (:mod:`hessops.losses`).
 
-    :math:`J_n` is the Jacobian of the model's output for example :math:`n`; the output Hessian
-    :math:`\nabla_f^2\ell` (cross-entropy: :math:`\mathrm{diag}(p) - pp^\top`; MSE with mean over :math:`d`
-    outputs: :math:`\tfrac2d I`) is applied exactly by automatic differentiation of ``loss_fn``, so any
-    loss works. It equals the Hessian when the model is linear in :math:`\theta`.
+    :math:`J_b` is the Jacobian of the model's outputs on batch :math:`b`; the output Hessian
+    :math:`\nabla_f^2 L_b` (cross-entropy: :math:`\mathrm{diag}(p) - pp^\top` per target, label smoothing
+    included; MSE with mean over :math:`d` outputs: :math:`\tfrac2d I`; L1: 0) is applied exactly by
+    automatic differentiation of ``loss_fn``. It equals the Hessian when the model is linear in :math:`\theta`.
 
-    The split between model and loss matters: ``nn.NLLLoss`` is linear in log-probabilities, so its GGN
-    would be zero. A ``nn.Sequential`` that ends in ``nn.LogSoftmax`` with ``nn.NLLLoss`` is therefore
-    split before the ``LogSoftmax`` (logits and cross-entropy: the same loss); any other ``NLLLoss`` model
-    is refused. Arguments as for :class:`hessops.Hessian`.
+    The split between model and loss matters: the NLL (``nn.NLLLoss``, ``F.nll_loss`` or a ``partial`` of
+    it) is linear in log-probabilities, so its GGN would be zero. A ``nn.Sequential`` that ends in
+    ``nn.LogSoftmax`` with an NLL loss is therefore split before the ``LogSoftmax`` (logits and
+    cross-entropy with the same ``ignore_index``, ``weight`` and reduction: the same loss); any other NLL
+    model is refused, as is ``KLDivLoss`` (linear in its input too). Arguments as for :class:`hessops.Hessian`.
     """
 
     def __init__(self, model: nn.Module, loss_fn, data, **kwargs):
         super().__init__(model, loss_fn, data, **kwargs)
-        if isinstance(loss_fn, nn.NLLLoss):
+        spec = self.problem.loss_fn
+        if spec.kind == "kl_div":
+            raise UnsupportedLossError(
+                f"{spec.name} is linear in the model's log-probabilities, so the GGN at that split is zero: return "
+                "logits and use nn.CrossEntropyLoss with probability targets (the same curvature)"
+            )
+        if spec.kind == "nll":
             tail = model[-1] if isinstance(model, nn.Sequential) and len(model) > 1 else None
             if not (isinstance(tail, nn.LogSoftmax) and tail.dim in (1, -1)):
                 raise UnsupportedLossError(
-                    "NLLLoss is linear in the model's log-probabilities, so the GGN at that split is zero: return "
-                    "logits and use nn.CrossEntropyLoss (the same loss), or use an nn.Sequential ending in "
+                    f"{spec.name} is linear in the model's log-probabilities, so the GGN at that split is zero: "
+                    "return logits and use nn.CrossEntropyLoss (the same loss), or use an nn.Sequential ending in "
                     "nn.LogSoftmax(dim=1), which hessops splits before the LogSoftmax"
                 )
             self.output_model = model[:-1]
-            self.output_loss = nn.CrossEntropyLoss(ignore_index=loss_fn.ignore_index)
+            self.output_loss = spec.as_cross_entropy()
 
     def _output_operator(self, outputs: Tensor, targets, index: int, part: int = 0):
         loss_fn = self.output_loss
