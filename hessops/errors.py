@@ -20,6 +20,8 @@ __all__ = [
     "CorruptDatasetError",
     "NotPositiveDefiniteError",
     "DistributedError",
+    "HvpFormulationError",
+    "HvpFormulationWarning",
 ]
 
 
@@ -91,3 +93,12 @@ class NotPositiveDefiniteError(HessopsError):
 
 class DistributedError(HessopsError):
     """Another rank failed, or stopped answering, during a distributed product."""
+
+
+class HvpFormulationError(HessopsError):
+    """The requested Hessian-vector product formulation is known or found wrong on this model, or torch
+    cannot differentiate the model twice."""
+
+
+class HvpFormulationWarning(UserWarning):
+    """A fast Hessian-vector product formulation disagreed with double backward and was set aside."""
