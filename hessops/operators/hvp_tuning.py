@@ -165,7 +165,7 @@ def _cannot_differentiate(error: BaseException) -> bool:
     text = str(error)
     return isinstance(error, (RuntimeError, NotImplementedError)) and (
         ("derivative for" in text and "not implemented" in text) or "forward AD" in text or "does not support" in text
-        or "once_differentiable" in text
+        or "once_differentiable" in text or "functorch transforms" in text
     )
 
 
