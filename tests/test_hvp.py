@@ -86,6 +86,7 @@ def fresh_cache(tmp_path, monkeypatch):
     """Every test tunes afresh, with a disk cache of its own."""
     monkeypatch.setenv("HESSOPS_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("HESSOPS_HVP_TUNING", raising=False)
+    monkeypatch.setattr(hvp_tuning, "MIN_PRODUCT_SECONDS", 0.0)  # tiny models: tune them all the same
     return tmp_path
 
 
@@ -220,7 +221,7 @@ def test_disk_cache_round_trip_and_key(fresh_cache):
     assert relative_error(second @ v, plain_hessian(twin, x, y) @ v) < RTOL64
     tuning = second.hvp_tuning["single"]
     assert tuning.source == "disk cache" and tuning.mode == first.hvp_tuning["single"].mode
-    assert tuning.runs == (1 if tuning.mode == "autograd" else 2)  # the cached choice is still checked
+    assert tuning.runs == (2 if tuning.mode == "autograd" else 3)  # reference twice, the cached choice checked
     third = hessops.Hessian(twin, nn.CrossEntropyLoss(), data)
     third @ v
     assert third.hvp_tuning["single"].source == "in-process" and third.hvp_tuning["single"].runs == 0
@@ -270,6 +271,16 @@ def test_tuning_work_is_a_slice():
         assert seen == [hvp_tuning.TUNE_EXAMPLES] * tuning.runs + [n]  # the slice runs, then the product
         assert tuning.runs <= 2 * len(hvp_tuning.CANDIDATES[kind])
         assert tuning.runs * tuning.examples <= 2 * n
+
+
+def test_cheap_products_are_not_tuned(monkeypatch):
+    monkeypatch.setattr(hvp_tuning, "MIN_PRODUCT_SECONDS", float("inf"))
+    model, x, y, data, _ = problem("mlp")
+    op = hessops.Hessian(model, nn.CrossEntropyLoss(), data)
+    v = torch.randn(op.shape[0], dtype=torch.float64)
+    assert relative_error(op @ v, plain_hessian(model, x, y) @ v) < RTOL64
+    tuning = op.hvp_tuning["single"]
+    assert tuning.mode == "autograd" and tuning.source == "cheap product" and tuning.runs == 2
 
 
 def test_tuning_switched_off_by_name(monkeypatch):

@@ -85,9 +85,8 @@ class Hessian(CurvatureOperator):
         """Validate (and for ``"auto"`` time) the formulations on a slice of this batch: the first
         ``TUNE_EXAMPLES`` examples and the first ``TUNE_COLUMNS`` columns of the first block."""
         problem = self.problem
-        sliced_inputs, sliced_targets, examples = split_examples(
-            inputs, targets, batch_size(inputs, index), hvp_tuning.TUNE_EXAMPLES
-        )[0]
+        n_b = batch_size(inputs, index)
+        sliced_inputs, sliced_targets, examples = split_examples(inputs, targets, n_b, hvp_tuning.TUNE_EXAMPLES)[0]
         columns = 1 if kind == "single" else min(hvp_tuning.TUNE_COLUMNS, blocks[0][0].shape[0])
         block = tuple(t[:columns] for t in blocks[0])
         sliced_loss = loss_on(sliced_inputs, sliced_targets)
@@ -96,6 +95,7 @@ class Hessian(CurvatureOperator):
             examples=examples,
             columns=columns,
             device=self.device,
+            scale=n_b / examples * sum(b[0].shape[0] for b in blocks) / columns,
         )
         return hvp_tuning.select(
             self.hvp_mode,

@@ -48,6 +48,10 @@ CANDIDATES = {
 TUNE_EXAMPLES = 8  # examples of the first batch that validation and timing run on
 TUNE_COLUMNS = 4  # columns of the first block that validation and timing run on
 CACHE_FILE = "hvp-tuning.json"
+# Below this estimated product time "auto" keeps double backward: each other formulation's first call in a
+# process costs 0.5-4 s (torch.func tracing; measured on the CIFAR CNN, 2 busy CPU cores), more than it
+# could save on products this cheap (there the formulations were within 20 % of each other).
+MIN_PRODUCT_SECONDS = 2.0
 # The validated choice for a model in this process: model -> {(device, dtype, names, kind): mode}. Held
 # weakly, so that a model's choice dies with it (an id() key would pass it on to a later model at the same address).
 _TUNED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, str]] = weakref.WeakKeyDictionary()
@@ -58,7 +62,8 @@ class Tuning:
     """What the tuner did for one kind of product (``"single"`` or ``"block"``).
 
     ``source``: ``"timed"`` (validated and timed here), ``"disk cache"`` (read from disk, validated here),
-    ``"in-process"`` (chosen earlier in this process for the same model), ``"explicit"`` (an ``hvp_mode``
+    ``"in-process"`` (chosen earlier in this process for the same model), ``"cheap product"`` (an
+    estimated product under :data:`MIN_PRODUCT_SECONDS`: double backward, untuned), ``"explicit"`` (an ``hvp_mode``
     validated here), ``"reference"`` (double backward: nothing to check), ``"disabled"``
     (``HESSOPS_HVP_TUNING=0``) or ``"low precision"`` (a half-precision dtype, where rounding hides wrong
     formulations: double backward). ``seconds``: the tuner's whole cost. ``examples`` and ``columns``: the
@@ -177,6 +182,7 @@ class Slice:
     examples: int
     columns: int
     device: torch.device
+    scale: float = 1.0  # a whole product's work over the slice's: (batch size / examples) · (columns / columns here)
 
 
 def select(
@@ -217,6 +223,13 @@ def _select(requested, kind, model, key, disk_key, probe: Slice, dtype) -> Tunin
         raise  # the user's model or loss failed: their error, as it is
     tuning.runs = 1
     tuning.errors[_hvp.REFERENCE] = 0.0
+    if requested == "auto":  # time the reference warm: is a product dear enough to tune for?
+        _, tuning.times[_hvp.REFERENCE] = _timed(_hvp.REFERENCE, lambda: probe.run(_hvp.REFERENCE), probe.device)
+        tuning.runs += 1
+        if tuning.times[_hvp.REFERENCE] * probe.scale < MIN_PRODUCT_SECONDS:
+            tuning.source = "cheap product"
+            _TUNED.setdefault(model, {})[key] = tuning.mode
+            return tuning
 
     def check(mode: str) -> tuple | None:
         """The slice products of ``mode`` when it agrees with the reference, else ``None`` (and why)."""
@@ -272,7 +285,7 @@ def _select(requested, kind, model, key, disk_key, probe: Slice, dtype) -> Tunin
             stacklevel=6,
         )
     if len(valid) > 1:  # the validation runs paid the first-call costs: time each survivor once more
-        for mode in valid:
+        for mode in valid[1:]:
             _, tuning.times[mode] = _timed(mode, lambda mode=mode: probe.run(mode), probe.device)
             tuning.runs += 1
     tuning.mode = min(valid, key=tuning.times.get)
