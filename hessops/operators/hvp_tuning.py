@@ -165,6 +165,11 @@ def _timed(mode: str, call: Callable, device: torch.device):
     return outcome, time.perf_counter() - began
 
 
+def _interrupted(error: BaseException) -> bool:
+    """A Ctrl-C that torch handed back wrapped in a RuntimeError: not a failed formulation."""
+    return isinstance(error.__context__, KeyboardInterrupt) or "KeyboardInterrupt" in str(error)
+
+
 def _cannot_differentiate(error: BaseException) -> bool:
     """torch's words for an operation without the derivative a formulation needs."""
     text = str(error)
@@ -214,6 +219,8 @@ def _select(requested, kind, model, key, disk_key, probe: Slice, dtype) -> Tunin
     try:
         reference, tuning.times[_hvp.REFERENCE] = _timed(_hvp.REFERENCE, lambda: probe.run(_hvp.REFERENCE)[0], probe.device)
     except Exception as error:
+        if _interrupted(error):
+            raise KeyboardInterrupt from error
         if _cannot_differentiate(error):
             raise HvpFormulationError(
                 f"torch cannot differentiate this model twice ({type(error).__name__}: {str(error).splitlines()[0]}): "
@@ -236,6 +243,8 @@ def _select(requested, kind, model, key, disk_key, probe: Slice, dtype) -> Tunin
         try:
             products, seconds = _timed(mode, lambda: probe.run(mode)[0], probe.device)
         except Exception as error:
+            if _interrupted(error):
+                raise KeyboardInterrupt from error
             if not _cannot_differentiate(error):
                 raise
             tuning.excluded[mode] = f"torch cannot run it here: {str(error).splitlines()[0]}"
