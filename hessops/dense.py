@@ -6,7 +6,6 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import jacrev
 
 from hessops._functional import (
     batch_size,
@@ -32,8 +31,11 @@ def dense_hessian(
     chunk_size: int | None = 256,
 ) -> Tensor:
     r"""The ``(n, n)`` Hessian of the dataset loss (:mod:`hessops.losses`), accumulated batch by batch as
-    :math:`\sum_b \frac{W_b}W \nabla^2 L_b` (:math:`\sum_b \nabla^2 L_b` for ``reduction="sum"``) with
-    ``jacrev(jacrev(L_b))`` (``chunk_size`` rows at a time). Same parameter order as the operators. Memory ``n²``: for models up to a few thousand parameters."""
+    :math:`\sum_b \frac{W_b}W \nabla^2 L_b` (:math:`\sum_b \nabla^2 L_b` for ``reduction="sum"``), by double
+    backward: the gradient's graph is differentiated once per row (``chunk_size`` rows at a time,
+    ``is_grads_batched``). Not ``jacrev(jacrev)`` nor ``torch.func.hessian``, which are 2-10 % off through
+    LayerNorm, InstanceNorm and train-mode BatchNorm in torch 2.14 (docs/torch-pitfalls.md). Same parameter
+    order as the operators. Memory ``n²``: for models up to a few thousand parameters."""
     check_train_mode(model, False)
     spec = loss_spec(loss_fn)
     first_batch(data)
@@ -64,9 +66,27 @@ def dense_hessian(
             params = tuple(t[0] for t in flat_to_tree(flat[None], shapes))
             return spec(call_model(model, names, params, constants, inputs), targets)
 
-        result += (weight if spec.mean else 1.0) * jacrev(jacrev(loss), chunk_size=chunk_size)(theta)
+        result += (weight if spec.mean else 1.0) * _double_backward(loss, theta, chunk_size or theta.numel())
         total += weight
     if examples == 0:
         raise EmptyDataError(EmptyDataError.NO_EXAMPLES)
     check_counted(total, examples)
     return result / total if spec.mean else result
+
+
+def _double_backward(loss: Callable[[Tensor], Tensor], theta: Tensor, chunk_size: int) -> Tensor:
+    """The ``(n, n)`` Hessian of ``loss`` at ``theta``: rows ``e_i^T ∇²loss`` by ``torch.autograd.grad`` of
+    the gradient, ``chunk_size`` rows at a time."""
+    n = theta.numel()
+    with torch.enable_grad():
+        flat = theta.detach().requires_grad_()
+        (gradient,) = torch.autograd.grad(loss(flat), flat, create_graph=True)
+        if not gradient.requires_grad:  # the loss is linear in theta
+            return torch.zeros(n, n, dtype=theta.dtype, device=theta.device)
+        rows = []
+        for start in range(0, n, chunk_size):
+            basis = torch.eye(n, dtype=theta.dtype, device=theta.device)[start : start + chunk_size]
+            last = start + chunk_size >= n
+            (block,) = torch.autograd.grad(gradient, flat, basis, retain_graph=not last, is_grads_batched=True)
+            rows.append(block.detach())
+    return torch.cat(rows)

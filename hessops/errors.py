@@ -23,6 +23,8 @@ __all__ = [
     "InvalidArgumentError",
     "BatchSizeError",
     "TargetShapeError",
+    "HvpFormulationError",
+    "HvpFormulationWarning",
 ]
 
 
@@ -108,3 +110,12 @@ class BatchSizeError(HessopsError):
 
 class TargetShapeError(HessopsError):
     """An element-wise loss got targets of another shape than the outputs, which torch would broadcast."""
+
+
+class HvpFormulationError(HessopsError):
+    """The requested Hessian-vector product formulation is known or found wrong on this model, or torch
+    cannot differentiate the model twice."""
+
+
+class HvpFormulationWarning(UserWarning):
+    """A fast Hessian-vector product formulation disagreed with double backward and was set aside."""

@@ -19,6 +19,14 @@ from reference import dense_empirical_fisher, dense_ggn, dense_hessian  # noqa: 
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _tuning_cache(tmp_path_factory):
+    """Keep the Hessian tuner's disk cache out of the user's home (hessops/operators/hvp_tuning.py)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HESSOPS_CACHE_DIR", str(tmp_path_factory.mktemp("hessops-cache")))
+        yield
+
+
 @dataclass
 class Case:
     """A model, a loss and batched data, with lazily computed dense references."""

@@ -264,8 +264,11 @@ def test_inputs_as_a_tuple_or_a_dict():
         assert relative_error(hessops.Hessian(model, nn.CrossEntropyLoss(), data).to_dense(), expected) < RTOL64
 
 
-def test_auto_mode_picks_a_measured_formulation_once_per_kind():
-    from hessops.operators import hessian as hessian_module
+def test_auto_mode_picks_a_measured_formulation_once_per_kind(monkeypatch):
+    from hessops.operators import hessian as hessian_module, hvp_tuning
+
+    monkeypatch.setattr(hvp_tuning, "TUNE_AFTER_PRODUCTS", 0)  # tune at the first product, however cheap
+    monkeypatch.setattr(hvp_tuning, "MIN_PRODUCT_SECONDS", 0.0)
 
     torch.manual_seed(0)
     model, x, y = mlp().double(), torch.randn(9, 4, dtype=torch.float64), torch.randint(0, 3, (9,))
@@ -322,7 +325,7 @@ def test_mc_fisher_with_micro_batches_is_fixed_and_unbiased():
 def test_ctrl_c_while_tuning_is_not_taken_for_a_failed_candidate(monkeypatch):
     """torch can hand a KeyboardInterrupt back wrapped in a RuntimeError; the tuner skips formulations that
     raise RuntimeError, but must not swallow an interrupt."""
-    from hessops.operators import hessian as hessian_module
+    from hessops.operators import _hvp
 
     def interrupted(*args, **kwargs):
         try:
@@ -332,7 +335,7 @@ def test_ctrl_c_while_tuning_is_not_taken_for_a_failed_candidate(monkeypatch):
 
     torch.manual_seed(0)
     model, x, y = mlp().double(), torch.randn(9, 4, dtype=torch.float64), torch.randint(0, 3, (9,))
-    monkeypatch.setattr(hessian_module, "_run", interrupted)
+    monkeypatch.setattr(_hvp, "run", interrupted)
     op = hessops.Hessian(model, nn.CrossEntropyLoss(), [(x, y)])
     with pytest.raises(KeyboardInterrupt):
         op @ torch.randn(op.shape[0], dtype=torch.float64)

@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 import time
-import weakref
-from typing import Callable
+from typing import Any
 
 import cola
-import torch
-from torch import Tensor, nn
-from torch.func import grad, jvp, vjp, vmap
+from torch import Tensor
 
-from hessops._functional import ParamTree, call_model
+from hessops._functional import ParamTree, batch_size, call_model, split_examples
+from hessops.errors import HvpFormulationError
+from hessops.operators import _hvp, hvp_tuning
 from hessops.operators._base import CurvatureOperator
+from hessops.operators.hvp_tuning import CANDIDATES, _TUNED, Tuning  # noqa: F401 - where tests and users look
 
-HVP_MODES = ("auto", "autograd", "autograd-loop", "forward-over-reverse", "reverse-over-forward", "reverse-over-reverse")
-# What "auto" times on the first batch, for single vectors and for blocks of columns.
-CANDIDATES = {
-    "single": ("autograd", "reverse-over-forward", "forward-over-reverse"),
-    "block": ("autograd", "autograd-loop", "reverse-over-reverse", "forward-over-reverse"),
-}
-# The fastest mode found for a workload: model -> {(device, dtype, parameter names, single/block): mode}. Held
-# weakly, so that a model's choice dies with it (an id() key would pass it on to a later model at the same address).
-_TUNED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, str]] = weakref.WeakKeyDictionary()
+HVP_MODES = ("auto", *_hvp.FORMULATIONS)
 
 
 class Hessian(CurvatureOperator):
@@ -30,130 +22,125 @@ class Hessian(CurvatureOperator):
     :math:`L(\theta) = \frac1N \sum_n \ell(f(x_n;\theta), y_n)`, as a ``SelfAdjoint`` CoLA operator.
 
     It is symmetric but in general indefinite. Products are computed batch by batch, each block of
-    ``chunk_size`` columns at once, in one of these exact formulations (``hvp_mode``):
+    ``chunk_size`` columns at once, in one of these exact formulations (``hvp_mode``,
+    hessops/operators/_hvp.py):
 
     - ``"autograd"``: double backward with ``torch.autograd.grad`` — the gradient's graph is built once per
-      batch and differentiated again for all columns (``is_grads_batched``); freed before the next batch;
-    - ``"autograd-loop"``: the same graph, differentiated once per column (wins where the device is busy with
-      one column already, e.g. a ResNet on a few CPU cores);
-    - ``"forward-over-reverse"``: ``vmap(jvp(grad(L_b)))``; where torch cannot run it (in torch 2.14 it raises
-      "ZeroTensors are immutable" for ``nn.MSELoss``) it falls back to reverse-over-forward by itself;
-    - ``"reverse-over-forward"``: ``vmap(grad(v ↦ jvp(L_b)·v))``;
+      batch and differentiated again for all columns (``is_grads_batched``); freed before the next batch.
+      The reference: right on every model torch can differentiate twice;
+    - ``"autograd-loop"``: the same graph, differentiated once per column;
+    - ``"forward-over-reverse"``: ``vmap(jvp(grad(L_b)))``; where torch cannot run it (torch 2.14 raises
+      "ZeroTensors are immutable" for ``nn.MSELoss``) it falls back to ``"autograd"``;
+    - ``"reverse-over-forward"``: ``vmap(grad(v ↦ jvp(L_b)·v))`` — wrong in torch 2.14 through LayerNorm,
+      InstanceNorm and BatchNorm with batch statistics (docs/torch-pitfalls.md), so refused on such models;
     - ``"reverse-over-reverse"``: ``vmap`` over the ``vjp`` of ``grad(L_b)``;
-    - ``"auto"`` (default): the first product of each kind (one column, or a block) runs the candidates
-      on its first batch and first ``chunk_size`` columns (a warm-up, then the best of three timed runs; one
-      timed run for those over a second), and keeps the fastest for this model, device and dtype. Which wins depends on the
-      model and the device (benchmarks/RESULTS.md); all agree to rounding.
+    - ``"auto"`` (default): double backward, until a run has shown that tuning can pay: after 20 products
+      of one kind (one column, or a block) that took at least 2 s each, the candidates are checked against
+      double backward and timed on a slice of a batch, and the fastest that agrees is kept
+      (hessops/operators/hvp_tuning.py; ``HESSOPS_HVP_TUNING=0`` turns this off). What it did is in
+      :attr:`hvp_tuning`.
 
-    See :class:`CurvatureOperator` for the other arguments.
+    An explicit mode other than ``"autograd"`` is checked against double backward on its first product, and
+    refused (:class:`~hessops.errors.HvpFormulationError`) if it disagrees. Attention runs in torch's math
+    kernel, the one with second derivatives. See :class:`CurvatureOperator` for the other arguments.
     """
 
     def __init__(self, model, loss_fn, data, *, hvp_mode: str = "auto", **kwargs):
         if hvp_mode not in HVP_MODES:
             raise ValueError(f"hvp_mode={hvp_mode!r}: choose one of {HVP_MODES}")
+        wrong = _hvp.known_wrong_on(hvp_mode, model)
+        if wrong:
+            raise HvpFormulationError(
+                f"hvp_mode={hvp_mode!r} is wrong through {', '.join(wrong)} in torch (its products are 10-100 % "
+                "off; docs/torch-pitfalls.md): use hvp_mode='auto' or another formulation"
+            )
         super().__init__(model, loss_fn, data, **kwargs)
         self.hvp_mode = hvp_mode
         self.annotations = self.annotations | {cola.SelfAdjoint}
+
+    @property
+    def hvp_tuning(self) -> dict[str, Tuning]:
+        """What choosing the formulation did, per kind of product (``"single"``, ``"block"``): the mode, its
+        source, the seconds it cost, and each candidate's error and time on the slice."""
+        return self.problem.memo.setdefault("hvp_tuning", {})
 
     def _batch_matmat(self, params, constants, inputs, targets, blocks, index, part=0):
         problem = self.problem
         randomness = "same" if problem.allow_train_mode else "error"
 
-        def batch_loss(p: ParamTree) -> tuple[Tensor, Tensor]:
-            loss = problem.loss_fn(call_model(problem.model, problem.names, p, constants, inputs), targets)
-            if loss.dim() != 0:
-                raise _not_scalar(loss)
-            return loss, loss
+        def loss_on(inputs: Any, targets: Any):
+            def batch_loss(p: ParamTree) -> tuple[Tensor, Tensor]:
+                loss = problem.loss_fn(call_model(problem.model, problem.names, p, constants, inputs), targets)
+                if loss.dim() != 0:
+                    raise _not_scalar(loss)
+                return loss, loss
 
-        if self.hvp_mode != "auto":
-            return _run(self.hvp_mode, problem, batch_loss, params, blocks, randomness)
-        kind = "single" if all(block[0].shape[0] == 1 for block in blocks) else "block"
-        key = (str(self.device), self.dtype, problem.names, kind)
-        tuned = _TUNED.setdefault(problem.model, {})
-        if key in tuned:
-            return _run(tuned[key], problem, batch_loss, params, blocks, randomness)
-        timings, outcomes = {}, {}
-        first = blocks[:1]  # candidates are timed on the first block of columns only
-        for round_ in range(4):
-            # Round 0 pays each formulation's first-call costs; round 1 times every candidate; rounds 2-3
-            # time again those under a second, where noise matters (the minimum counts).
-            for mode in CANDIDATES[kind]:
-                if round_ and mode not in timings or round_ > 1 and timings[mode] > 1.0:
-                    continue
-                _synchronize(self.device)
-                began = time.perf_counter()
-                try:
-                    outcome = _run(mode, problem, batch_loss, params, first, randomness)
-                except RuntimeError as error:
-                    if isinstance(error.__context__, KeyboardInterrupt) or "KeyboardInterrupt" in str(error):
-                        raise KeyboardInterrupt from error  # Ctrl-C inside torch, wrapped: not a failed candidate
-                    continue  # a formulation torch cannot run on this model: not a candidate
-                _synchronize(self.device)
-                elapsed = time.perf_counter() - began
-                timings[mode] = elapsed if round_ < 2 else min(timings[mode], elapsed)
-                outcomes[mode] = outcome
-        if not timings:
-            raise RuntimeError("no Hessian-vector product formulation ran on this model; pass hvp_mode= to see why")
-        tuned[key] = best = min(timings, key=timings.get)
-        products, loss = outcomes[best]  # the winner's own result: later products repeat it bit for bit
-        if len(blocks) > 1:
-            products = products + _run(best, problem, batch_loss, params, blocks[1:], randomness)[0]
-        return products, loss
+            return batch_loss
+
+        kind = _kind(blocks[0][0].shape[0] if len(blocks) == 1 else 2)
+        if kind not in self.hvp_tuning and not self._tuning_deferred(kind):
+            self.hvp_tuning[kind] = self._tune(kind, loss_on, params, inputs, targets, blocks, index, randomness)
+        if kind not in self.hvp_tuning:  # "auto" before a run has shown tuning can pay: the reference
+            return hvp_tuning.run_reference(
+                lambda: _hvp.run(_hvp.REFERENCE, loss_on(inputs, targets), params, blocks, randomness, problem.memo)
+            )
+        mode = self.hvp_tuning[kind].mode
+        return _hvp.run(mode, loss_on(inputs, targets), params, blocks, randomness, problem.memo)
+
+    def _matmat(self, X: Tensor) -> Tensor:
+        kind = _kind(X.shape[1])
+        if kind in self.hvp_tuning:
+            return super()._matmat(X)
+        began = time.perf_counter()
+        result = super()._matmat(X)
+        usage = self.problem.memo.setdefault("hvp_usage", {}).setdefault(kind, [0, 0.0])
+        usage[0] += 1
+        usage[1] += time.perf_counter() - began
+        return result
+
+    def _tuning_deferred(self, kind: str) -> bool:
+        """``"auto"`` with tuning on runs double backward until :func:`hvp_tuning.worth_tuning` says (from
+        this operator's products so far) whether to tune; a cheap product is then recorded as such."""
+        if self.hvp_mode != "auto" or not hvp_tuning.enabled() or hvp_tuning.in_process(self.problem.model, self._key(kind)):
+            return False
+        products, seconds = self.problem.memo.get("hvp_usage", {}).get(kind, (0, 0.0))
+        worth = hvp_tuning.worth_tuning(products, seconds)
+        if worth is False:
+            self.hvp_tuning[kind] = hvp_tuning.Tuning(kind, _hvp.REFERENCE, "cheap product")
+        return not worth
+
+    def _key(self, kind: str) -> tuple:
+        return (str(self.device), self.dtype, self.problem.names, kind)
+
+    def _tune(self, kind, loss_on, params, inputs, targets, blocks, index, randomness) -> Tuning:
+        """Validate (and for ``"auto"`` time) the formulations on a slice of this batch: the first
+        ``TUNE_EXAMPLES`` examples and the first ``TUNE_COLUMNS`` columns of the first block."""
+        problem = self.problem
+        n_b = batch_size(inputs, index)
+        sliced_inputs, sliced_targets, examples = split_examples(inputs, targets, n_b, hvp_tuning.TUNE_EXAMPLES)[0]
+        columns = 1 if kind == "single" else min(hvp_tuning.TUNE_COLUMNS, blocks[0][0].shape[0])
+        block = tuple(t[:columns] for t in blocks[0])
+        sliced_loss = loss_on(sliced_inputs, sliced_targets)
+        probe = hvp_tuning.Slice(
+            run=lambda mode: _hvp.run(mode, sliced_loss, params, [block], randomness, problem.memo),
+            examples=examples,
+            columns=columns,
+            device=self.device,
+        )
+        return hvp_tuning.select(
+            self.hvp_mode,
+            kind,
+            problem.model,
+            self._key(kind),
+            lambda: hvp_tuning.cache_key(problem.model, problem.names, problem.shapes, self.device, self.dtype, kind),
+            probe,
+            self.dtype,
+        )
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _run(mode: str, problem, batch_loss: Callable, params: ParamTree, blocks: list[ParamTree], randomness: str):
-    if mode in ("autograd", "autograd-loop"):
-        return _autograd(batch_loss, params, blocks, batched=mode == "autograd")
-    if mode == "forward-over-reverse" and problem.memo.get("forward_fails"):
-        mode = "reverse-over-forward"
-    if mode == "forward-over-reverse":
-        try:
-            return _forward_over_reverse(batch_loss, params, blocks, randomness)
-        except RuntimeError as error:
-            if "ZeroTensor" not in str(error):
-                raise
-            problem.memo["forward_fails"] = True
-            mode = "reverse-over-forward"
-    if mode == "reverse-over-forward":
-        return _reverse_over_forward(batch_loss, params, blocks, randomness)
-    return _reverse_over_reverse(batch_loss, params, blocks, randomness)
-
-
-def _autograd(batch_loss: Callable, params: ParamTree, blocks: list[ParamTree], batched: bool = True):
-    """Double backward: one graph of the gradient per batch, differentiated for every column (all columns of
-    a block at once when ``batched``, else one after the other)."""
-    with torch.enable_grad():
-        p = tuple(t.detach().requires_grad_() for t in params)
-        loss, _ = batch_loss(p)
-        g = torch.autograd.grad(loss, p, create_graph=True, allow_unused=True, materialize_grads=True)
-        live = [i for i, gi in enumerate(g) if gi.requires_grad]  # a gradient constant in θ has zero Hessian rows
-        products = []
-        for b, block in enumerate(blocks):
-            columns = block[0].shape[0]
-            out = [torch.zeros_like(t) for t in block]
-            if live:
-                keep = b < len(blocks) - 1
-                outputs = [g[i] for i in live]
-                cotangents = [block[i] for i in live]
-                if columns == 1 or not batched:
-                    per_column = []
-                    for c in range(columns):
-                        last_column = c == columns - 1
-                        per_column.append(torch.autograd.grad(
-                            outputs, p, [t[c] for t in cotangents], retain_graph=keep or not last_column,
-                            allow_unused=True, materialize_grads=True,
-                        ))
-                    hv = [torch.stack(parts) for parts in zip(*per_column)]
-                else:
-                    hv = torch.autograd.grad(outputs, p, cotangents, retain_graph=keep, allow_unused=True, materialize_grads=True, is_grads_batched=True)
-                out = [h.detach() for h in hv]
-            products.append(tuple(out))
-    return products, loss.detach()
+def _kind(columns: int) -> str:
+    """``"single"`` for products with one column, ``"block"`` for several: the tuner chooses for each."""
+    return "single" if columns == 1 else "block"
 
 
 def _not_scalar(loss: Tensor) -> Exception:
@@ -163,40 +150,3 @@ def _not_scalar(loss: Tensor) -> Exception:
         f"loss_fn returned a tensor of shape {tuple(loss.shape)}, not a scalar: it must return the batch mean "
         "(reduction='mean')"
     )
-
-
-def _forward_over_reverse(batch_loss: Callable, params: ParamTree, blocks: list[ParamTree], randomness: str):
-    gradient = grad(batch_loss, has_aux=True)
-
-    def hvp(v: ParamTree):
-        _, product, loss = jvp(gradient, (params,), (v,), has_aux=True)
-        return product, loss
-
-    return _map_blocks(hvp, blocks, randomness)
-
-
-def _reverse_over_forward(batch_loss: Callable, params: ParamTree, blocks: list[ParamTree], randomness: str):
-    def directional(p: ParamTree, v: ParamTree):
-        _, derivative, loss = jvp(batch_loss, (p,), (v,), has_aux=True)
-        return derivative, loss
-
-    def hvp(v: ParamTree):
-        return grad(directional, has_aux=True)(params, v)
-
-    return _map_blocks(hvp, blocks, randomness)
-
-
-def _map_blocks(hvp: Callable, blocks: list[ParamTree], randomness: str):
-    """``vmap(hvp)`` over each block of columns; ``hvp(v)`` returns ``(Hv, loss)``."""
-    products, loss = [], None
-    for block in blocks:
-        product, losses = vmap(hvp, randomness=randomness)(block)
-        products.append(product)
-        loss = losses[0] if loss is None else loss
-    return products, loss
-
-
-def _reverse_over_reverse(batch_loss: Callable, params: ParamTree, blocks: list[ParamTree], randomness: str):
-    _, vjp_fn, loss = vjp(grad(batch_loss, has_aux=True), params, has_aux=True)
-    products = [vmap(vjp_fn, randomness=randomness)(block)[0] for block in blocks]
-    return products, loss

@@ -1,0 +1,334 @@
+"""Which Hessian-vector product formulation a :class:`~hessops.Hessian` uses: validated, then timed.
+
+A fast path is a guest: every formulation but double backward (``"autograd"``, the reference) is checked
+against it before it is used, and the whole mechanism is switched off by ``hvp_mode="autograd"`` or the
+environment variable ``HESSOPS_HVP_TUNING=0`` (then ``"auto"`` means ``"autograd"``).
+
+``"auto"`` starts with double backward, the reference, and tunes only once a run has shown it is long
+enough to repay tuning: after :data:`TUNE_AFTER_PRODUCTS` products of one kind (one column, or a block of
+columns), when they took at least :data:`MIN_PRODUCT_SECONDS` each (:func:`worth_tuning`). Each other
+formulation's first call in a process costs 0.5-4 s of torch.func tracing and warm-up, whatever the
+model, while on the CPU the formulations' products differ by 10-20 % (benchmarks/RESULTS.md): tuning at the
+first product made a fresh process's top-2 eigenvalues of a ResNet-18 1.6× slower than PyHessian. A short
+run (eigenvalues to a tolerance: about ten products) thus pays nothing, and a long one (a density, a
+tracker) pays at most a few slice products after twenty full ones. Then ``"auto"``
+
+1. runs the reference on a *slice*: the first :data:`TUNE_EXAMPLES` examples of the batch at hand and its
+   first :data:`TUNE_COLUMNS` columns (one for single products);
+2. runs every candidate of that kind not known to be wrong on the model's modules (:data:`~hessops.operators._hvp.KNOWN_WRONG`)
+   on the same slice and sets aside, with one :class:`~hessops.errors.HvpFormulationWarning`, any whose
+   relative Frobenius error exceeds :func:`tolerance`; one that torch cannot run is set aside too;
+3. times the survivors once more on the slice and keeps the fastest.
+
+The user's own errors (a shape error in the model, a failing loss) come from the reference, as themselves;
+an operation torch cannot differentiate twice gives one :class:`~hessops.errors.HvpFormulationError`
+chained to torch's error (:func:`run_reference`).
+
+The choice is kept for the model in this process, and on disk (a small JSON file in ``HESSOPS_CACHE_DIR``,
+default ``~/.cache/hessops``) keyed by the model's structure, the device, dtype, thread count, torch version
+and kind; a choice read from disk is validated on the slice (two slice runs) before its first use in a
+process. An explicit ``hvp_mode`` other than ``"autograd"`` is validated the same way on its first product,
+and refused with :class:`~hessops.errors.HvpFormulationError` if it disagrees. What the tuner did, and what
+it cost, is :class:`Tuning`, exposed as ``Hessian.hvp_tuning``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import warnings
+import weakref
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from hessops.errors import HvpFormulationError, HvpFormulationWarning
+from hessops.operators import _hvp
+
+# What "auto" may choose, for single vectors and for blocks of columns (the reference is always among them).
+CANDIDATES = {
+    "single": ("autograd", "reverse-over-forward", "forward-over-reverse"),
+    "block": ("autograd", "autograd-loop", "reverse-over-reverse", "forward-over-reverse"),
+}
+TUNE_EXAMPLES = 8  # examples of the first batch that validation and timing run on
+TUNE_COLUMNS = 4  # columns of the first block that validation and timing run on
+CACHE_FILE = "hvp-tuning.json"
+# "auto" tunes a kind of product only after this many products of it, and only if they took at least
+# MIN_PRODUCT_SECONDS each: each other formulation's first call in a process costs 0.5-4 s (torch.func
+# tracing; measured on the CIFAR CNN, 2 CPU cores), more than tuning can save on fewer or cheaper products
+# (on the CPU the formulations were within 10-20 % of each other).
+TUNE_AFTER_PRODUCTS = 20
+MIN_PRODUCT_SECONDS = 2.0
+# The validated choice for a model in this process: model -> {(device, dtype, names, kind): mode}. Held
+# weakly, so that a model's choice dies with it (an id() key would pass it on to a later model at the same address).
+_TUNED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, str]] = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class Tuning:
+    """What the tuner did for one kind of product (``"single"`` or ``"block"``).
+
+    ``source``: ``"timed"`` (validated and timed here), ``"disk cache"`` (read from disk, validated here),
+    ``"in-process"`` (chosen earlier in this process for the same model), ``"cheap product"`` (the first
+    :data:`TUNE_AFTER_PRODUCTS` products took under :data:`MIN_PRODUCT_SECONDS` each: double backward, untuned), ``"explicit"`` (an ``hvp_mode``
+    validated here), ``"reference"`` (double backward: nothing to check), ``"disabled"``
+    (``HESSOPS_HVP_TUNING=0``) or ``"low precision"`` (a half-precision dtype, where rounding hides wrong
+    formulations: double backward). ``seconds``: the tuner's whole cost. ``examples`` and ``columns``: the
+    slice it ran on; ``runs``: slice products it computed. ``errors``: each candidate's relative error
+    against double backward on the slice; ``times``: its timed slice run (s); ``excluded``: why a
+    formulation was not a candidate."""
+
+    kind: str
+    mode: str
+    source: str
+    seconds: float = 0.0
+    examples: int = 0
+    columns: int = 0
+    runs: int = 0
+    tolerance: float = 0.0
+    errors: dict[str, float] = field(default_factory=dict)
+    times: dict[str, float] = field(default_factory=dict)
+    excluded: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    r"""The largest relative Frobenius error :math:`\|HV - H_{ref}V\|_F / \|H_{ref}V\|_F` of a formulation
+    that counts as rounding: :math:`10\sqrt{\varepsilon}` of the dtype (1.5e-7 in float64, 3.5e-3 in float32).
+    Correct formulations differ from double backward by a few :math:`\varepsilon` times the conditioning of
+    the sums involved (measured: at most 5e-16 in float64, 2e-7 in float32 on the test models); the wrong
+    ones measured are 10-100 % off, so the square root leaves orders of magnitude on both sides."""
+    return 10 * torch.finfo(dtype).eps ** 0.5
+
+
+def enabled() -> bool:
+    """``False`` when the environment sets ``HESSOPS_HVP_TUNING=0``: ``"auto"`` then means ``"autograd"``."""
+    return os.environ.get("HESSOPS_HVP_TUNING", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    """``$HESSOPS_CACHE_DIR``, default ``~/.cache/hessops``."""
+    return Path(os.environ.get("HESSOPS_CACHE_DIR") or Path.home() / ".cache" / "hessops")
+
+
+def cache_key(model: nn.Module, names: tuple[str, ...], shapes, device: torch.device, dtype: torch.dtype, kind: str) -> str:
+    """A digest of what decides the fastest formulation: module types (and train/eval), parameter names and
+    shapes, the device (its name for a GPU, the thread count on the CPU), dtype, torch version and kind."""
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
+    payload = {
+        "modules": [[name, f"{type(m).__module__}.{type(m).__qualname__}", m.training] for name, m in model.named_modules()],
+        "params": [[n, list(s)] for n, s in zip(names, shapes)],
+        "device": hardware,
+        "dtype": str(dtype),
+        "torch": torch.__version__,
+        "kind": kind,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _read_cache() -> dict[str, str]:
+    try:
+        entries = json.loads((cache_dir() / CACHE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}  # no cache yet, or an unreadable one: tune afresh
+    return entries if isinstance(entries, dict) else {}
+
+
+def _write_cache(key: str, mode: str) -> None:
+    entries = _read_cache()
+    entries[key] = mode
+    path = cache_dir() / CACHE_FILE
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scratch = path.with_suffix(f".{os.getpid()}.tmp")
+        scratch.write_text(json.dumps(entries, indent=1, sort_keys=True))
+        os.replace(scratch, path)  # atomic: a concurrent reader sees the old file or the new one
+    except OSError:
+        pass  # a read-only home: the choice still holds in this process
+
+
+def relative_error(products: list[tuple[Tensor, ...]], reference: list[tuple[Tensor, ...]]) -> float:
+    """Relative Frobenius error of a formulation's products against the reference's (0 when both vanish)."""
+    diff = sum(float((a - b).double().square().sum()) for pa, pb in zip(products, reference) for a, b in zip(pa, pb))
+    norm = sum(float(b.double().square().sum()) for pb in reference for b in pb)
+    if norm == 0.0:
+        return 0.0 if diff == 0.0 else float("inf")
+    return (diff / norm) ** 0.5
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(mode: str, call: Callable, device: torch.device):
+    """``(call(), seconds)``, the device's queue drained on both sides."""
+    _synchronize(device)
+    began = time.perf_counter()
+    outcome = call()
+    _synchronize(device)
+    return outcome, time.perf_counter() - began
+
+
+def _interrupted(error: BaseException) -> bool:
+    """A Ctrl-C that torch handed back wrapped in a RuntimeError: not a failed formulation."""
+    return isinstance(error.__context__, KeyboardInterrupt) or "KeyboardInterrupt" in str(error)
+
+
+def _cannot_differentiate(error: BaseException) -> bool:
+    """torch's words for an operation without the derivative a formulation needs."""
+    text = str(error)
+    return isinstance(error, (RuntimeError, NotImplementedError)) and (
+        ("derivative for" in text and "not implemented" in text) or "forward AD" in text or "does not support" in text
+        or "once_differentiable" in text or "functorch transforms" in text
+    )
+
+
+def run_reference(call: Callable):
+    """``call()``, a double-backward computation: the user's own errors pass as they are; an operation torch
+    cannot differentiate twice becomes one :class:`~hessops.errors.HvpFormulationError`, chained."""
+    try:
+        return call()
+    except Exception as error:
+        if _interrupted(error):
+            raise KeyboardInterrupt from error
+        if _cannot_differentiate(error):
+            raise HvpFormulationError(
+                f"torch cannot differentiate this model twice ({type(error).__name__}: {str(error).splitlines()[0]}): "
+                "every exact Hessian-vector product needs second derivatives of the model. Replace that "
+                "operation by one torch can differentiate twice, or take the GGN (hessops.GGN)"
+            ) from error
+        raise  # the user's model or loss failed: their error, as it is
+
+
+def in_process(model: nn.Module, key: tuple) -> bool:
+    """Whether a formulation was already chosen for this model and workload in this process."""
+    return key in _TUNED.get(model, {})
+
+
+def worth_tuning(products: int, seconds: float) -> bool | None:
+    """Whether ``"auto"`` should tune a kind of product after ``products`` of them took ``seconds``:
+    ``None`` while too few have run to tell, then ``True`` when they took at least
+    :data:`MIN_PRODUCT_SECONDS` each."""
+    if products < TUNE_AFTER_PRODUCTS:
+        return None
+    return seconds >= MIN_PRODUCT_SECONDS * products
+
+
+@dataclass
+class Slice:
+    """The part of the first batch that the tuner runs on: ``run(mode)`` computes ``mode``'s products there."""
+
+    run: Callable[[str], tuple]
+    examples: int
+    columns: int
+    device: torch.device
+
+
+def select(
+    requested: str,
+    kind: str,
+    model: nn.Module,
+    key: tuple,
+    disk_key: Callable[[], str],
+    probe: Slice,
+    dtype: torch.dtype,
+) -> Tuning:
+    """The formulation for products of ``kind`` on ``model``, with what choosing it cost."""
+    began = time.perf_counter()
+    tuning = _select(requested, kind, model, key, disk_key, probe, dtype)
+    tuning.seconds = time.perf_counter() - began
+    return tuning
+
+
+def _select(requested, kind, model, key, disk_key, probe: Slice, dtype) -> Tuning:
+    if requested == _hvp.REFERENCE:
+        return Tuning(kind, requested, "reference")
+    if requested == "auto" and not enabled():
+        return Tuning(kind, _hvp.REFERENCE, "disabled")
+    if requested == "auto" and torch.finfo(dtype).eps > 1e-6:
+        return Tuning(kind, _hvp.REFERENCE, "low precision")
+    if requested == "auto" and key in _TUNED.get(model, {}):
+        return Tuning(kind, _TUNED[model][key], "in-process")
+    tuning = Tuning(kind, _hvp.REFERENCE, "timed", examples=probe.examples, columns=probe.columns, tolerance=tolerance(dtype))
+    reference, tuning.times[_hvp.REFERENCE] = _timed(
+        _hvp.REFERENCE, lambda: run_reference(lambda: probe.run(_hvp.REFERENCE)[0]), probe.device
+    )
+    tuning.runs = 1
+    tuning.errors[_hvp.REFERENCE] = 0.0
+
+    def check(mode: str) -> tuple | None:
+        """The slice products of ``mode`` when it agrees with the reference, else ``None`` (and why)."""
+        try:
+            products, seconds = _timed(mode, lambda: probe.run(mode)[0], probe.device)
+        except Exception as error:
+            if _interrupted(error):
+                raise KeyboardInterrupt from error
+            if not _cannot_differentiate(error):
+                raise
+            tuning.excluded[mode] = f"torch cannot run it here: {str(error).splitlines()[0]}"
+            return None
+        finally:
+            tuning.runs += 1
+        tuning.errors[mode] = error = relative_error(products, reference)
+        tuning.times[mode] = seconds
+        if error > tuning.tolerance:
+            tuning.excluded[mode] = f"{error:.2g} off double backward (tolerance {tuning.tolerance:.1g})"
+            return None
+        return products
+
+    if requested != "auto":
+        tuning.source, tuning.mode = "explicit", requested
+        if check(requested) is None:
+            raise HvpFormulationError(
+                f"hvp_mode={requested!r} is wrong on this model: {tuning.excluded[requested]} on the first "
+                f"{probe.examples} examples{_suspects(model)}. Use hvp_mode='auto' (validated) or 'autograd'"
+            )
+        return tuning
+
+    candidates = []
+    for mode in CANDIDATES[kind]:
+        wrong = _hvp.known_wrong_on(mode, model)
+        if wrong:
+            tuning.excluded[mode] = f"known wrong through {', '.join(wrong)} (docs/torch-pitfalls.md)"
+        else:
+            candidates.append(mode)
+    entry = disk_key()
+    cached = _read_cache().get(entry)
+    if cached in candidates:
+        if cached == _hvp.REFERENCE or check(cached) is not None:
+            tuning.mode, tuning.source = cached, "disk cache"
+            _TUNED.setdefault(model, {})[key] = cached
+            return tuning
+    valid = [_hvp.REFERENCE] + [
+        mode for mode in candidates if mode != _hvp.REFERENCE and mode not in tuning.excluded and check(mode) is not None
+    ]
+    disagreeing = {m: why for m, why in tuning.excluded.items() if m in tuning.errors}
+    if disagreeing:
+        warnings.warn(
+            "Hessian-vector product formulation(s) set aside: "
+            + "; ".join(f"{m} is {why}" for m, why in disagreeing.items())
+            + f"{_suspects(model)}. hessops uses the others (docs/torch-pitfalls.md)",
+            HvpFormulationWarning,
+            stacklevel=6,
+        )
+    if len(valid) > 1:  # the validation runs paid the first-call costs: time each survivor once more
+        for mode in valid[1:]:
+            _, tuning.times[mode] = _timed(mode, lambda mode=mode: probe.run(mode), probe.device)
+            tuning.runs += 1
+    tuning.mode = min(valid, key=tuning.times.get)
+    _TUNED.setdefault(model, {})[key] = tuning.mode
+    _write_cache(entry, tuning.mode)
+    return tuning
+
+
+def _suspects(model: nn.Module) -> str:
+    types = _hvp.suspect_modules(model)
+    return f" (the model holds {', '.join(types)}: the likely cause)" if types else ""
