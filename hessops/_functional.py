@@ -6,7 +6,8 @@ parameters, in the order given (default: ``model.parameters()`` with ``requires_
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -294,3 +295,19 @@ def first_batch(data: Iterable) -> Any:
         return next(iterator)
     except StopIteration:
         raise EmptyDataError("data yielded no batch: pass a non-empty DataLoader or list of (inputs, targets)") from None
+
+
+@contextlib.contextmanager
+def differentiable_kernels() -> Iterator[None]:
+    """Run attention in kernels that torch can differentiate twice: the math kernel of
+    ``scaled_dot_product_attention`` (the flash and memory-efficient kernels have no double backward, nor
+    forward-mode derivatives) and ``nn.MultiheadAttention`` without its fused inference fast path."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)

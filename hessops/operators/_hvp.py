@@ -10,12 +10,13 @@ before trusting it (hessops/operators/hvp_tuning.py).
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
+
+from hessops._functional import differentiable_kernels
 
 ParamTree = tuple[Tensor, ...]
 
@@ -67,22 +68,6 @@ def suspect_modules(model: nn.Module) -> list[str]:
     return sorted({type(m).__name__ for m in model.modules() if isinstance(m, SUSPECT_TYPES)})
 
 
-@contextlib.contextmanager
-def differentiable_kernels() -> Iterator[None]:
-    """Run attention in kernels that torch can differentiate twice: the math kernel of
-    ``scaled_dot_product_attention`` (the flash and memory-efficient kernels have no double backward, nor
-    forward-mode derivatives) and ``nn.MultiheadAttention`` without its fused inference fast path."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-
-
 def run(mode: str, batch_loss: Callable, params: ParamTree, blocks: list[ParamTree], randomness: str, memo: dict):
     """``mode``'s products ``[H_b V]`` and the batch loss. ``forward-over-reverse`` that torch cannot run
     ("ZeroTensors are immutable", e.g. ``nn.MSELoss`` in torch 2.14) falls back to double backward, which is
@@ -129,9 +114,9 @@ def autograd(batch_loss: Callable, params: ParamTree, blocks: list[ParamTree], b
                     hv = [torch.stack(parts) for parts in zip(*per_column)]
                 else:
                     hv = torch.autograd.grad(
-                        outputs, p, cotangents, retain_graph=keep, allow_unused=True, materialize_grads=True,
-                        is_grads_batched=True,
-                    )
+                        outputs, p, cotangents, retain_graph=keep, allow_unused=True, is_grads_batched=True,
+                    )  # not materialize_grads: its zeros for unused parameters lack the batch dimension
+                    hv = [torch.zeros_like(t) if h is None else h for h, t in zip(hv, block)]
                 out = [h.detach() for h in hv]
             products.append(tuple(out))
     return products, loss.detach()

@@ -8,7 +8,7 @@ import cola
 from torch import Tensor, nn
 from torch.func import jvp, vjp, vmap
 
-from hessops._functional import ParamTree, call_model
+from hessops._functional import ParamTree, call_model, differentiable_kernels
 from hessops.operators._base import CurvatureOperator
 
 OutputMatmat = Callable[[Tensor], Tensor]
@@ -49,12 +49,13 @@ class JacobianSandwich(CurvatureOperator):
                 )
             return outputs
 
-        outputs, pullback = vjp(forward, params)
-        loss = self.output_loss(outputs, targets)
-        output_matmat = self._output_operator(outputs, targets, index, part)
-        products = []
-        for block in blocks:
-            jv = vmap(lambda v: jvp(forward, (params,), (v,))[1], randomness=randomness)(block)
-            products.append(vmap(pullback, randomness=randomness)(output_matmat(jv))[0])
+        with differentiable_kernels():  # attention's fused kernels have no forward-mode derivative
+            outputs, pullback = vjp(forward, params)
+            loss = self.output_loss(outputs, targets)
+            output_matmat = self._output_operator(outputs, targets, index, part)
+            products = []
+            for block in blocks:
+                jv = vmap(lambda v: jvp(forward, (params,), (v,))[1], randomness=randomness)(block)
+                products.append(vmap(pullback, randomness=randomness)(output_matmat(jv))[0])
         return products, loss
 
