@@ -49,7 +49,9 @@ from hessops.plot import plot_density, plot_eigenvalues
 
 MODEL = "resnet18_cifar10"
 PUBLISHED = "https://huggingface.co/edadaltocg/resnet18_cifar10/resolve/main/pytorch_model.bin"
-TOL = 1e-3  # eigs: residual ≤ TOL · max|θ|
+# eigs: verified residual ≤ TOL · max|θ|. A float32 ResNet-18 product is not accurate to 1e-3 of the norm: with
+# the Lanczos estimates at 9e-4, the true residuals were 2.2e-3 (--quick, 2026-12-02), so 1e-2.
+TOL = 1e-2
 QUICK_IMAGES = 8  # --quick's checkpoint-training and test images, each
 STUDY = {"lanczos_steps": 30, "seconds": 15 * 60, "device": "a GPU"}
 

@@ -20,6 +20,7 @@ import torch
 
 from hessops import __version__
 from hessops.errors import HessopsError
+from hessops.operators.hessian import HVP_MODES
 
 OPERATORS = ("hessian", "ggn", "ef", "mcfisher")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -39,6 +40,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-examples", type=int, help="a deterministic subset of this many examples (by --seed)")
     group.add_argument("--batch-size", type=int, default=128)
     group.add_argument("--operator", choices=OPERATORS, default="hessian")
+    group.add_argument("--hvp-mode", choices=HVP_MODES, default="auto",
+                       help="the Hessian-vector product formulation (--operator hessian); auto: validated against double backward")
     group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     group.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="the operator's dtype")
     group.add_argument("--seed", type=int, default=0, help="model init, data subset and probe vectors")
@@ -163,11 +166,13 @@ def _setup(args: argparse.Namespace) -> Setup:
     cls = {"hessian": hessops.Hessian, "ggn": hessops.GGN, "ef": hessops.EmpiricalFisher, "mcfisher": hessops.MCFisher}[args.operator]
     if args.operator == "mcfisher":
         kwargs["seed"] = args.seed
+    if args.operator == "hessian":
+        kwargs["hvp_mode"] = args.hvp_mode
     op = cls(model, loss_fn, loader, **kwargs)
     settings = {
         "model": args.model, "checkpoint": str(args.checkpoint) if args.checkpoint else None, "data": data_name,
         "split": "test" if args.test_split else "train", "num_examples": total_examples, "batch_size": args.batch_size,
-        "operator": args.operator, "device": str(op.device), "dtype": args.dtype, "seed": args.seed, "n_params": op.shape[0],
+        "operator": args.operator, "hvp_mode": args.hvp_mode if args.operator == "hessian" else None, "device": str(op.device), "dtype": args.dtype, "seed": args.seed, "n_params": op.shape[0],
         "torch": torch.__version__, "hessops": __version__, "world_size": getattr(args, "world_size", 1),
     }
     return Setup(model, loss_fn, dataset, loader, op, settings)
@@ -206,7 +211,8 @@ def cmd_eigs(args: argparse.Namespace) -> dict:
         "command": "eigs", "settings": settings | {"k": args.k, "which": args.which, "tol": args.tol, "value_tol": args.value_tol},
         "eigenvalues": s.values.tolist(), "residuals": s.residuals.tolist(), "error_bounds": s.error_bounds.tolist(),
         "n_matvecs": s.n_matvecs,
-        "lanczos_steps": s.steps, "converged": s.converged, "seconds": s.seconds,
+        "lanczos_steps": s.steps, "converged": s.converged, "verified": s.verified, "seconds": s.seconds,
+        "hvp_tuning": _hvp_tuning(op),
     }
 
 
@@ -374,6 +380,11 @@ def _start_distributed(args: argparse.Namespace) -> None:
         args.no_progress = True
         args.plot = None
         sys.stdout = io.StringIO()  # ranks other than 0 compute in silence
+
+
+def _hvp_tuning(op: Any) -> dict:
+    """What the Hessian's formulation tuner did, per kind of product (empty for other operators)."""
+    return {kind: tuning.to_dict() for kind, tuning in getattr(op, "hvp_tuning", {}).items()}
 
 
 def _finite(obj: Any) -> Any:

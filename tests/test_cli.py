@@ -128,8 +128,18 @@ def test_demo_writes_result_and_four_figures(tmp_path):
         (("eigs", "--device", "cuda"), "CUDA is not available"),
         (("eigs", "--checkpoint", "{tmp}/missing.pt"), "missing.pt"),
         (("eigs", "--checkpoint", "{tmp}/cnn.pt"), "checkpoint"),
+        (("eigs", "--k", "0"), "k=0 must be at least 1"),
+        (("density", "--lanczos-steps", "0"), "lanczos_steps=0"),
+        (("density", "--num-probes", "0"), "num_probes=0"),
+        (("density", "--sigma", "-1"), "sigma=-1 must be positive"),
+        (("trace", "--probes", "0"), "probes=0"),
+        (("logdet", "--c", "nan"), "c=nan must be finite"),
+        (("basin", "--threshold", "inf"), "threshold=inf must be finite"),
     ],
-    ids=["unknown-model", "missing-dataset", "no-cuda", "missing-checkpoint", "wrong-checkpoint"],
+    ids=[
+        "unknown-model", "missing-dataset", "no-cuda", "missing-checkpoint", "wrong-checkpoint", "k-zero",
+        "no-lanczos-steps", "no-probes-density", "negative-sigma", "no-probes-trace", "nan-c", "infinite-threshold",
+    ],
 )
 def test_bad_input_exits_with_one_line(tmp_path, args, message):
     if torch.cuda.is_available() and "cuda" in args:
@@ -180,3 +190,20 @@ def test_models_lists_the_zoo():
     assert run.returncode == 0
     for name in ("mlp-digits", "cnn-cifar-5k", "cnn-mnist-1710", "mlp-cifar2", "mlp-mnist", "resnet18", "resnet50", "resnet18_cifar10"):
         assert name in run.stdout
+
+
+def test_hvp_mode_is_validated_and_recorded(tmp_path):
+    """--hvp-mode forward-over-reverse is checked against double backward on its first product (the JSON says
+    so) and gives the eigenvalues double backward gives (relative 1e-5: float32 products, different roundings)."""
+    results = {}
+    for mode in ("autograd", "forward-over-reverse"):
+        out = tmp_path / f"{mode}.json"
+        run = hessops_cli("eigs", "--num-examples", "64", "--k", "2", "--hvp-mode", mode, "--out", str(out), "--no-progress")
+        assert run.returncode == 0, run.stderr
+        results[mode] = json.loads(out.read_text())
+    explicit = results["forward-over-reverse"]
+    assert explicit["settings"]["hvp_mode"] == "forward-over-reverse" and explicit["verified"] is True
+    assert explicit["hvp_tuning"]["single"]["source"] == "explicit"
+    assert explicit["hvp_tuning"]["single"]["errors"]["forward-over-reverse"] < 3.5e-3
+    for ours, reference in zip(explicit["eigenvalues"], results["autograd"]["eigenvalues"]):
+        assert abs(ours - reference) <= 1e-5 * abs(reference)

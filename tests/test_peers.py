@@ -85,4 +85,5 @@ def test_memory_benchmark_smoke():
     from benchmarks.memory import main
 
     peaks = main(["--workloads", "tiny", "--num-examples", "12", "--batch-size", "6", "--micro-batch-sizes", "3"])["tiny"]
-    assert peaks["grad"] > 0 and peaks["hvp"] > 0 and 0 < peaks["hvp micro 3"] <= peaks["hvp"]
+    # a piece's own few scalars (its weight, its loss) may add bytes, not a batch's worth: 1 % room
+    assert peaks["grad"] > 0 and peaks["hvp"] > 0 and 0 < peaks["hvp micro 3"] <= 1.01 * peaks["hvp"]
