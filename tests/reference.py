@@ -6,6 +6,7 @@ batch weighting, chunking or vmapping.
 
 from __future__ import annotations
 
+import copy
 from typing import Callable, Sequence
 
 import torch
@@ -33,10 +34,38 @@ def _flat_function(model: nn.Module, params: Sequence[Tensor] | None):
 
 
 def dense_hessian(model: nn.Module, loss_fn: Callable, data, params=None) -> Tensor:
-    """∇²θ of loss_fn(model(X), Y) on the concatenated data: torch.func.hessian."""
+    """∇²θ of loss_fn(model(X), Y) on the concatenated data, by double backward on the module itself
+    (:func:`autograd_hessian`): not ``torch.func.hessian``, which torch 2.14 gets 2-10 % wrong through
+    LayerNorm, InstanceNorm and train-mode BatchNorm (docs/torch-pitfalls.md)."""
     x, y = concat(data)
-    theta, unflatten = _flat_function(model, params)
-    return hessian(lambda t: loss_fn(functional_call(model, unflatten(t), (x,)), y))(theta)
+    names = {id(p): n for n, p in model.named_parameters()}
+    chosen = None if params is None else [names[id(p)] for p in params]
+    return autograd_hessian(model, loss_fn, x, y, chosen)
+
+
+def autograd_hessian(model: nn.Module, loss_fn: Callable, inputs, targets, names: Sequence[str] | None = None) -> Tensor:
+    """∇²θ loss_fn(model(inputs), targets) by plain double backward on (a copy of) the module: no torch.func,
+    no functional_call; row i is the gradient of (∇L)ᵢ. Parameters ``names`` in that order, default the
+    trainable ones in ``model.parameters()`` order. Attention runs in torch's math kernel, the one with a
+    double backward."""
+    model = copy.deepcopy(model)  # train-mode BatchNorm updates its running statistics
+    owned = dict(model.named_parameters())
+    params = [p for p in model.parameters() if p.requires_grad] if names is None else [owned[n] for n in names]
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        if isinstance(inputs, dict):
+            outputs = model(**inputs)
+        else:
+            outputs = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+        grads = torch.autograd.grad(loss_fn(outputs, targets), params, create_graph=True, allow_unused=True, materialize_grads=True)
+        g = torch.cat([t.reshape(-1) for t in grads])
+        rows = []
+        for i in range(g.numel()):
+            if not g[i].requires_grad:  # a gradient entry constant in θ: a zero row
+                rows.append(torch.zeros_like(g))
+                continue
+            row = torch.autograd.grad(g[i], params, retain_graph=True, allow_unused=True, materialize_grads=True)
+            rows.append(torch.cat([t.reshape(-1) for t in row]))
+    return torch.stack(rows).detach()
 
 
 def dense_ggn(model: nn.Module, loss_fn: Callable, data, params=None) -> Tensor:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 import hessops
-from reference import relative_error
+from reference import autograd_hessian, relative_error
 
 RTOL64 = 1e-10
 RTOL32 = 2e-4
@@ -150,28 +150,7 @@ def batches(x, y, sizes: list[int], train: bool = False) -> list[tuple]:
     return list(zip(x.split(sizes), y.split(sizes)))
 
 
-# -- the plain-autograd references --------------------------------------------------------------------------
-def autograd_hessian(model: nn.Module, loss_fn: Callable, inputs, targets) -> Tensor:
-    """∇²θ loss_fn(model(inputs), targets) by double backward on the module itself (no torch.func, no
-    functional_call): row i is the gradient of (∇L)ᵢ. Trainable parameters in model.parameters() order."""
-    model = copy.deepcopy(model)  # train-mode BatchNorm updates its running statistics
-    params = [p for p in model.parameters() if p.requires_grad]
-    # torch's fused CPU attention kernels have no double backward; the math kernel is the plain definition
-    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-        outputs = model(**inputs) if isinstance(inputs, dict) else model(*inputs) if isinstance(inputs, tuple) else model(inputs)
-        loss = loss_fn(outputs, targets)
-        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True, materialize_grads=True)
-        g = torch.cat([t.reshape(-1) for t in grads])
-        rows = []
-        for i in range(g.numel()):
-            if not g[i].requires_grad:  # a gradient entry constant in θ: a zero row
-                rows.append(torch.zeros_like(g))
-                continue
-            row = torch.autograd.grad(g[i], params, retain_graph=True, allow_unused=True, materialize_grads=True)
-            rows.append(torch.cat([t.reshape(-1) for t in row]))
-    return torch.stack(rows).detach()
-
-
+# -- the plain-autograd references (tests/reference.py) -----------------------------------------------------
 def reference_hessian(model, loss_fn, data, per_batch: bool) -> Tensor:
     """The dataset-mean Hessian: on the concatenated data, or (train-mode BatchNorm, whose operator is defined
     batch by batch) the example-weighted mean of the batches' Hessians."""
@@ -297,3 +276,25 @@ def test_curvlinops_agrees(arch):
     assert relative_error(theirs, truth) < RTOL64
     ours = dense_of(hessops.Hessian(model, nn.CrossEntropyLoss(), data))
     assert relative_error(ours, theirs) < RTOL64
+
+
+PYHESSIAN_ARCHITECTURES = ["mlp", "cnn", "batchnorm-eval", "layernorm", "instancenorm", "groupnorm", "attention", "embedding", "tied"]
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True:UserWarning")  # PyHessian's own call
+@pytest.mark.parametrize("arch", PYHESSIAN_ARCHITECTURES)
+def test_pyhessian_agrees(arch):
+    """PyHessian (double backward through .backward(create_graph=True)) against the reference and hessops."""
+    pyhessian = pytest.importorskip("pyhessian")
+    model, x, y, _ = build(arch)
+    data = batches(x, y, BATCHINGS["uneven"])
+    peer = pyhessian.hessian(model, nn.CrossEntropyLoss(), dataloader=data, cuda=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    v = torch.randn(sum(p.numel() for p in params), dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    v_list = [t.reshape(p.shape) for t, p in zip(v.split([p.numel() for p in params]), params)]
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        _, theirs = peer.dataloader_hv_product(v_list)
+    theirs = torch.cat([t.reshape(-1) for t in theirs]).double()
+    truth = reference_hessian(model, nn.CrossEntropyLoss(), data, per_batch=False) @ v
+    assert relative_error(theirs, truth) < RTOL64
+    assert relative_error(hessops.Hessian(model, nn.CrossEntropyLoss(), data) @ v, theirs) < RTOL64
