@@ -201,11 +201,15 @@ def split_examples(inputs: Any, targets: Any, n_b: int, size: int | None) -> lis
         return [(inputs, targets, n_b)]
 
     def cut(obj: Any, start: int) -> Any:
-        return torch.utils._pytree.tree_map(
-            lambda t: t[start : start + size] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n_b else t, obj
-        )
+        return map_examples(obj, n_b, lambda t: t[start : start + size])
 
     return [(cut(inputs, start), cut(targets, start), min(size, n_b - start)) for start in range(0, n_b, size)]
+
+
+def map_examples(obj: Any, n: int, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``fn`` applied to every tensor of ``obj`` whose leading dimension is the ``n`` examples; anything else
+    (constants, 0-d tensors) is left as it is."""
+    return torch.utils._pytree.tree_map(lambda t: fn(t) if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n else t, obj)
 
 
 def check_batch(inputs: Any, targets: Any, index: int, device: torch.device, model_dtype: torch.dtype) -> None:

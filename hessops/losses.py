@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hessops._functional import _leaves, map_examples
 from hessops.errors import EmptyDataError, TargetShapeError, UnsupportedLossError
 
 # kind -> (module class, functional form, keyword arguments that a partial may bind)
@@ -188,11 +189,11 @@ def probe_mean(spec: LossSpec, outputs: Any, targets: Any, n: int, examples: int
         return
     dtype = first.dtype if first.is_floating_point() else torch.float64
     rtol = 1e3 * torch.finfo(dtype).eps
-    doubled = spec.fn(_map_examples(outputs, n, lambda t: torch.cat([t, t])), _map_examples(targets, n, lambda t: torch.cat([t, t])))
+    doubled = spec.fn(map_examples(outputs, n, lambda t: torch.cat([t, t])), map_examples(targets, n, lambda t: torch.cat([t, t])))
     k = min(n, examples)
-    head = spec.fn(*(_map_examples(obj, n, lambda t: t[:k]) for obj in (outputs, targets)))
+    head = spec.fn(*(map_examples(obj, n, lambda t: t[:k]) for obj in (outputs, targets)))
     singles = torch.stack([
-        spec.fn(*(_map_examples(obj, n, lambda t, i=i: t[i : i + 1]) for obj in (outputs, targets))).reshape(())
+        spec.fn(*(map_examples(obj, n, lambda t, i=i: t[i : i + 1]) for obj in (outputs, targets))).reshape(())
         for i in range(k)
     ])
     singles = singles.mean() if spec.mean else singles.sum()
@@ -230,13 +231,8 @@ def check_counted(total_weight: float, examples: int) -> None:
         raise EmptyDataError(NO_COUNTED_TARGETS)
 
 
-def _map_examples(obj: Any, n: int, fn: Callable[[Tensor], Tensor]) -> Any:
-    """``fn`` applied to every tensor of ``obj`` whose leading dimension is the ``n`` examples."""
-    return torch.utils._pytree.tree_map(lambda t: fn(t) if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n else t, obj)
-
-
 def _shapes(obj: Any) -> str:
-    shapes = [tuple(t.shape) for t in torch.utils._pytree.tree_leaves(obj) if isinstance(t, Tensor)]
+    shapes = [tuple(t.shape) for t in _leaves(obj)]
     return str(shapes[0]) if len(shapes) == 1 else str(shapes)
 
 

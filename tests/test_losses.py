@@ -24,7 +24,7 @@ from torch.func import functional_call, grad
 sys.path.insert(0, str(Path(__file__).parent))
 
 import hessops  # noqa: E402
-from reference import _flat_function, concat, dense_ggn, dense_hessian, relative_error  # noqa: E402
+from reference import _flat_function, dense_ggn, dense_hessian, relative_error  # noqa: E402
 
 RTOL64 = 1e-10
 N = 10
