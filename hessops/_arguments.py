@@ -7,6 +7,8 @@ import math
 import numbers
 from typing import Any, Sequence
 
+import cola
+
 from hessops.errors import InvalidArgumentError
 
 
@@ -47,4 +49,11 @@ def choice(name: str, value: Any, choices: Sequence[str]) -> str:
     """``value`` when it is one of ``choices``."""
     if not isinstance(value, str) or value not in choices:
         raise InvalidArgumentError(f"{name}={value!r}: choose one of {tuple(choices)}")
+    return value
+
+
+def linear_operator(name: str, value: Any) -> cola.ops.LinearOperator:
+    """``value`` when it is a CoLA ``LinearOperator`` (a hessops operator, or any of CoLA's)."""
+    if not isinstance(value, cola.ops.LinearOperator):
+        raise InvalidArgumentError(f"{name} must be a CoLA LinearOperator, got {type(value).__name__}")
     return value

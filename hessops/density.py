@@ -15,7 +15,7 @@ import cola
 import torch
 from torch import Tensor
 
-from hessops._arguments import boolean, integer, real
+from hessops._arguments import boolean, integer, linear_operator, real
 from hessops.errors import InvalidArgumentError
 from hessops.lanczos import check_precision, lanczos, rademacher, ritz
 
@@ -60,8 +60,7 @@ def quadrature(
     re-orthogonalization when the basis fits in 4 GiB (else the plain three-term recurrence, whose spurious
     Ritz copies leave the density's smooth shape intact but may bias sharp features). Half-precision
     operators are refused (:func:`hessops.lanczos.check_precision`)."""
-    if not isinstance(op, cola.ops.LinearOperator):
-        raise InvalidArgumentError(f"op must be a CoLA LinearOperator, got {type(op).__name__}")
+    linear_operator("op", op)
     if not op.isa(cola.SelfAdjoint):
         raise ValueError(f"{op!r} is not annotated SelfAdjoint: stochastic Lanczos quadrature needs a symmetric operator")
     check_precision(op, "stochastic Lanczos quadrature")

@@ -11,7 +11,7 @@ import cola
 import torch
 from torch import Tensor
 
-from hessops._arguments import boolean, integer, real
+from hessops._arguments import boolean, integer, linear_operator, real
 from hessops.errors import InvalidArgumentError
 from hessops.lanczos import LanczosState, check_precision, lanczos, ritz
 
@@ -122,8 +122,7 @@ def eigs(
     """
     if not isinstance(which, str) or which not in WHICH:
         raise InvalidArgumentError(f"which={which!r}: choose one of {WHICH} (LM = largest magnitude)")
-    if not isinstance(op, cola.ops.LinearOperator):
-        raise InvalidArgumentError(f"op must be a CoLA LinearOperator, got {type(op).__name__}")
+    linear_operator("op", op)
     if not op.isa(cola.SelfAdjoint):
         raise ValueError(
             f"eigs needs a self-adjoint operator (Lanczos); {op!r} is not annotated SelfAdjoint: wrap it with "

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import cola
 import torch
 
-from hessops._arguments import choice, integer
+from hessops._arguments import choice, integer, linear_operator
 from hessops.errors import InvalidArgumentError
 from hessops.lanczos import check_precision, rademacher
 
@@ -50,7 +50,7 @@ def trace(op: cola.ops.LinearOperator, *, probes: int = 100, method: str = "hutc
     method = choice("method", method, METHODS)
     probes = integer("probes", probes, minimum=2 if method == "hutchinson" else 4)
     seed = integer("seed", seed)
-    if not isinstance(op, cola.ops.LinearOperator) or op.shape[0] != op.shape[1]:
+    if linear_operator("op", op).shape[0] != op.shape[1]:
         raise InvalidArgumentError(f"op must be a square CoLA LinearOperator, got {op!r}")
     check_precision(op, "trace")
     n = op.shape[0]

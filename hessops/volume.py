@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import cola
 import torch
 
-from hessops._arguments import boolean, choice, integer, real
+from hessops._arguments import boolean, choice, integer, linear_operator, real
 from hessops.density import Quadrature, quadrature
-from hessops.errors import InvalidArgumentError, NotPositiveDefiniteError
+from hessops.errors import NotPositiveDefiniteError
 from hessops.lanczos import check_precision
 from hessops.operators.regularized import Regularized
 
@@ -66,8 +66,7 @@ def logdet(
     lanczos_steps = integer("lanczos_steps", lanczos_steps, minimum=1)
     seed = integer("seed", seed)
     progress = boolean("progress", progress)
-    if not isinstance(op, cola.ops.LinearOperator):
-        raise InvalidArgumentError(f"op must be a CoLA LinearOperator, got {type(op).__name__}")
+    linear_operator("op", op)
     if not op.isa(cola.SelfAdjoint):
         raise ValueError(f"logdet needs a symmetric operator; {op!r} is not annotated SelfAdjoint")
     check_precision(op, "logdet")
@@ -154,8 +153,7 @@ def basin_volume(
     small ``n`` (see :func:`logdet`), else estimated by SLQ with its standard error."""
     threshold = real("threshold", threshold, positive=True)
     c = real("c", c)
-    if not isinstance(H, cola.ops.LinearOperator):
-        raise InvalidArgumentError(f"H must be a CoLA LinearOperator, got {type(H).__name__}")
+    linear_operator("H", H)
     n = H.shape[0]
     op = Regularized(H, c) if c != 0 else H
     estimate = logdet(op, method=method, probes=probes, lanczos_steps=lanczos_steps, seed=seed, progress=progress)
