@@ -8,8 +8,9 @@ environment variable ``HESSOPS_HVP_TUNING=0`` (then ``"auto"`` means ``"autograd
 enough to repay tuning: after :data:`TUNE_AFTER_PRODUCTS` products of one kind (one column, or a block of
 columns), when they took at least :data:`MIN_PRODUCT_SECONDS` each (:func:`worth_tuning`). Each other
 formulation's first call in a process costs 0.5-4 s of torch.func tracing and warm-up, whatever the
-model, while on the CPU the formulations' products differ by 10-20 % (benchmarks/RESULTS.md): tuning at the
-first product made a fresh process's top-2 eigenvalues of a ResNet-18 1.6× slower than PyHessian. A short
+model, while on the CPU double backward was the fastest on a ResNet-18, and on a small CNN the best took
+about 30 % less time (benchmarks/RESULTS.md): tuning at the first product made a fresh process's top-2
+eigenvalues of a ResNet-18 1.4-1.6× slower than PyHessian (issue 11's measurement). A short
 run (eigenvalues to a tolerance: about ten products) thus pays nothing, and a long one (a density, a
 tracker) pays at most a few slice products after twenty full ones. Then ``"auto"``
 
@@ -61,7 +62,7 @@ CACHE_FILE = "hvp-tuning.json"
 # "auto" tunes a kind of product only after this many products of it, and only if they took at least
 # MIN_PRODUCT_SECONDS each: each other formulation's first call in a process costs 0.5-4 s (torch.func
 # tracing; measured on the CIFAR CNN, 2 CPU cores), more than tuning can save on fewer or cheaper products
-# (on the CPU the formulations were within 10-20 % of each other).
+# (on the CPU double backward was the fastest on a ResNet-18; on a small CNN the best took ~30 % less time).
 TUNE_AFTER_PRODUCTS = 20
 MIN_PRODUCT_SECONDS = 2.0
 # The validated choice for a model in this process: model -> {(device, dtype, names, kind): mode}. Held
