@@ -201,6 +201,7 @@ def test_every_formulation_is_right_or_refused(arch, mode, monkeypatch):
 
     monkeypatch.setattr(hvp_tuning, "TUNE_AFTER_PRODUCTS", 0)  # "auto" validates and times at its first product
     monkeypatch.setattr(hvp_tuning, "MIN_PRODUCT_SECONDS", 0.0)
+    monkeypatch.setattr(hvp_tuning, "budget", lambda spent: float("inf"))  # and tries every candidate
     model, x, y, train = build(arch)
     data = batches(x, y, BATCHINGS["uneven"], train)
     loss_fn = nn.CrossEntropyLoss()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ import hessops
 from hessops.errors import HvpFormulationError, HvpFormulationWarning
 from hessops.operators import _hvp, hvp_tuning
 
+BUDGET = hvp_tuning.budget  # the real rule, which the fixture below lifts for most tests
 RTOL64 = 1e-12  # float64: formulations agree with double backward to ~5e-16 on these models (measured)
 
 
@@ -87,7 +89,8 @@ def fresh_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HESSOPS_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("HESSOPS_HVP_TUNING", raising=False)
     monkeypatch.setattr(hvp_tuning, "TUNE_AFTER_PRODUCTS", 0)  # tune at the first product, ...
-    monkeypatch.setattr(hvp_tuning, "MIN_PRODUCT_SECONDS", 0.0)  # ... however cheap (tiny models)
+    monkeypatch.setattr(hvp_tuning, "MIN_PRODUCT_SECONDS", 0.0)  # ... however cheap (tiny models), ...
+    monkeypatch.setattr(hvp_tuning, "budget", lambda spent: float("inf"))  # ... trying every candidate
     return tmp_path
 
 
@@ -299,6 +302,41 @@ def test_auto_tunes_only_once_a_run_has_shown_it_can_pay(monkeypatch):
         tuning = op.hvp_tuning["single"]
         assert tuning.source == source and (tuning.mode == "autograd" if source == "cheap product" else tuning.runs > 1)
         assert tuning.mode != "reverse-over-forward"  # wrong through LayerNorm, never chosen
+
+
+@pytest.mark.parametrize("product_seconds, tried", [(5.0, 1), (50.0, 2)])
+def test_tuning_costs_at_most_its_budget_of_the_time_spent(product_seconds, tried, monkeypatch, fresh_cache):
+    """Work counted with the clocks mocked: after two products of ``product_seconds`` each, "auto" may spend
+    TUNING_BUDGET of their time on slice runs (each 0.4 s here). With 10 s spent (a 1 s budget) it runs the
+    reference and one candidate (a check and a timing: 1.2 s, the one step it may overrun by) and leaves the
+    other untried; with 100 s spent it tries both. A partial choice is not written to the disk cache."""
+    from hessops.operators import hessian as hessian_module
+
+    monkeypatch.setattr(hvp_tuning, "budget", BUDGET)
+    monkeypatch.setattr(hvp_tuning, "TUNE_AFTER_PRODUCTS", 2)
+    clock = iter(range(0, 10**6))  # the operator's clock: each product spans two readings, product_seconds apart
+    monkeypatch.setattr(hessian_module, "time", SimpleNamespace(perf_counter=lambda: next(clock) * product_seconds))
+    timed = []
+
+    def slice_run(mode, call, device):  # every slice run takes 0.4 s
+        timed.append(mode)
+        return call(), 0.4
+
+    monkeypatch.setattr(hvp_tuning, "_timed", slice_run)
+    model, x, y, data, _ = problem("mlp")
+    op = hessops.Hessian(model, nn.CrossEntropyLoss(), data)
+    v = torch.randn(op.shape[0], dtype=torch.float64)
+    for _ in range(3):
+        assert relative_error(op @ v, plain_hessian(model, x, y) @ v) < RTOL64
+    tuning = op.hvp_tuning["single"]
+    others = [m for m in hvp_tuning.CANDIDATES["single"] if m != "autograd"]  # none known wrong on an MLP
+    assert tuning.source == "timed" and timed == ["autograd"] + [m for m in others[:tried] for _ in range(2)]
+    assert tuning.runs == len(timed) and set(tuning.times) == {"autograd", *others[:tried]}
+    budget, step = hvp_tuning.TUNING_BUDGET * 2 * product_seconds, 2 * 0.4
+    assert 0.4 * (len(timed) - 2) < budget and 0.4 * len(timed) <= budget + step  # the last step began under it
+    untried = others[tried:]
+    assert all("not tried" in tuning.excluded[m] for m in untried)
+    assert (fresh_cache / hvp_tuning.CACHE_FILE).exists() == (not untried)
 
 
 def test_tuning_switched_off_by_name(monkeypatch):

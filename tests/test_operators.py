@@ -269,6 +269,7 @@ def test_auto_mode_picks_a_measured_formulation_once_per_kind(monkeypatch):
 
     monkeypatch.setattr(hvp_tuning, "TUNE_AFTER_PRODUCTS", 0)  # tune at the first product, however cheap
     monkeypatch.setattr(hvp_tuning, "MIN_PRODUCT_SECONDS", 0.0)
+    monkeypatch.setattr(hvp_tuning, "budget", lambda spent: float("inf"))  # and try every candidate
 
     torch.manual_seed(0)
     model, x, y = mlp().double(), torch.randn(9, 4, dtype=torch.float64), torch.randint(0, 3, (9,))

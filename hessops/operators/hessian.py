@@ -36,9 +36,9 @@ class Hessian(CurvatureOperator):
     - ``"reverse-over-reverse"``: ``vmap`` over the ``vjp`` of ``grad(L_b)``;
     - ``"auto"`` (default): double backward, until a run has shown that tuning can pay: after 20 products
       of one kind (one column, or a block) that took at least 2 s each, the candidates are checked against
-      double backward and timed on a slice of a batch, and the fastest that agrees is kept
-      (hessops/operators/hvp_tuning.py; ``HESSOPS_HVP_TUNING=0`` turns this off). What it did is in
-      :attr:`hvp_tuning`.
+      double backward and timed on a slice of a batch, and the fastest that agrees is kept; tuning spends
+      at most 10 % of the time the products took, plus one step (hessops/operators/hvp_tuning.py;
+      ``HESSOPS_HVP_TUNING=0`` turns this off). What it did is in :attr:`hvp_tuning`.
 
     An explicit mode other than ``"autograd"`` is checked against double backward on its first product, and
     refused (:class:`~hessops.errors.HvpFormulationError`) if it disagrees. Attention runs in torch's math
@@ -135,6 +135,7 @@ class Hessian(CurvatureOperator):
             lambda: hvp_tuning.cache_key(problem.model, problem.names, problem.shapes, self.device, self.dtype, kind),
             probe,
             self.dtype,
+            spent=problem.memo.get("hvp_usage", {}).get(kind, (0, 0.0))[1],
         )
 
 

@@ -16,10 +16,19 @@ tracker) pays at most a few slice products after twenty full ones. Then ``"auto"
 
 1. runs the reference on a *slice*: the first :data:`TUNE_EXAMPLES` examples of the batch at hand and its
    first :data:`TUNE_COLUMNS` columns (one for single products);
-2. runs every candidate of that kind not known to be wrong on the model's modules (:data:`~hessops.operators._hvp.KNOWN_WRONG`)
+2. runs each candidate of that kind not known to be wrong on the model's modules (:data:`~hessops.operators._hvp.KNOWN_WRONG`)
    on the same slice and sets aside, with one :class:`~hessops.errors.HvpFormulationWarning`, any whose
-   relative Frobenius error exceeds :func:`tolerance`; one that torch cannot run is set aside too;
-3. times the survivors once more on the slice and keeps the fastest.
+   relative Frobenius error exceeds :func:`tolerance`; one that torch cannot run is set aside too; one
+   that agrees is timed once more on the slice (its first run paid torch.func's first-call costs);
+3. keeps the fastest of those timed.
+
+**The tuner's cost is bounded by what the run has spent** (:func:`budget`): it starts a step (the
+reference's slice run, or a candidate's check and timing) only while what it has spent so far, the sum of
+its timed slice runs, is under :data:`TUNING_BUDGET` (10 %) of the seconds the products of that kind have
+taken in this operator; candidates it did not reach are not tried (``excluded`` says so). So it costs at most
+10 % of the time already spent plus one step, and a run that ends right after tuning is at most that much
+slower than double backward alone, while a run that goes on keeps whatever the tuning found. The
+candidates are tried in the order of :data:`CANDIDATES`.
 
 The user's own errors (a shape error in the model, a failing loss) come from the reference, as themselves;
 an operation torch cannot differentiate twice gives one :class:`~hessops.errors.HvpFormulationError`
@@ -65,6 +74,9 @@ CACHE_FILE = "hvp-tuning.json"
 # (on the CPU double backward was the fastest on a ResNet-18; on a small CNN the best took ~30 % less time).
 TUNE_AFTER_PRODUCTS = 20
 MIN_PRODUCT_SECONDS = 2.0
+# The tuner starts a step only while its slice runs have cost less than this fraction of the seconds the
+# products of that kind have taken so far (budget()): it can then cost a run at most ~10 % plus one step.
+TUNING_BUDGET = 0.1
 # The validated choice for a model in this process: model -> {(device, dtype, names, kind): mode}. Held
 # weakly, so that a model's choice dies with it (an id() key would pass it on to a later model at the same address).
 _TUNED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, str]] = weakref.WeakKeyDictionary()
@@ -82,7 +94,7 @@ class Tuning:
     formulations: double backward). ``seconds``: the tuner's whole cost. ``examples`` and ``columns``: the
     slice it ran on; ``runs``: slice products it computed. ``errors``: each candidate's relative error
     against double backward on the slice; ``times``: its timed slice run (s); ``excluded``: why a
-    formulation was not a candidate."""
+    formulation was not a candidate, or was not tried (the tuning budget, :func:`budget`, was spent)."""
 
     kind: str
     mode: str
@@ -214,6 +226,12 @@ def in_process(model: nn.Module, key: tuple) -> bool:
     return key in _TUNED.get(model, {})
 
 
+def budget(spent: float) -> float:
+    """The seconds of slice runs ``"auto"`` may spend tuning a kind of product whose products have taken
+    ``spent`` seconds so far: :data:`TUNING_BUDGET` of them. A step that starts under it runs to its end."""
+    return TUNING_BUDGET * spent
+
+
 def worth_tuning(products: int, seconds: float) -> bool | None:
     """Whether ``"auto"`` should tune a kind of product after ``products`` of them took ``seconds``:
     ``None`` while too few have run to tell, then ``True`` when they took at least
@@ -241,15 +259,18 @@ def select(
     disk_key: Callable[[], str],
     probe: Slice,
     dtype: torch.dtype,
+    *,
+    spent: float,
 ) -> Tuning:
-    """The formulation for products of ``kind`` on ``model``, with what choosing it cost."""
+    """The formulation for products of ``kind`` on ``model``, with what choosing it cost; ``spent``: the
+    seconds the products of that kind have taken so far, which bound what ``"auto"`` spends (:func:`budget`)."""
     began = time.perf_counter()
-    tuning = _select(requested, kind, model, key, disk_key, probe, dtype)
+    tuning = _select(requested, kind, model, key, disk_key, probe, dtype, spent)
     tuning.seconds = time.perf_counter() - began
     return tuning
 
 
-def _select(requested, kind, model, key, disk_key, probe: Slice, dtype) -> Tuning:
+def _select(requested, kind, model, key, disk_key, probe: Slice, dtype, spent: float) -> Tuning:
     if requested == _hvp.REFERENCE:
         return Tuning(kind, requested, "reference")
     if requested == "auto" and not enabled():
@@ -259,16 +280,25 @@ def _select(requested, kind, model, key, disk_key, probe: Slice, dtype) -> Tunin
     if requested == "auto" and key in _TUNED.get(model, {}):
         return Tuning(kind, _TUNED[model][key], "in-process")
     tuning = Tuning(kind, _hvp.REFERENCE, "timed", examples=probe.examples, columns=probe.columns, tolerance=tolerance(dtype))
-    reference, tuning.times[_hvp.REFERENCE] = _timed(
-        _hvp.REFERENCE, lambda: run_reference(lambda: probe.run(_hvp.REFERENCE)[0]), probe.device
+    allowance = budget(spent) if requested == "auto" else float("inf")  # an explicit mode is always checked
+    cost = 0.0  # the tuner's slice runs so far (s)
+
+    def timed(mode: str, call: Callable):
+        nonlocal cost
+        tuning.runs += 1
+        outcome, seconds = _timed(mode, call, probe.device)
+        cost += seconds
+        return outcome, seconds
+
+    reference, tuning.times[_hvp.REFERENCE] = timed(
+        _hvp.REFERENCE, lambda: run_reference(lambda: probe.run(_hvp.REFERENCE)[0])
     )
-    tuning.runs = 1
     tuning.errors[_hvp.REFERENCE] = 0.0
 
     def check(mode: str) -> tuple | None:
         """The slice products of ``mode`` when it agrees with the reference, else ``None`` (and why)."""
         try:
-            products, seconds = _timed(mode, lambda: probe.run(mode)[0], probe.device)
+            products, seconds = timed(mode, lambda: probe.run(mode)[0])
         except Exception as error:
             if _interrupted(error):
                 raise KeyboardInterrupt from error
@@ -276,8 +306,6 @@ def _select(requested, kind, model, key, disk_key, probe: Slice, dtype) -> Tunin
                 raise
             tuning.excluded[mode] = f"torch cannot run it here: {str(error).splitlines()[0]}"
             return None
-        finally:
-            tuning.runs += 1
         tuning.errors[mode] = error = relative_error(products, reference)
         tuning.times[mode] = seconds
         if error > tuning.tolerance:
@@ -303,14 +331,23 @@ def _select(requested, kind, model, key, disk_key, probe: Slice, dtype) -> Tunin
             candidates.append(mode)
     entry = disk_key()
     cached = _read_cache().get(entry)
-    if cached in candidates:
+    if cached in candidates and cost < allowance:
         if cached == _hvp.REFERENCE or check(cached) is not None:
             tuning.mode, tuning.source = cached, "disk cache"
             _TUNED.setdefault(model, {})[key] = cached
             return tuning
-    valid = [_hvp.REFERENCE] + [
-        mode for mode in candidates if mode != _hvp.REFERENCE and mode not in tuning.excluded and check(mode) is not None
-    ]
+    valid, untried = [_hvp.REFERENCE], False
+    for mode in candidates:
+        if mode == _hvp.REFERENCE or mode in tuning.excluded:
+            continue
+        if cost >= allowance:
+            untried = True
+            tuning.excluded[mode] = (
+                f"not tried: the tuner had spent its budget, {TUNING_BUDGET:.0%} of the {spent:.3g} s the products took"
+            )
+        elif check(mode) is not None:  # its first run paid the first-call costs: time it once more
+            _, tuning.times[mode] = timed(mode, lambda mode=mode: probe.run(mode))
+            valid.append(mode)
     disagreeing = {m: why for m, why in tuning.excluded.items() if m in tuning.errors}
     if disagreeing:
         warnings.warn(
@@ -320,13 +357,10 @@ def _select(requested, kind, model, key, disk_key, probe: Slice, dtype) -> Tunin
             HvpFormulationWarning,
             stacklevel=6,
         )
-    if len(valid) > 1:  # the validation runs paid the first-call costs: time each survivor once more
-        for mode in valid[1:]:
-            _, tuning.times[mode] = _timed(mode, lambda mode=mode: probe.run(mode), probe.device)
-            tuning.runs += 1
     tuning.mode = min(valid, key=tuning.times.get)
     _TUNED.setdefault(model, {})[key] = tuning.mode
-    _write_cache(entry, tuning.mode)
+    if not untried:  # a choice among some candidates only is kept for this process, not for the next
+        _write_cache(entry, tuning.mode)
     return tuning
 
 
