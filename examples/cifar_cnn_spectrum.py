@@ -30,8 +30,10 @@ first convolution and the output layer (``params=``, 690 of the 5,100 parameters
 ResNet-50 gives way to torchvision's ResNet-18 (``weights=None``, 11,689,512 parameters; on this CPU one
 Hessian-vector product of the ResNet-50 on four 32×32 images takes about 20 s), trained on 16 images for 2
 epochs, its sharpness measured on 4 of them before and after (Lanczos tolerance 1e-2 instead of 1e-3).
---quick fixes the Hessian-vector product formulation to double backward (``hvp_mode="autograd-loop"``), since
-timing the candidates, as ``"auto"`` does, would cost more than its products. Its numbers are not the study's.
+--quick fixes the Hessian-vector product formulation to double backward, the reference (``hvp_mode="autograd"``):
+what ``"auto"`` runs on a short run, but never tuned, however slowly a busy machine runs the products, and,
+unlike another fixed formulation, not checked against the reference on the first product of each operator
+(the power iteration builds one per batch product). Its numbers are not the study's.
 """
 
 from __future__ import annotations
@@ -303,7 +305,7 @@ def main() -> None:
     # CNN training examples (None: all), batch size, epochs; the one batch's examples, parameters and dtype;
     # power-iteration passes; the ResNet, its training examples (None: all), sharpness images, epochs,
     # epochs between sharpness measurements, their Lanczos tolerance (residual / |θ|); the HVP formulation
-    quick = (500, 100, 20, 50, "conv1+fc2", torch.float32, 10, "resnet18", 16, 4, 2, 2, 1e-2, "autograd-loop")
+    quick = (500, 100, 20, 50, "conv1+fc2", torch.float32, 10, "resnet18", 16, 4, 2, 2, 1e-2, "autograd")
     full = (None, 100, 2, 100, "all", torch.float64, 2, "resnet50", None, 1000, 100, 10, 1e-3, "auto")
     (args.train_examples, args.batch_size, args.epochs, args.batch_examples, args.batch_params, args.batch_dtype,
      args.power_passes, args.resnet, args.resnet_examples, args.sharpness_examples, args.resnet_epochs,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -17,7 +16,6 @@ import hessops.data
 import examples_runner
 from test_data import write_cifar
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cifar2_mlp_sgd.py"
 GRID = [[0.0, 0.0], [0.0, 0.01], [0.9, 0.001], [0.8, 0.01]]
 
 
@@ -32,15 +30,18 @@ def quick(tmp_path_factory) -> tuple[dict, Path]:
 
 def test_quick_runs_the_grid_and_learns(quick):
     result, out = quick
-    assert result["mode"] == "quick" and result["lr"] == 0.01 and result["split"] == {"fractions": [0.9, 0.1], "seed": 123}
+    assert result["mode"] == "quick" and result["lr"] == 0.01 and result["batch_size"] == 4
+    assert result["split"] == {"fractions": [0.9, 0.1], "seed": 123}
     assert [[r["momentum"], r["weight_decay"]] for r in result["runs"]] == GRID
     digits = hessops.data.load_dataset("digits")
     n_images = int(torch.isin(digits.labels, torch.tensor([3, 8])).sum())  # the digits 3 and 8 of the train split
     assert result["n_train"] + result["n_val"] == n_images and abs(result["n_train"] - 0.9 * n_images) <= 1
     for r in result["runs"]:
         assert r["n_params"] == 2762 and len(r["history"]) == result["epochs"] == 15
-        assert r["history"][-1]["loss"] < r["history"][0]["loss"]
-        assert r["train"]["accuracy"] > 0.75  # far from the 0.5 of a constant guess: every run has learned
+        # near a minimum: the training loss far below chance's ln 2 = 0.69 (measured: 0.03 or less), the accuracy
+        # far from the 0.5 of a constant guess (measured: 0.996 or more); the curvature below is that of a minimum
+        assert r["history"][-1]["loss"] < 0.1 * r["history"][0]["loss"]
+        assert r["train"]["loss"] < 0.1 and r["train"]["accuracy"] > 0.95
         assert all(0.0 <= r[split]["accuracy"] <= 1.0 for split in ("train", "val", "test"))
         # weight decay w adds (w/2)‖θ‖² to the objective, w·I to its Hessian
         assert r["regularized"]["top_eigenvalue"] == pytest.approx(r["top_eigenvalue"] + r["weight_decay"])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -20,7 +19,6 @@ from hessops.models import build_model
 import examples_runner
 from test_data import mnist_dir  # noqa: F401 - a fixture: MNIST's idx files with 20 training and 10 test images
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "gradient_norms_and_matrix_sensing.py"
 WEIGHTS = ["1.weight", "3.weight", "5.weight", "7.weight"]  # mlp-mnist's four bias-free Linear layers
 
 
@@ -43,8 +41,12 @@ def test_quick_gradient_norms_and_losses(quick):
         assert h["steps"] == steps and list(h["norms"]) == WEIGHTS
         assert all(0 < v < math.inf for v in h["norms"].values())
     assert [c["epoch"] for c in a["curves"]] == list(range(a["epochs"] + 1))  # before training, then each epoch
-    assert a["curves"][-1]["train"]["loss"] < a["curves"][0]["train"]["loss"]
-    assert a["curves"][-1]["test"]["loss"] < a["curves"][0]["test"]["loss"]
+    assert a["epochs"] == 20 and a["batch_size"] == 32
+    # trained: from chance (ln 10 = 2.30) to far below it (measured 0.17 and 0.18 after 20 epochs), not stopped
+    # on the way down from the plateau (6 epochs ended at 1.4)
+    for split in ("train", "test"):
+        assert a["curves"][0][split]["loss"] == pytest.approx(math.log(10), abs=0.1)
+        assert a["curves"][-1][split]["loss"] < 0.5 and a["curves"][-1][split]["accuracy"] > 0.85
     assert (out / "grad_norms_and_loss.png").stat().st_size > 20_000
 
 
@@ -69,7 +71,7 @@ def test_gradient_norms_match_a_recomputation(quick):
                 sums[name] += float(torch.linalg.matrix_norm(p.grad))
             optimizer.step()
         # the tracker sums float32 norms on the device, this loop in float64 (they differ by ~1e-7 here); 1e-4
-        # also leaves room for float32 sums ordered differently by threads, over the replayed 270 steps
+        # also leaves room for float32 sums ordered differently by threads, over the replayed 900 steps
         assert record["norms"] == pytest.approx({k: v / record["steps"] for k, v in sums.items()}, rel=1e-4)
     model.eval()
     with torch.no_grad():

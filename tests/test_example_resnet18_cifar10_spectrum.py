@@ -7,10 +7,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -24,7 +20,6 @@ from hessops.models import build_model, load_checkpoint, model_spec
 import examples_runner
 from test_data import write_cifar
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "resnet18_cifar10_spectrum.py"
 MODEL = "resnet18_cifar10"
 
 
@@ -32,22 +27,15 @@ def load_example() -> ModuleType:
     return examples_runner.load_example("resnet18_cifar10_spectrum")
 
 
-def run_example(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(EXAMPLE), *args], capture_output=True, text=True, timeout=600, env=env)
-
-
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory) -> tuple[dict, Path]:
-    out = tmp_path_factory.mktemp("resnet18_quick")
-    run = run_example("--quick", "--out", str(out))
-    assert run.returncode == 0, run.stderr
-    return json.loads((out / "result.json").read_text()), out
+    return examples_runner.run_quick("resnet18_cifar10_spectrum", tmp_path_factory.mktemp("resnet18_quick"))
 
 
 def test_quick_settings_and_figures(quick):
     result, out = quick
     assert result["mode"] == "quick" and result["model"] == MODEL and result["n_params"] == 11_173_962
-    assert result["test_examples"] == 8 and result["hvp_mode"] == "autograd-loop"
+    assert result["test_examples"] == 8 and result["hvp_mode"] == "autograd"
     assert result["study"] == {"lanczos_steps": 30, "seconds": 900, "device": "a GPU"}
     for name in ("eigenvalues", "density"):
         png = (out / f"{name}.png").read_bytes()
@@ -112,19 +100,22 @@ def test_full_mode_test_set_uses_the_checkpoints_normalization(tmp_path, monkeyp
     assert x[:, 0, 0].tolist() == pytest.approx(expected, abs=1e-6) and int(y) == 5
 
 
+# The full mode's refusals, in-process (a subprocess would add only its start-up): the exit status and the
+# message a user sees.
 def test_full_mode_needs_weights(tmp_path):
-    run = run_example("--data-dir", str(tmp_path), "--out", str(tmp_path / "out"))
-    assert run.returncode == 2 and "--checkpoint FILE, or --pretrained" in run.stderr
+    status, stderr = examples_runner.exit_of(load_example(), "--data-dir", str(tmp_path), "--out", str(tmp_path / "out"))
+    assert status == 2 and "--checkpoint FILE, or --pretrained" in stderr
 
 
-def test_full_mode_missing_checkpoint_and_offline_pretrained(tmp_path):
-    out = ["--data-dir", str(tmp_path), "--out", str(tmp_path / "o")]
-    run = run_example("--checkpoint", str(tmp_path / "none.pt"), *out)
-    assert run.returncode == 1 and "none.pt not found" in run.stderr and "Traceback" not in run.stderr
+def test_full_mode_missing_checkpoint_and_offline_pretrained(tmp_path, monkeypatch):
+    example, out = load_example(), ["--data-dir", str(tmp_path), "--out", str(tmp_path / "o")]
+    status, stderr = examples_runner.exit_of(example, "--checkpoint", str(tmp_path / "none.pt"), *out)
+    assert status == 1 and "none.pt not found" in stderr
     # a proxy on a closed port makes the download fail whether or not this machine is online
-    env = {**os.environ, "TORCH_HOME": str(tmp_path / "hub"), "HTTPS_PROXY": "http://127.0.0.1:9",
-           "https_proxy": "http://127.0.0.1:9"}
-    run = run_example("--pretrained", *out, env=env)
-    assert run.returncode == 1 and "could not fetch the published resnet18_cifar10 weights" in run.stderr
-    assert "--checkpoint FILE" in run.stderr and "Traceback" not in run.stderr
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    for proxy in ("HTTPS_PROXY", "https_proxy"):
+        monkeypatch.setenv(proxy, "http://127.0.0.1:9")
+    status, stderr = examples_runner.exit_of(example, "--pretrained", *out)
+    assert status == 1 and "could not fetch the published resnet18_cifar10 weights" in stderr
+    assert "--checkpoint FILE" in stderr
     assert not list((tmp_path / "hub").rglob("*.bin"))  # no partial file left to be taken for the weights
