@@ -216,7 +216,9 @@ def test_mathematics_is_typeset_in_the_browser(browser, served):
 
 @pytest.mark.parametrize("width", [390, 1280])
 @pytest.mark.parametrize(
-    ("page", "too_wide_for_a_phone"), [("operators.html", {"TABLE", "CODE"}), ("analysis.html", {"CODE"})]
+    ("page", "too_wide_for_a_phone"),
+    [("operators.html", {"TABLE", "CODE"}), ("analysis.html", {"CODE"})],
+    ids=["operators", "analysis"],
 )
 def test_wide_tables_and_code_scroll_inside_the_column(browser, served, page, too_wide_for_a_phone, width):
     """On a phone (390 CSS pixels) and a laptop, the page does not scroll sideways and no table, code block,
@@ -247,9 +249,10 @@ def test_wide_tables_and_code_scroll_inside_the_column(browser, served, page, to
         )
 
 
-@pytest.mark.parametrize("query", ["Regularized", "operators"])
-def test_search_finds_the_operators_page(browser, served, query):
-    """The theme's search page, served over HTTP, lists the operators page (its index runs in a web worker)."""
+def test_search_finds_the_operators_page(browser, served):
+    """The theme's search page, served over HTTP, lists the operators page (its index runs in a web worker) for
+    a word that is on several pages."""
+    query = "Regularized"
     page = browser.open(f"{served}/search.html?q={query}")
     links = browser.evaluate(
         page,
