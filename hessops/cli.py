@@ -239,7 +239,7 @@ def cmd_density(args: argparse.Namespace) -> dict:
 
 
 def cmd_trace(args: argparse.Namespace) -> dict:
-    from hessops.trace import trace
+    from hessops.trace_estimation import trace
 
     setup = _setup(args)
     op, settings = setup.op, setup.settings

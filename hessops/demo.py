@@ -13,7 +13,7 @@ from hessops.models import build_model, make_loss, model_spec
 from hessops.operators import Hessian
 from hessops.plot import plot_density, plot_eigenvalues
 from hessops.spectrum import eigs
-from hessops.trace import trace
+from hessops.trace_estimation import trace
 from hessops.tracking import GradNormTracker, SharpnessTracker, train
 from hessops.volume import basin_volume
 
