@@ -26,7 +26,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from hessops.constants import DATASETS
 from hessops.errors import CorruptDatasetError, DatasetNotFoundError, MissingDependencyError, UnknownDatasetError
+# (mean, std) per channel of each dataset, kept with the zoo that trains on them; importable from here too
+from hessops.zoo import CIFAR10_MEAN, CIFAR10_STD, MNIST_MEAN, MNIST_STD, NORMALIZATION  # noqa: F401
 
 __all__ = [
     "DATA_NAMES",
@@ -42,19 +45,7 @@ __all__ = [
     "LogitsOf",
 ]
 
-DATA_NAMES: tuple[str, ...] = ("digits", "mnist", "cifar10", "cifar2")
-
-MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
-CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-# (mean, std) per channel of each dataset's normalized inputs; digits are left in [0, 1].
-NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "digits": ((0.0,), (1.0,)),
-    "mnist": (MNIST_MEAN, MNIST_STD),
-    "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
-    "cifar2": (CIFAR10_MEAN, CIFAR10_STD),
-}
+DATA_NAMES: tuple[str, ...] = DATASETS  # the names load_dataset knows (hessops.constants)
 
 CIFAR2_CLASSES = (0, 2)  # CIFAR-10's airplane and bird, relabelled 0 and 1
 _DIGITS_TRAIN_FRACTION = (4, 5)  # train = floor(4n/5) = 1,437 of the 1,797 digits, test = 360

@@ -11,11 +11,12 @@ import cola
 import torch
 from torch import Tensor
 
+from hessops import constants
 from hessops._arguments import boolean, integer, linear_operator, real
 from hessops.errors import InvalidArgumentError
 from hessops.lanczos import LanczosState, check_precision, lanczos, ritz
 
-WHICH = ("LM", "LA", "SA", "both")
+WHICH = constants.WHICH
 
 
 @dataclass

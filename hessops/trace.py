@@ -9,11 +9,12 @@ from dataclasses import dataclass
 import cola
 import torch
 
+from hessops import constants
 from hessops._arguments import choice, integer, linear_operator
 from hessops.errors import InvalidArgumentError
 from hessops.lanczos import check_precision, rademacher
 
-METHODS = ("hutch++", "hutchinson")
+METHODS = constants.TRACE_METHODS
 
 
 @dataclass

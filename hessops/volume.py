@@ -9,13 +9,14 @@ from dataclasses import dataclass
 import cola
 import torch
 
+from hessops import constants
 from hessops._arguments import boolean, choice, integer, linear_operator, real
 from hessops.density import Quadrature, quadrature
 from hessops.errors import NotPositiveDefiniteError
 from hessops.lanczos import check_precision
 from hessops.operators.regularized import Regularized
 
-LOGDET_METHODS = ("auto", "dense", "slq")
+LOGDET_METHODS = constants.LOGDET_METHODS
 DENSE_LIMIT = 3000
 SLQ_CONVERGED = 1e-2  # a smallest Ritz value counts as converged when its residual is below this × the Ritz span
 

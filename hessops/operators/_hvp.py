@@ -17,11 +17,12 @@ from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
 from hessops._functional import differentiable_kernels
+from hessops.constants import HVP_MODES
 
 ParamTree = tuple[Tensor, ...]
 
 REFERENCE = "autograd"  # plain double backward: what every other formulation is checked against
-FORMULATIONS = ("autograd", "autograd-loop", "forward-over-reverse", "reverse-over-forward", "reverse-over-reverse")
+FORMULATIONS = HVP_MODES[1:]  # every hvp_mode but "auto"
 
 
 def _batch_statistics(module: nn.Module) -> bool:

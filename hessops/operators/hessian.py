@@ -9,12 +9,12 @@ import cola
 from torch import Tensor
 
 from hessops._functional import ParamTree, batch_size, call_model, split_examples
+from hessops.constants import HVP_MODES
 from hessops.errors import HvpFormulationError
 from hessops.operators import _hvp, hvp_tuning
 from hessops.operators._base import CurvatureOperator
 from hessops.operators.hvp_tuning import CANDIDATES, _TUNED, Tuning  # noqa: F401 - where tests and users look
 
-HVP_MODES = ("auto", *_hvp.FORMULATIONS)
 
 
 class Hessian(CurvatureOperator):
