@@ -22,6 +22,7 @@ from typing import Any, Callable, NoReturn, Sequence
 
 from hessops import __version__, _commands
 from hessops.constants import DATASETS, DOWNLOADABLE, DTYPES, HVP_MODES, LOGDET_METHODS, OPERATOR_NAMES, TRACE_METHODS, WHICH
+from hessops.demo import DEMO_MODEL
 from hessops.errors import DistributedError, HessopsError
 from hessops.zoo import MODELS, TIMM_PREFIX
 
@@ -237,6 +238,8 @@ def build_parser() -> Parser:
 # -- what depends on several options -----------------------------------------------------------------------------
 def check(args: argparse.Namespace) -> str | None:
     """What is wrong with the options together (one line), or ``None``; nothing is loaded to find out."""
+    if args.command == "demo" and args.k > MODELS[DEMO_MODEL].n_params:
+        return f"--k {args.k}: the demo's {DEMO_MODEL} has {MODELS[DEMO_MODEL].n_params:,} parameters, so at most that many eigenvalues"
     if not hasattr(args, "model"):
         return _check_outputs(args)
     spec = MODELS.get(args.model)

@@ -1,23 +1,23 @@
-"""The demo behind ``hessops demo`` and ``make demo``: everything hessops measures, on the embedded digits."""
+"""The demo behind ``hessops demo`` and ``make demo``: everything hessops measures, on the embedded digits.
+
+Torch-free at import (the command line checks ``--k`` against :data:`DEMO_MODEL`'s size before loading
+anything); :func:`run_demo` imports what it runs.
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from matplotlib.figure import Figure
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
-from hessops.data import load_dataset, make_loader
-from hessops.density import SpectralDensity, spectral_density
-from hessops.models import build_model, make_loss, model_spec
-from hessops.operators import Hessian
-from hessops.plot import plot_density, plot_eigenvalues
-from hessops.spectrum import Spectrum, eigs
-from hessops.trace import TraceEstimate, trace
-from hessops.tracking import GradNormTracker, SharpnessTracker, train
-from hessops.volume import BasinVolume, basin_volume
+    from hessops.density import SpectralDensity
+    from hessops.spectrum import Spectrum
+    from hessops.trace import TraceEstimate
+    from hessops.tracking import GradNormTracker, SharpnessTracker
+    from hessops.volume import BasinVolume
 
 DEMO_MODEL = "mlp-digits"
 THRESHOLD = 2.0
@@ -57,6 +57,10 @@ class DemoResult:
     def figure(self) -> Figure:
         """One figure, four panels: the top eigenvalues, the spectral density, the sharpness and the gradient
         norms during training."""
+        from matplotlib.figure import Figure
+
+        from hessops.plot import plot_density, plot_eigenvalues
+
         fig = Figure(figsize=(13, 9), layout="constrained")
         (eigenvalues, density), (sharpness, grad_norms) = fig.subplots(2, 2)
         values = self.spectrum.values.tolist()
@@ -77,6 +81,12 @@ def run_demo(*, k: int = 10, epochs: int = 30, seed: int = 0, progress: bool = T
     sharpness and gradient norms; then at the solution the top-``k`` Hessian eigenvalues, the spectral
     density, the trace and the log basin volume. Prints a summary; ``hessops demo`` writes the result's
     ``to_dict()`` as JSON and its ``figure()``."""
+    import torch
+
+    from hessops import GradNormTracker, Hessian, SharpnessTracker, basin_volume, eigs, spectral_density, trace, train
+    from hessops.data import load_dataset, make_loader
+    from hessops.models import build_model, make_loss, model_spec
+
     began = time.perf_counter()
     spec = model_spec(DEMO_MODEL)
     model, loss_fn = build_model(DEMO_MODEL, seed=seed), make_loss(spec)
