@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import cola
 import torch
@@ -26,25 +26,41 @@ class Spectrum:
     ``values`` (k,) in the order ``which`` implies (LM: by decreasing magnitude; LA and both: decreasing;
     SA: increasing), ``vectors`` (n, k) orthonormal columns, ``residuals`` (k,) the true ``‖Av − λv‖``
     (one extra matmat; the Lanczos estimates with ``verify=False``), ``error_bounds`` (k,) bounds on each
-    value's error ``min(r, r²/gap)`` computed from those residuals (see :func:`eigs`), ``n_matvecs`` the
-    operator products used, ``converged`` whether the stopping test holds for the reported residuals,
-    ``verified`` whether they are the true residuals (``False``: Lanczos estimates, which rounding can make
-    far too small in float32)."""
+    value's error ``min(r, r²/gap)`` computed from those residuals (see :func:`eigs`),
+    ``residual_estimates`` (k,) the Lanczos estimates ``|β s|`` that decided when to stop, ``steps`` the
+    Lanczos steps taken, ``converged`` whether the stopping test holds for the reported residuals,
+    ``verified`` whether they are the true residuals (``False``: the estimates, which rounding can make far
+    too small in float32), ``n_matvecs`` the operator products used (columns) and ``seconds`` the wall time."""
 
     values: Tensor
     vectors: Tensor
     residuals: Tensor
+    error_bounds: Tensor
+    residual_estimates: Tensor
+    which: str
+    steps: int
+    converged: bool
+    verified: bool
     n_matvecs: int
     seconds: float
-    converged: bool
-    which: str = "LM"
-    steps: int = 0
-    error_bounds: Tensor | None = None
-    extra: dict = field(default_factory=dict)
-    verified: bool = True
 
     def __iter__(self):
         return iter((self.values, self.vectors))
+
+    def to_dict(self) -> dict:
+        """The result as JSON-ready values (the vectors left out): ``eigenvalues``, ``residuals``,
+        ``error_bounds``, ``which``, ``converged``, ``verified``, ``lanczos_steps``, ``n_matvecs``, ``seconds``."""
+        return {
+            "eigenvalues": self.values.tolist(),
+            "residuals": self.residuals.tolist(),
+            "error_bounds": self.error_bounds.tolist(),
+            "which": self.which,
+            "converged": self.converged,
+            "verified": self.verified,
+            "lanczos_steps": self.steps,
+            "n_matvecs": self.n_matvecs,
+            "seconds": self.seconds,
+        }
 
 
 def _select(theta: Tensor, k: int, which: str) -> Tensor:
@@ -182,14 +198,14 @@ def eigs(
         values=values,
         vectors=vectors,
         residuals=residuals,
-        n_matvecs=state.n_matvecs + (len(wanted) if verify else 0),
-        seconds=time.perf_counter() - began,
-        converged=ok,
+        error_bounds=bounds,
+        residual_estimates=estimates[wanted],
         which=which,
         steps=state.steps,
-        error_bounds=bounds,
-        extra={"residual_estimates": estimates[wanted]},
+        converged=ok,
         verified=verify,
+        n_matvecs=state.n_matvecs + (len(wanted) if verify else 0),
+        seconds=time.perf_counter() - began,
     )
 
 

@@ -155,7 +155,7 @@ def test_converged_and_bounds_come_from_the_verified_residuals(float32_hessian):
     with pytest.warns(RuntimeWarning, match="verified residuals .* Lanczos estimates .* met it"):
         strict = hessops.eigs(H, 3, "LA", tol=1e-8)
     assert not strict.converged and strict.verified
-    assert float(strict.extra["residual_estimates"].max()) <= 1e-8 * scale < float(strict.residuals.max())
+    assert float(strict.residual_estimates.max()) <= 1e-8 * scale < float(strict.residuals.max())
     errors = (strict.values - exact.flip(0)[:3]).abs()
     assert bool((errors <= strict.error_bounds).all())
     assert float(strict.error_bounds.min()) >= torch.finfo(torch.float32).eps * float(strict.values.abs().max())
@@ -169,4 +169,4 @@ def test_verify_false_says_so(float32_hessian):
     H, _ = float32_hessian
     unverified = hessops.eigs(H, 3, "LA", tol=1e-8, verify=False)
     assert unverified.converged and not unverified.verified
-    torch.testing.assert_close(unverified.residuals, unverified.extra["residual_estimates"], rtol=0, atol=0)
+    torch.testing.assert_close(unverified.residuals, unverified.residual_estimates, rtol=0, atol=0)
