@@ -205,7 +205,7 @@ def new_figure(rows: int = 1, cols: int = 1, size: tuple[float, float] = (6.5, 4
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=size, layout="constrained")
-    return fig, fig.subplots(rows, cols, squeeze=rows * cols == 1)
+    return fig, fig.subplots(rows, cols)
 
 
 def title(what: str, settings: dict) -> str:

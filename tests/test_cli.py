@@ -26,7 +26,9 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 FIGURE_BYTES = 10_000  # a drawn PNG figure of these sizes is 30-100 kB; an empty canvas is about 3 kB
 
 
-def hessops_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def hessops_cli(*args: str, timeout: int = 3600) -> subprocess.CompletedProcess:
+    """The command in a fresh interpreter; ``timeout`` only guards against a hang (tests bound work, not time:
+    the demo takes about 30 s on 2 quiet cores and ten times that on a busy machine)."""
     return subprocess.run([sys.executable, "-m", "hessops", *args], capture_output=True, text=True, timeout=timeout, env=ENV)
 
 
