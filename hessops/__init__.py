@@ -3,14 +3,15 @@
 Hessian, generalized Gauss-Newton and Fisher matrices of a model, a loss and a dataset, exact dataset means
 streamed over a DataLoader, usable with ``cola.eig``, ``cola.linalg.logdet`` and ``cola.linalg.trace``.
 
-``import hessops`` itself is cheap (the version and the exceptions): the public names below load torch,
-CoLA and every module on the first use of any of them, so that ``hessops --help`` answers at once.
+``import hessops`` is cheap: the public names below load their module (and torch, CoLA) at first use
+(PEP 562), so that ``hessops --version`` and ``hessops --help`` import nothing heavy. The exceptions
+(:mod:`hessops.errors`) are loaded at once, and import no torch.
 """
 
 from __future__ import annotations
 
 import importlib
-import warnings
+import importlib.util
 from typing import Any
 
 from hessops import errors
@@ -18,20 +19,16 @@ from hessops.errors import *  # noqa: F403 - every exception is public
 
 __version__ = "0.1.0"
 
-# Each public name and the module it lives in.
-_PUBLIC: dict[str, str] = {
-    **dict.fromkeys(
-        ("GGN", "CurvatureOperator", "EmpiricalFisher", "Hessian", "MCFisher", "Regularized"), "hessops.operators"
-    ),
-    "dense_hessian": "hessops.dense",
-    **dict.fromkeys(("SpectralDensity", "spectral_density"), "hessops.density"),
-    **dict.fromkeys(("Spectrum", "eigs"), "hessops.spectrum"),
-    **dict.fromkeys(("TraceEstimate", "trace"), "hessops.trace"),
-    **dict.fromkeys(("GradNormTracker", "SharpnessTracker", "evaluate", "train"), "hessops.tracking"),
-    **dict.fromkeys(
-        ("BasinVolume", "LogdetEstimate", "basin_volume", "log_unit_ball_volume", "logdet"), "hessops.volume"
-    ),
-    "on_device": "hessops.data",
+# Each public name, by the module that defines it: loaded at first access.
+_LAZY: dict[str, str] = {
+    **dict.fromkeys(("Hessian", "GGN", "EmpiricalFisher", "MCFisher", "Regularized", "CurvatureOperator"), "operators"),
+    **dict.fromkeys(("eigs", "Spectrum"), "spectrum"),
+    **dict.fromkeys(("spectral_density", "SpectralDensity"), "density"),
+    **dict.fromkeys(("trace", "TraceEstimate"), "trace_estimation"),
+    **dict.fromkeys(("logdet", "LogdetEstimate", "basin_volume", "BasinVolume", "log_unit_ball_volume"), "volume"),
+    "dense_hessian": "dense",
+    "on_device": "data",
+    **dict.fromkeys(("SharpnessTracker", "GradNormTracker", "train", "evaluate"), "tracking"),
 }
 
 __all__ = [
@@ -49,25 +46,17 @@ __all__ = [
 ]
 
 
-def _load() -> None:
-    """Import every module behind the public names and bind the names here (all at once, so that a name is
-    never left bound to a submodule of the same name, such as ``hessops.trace``)."""
-    with warnings.catch_warnings():
-        # CoLA's torch backend, and torch's own forward-mode AD decompositions (loaded at the first jvp), call
-        # torch.jit.script at import time, which torch >= 2.10 deprecates: noise for our users, so load both now.
-        warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
-        importlib.import_module("cola")
-        importlib.import_module("torch._decomp.decompositions_for_jvp")
-        modules = {module: importlib.import_module(module) for module in dict.fromkeys(_PUBLIC.values())}
-    globals().update({name: getattr(modules[module], name) for name, module in _PUBLIC.items()})
-
-
 def __getattr__(name: str) -> Any:
-    if name not in _PUBLIC:
-        raise AttributeError(f"module 'hessops' has no attribute {name!r}")
-    _load()
-    return globals()[name]
+    """A public name's value, imported from its module on first access (then cached here); a submodule
+    (``hessops.data``, ``hessops.plot``, ...) imported on first access, as after ``import hessops.data``."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_PUBLIC))
+    return sorted(set(globals()) | set(__all__))

@@ -7,8 +7,8 @@ import math
 import numbers
 from typing import Any, Sequence
 
-import cola
 
+from hessops._cola import cola
 from hessops.errors import InvalidArgumentError
 
 

@@ -68,7 +68,6 @@ def setup(args: argparse.Namespace) -> Setup:
     to take the data's inputs, then the operator ``--operator`` names."""
     import torch
 
-    _library()
     from hessops.data import load_dataset, make_loader, on_device
     from hessops.models import build_model, load_checkpoint, make_loss, model_spec
     from hessops.operators import OPERATORS
@@ -110,15 +109,6 @@ def setup(args: argparse.Namespace) -> Setup:
         "dtype": args.dtype, "seed": args.seed, "n_params": op.shape[0], "world_size": getattr(args, "world_size", 1),
     }
     return Setup(model, loss_fn, dataset, loader, op, settings)
-
-
-def _library() -> Any:
-    """The ``hessops`` package with its public names loaded: torch and CoLA imported with their import-time
-    warnings silenced (hessops/__init__.py), before any command imports a module that needs them."""
-    import hessops
-
-    hessops._load()
-    return hessops
 
 
 def _check_fits(model: torch.nn.Module, dataset: Any, device: torch.device, name: str, data: str) -> None:
@@ -260,8 +250,10 @@ def eigs(args: argparse.Namespace) -> None:
     """``hessops eigs``: Lanczos on the operator; prints each eigenvalue with its residual and error bound."""
     from hessops.plot import plot_eigenvalues
 
+    import hessops
+
     s = setup(args)
-    spectrum = _library().eigs(
+    spectrum = hessops.eigs(
         s.op, args.k, args.which, tol=args.tol, value_tol=args.value_tol, max_iters=args.max_iters, seed=args.seed,
         progress=not args.no_progress,
     )
@@ -287,8 +279,10 @@ def density(args: argparse.Namespace) -> None:
     """``hessops density``: the SLQ spectral density, broadened on a grid."""
     from hessops.plot import plot_density
 
+    import hessops
+
     s = setup(args)
-    d = _library().spectral_density(
+    d = hessops.spectral_density(
         s.op, num_probes=args.num_probes, lanczos_steps=args.lanczos_steps, grid=args.grid, sigma=args.sigma,
         seed=args.seed, progress=not args.no_progress,
     )
@@ -311,8 +305,10 @@ def trace(args: argparse.Namespace) -> None:
     """``hessops trace``: Hutch++ or Hutchinson."""
     from hessops.plot import plot_trace
 
+    import hessops
+
     s = setup(args)
-    estimate = _library().trace(s.op, probes=args.probes, method=args.method, seed=args.seed)
+    estimate = hessops.trace(s.op, probes=args.probes, method=args.method, seed=args.seed)
     result = estimate.to_dict()
     print(f"trace = {result['trace']:.8g} ± {result['std_error']:.2g} ({result['method']}, {result['n_matvecs']} "
           f"products, {result['seconds']:.2f} s)")
@@ -329,8 +325,9 @@ def logdet(args: argparse.Namespace) -> None:
     """``hessops logdet``: log det(op + c·I), exact or by SLQ."""
     from hessops.plot import plot_log_volume
 
+    import hessops
+
     s = setup(args)
-    hessops = _library()
     estimate = hessops.logdet(
         hessops.Regularized(s.op, args.c), method=args.method, probes=args.probes, lanczos_steps=args.lanczos_steps,
         seed=args.seed, progress=not args.no_progress,
@@ -350,8 +347,10 @@ def basin(args: argparse.Namespace) -> None:
     """``hessops basin``: the log volume of the quadratic basin."""
     from hessops.plot import plot_log_volume
 
+    import hessops
+
     s = setup(args)
-    volume = _library().basin_volume(
+    volume = hessops.basin_volume(
         s.op, threshold=args.threshold, c=args.c, method=args.method, probes=args.probes,
         lanczos_steps=args.lanczos_steps, seed=args.seed, progress=not args.no_progress,
     )
@@ -409,7 +408,6 @@ def demo(args: argparse.Namespace) -> None:
     """``hessops demo``: :func:`hessops.demo.run_demo`, its result at ``--out`` and its figure at ``--plot``."""
     import torch
 
-    _library()
     from hessops.demo import run_demo
 
     result = run_demo(k=args.k, seed=args.seed, progress=not args.no_progress)

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
     from hessops.density import SpectralDensity
     from hessops.spectrum import Spectrum
-    from hessops.trace import TraceEstimate
+    from hessops.trace_estimation import TraceEstimate
     from hessops.tracking import GradNormTracker, SharpnessTracker
     from hessops.volume import BasinVolume
 

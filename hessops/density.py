@@ -11,11 +11,11 @@ import numbers
 import time
 from dataclasses import dataclass
 
-import cola
 import torch
 from torch import Tensor
 
 from hessops._arguments import boolean, integer, linear_operator, real
+from hessops._cola import cola
 from hessops.errors import InvalidArgumentError
 from hessops.lanczos import check_precision, lanczos, rademacher, ritz
 

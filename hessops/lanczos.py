@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import cola
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hessops._cola import cola
 from hessops.errors import DtypeMismatchError
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)

@@ -7,12 +7,12 @@ import time
 import warnings
 from dataclasses import dataclass
 
-import cola
 import torch
 from torch import Tensor
 
 from hessops import constants
 from hessops._arguments import boolean, integer, linear_operator, real
+from hessops._cola import cola
 from hessops.errors import InvalidArgumentError
 from hessops.lanczos import LanczosState, check_precision, lanczos, ritz
 

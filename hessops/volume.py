@@ -6,12 +6,12 @@ import math
 import time
 from dataclasses import dataclass
 
-import cola
 import torch
 from torch import Tensor
 
 from hessops import constants
 from hessops._arguments import boolean, choice, integer, linear_operator, real
+from hessops._cola import cola
 from hessops.density import Quadrature, quadrature
 from hessops.errors import NotPositiveDefiniteError
 from hessops.lanczos import check_precision

@@ -9,13 +9,13 @@ from torch import nn
 
 import hessops
 from hessops import constants, data, models, spectrum, volume, zoo
-from hessops.trace import METHODS as TRACE_METHODS
+from hessops import trace_estimation
 from hessops.operators import OPERATORS, CurvatureOperator, _hvp, hessian
 
 
 def test_the_library_checks_against_the_constants_themselves():
     assert spectrum.WHICH is constants.WHICH
-    assert TRACE_METHODS is constants.TRACE_METHODS
+    assert trace_estimation.METHODS is constants.TRACE_METHODS
     assert volume.LOGDET_METHODS is constants.LOGDET_METHODS
     assert data.DATA_NAMES is constants.DATASETS
     assert hessian.HVP_MODES is constants.HVP_MODES

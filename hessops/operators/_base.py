@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Sequence
 
-import cola
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from hessops._cola import cola
 from hessops._determinism import batch_fingerprint, check_model, data_changed_error, fingerprint_change
 from hessops._functional import (
     ParamTree,

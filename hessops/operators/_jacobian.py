@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import cola
 from torch import Tensor, nn
 from torch.func import jvp, vjp, vmap
 
+from hessops._cola import cola
 from hessops._functional import ParamTree, call_model, differentiable_kernels
 from hessops.operators._base import CurvatureOperator
 

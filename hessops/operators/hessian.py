@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import cola
 from torch import Tensor
 
+from hessops._cola import cola
 from hessops._functional import ParamTree, batch_size, call_model, split_examples
 from hessops.constants import HVP_MODES
 from hessops.errors import HvpFormulationError

@@ -1,16 +1,17 @@
-"""Stochastic trace estimation: Hutchinson (1989) and Hutch++ (Meyer, Musco, Musco & Woodruff, 2021)."""
+"""Stochastic trace estimation, the function `hessops.trace`: Hutchinson (1989) and Hutch++ (Meyer, Musco, Musco
+& Woodruff, 2021)."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
 
-import cola
 import torch
 from torch import Tensor
 
 from hessops import constants
 from hessops._arguments import choice, integer, linear_operator
+from hessops._cola import cola
 from hessops.errors import InvalidArgumentError
 from hessops.lanczos import check_precision, rademacher
 
