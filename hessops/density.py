@@ -50,6 +50,22 @@ class Quadrature:
         """The ``k``-th moment of the spectral density, ``tr(A^k)/n``, estimated."""
         return float(self.per_probe(lambda t: t**k).mean())
 
+    def density(self, grid: int | Tensor = 1000, sigma: float | None = None) -> tuple[Tensor, Tensor, float]:
+        r"""The rules broadened into a density, as :func:`spectral_density` returns it: ``(grid, density,
+        sigma)``, :math:`\hat\phi(t) = \frac1P \sum_p \sum_j w_{pj}\, g_\sigma(t - \theta_{pj})` (float64) with
+        :math:`g_\sigma` the normal density of width ``sigma`` (default 1% of the nodes' span), normalized to
+        integrate to one on ``grid`` (a number of points spanning the nodes ± 5σ, or the points)."""
+        nodes, weights = self.nodes.double().cpu(), self.weights.double().cpu()
+        lo, hi = float(nodes.min()), float(nodes.max())
+        span = max(hi - lo, 1e-12 * max(abs(lo), abs(hi), 1.0))
+        sigma = 0.01 * span if sigma is None else sigma
+        if isinstance(grid, int):
+            grid = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, grid, dtype=torch.float64)
+        grid = torch.as_tensor(grid, dtype=torch.float64)
+        kernel = torch.exp(-0.5 * ((grid[:, None, None] - nodes[None]) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+        density = (kernel * weights[None]).sum(-1).mean(-1)
+        mass = torch.trapezoid(density, grid)
+        return grid, density / mass if float(mass) > 0 else density, sigma
 
 def quadrature(
     op: cola.ops.LinearOperator, *, num_probes: int = 10, lanczos_steps: int = 80, seed: int = 0,
@@ -144,15 +160,5 @@ def spectral_density(
         sigma = real("sigma", sigma, positive=True)
     began = time.perf_counter()
     rule = quadrature(op, num_probes=num_probes, lanczos_steps=lanczos_steps, seed=seed, progress=progress)
-    lo, hi = float(rule.nodes.min()), float(rule.nodes.max())
-    span = max(hi - lo, 1e-12 * max(abs(lo), abs(hi), 1.0))
-    sigma = 0.01 * span if sigma is None else sigma
-    if isinstance(grid, int):
-        grid = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, grid, dtype=torch.float64)
-    grid = torch.as_tensor(grid, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * ((grid[:, None, None] - rule.nodes[None]) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
-    density = (kernel * rule.weights[None]).sum(-1).mean(-1)
-    mass = torch.trapezoid(density, grid)
-    if float(mass) > 0:
-        density = density / mass
+    grid, density, sigma = rule.density(grid, sigma)
     return SpectralDensity(grid, density, sigma, rule, rule.n_matvecs, time.perf_counter() - began)

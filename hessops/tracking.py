@@ -91,12 +91,13 @@ class SharpnessTracker:
         self.history.append(record)
         return record
 
-    def plot(self, path: str | Path | None = None, *, ax=None):
-        """The recorded sharpness against steps (or epochs); into ``ax`` when given, saved to ``path`` if any."""
+    def plot(self, path: str | Path | None = None, *, title: str | None = None, ax=None):
+        """The recorded sharpness against steps (or epochs) (:func:`hessops.plot.plot_sharpness`); into ``ax``
+        when given, saved to ``path`` if any."""
         from hessops.plot import plot_sharpness
 
         return plot_sharpness(
-            [r.step for r in self.history], [r.values for r in self.history], path, unit=self.unit, ax=ax
+            [r.step for r in self.history], [r.values for r in self.history], path, unit=self.unit, title=title, ax=ax
         )
 
 
@@ -133,13 +134,14 @@ class GradNormTracker:
         self._sums, self._steps = {}, 0
         return record
 
-    def plot(self, path: str | Path | None = None, *, ax=None):
-        """Each parameter's mean gradient norm per epoch; into ``ax`` when given, saved to ``path`` if any."""
+    def plot(self, path: str | Path | None = None, *, title: str | None = None, ax=None):
+        """Each parameter's mean gradient norm per epoch (:func:`hessops.plot.plot_grad_norms`); into ``ax`` when
+        given, saved to ``path`` if any."""
         from hessops.plot import plot_grad_norms
 
         names = list(self.history[0]["norms"]) if self.history else []
         series = {n: [h["norms"].get(n, float("nan")) for h in self.history] for n in names}
-        return plot_grad_norms([h["epoch"] for h in self.history], series, path, ax=ax)
+        return plot_grad_norms([h["epoch"] for h in self.history], series, path, title=title, ax=ax)
 
 
 def train(
