@@ -389,10 +389,8 @@ def track(args: argparse.Namespace) -> None:
 
     def draw() -> Figure:
         fig, (left, right) = new_figure(1, 2, (13, 4.5))
-        sharpness.plot(ax=left)
-        left.set_title("Sharpness (top Hessian eigenvalue)")
-        grad_norms.plot(ax=right)
-        right.set_title("Per-layer gradient norms")
+        sharpness.plot(ax=left, title="Sharpness (top Hessian eigenvalue)")
+        grad_norms.plot(ax=right, title="Per-layer gradient norms")
         fig.suptitle(title("Training with SGD", s.settings))
         return fig
 

@@ -67,10 +67,8 @@ class DemoResult:
         plot_eigenvalues(values, ax=eigenvalues, title=f"Top-{len(values)} Hessian eigenvalues at the solution")
         plot_density(self.density.grid.tolist(), self.density.density.tolist(), ax=density, top=values[:3],
                      title="Hessian spectral density at the solution (SLQ)")
-        self.sharpness.plot(ax=sharpness)
-        sharpness.set_title("Sharpness (top Hessian eigenvalue) during training")
-        self.grad_norms.plot(ax=grad_norms)
-        grad_norms.set_title("Per-layer gradient norms during training")
+        self.sharpness.plot(ax=sharpness, title="Sharpness (top Hessian eigenvalue) during training")
+        self.grad_norms.plot(ax=grad_norms, title="Per-layer gradient norms during training")
         settings = self.settings
         fig.suptitle(f"hessops demo: {settings['model']} on {settings['data']}, N = {settings['num_examples']:,}")
         return fig
