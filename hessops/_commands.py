@@ -16,9 +16,10 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from hessops import __version__
 from hessops.errors import HessopsError
@@ -26,7 +27,6 @@ from hessops.zoo import MODELS
 
 if TYPE_CHECKING:
     import torch
-    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 
@@ -80,7 +80,11 @@ def setup(args: argparse.Namespace) -> Setup:
     # The model's own normalization where it was trained on this data (resnet18_cifar10's checkpoint differs).
     normalization = {"mean": spec.mean, "std": spec.std} if data_name == spec.default_data else {}
     dataset = load_dataset(
-        data_name, data_dir=args.data_dir, train=not args.test_split, num_examples=args.num_examples, seed=args.seed,
+        data_name,
+        data_dir=args.data_dir,
+        train=not args.test_split,
+        num_examples=args.num_examples,
+        seed=args.seed,
         **normalization,
     )
     model = build_model(args.model, seed=args.seed)
@@ -102,11 +106,19 @@ def setup(args: argparse.Namespace) -> Setup:
         kwargs["hvp_mode"] = args.hvp_mode
     op = OPERATORS[args.operator](model, loss_fn, loader, **kwargs)
     settings = {
-        "model": args.model, "checkpoint": str(args.checkpoint) if args.checkpoint else None, "data": data_name,
-        "split": "test" if args.test_split else "train", "num_examples": total_examples,
-        "batch_size": args.batch_size, "operator": args.operator,
-        "hvp_mode": args.hvp_mode if args.operator == "hessian" else None, "device": str(op.device),
-        "dtype": args.dtype, "seed": args.seed, "n_params": op.shape[0], "world_size": getattr(args, "world_size", 1),
+        "model": args.model,
+        "checkpoint": str(args.checkpoint) if args.checkpoint else None,
+        "data": data_name,
+        "split": "test" if args.test_split else "train",
+        "num_examples": total_examples,
+        "batch_size": args.batch_size,
+        "operator": args.operator,
+        "hvp_mode": args.hvp_mode if args.operator == "hessian" else None,
+        "device": str(op.device),
+        "dtype": args.dtype,
+        "seed": args.seed,
+        "n_params": op.shape[0],
+        "world_size": getattr(args, "world_size", 1),
     }
     return Setup(model, loss_fn, dataset, loader, op, settings)
 
@@ -234,8 +246,13 @@ def run_record(args: argparse.Namespace, device: torch.device) -> dict:
     }
 
 
-def emit(args: argparse.Namespace, settings: dict, result: dict, device: torch.device,
-         draw: Callable[[], Figure] | None = None) -> None:
+def emit(
+    args: argparse.Namespace,
+    settings: dict,
+    result: dict,
+    device: torch.device,
+    draw: Callable[[], Figure] | None = None,
+) -> None:
     """Draw ``--plot`` and write ``--out``: ``{"command", "run", "settings", **result}``."""
     if args.plot is not None and draw is not None:
         save_figure(draw(), args.plot)
@@ -248,70 +265,105 @@ def emit(args: argparse.Namespace, settings: dict, result: dict, device: torch.d
 # -- the commands ------------------------------------------------------------------------------------------------
 def eigs(args: argparse.Namespace) -> None:
     """``hessops eigs``: Lanczos on the operator; prints each eigenvalue with its residual and error bound."""
-    from hessops.plot import plot_eigenvalues
-
     import hessops
+    from hessops.plot import plot_eigenvalues
 
     s = setup(args)
     spectrum = hessops.eigs(
-        s.op, args.k, args.which, tol=args.tol, value_tol=args.value_tol, max_iters=args.max_iters, seed=args.seed,
+        s.op,
+        args.k,
+        args.which,
+        tol=args.tol,
+        value_tol=args.value_tol,
+        max_iters=args.max_iters,
+        seed=args.seed,
         progress=not args.no_progress,
     )
     result = spectrum.to_dict()
-    for i, (value, residual, bound) in enumerate(zip(result["eigenvalues"], result["residuals"], result["error_bounds"]), 1):
+    for i, (value, residual, bound) in enumerate(
+        zip(result["eigenvalues"], result["residuals"], result["error_bounds"]), 1
+    ):
         print(f"λ{i:<3d} = {value: .8g}   ‖Hv − λv‖ = {residual:.2g}   error ≤ {bound:.2g}")
-    print(f"{result['n_matvecs']} products in {result['seconds']:.2f} s ({result['lanczos_steps']} Lanczos steps), "
-          f"converged: {result['converged']}")
+    print(
+        f"{result['n_matvecs']} products in {result['seconds']:.2f} s ({result['lanczos_steps']} Lanczos steps), "
+        f"converged: {result['converged']}"
+    )
     name = type(s.op).__name__
-    what = f"{name} top-{args.k} eigenvalues" if args.which == "LM" else f"{name} eigenvalues ({args.which}, k = {args.k})"
+    what = (
+        f"{name} top-{args.k} eigenvalues" if args.which == "LM" else f"{name} eigenvalues ({args.which}, k = {args.k})"
+    )
 
     def draw() -> Figure:
         fig, ax = new_figure()
         plot_eigenvalues(result["eigenvalues"], ax=ax, title=title(what, s.settings))
         return fig
 
-    settings = s.settings | {"k": args.k, "which": args.which, "tol": args.tol, "value_tol": args.value_tol, "max_iters": args.max_iters}
+    settings = s.settings | {
+        "k": args.k,
+        "which": args.which,
+        "tol": args.tol,
+        "value_tol": args.value_tol,
+        "max_iters": args.max_iters,
+    }
     tuning = {kind: t.to_dict() for kind, t in getattr(s.op, "hvp_tuning", {}).items()}
     emit(args, settings, result | {"hvp_tuning": tuning}, s.op.device, draw)
 
 
 def density(args: argparse.Namespace) -> None:
     """``hessops density``: the SLQ spectral density, broadened on a grid."""
-    from hessops.plot import plot_density
-
     import hessops
+    from hessops.plot import plot_density
 
     s = setup(args)
     d = hessops.spectral_density(
-        s.op, num_probes=args.num_probes, lanczos_steps=args.lanczos_steps, grid=args.grid, sigma=args.sigma,
-        seed=args.seed, progress=not args.no_progress,
+        s.op,
+        num_probes=args.num_probes,
+        lanczos_steps=args.lanczos_steps,
+        grid=args.grid,
+        sigma=args.sigma,
+        seed=args.seed,
+        progress=not args.no_progress,
     )
     result = d.to_dict()
     grid = result["grid"]
-    print(f"density on [{grid[0]:.4g}, {grid[-1]:.4g}], σ = {result['sigma']:.3g}; mean eigenvalue "
-          f"{result['moments']['mean']:.6g}; {result['n_matvecs']} products in {result['seconds']:.2f} s")
+    print(
+        f"density on [{grid[0]:.4g}, {grid[-1]:.4g}], σ = {result['sigma']:.3g}; mean eigenvalue "
+        f"{result['moments']['mean']:.6g}; {result['n_matvecs']} products in {result['seconds']:.2f} s"
+    )
     top = sum(max(nodes) for nodes in result["nodes"]) / len(result["nodes"])  # the largest Ritz value, on average
 
     def draw() -> Figure:
         fig, ax = new_figure()
-        plot_density(grid, result["density"], ax=ax, top=[top], title=title(f"{type(s.op).__name__} spectral density", s.settings))
+        plot_density(
+            grid,
+            result["density"],
+            ax=ax,
+            top=[top],
+            title=title(f"{type(s.op).__name__} spectral density", s.settings),
+        )
         return fig
 
-    settings = s.settings | {"num_probes": args.num_probes, "lanczos_steps": args.lanczos_steps, "grid": args.grid, "sigma": args.sigma}
+    settings = s.settings | {
+        "num_probes": args.num_probes,
+        "lanczos_steps": args.lanczos_steps,
+        "grid": args.grid,
+        "sigma": args.sigma,
+    }
     emit(args, settings, result, s.op.device, draw)
 
 
 def trace(args: argparse.Namespace) -> None:
     """``hessops trace``: Hutch++ or Hutchinson."""
-    from hessops.plot import plot_trace
-
     import hessops
+    from hessops.plot import plot_trace
 
     s = setup(args)
     estimate = hessops.trace(s.op, probes=args.probes, method=args.method, seed=args.seed)
     result = estimate.to_dict()
-    print(f"trace = {result['trace']:.8g} ± {result['std_error']:.2g} ({result['method']}, {result['n_matvecs']} "
-          f"products, {result['seconds']:.2f} s)")
+    print(
+        f"trace = {result['trace']:.8g} ± {result['std_error']:.2g} ({result['method']}, {result['n_matvecs']} "
+        f"products, {result['seconds']:.2f} s)"
+    )
 
     def draw() -> Figure:
         fig, ax = new_figure()
@@ -323,47 +375,71 @@ def trace(args: argparse.Namespace) -> None:
 
 def logdet(args: argparse.Namespace) -> None:
     """``hessops logdet``: log det(op + c·I), exact or by SLQ."""
-    from hessops.plot import plot_log_volume
-
     import hessops
+    from hessops.plot import plot_log_volume
 
     s = setup(args)
     estimate = hessops.logdet(
-        hessops.Regularized(s.op, args.c), method=args.method, probes=args.probes, lanczos_steps=args.lanczos_steps,
-        seed=args.seed, progress=not args.no_progress,
+        hessops.Regularized(s.op, args.c),
+        method=args.method,
+        probes=args.probes,
+        lanczos_steps=args.lanczos_steps,
+        seed=args.seed,
+        progress=not args.no_progress,
     )
     result = estimate.to_dict()
-    print(f"log det({args.operator} + {args.c:g}·I) = {result['logdet']:.8g} ± {result['std_error']:.2g} "
-          f"({result['method']}, {result['n_matvecs']} products, {result['seconds']:.2f} s)")
+    print(
+        f"log det({args.operator} + {args.c:g}·I) = {result['logdet']:.8g} ± {result['std_error']:.2g} "
+        f"({result['method']}, {result['n_matvecs']} products, {result['seconds']:.2f} s)"
+    )
 
     def draw() -> Figure:
         return plot_log_volume(estimate, title=title(f"log det({type(s.op).__name__} + {args.c:g}·I)", s.settings))
 
-    settings = s.settings | {"c": args.c, "method": args.method, "probes": args.probes, "lanczos_steps": args.lanczos_steps}
+    settings = s.settings | {
+        "c": args.c,
+        "method": args.method,
+        "probes": args.probes,
+        "lanczos_steps": args.lanczos_steps,
+    }
     emit(args, settings, result, s.op.device, draw)
 
 
 def basin(args: argparse.Namespace) -> None:
     """``hessops basin``: the log volume of the quadratic basin."""
-    from hessops.plot import plot_log_volume
-
     import hessops
+    from hessops.plot import plot_log_volume
 
     s = setup(args)
     volume = hessops.basin_volume(
-        s.op, threshold=args.threshold, c=args.c, method=args.method, probes=args.probes,
-        lanczos_steps=args.lanczos_steps, seed=args.seed, progress=not args.no_progress,
+        s.op,
+        threshold=args.threshold,
+        c=args.c,
+        method=args.method,
+        probes=args.probes,
+        lanczos_steps=args.lanczos_steps,
+        seed=args.seed,
+        progress=not args.no_progress,
     )
     result = volume.to_dict()
-    print(f"log V = {result['log_volume']:.6f}  (log unit ball {result['log_unit_ball']:.6f} + threshold term "
-          f"{result['log_threshold_term']:.6f} − ½ logdet {result['half_logdet']:.6f} ± "
-          f"{0.5 * result['logdet_std_error']:.2g}; n = {result['n']}, {result['method']})")
+    print(
+        f"log V = {result['log_volume']:.6f}  (log unit ball {result['log_unit_ball']:.6f} + threshold term "
+        f"{result['log_threshold_term']:.6f} − ½ logdet {result['half_logdet']:.6f} ± "
+        f"{0.5 * result['logdet_std_error']:.2g}; n = {result['n']}, {result['method']})"
+    )
 
     def draw() -> Figure:
-        return plot_log_volume(volume, title=title(f"Log basin volume ({type(s.op).__name__}, c = {args.c:g})", s.settings))
+        return plot_log_volume(
+            volume, title=title(f"Log basin volume ({type(s.op).__name__}, c = {args.c:g})", s.settings)
+        )
 
-    settings = s.settings | {"threshold": args.threshold, "c": args.c, "method": args.method, "probes": args.probes,
-                             "lanczos_steps": args.lanczos_steps}
+    settings = s.settings | {
+        "threshold": args.threshold,
+        "c": args.c,
+        "method": args.method,
+        "probes": args.probes,
+        "lanczos_steps": args.lanczos_steps,
+    }
     emit(args, settings, result, s.op.device, draw)
 
 
@@ -380,8 +456,16 @@ def track(args: argparse.Namespace) -> None:
     sharpness = SharpnessTracker(s.model, s.loss_fn, fixed, unit="epoch", dtype=s.op.dtype)
     grad_norms = GradNormTracker(s.model)
     history = train(
-        s.model, s.loss_fn, s.loader, epochs=args.epochs, lr=args.lr, momentum=args.momentum,
-        weight_decay=args.weight_decay, sharpness=sharpness, grad_norms=grad_norms, every=args.every,
+        s.model,
+        s.loss_fn,
+        s.loader,
+        epochs=args.epochs,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        sharpness=sharpness,
+        grad_norms=grad_norms,
+        every=args.every,
         progress=not args.no_progress,
     )
     for record in sharpness.history:
@@ -395,10 +479,18 @@ def track(args: argparse.Namespace) -> None:
         return fig
 
     settings = s.settings | {
-        "epochs": args.epochs, "lr": args.lr, "momentum": args.momentum, "weight_decay": args.weight_decay,
-        "every": args.every, "sharpness_examples": len(subset),
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "momentum": args.momentum,
+        "weight_decay": args.weight_decay,
+        "every": args.every,
+        "sharpness_examples": len(subset),
     }
-    result = {"training": history, "sharpness": [asdict(r) for r in sharpness.history], "grad_norms": grad_norms.history}
+    result = {
+        "training": history,
+        "sharpness": [asdict(r) for r in sharpness.history],
+        "grad_norms": grad_norms.history,
+    }
     emit(args, settings, result, s.op.device, draw)
 
 
@@ -424,9 +516,25 @@ def models(args: argparse.Namespace) -> None:
     rows = [("model", "parameters", "input", "classes", "data", "description")]
     for spec in MODELS.values():
         size = f"{spec.n_params:,}" if spec.n_params is not None else "?"
-        rows.append((spec.name, size, "×".join(map(str, spec.input_shape)), str(spec.num_classes), str(spec.default_data), spec.description))
+        rows.append(
+            (
+                spec.name,
+                size,
+                "×".join(map(str, spec.input_shape)),
+                str(spec.num_classes),
+                str(spec.default_data),
+                spec.description,
+            )
+        )
     rows.append(("timm:NAME", "", "", "", "", "any timm model (pip install 'hessops[zoo]'); pass --data"))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     for row in rows:
-        cells = [row[0].ljust(widths[0]), row[1].rjust(widths[1]), row[2].ljust(widths[2]), row[3].rjust(widths[3]), row[4].ljust(widths[4]), row[5]]
+        cells = [
+            row[0].ljust(widths[0]),
+            row[1].rjust(widths[1]),
+            row[2].ljust(widths[2]),
+            row[3].rjust(widths[3]),
+            row[4].ljust(widths[4]),
+            row[5],
+        ]
         print("  ".join(cells).rstrip())

@@ -16,19 +16,32 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, NoReturn
 
 from hessops import __version__, _commands
-from hessops.constants import DATASETS, DOWNLOADABLE, DTYPES, HVP_MODES, LOGDET_METHODS, OPERATOR_NAMES, TRACE_METHODS, WHICH
+from hessops.constants import (
+    DATASETS,
+    DOWNLOADABLE,
+    DTYPES,
+    HVP_MODES,
+    LOGDET_METHODS,
+    OPERATOR_NAMES,
+    TRACE_METHODS,
+    WHICH,
+)
 from hessops.demo import DEMO_MODEL
 from hessops.errors import DistributedError, HessopsError
 from hessops.zoo import MODELS, TIMM_PREFIX
 
 # The examples in each dataset's (train, test) split, to check --num-examples without loading the data.
 SPLIT_SIZES: dict[str, tuple[int, int]] = {
-    "digits": (1_437, 360), "mnist": (60_000, 10_000), "cifar10": (50_000, 10_000), "cifar2": (10_000, 2_000),
+    "digits": (1_437, 360),
+    "mnist": (60_000, 10_000),
+    "cifar10": (50_000, 10_000),
+    "cifar2": (10_000, 2_000),
 }
 FIGURE_FORMATS = (".png", ".pdf", ".svg")
 SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes seeds below this (and negative ones, not offered here)
@@ -39,7 +52,7 @@ EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 # -- values: each a type= for argparse, raising ArgumentTypeError with what to pass instead --------------------
 def count(minimum: int = 1, below: int | None = None) -> Callable[[str], int]:
     """A whole number ≥ ``minimum`` and < ``below`` where given (``2.5``, ``1e3`` and ``-1`` are refused)."""
-    wanted = f"a whole number ≥ {minimum}" + (f" and < 2^{below.bit_length() - 1}" if below else "")
+    wanted = f"a whole number ≥ {minimum}" + (f" and < {below:,}" if below is not None else "")
 
     def parse(text: str) -> int:
         try:
@@ -54,14 +67,18 @@ def count(minimum: int = 1, below: int | None = None) -> Callable[[str], int]:
     return parse
 
 
-def number(*, minimum: float = -math.inf, above: float | None = None, below: float | None = None) -> Callable[[str], float]:
+def number(
+    *, minimum: float = -math.inf, above: float | None = None, below: float | None = None
+) -> Callable[[str], float]:
     """A finite real number, ≥ ``minimum``, > ``above`` and < ``below`` where given."""
     rule = " and ".join(
-        part for part in (
+        part
+        for part in (
             f"≥ {minimum:g}" if minimum > -math.inf else "",
             f"> {above:g}" if above is not None else "",
             f"< {below:g}" if below is not None else "",
-        ) if part
+        )
+        if part
     )
     wanted = f"a finite number {rule}".strip()
 
@@ -70,7 +87,12 @@ def number(*, minimum: float = -math.inf, above: float | None = None, below: flo
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number: pass {wanted}") from None
-        if not (math.isfinite(value) and value >= minimum and (above is None or value > above) and (below is None or value < below)):
+        if not (
+            math.isfinite(value)
+            and value >= minimum
+            and (above is None or value > above)
+            and (below is None or value < below)
+        ):
             raise argparse.ArgumentTypeError(f"{text} is out of range: pass {wanted}")
         return value
 
@@ -106,7 +128,9 @@ def output_path(*formats: str) -> Callable[[str], Path]:
         if path.is_dir() or text.endswith(os.sep):
             raise argparse.ArgumentTypeError(f"{text} is a directory: give the path of a file (in it, or elsewhere)")
         if formats and path.suffix.lower() not in formats:
-            raise argparse.ArgumentTypeError(f"{text}: the figure's format comes from the extension: {', '.join(formats)}")
+            raise argparse.ArgumentTypeError(
+                f"{text}: the figure's format comes from the extension: {', '.join(formats)}"
+            )
         folder = next((p for p in (path.parent, *path.parent.parents) if p.exists()), Path("."))
         if not folder.is_dir():
             raise argparse.ArgumentTypeError(f"{text}: {folder} is not a directory")
@@ -143,7 +167,9 @@ def usage_error(message: str, prog: str = "hessops") -> NoReturn:
 
 
 def _subparser(sub: Any, name: str, help_text: str, func: Callable[[argparse.Namespace], None]) -> Parser:
-    parser = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".", formatter_class=Formatter)
+    parser = sub.add_parser(
+        name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".", formatter_class=Formatter
+    )
     parser.set_defaults(func=func)
     return parser
 
@@ -151,40 +177,105 @@ def _subparser(sub: Any, name: str, help_text: str, func: Callable[[argparse.Nam
 def _common(parser: argparse.ArgumentParser) -> None:
     """The options of the commands that build an operator from a model and a dataset."""
     group = parser.add_argument_group("model and data")
-    group.add_argument("--model", type=model_name, default="mlp-digits", help="a zoo model (`hessops models` lists them), or timm:NAME")
-    group.add_argument("--checkpoint", type=existing_file, help="a state_dict file to load into the model (default: parameters drawn from --seed)")
-    group.add_argument("--data", choices=DATASETS, help="the dataset (default: the model's; digits are embedded, the others need `hessops download`)")
+    group.add_argument(
+        "--model", type=model_name, default="mlp-digits", help="a zoo model (`hessops models` lists them), or timm:NAME"
+    )
+    group.add_argument(
+        "--checkpoint",
+        type=existing_file,
+        help="a state_dict file to load into the model (default: parameters drawn from --seed)",
+    )
+    group.add_argument(
+        "--data",
+        choices=DATASETS,
+        help="the dataset (default: the model's; digits are embedded, the others need `hessops download`)",
+    )
     group.add_argument("--data-dir", type=Path, default=Path("data"), help="where the downloaded datasets are")
     group.add_argument("--test-split", action="store_true", help="use the test split instead of the training split")
-    group.add_argument("--num-examples", type=count(), help="a deterministic subset of this many examples, drawn by --seed (default: the whole split)")
-    group.add_argument("--batch-size", type=count(), default=128, help="examples per batch; the operator is the exact mean over all of them whatever this is")
-    group.add_argument("--operator", choices=OPERATOR_NAMES, default=OPERATOR_NAMES[0], help="the curvature matrix: Hessian, generalized Gauss-Newton, empirical Fisher, Monte Carlo Fisher")
-    group.add_argument("--hvp-mode", choices=HVP_MODES, default=HVP_MODES[0], help="the Hessian-vector product's formulation (--operator hessian); auto picks the fastest that agrees with double backward")
+    group.add_argument(
+        "--num-examples",
+        type=count(),
+        help="a deterministic subset of this many examples, drawn by --seed (default: the whole split)",
+    )
+    group.add_argument(
+        "--batch-size",
+        type=count(),
+        default=128,
+        help="examples per batch; the operator is the exact mean over all of them whatever this is",
+    )
+    group.add_argument(
+        "--operator",
+        choices=OPERATOR_NAMES,
+        default=OPERATOR_NAMES[0],
+        help="the curvature matrix: Hessian, generalized Gauss-Newton, empirical Fisher, Monte Carlo Fisher",
+    )
+    group.add_argument(
+        "--hvp-mode",
+        choices=HVP_MODES,
+        default=HVP_MODES[0],
+        help="the Hessian-vector product's formulation (--operator hessian); auto picks the fastest that agrees "
+        "with double backward",
+    )
     group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     group.add_argument("--dtype", choices=DTYPES, default=DTYPES[0], help="the operator's dtype")
-    group.add_argument("--seed", type=count(0, SEED_LIMIT), default=0, help="the model's initial parameters, the data subset and the random probe vectors")
+    group.add_argument(
+        "--seed",
+        type=count(0, SEED_LIMIT),
+        default=0,
+        help="the model's initial parameters, the data subset and the random probe vectors",
+    )
     out = parser.add_argument_group("output")
     out.add_argument("--out", type=output_path(), help="write the result here as JSON (default: print a summary only)")
-    out.add_argument("--plot", type=output_path(*FIGURE_FORMATS), help="draw the figure into this file, PNG (or .pdf, .svg) (default: no figure)")
+    out.add_argument(
+        "--plot",
+        type=output_path(*FIGURE_FORMATS),
+        help="draw the figure into this file, PNG (or .pdf, .svg) (default: no figure)",
+    )
     out.add_argument("--no-progress", action="store_true", help="no progress bars")
     par = parser.add_argument_group("data-parallel (torch.distributed, under torchrun)")
-    par.add_argument("--distributed", action="store_true", help="shard the data over the processes torchrun started (automatic when WORLD_SIZE > 1)")
-    par.add_argument("--timeout", type=number(above=0), default=600.0, help="seconds a rank waits for the others before the run fails")
+    par.add_argument(
+        "--distributed",
+        action="store_true",
+        help="shard the data over the processes torchrun started (automatic when WORLD_SIZE > 1)",
+    )
+    par.add_argument(
+        "--timeout",
+        type=number(above=0),
+        default=600.0,
+        help="seconds a rank waits for the others before the run fails",
+    )
 
 
 def build_parser() -> Parser:
     """The ``hessops`` argument parser (torch-free)."""
-    parser = Parser(prog="hessops", description="Curvature of neural networks: spectra, densities, traces, volumes.", formatter_class=Formatter)
+    parser = Parser(
+        prog="hessops",
+        description="Curvature of neural networks: spectra, densities, traces, volumes.",
+        formatter_class=Formatter,
+    )
     parser.add_argument("--version", action="version", version=f"hessops {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = _subparser(sub, "eigs", "extreme eigenvalues by Lanczos, with residuals and error bounds", _commands.eigs)
     _common(p)
     p.add_argument("--k", type=count(), default=10, help="how many eigenvalues (at each end for --which both)")
-    p.add_argument("--which", choices=WHICH, default=WHICH[0], help="largest magnitude, largest, smallest, or both ends")
-    p.add_argument("--tol", type=number(above=0), default=1e-5, help="stop when each residual ‖Hv − λv‖ is below this times max |λ|")
-    p.add_argument("--value-tol", type=number(above=0), help="stop on the eigenvalues' error bounds instead, relative to max |λ| (default: off)")
-    p.add_argument("--max-iters", type=count(), help="at most this many Lanczos steps (default: max(300, 20·k), at most the size)")
+    p.add_argument(
+        "--which", choices=WHICH, default=WHICH[0], help="largest magnitude, largest, smallest, or both ends"
+    )
+    p.add_argument(
+        "--tol",
+        type=number(above=0),
+        default=1e-5,
+        help="stop when each residual ‖Hv − λv‖ is below this times max |λ|",
+    )
+    p.add_argument(
+        "--value-tol",
+        type=number(above=0),
+        help="stop on the eigenvalues' error bounds instead, relative to max |λ| (default: off)",
+    )
+    p.add_argument(
+        "--max-iters", type=count(), help="at most this many Lanczos steps (default: max(300, 20·k), at most the size)"
+    )
 
     p = _subparser(sub, "density", "spectral density by stochastic Lanczos quadrature", _commands.density)
     _common(p)
@@ -195,7 +286,12 @@ def build_parser() -> Parser:
 
     p = _subparser(sub, "trace", "trace by Hutch++ or Hutchinson", _commands.trace)
     _common(p)
-    p.add_argument("--probes", type=count(2), default=100, help="products with random vectors (at least 4 for hutch++, 2 for hutchinson)")
+    p.add_argument(
+        "--probes",
+        type=count(2),
+        default=100,
+        help="products with random vectors (at least 4 for hutch++, 2 for hutchinson)",
+    )
     p.add_argument("--method", choices=TRACE_METHODS, default=TRACE_METHODS[0], help="the estimator")
 
     for name, help_text, func in (
@@ -204,27 +300,57 @@ def build_parser() -> Parser:
     ):
         p = _subparser(sub, name, help_text, func)
         _common(p)
-        p.add_argument("--c", type=number(), default=0.0 if name == "basin" else 1e-3, help="the multiple of the identity added")
-        p.add_argument("--method", choices=LOGDET_METHODS, default=LOGDET_METHODS[0], help="dense (exact) or slq; auto: dense for small operators")
+        p.add_argument(
+            "--c", type=number(), default=0.0 if name == "basin" else 1e-3, help="the multiple of the identity added"
+        )
+        p.add_argument(
+            "--method",
+            choices=LOGDET_METHODS,
+            default=LOGDET_METHODS[0],
+            help="dense (exact) or slq; auto: dense for small operators",
+        )
         p.add_argument("--probes", type=count(), default=30, help="SLQ probe vectors")
         p.add_argument("--lanczos-steps", type=count(), default=50, help="Lanczos steps per SLQ probe")
         if name == "basin":
-            p.add_argument("--threshold", type=number(above=0), default=2.0, help="the loss increase that bounds the basin")
+            p.add_argument(
+                "--threshold", type=number(above=0), default=2.0, help="the loss increase that bounds the basin"
+            )
 
-    p = _subparser(sub, "track", "train with SGD, tracking the sharpness and the per-layer gradient norms", _commands.track)
+    p = _subparser(
+        sub, "track", "train with SGD, tracking the sharpness and the per-layer gradient norms", _commands.track
+    )
     _common(p)
     p.add_argument("--epochs", type=count(), default=5, help="epochs of SGD")
     p.add_argument("--lr", type=number(above=0), default=0.05, help="the learning rate")
     p.add_argument("--momentum", type=number(minimum=0, below=1), default=0.0, help="heavy-ball momentum")
     p.add_argument("--weight-decay", type=number(minimum=0), default=0.0, help="L2 penalty")
-    p.add_argument("--every", type=count(), default=1, help="measure the sharpness every this many epochs (and before training)")
-    p.add_argument("--sharpness-examples", type=count(), default=256, help="the sharpness is measured on the first this many examples")
+    p.add_argument(
+        "--every", type=count(), default=1, help="measure the sharpness every this many epochs (and before training)"
+    )
+    p.add_argument(
+        "--sharpness-examples",
+        type=count(),
+        default=256,
+        help="the sharpness is measured on the first this many examples",
+    )
 
-    p = _subparser(sub, "demo", "train a small net on the embedded digits, then spectrum, density, trace and basin volume", _commands.demo)
+    p = _subparser(
+        sub,
+        "demo",
+        "train a small net on the embedded digits, then spectrum, density, trace and basin volume",
+        _commands.demo,
+    )
     p.add_argument("--out", type=output_path(), default=Path("demo/result.json"), help="write the result here as JSON")
-    p.add_argument("--plot", type=output_path(*FIGURE_FORMATS), default=Path("demo/demo.png"), help="draw the four panels into this file")
+    p.add_argument(
+        "--plot",
+        type=output_path(*FIGURE_FORMATS),
+        default=Path("demo/demo.png"),
+        help="draw the four panels into this file",
+    )
     p.add_argument("--k", type=count(), default=10, help="how many top eigenvalues")
-    p.add_argument("--seed", type=count(0, SEED_LIMIT), default=0, help="the model's initial parameters and the probe vectors")
+    p.add_argument(
+        "--seed", type=count(0, SEED_LIMIT), default=0, help="the model's initial parameters and the probe vectors"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     p = _subparser(sub, "download", "fetch a dataset through torchvision (needs the network, once)", _commands.download)
@@ -239,18 +365,25 @@ def build_parser() -> Parser:
 def check(args: argparse.Namespace) -> str | None:
     """What is wrong with the options together (one line), or ``None``; nothing is loaded to find out."""
     if args.command == "demo" and args.k > MODELS[DEMO_MODEL].n_params:
-        return f"--k {args.k}: the demo's {DEMO_MODEL} has {MODELS[DEMO_MODEL].n_params:,} parameters, so at most that many eigenvalues"
+        n = MODELS[DEMO_MODEL].n_params
+        return f"--k {args.k}: the demo's {DEMO_MODEL} has {n:,} parameters, so at most {n} eigenvalues"
     if not hasattr(args, "model"):
         return _check_outputs(args)
     spec = MODELS.get(args.model)
     data = args.data or (spec.default_data if spec else None)
     if data not in DATASETS:
-        made_for = f"was made for {spec.default_data}, which hessops cannot load" if spec and spec.default_data else "has no default dataset"
+        made_for = (
+            f"was made for {spec.default_data}, which hessops cannot load"
+            if spec and spec.default_data
+            else "has no default dataset"
+        )
         return f"--model {args.model} {made_for}: pass --data ({', '.join(DATASETS)})"
     split = "test" if args.test_split else "train"
     size = SPLIT_SIZES[data][int(args.test_split)]
     if args.num_examples is not None and args.num_examples > size:
-        return f"--num-examples {args.num_examples}: the {data} {split} split has {size:,} examples; pass at most {size}"
+        return (
+            f"--num-examples {args.num_examples}: the {data} {split} split has {size:,} examples; pass at most {size}"
+        )
     n = spec.n_params if spec else None
     if args.command == "eigs":
         if n is not None and args.k > n:
@@ -258,7 +391,9 @@ def check(args: argparse.Namespace) -> str | None:
         if args.max_iters is not None and args.max_iters < args.k:
             return f"--max-iters {args.max_iters} is less than --k {args.k}: Lanczos needs at least k steps"
     if args.command == "trace" and args.method == "hutch++" and args.probes < 4:
-        return f"--probes {args.probes}: hutch++ needs at least 4 (a third sketch the range, the rest probe the remainder)"
+        return (
+            f"--probes {args.probes}: hutch++ needs at least 4 (a third sketch the range, the rest probe the remainder)"
+        )
     return _check_outputs(args)
 
 
@@ -306,7 +441,8 @@ def _unknown(command: str, extra: list[str]) -> str:
     """Options the command does not take; ``--plot`` and ``--out`` on one with nothing to draw or write."""
     refused = [option for option in ("--plot", "--out") if any(e.split("=")[0] == option for e in extra)]
     if refused:
-        return f"`hessops {command}` has {'no figure to draw' if refused[0] == '--plot' else 'no result to write'}: leave out {refused[0]}"
+        nothing = "no figure to draw" if refused[0] == "--plot" else "no result to write"
+        return f"`hessops {command}` has {nothing}: leave out {refused[0]}"
     return f"unrecognized arguments: {' '.join(extra)}"
 
 

@@ -65,8 +65,13 @@ class DemoResult:
         (eigenvalues, density), (sharpness, grad_norms) = fig.subplots(2, 2)
         values = self.spectrum.values.tolist()
         plot_eigenvalues(values, ax=eigenvalues, title=f"Top-{len(values)} Hessian eigenvalues at the solution")
-        plot_density(self.density.grid.tolist(), self.density.density.tolist(), ax=density, top=values[:3],
-                     title="Hessian spectral density at the solution (SLQ)")
+        plot_density(
+            self.density.grid.tolist(),
+            self.density.density.tolist(),
+            ax=density,
+            top=values[:3],
+            title="Hessian spectral density at the solution (SLQ)",
+        )
         self.sharpness.plot(ax=sharpness, title="Sharpness (top Hessian eigenvalue) during training")
         self.grad_norms.plot(ax=grad_norms, title="Per-layer gradient norms during training")
         settings = self.settings
@@ -94,24 +99,61 @@ def run_demo(*, k: int = 10, epochs: int = 30, seed: int = 0, progress: bool = T
     fixed = make_loader(torch.utils.data.Subset(train_set, range(512)), 128)
     sharpness = SharpnessTracker(model, loss_fn, fixed, unit="epoch", every=5)
     grad_norms = GradNormTracker(model)
-    history = train(model, loss_fn, loader, epochs=epochs, lr=0.1, momentum=0.9, sharpness=sharpness,
-                    grad_norms=grad_norms, every=5, progress=progress)
+    history = train(
+        model,
+        loss_fn,
+        loader,
+        epochs=epochs,
+        lr=0.1,
+        momentum=0.9,
+        sharpness=sharpness,
+        grad_norms=grad_norms,
+        every=5,
+        progress=progress,
+    )
     with torch.no_grad():
         x, y = next(iter(make_loader(test_set, batch_size=len(test_set))))
         test_accuracy = float((model(x).argmax(1) == y).float().mean())
-    print(f"trained {DEMO_MODEL} for {epochs} epochs: train loss {history[-1]['loss']:.4f}, test accuracy {test_accuracy:.3f}")
+    print(
+        f"trained {DEMO_MODEL} for {epochs} epochs: train loss {history[-1]['loss']:.4f}, "
+        f"test accuracy {test_accuracy:.3f}"
+    )
 
     H = Hessian(model, loss_fn, loader, dtype=torch.float64)
     spectrum = eigs(H, k, "LM", tol=1e-6, seed=seed, progress=progress)
     density = spectral_density(H, num_probes=10, lanczos_steps=60, seed=seed, progress=progress)
     tr = trace(H, probes=60, seed=seed)
-    volume = basin_volume(H, threshold=THRESHOLD, c=PRIOR_C, method="slq", probes=20, lanczos_steps=40, seed=seed, progress=progress)
+    volume = basin_volume(
+        H, threshold=THRESHOLD, c=PRIOR_C, method="slq", probes=20, lanczos_steps=40, seed=seed, progress=progress
+    )
     print(f"Hessian of the mean training loss, n = {H.shape[0]} parameters, {len(train_set)} examples:")
     print("  top eigenvalues: " + ", ".join(f"{v:.5g}" for v in spectrum.values.tolist()))
-    print(f"  trace {tr.estimate:.5g} ± {tr.std_error:.2g}; log basin volume {volume.log_volume:.2f} ± {0.5 * volume.logdet_std_error:.2g}")
+    print(
+        f"  trace {tr.estimate:.5g} ± {tr.std_error:.2g}; "
+        f"log basin volume {volume.log_volume:.2f} ± {0.5 * volume.logdet_std_error:.2g}"
+    )
     settings = {
-        "model": DEMO_MODEL, "data": "digits", "split": "train", "num_examples": len(train_set), "epochs": epochs,
-        "k": k, "seed": seed, "n_params": H.shape[0], "dtype": "float64", "threshold": THRESHOLD, "c": PRIOR_C,
+        "model": DEMO_MODEL,
+        "data": "digits",
+        "split": "train",
+        "num_examples": len(train_set),
+        "epochs": epochs,
+        "k": k,
+        "seed": seed,
+        "n_params": H.shape[0],
+        "dtype": "float64",
+        "threshold": THRESHOLD,
+        "c": PRIOR_C,
     }
-    return DemoResult(settings, history, test_accuracy, spectrum, density, tr, volume, sharpness, grad_norms,
-                      time.perf_counter() - began)
+    return DemoResult(
+        settings,
+        history,
+        test_accuracy,
+        spectrum,
+        density,
+        tr,
+        volume,
+        sharpness,
+        grad_norms,
+        time.perf_counter() - began,
+    )

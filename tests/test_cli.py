@@ -29,7 +29,9 @@ FIGURE_BYTES = 10_000  # a drawn PNG figure of these sizes is 30-100 kB; an empt
 def hessops_cli(*args: str, timeout: int = 3600) -> subprocess.CompletedProcess:
     """The command in a fresh interpreter; ``timeout`` only guards against a hang (tests bound work, not time:
     the demo takes about 30 s on 2 quiet cores and ten times that on a busy machine)."""
-    return subprocess.run([sys.executable, "-m", "hessops", *args], capture_output=True, text=True, timeout=timeout, env=ENV)
+    return subprocess.run(
+        [sys.executable, "-m", "hessops", *args], capture_output=True, text=True, timeout=timeout, env=ENV
+    )
 
 
 def digits_hessian(num_examples: int, seed: int = 0, model_seed: int | None = None):
@@ -46,23 +48,53 @@ def exact_200():
 def test_eigs_writes_json_and_plot_matching_the_dense_spectrum(tmp_path, exact_200):
     out, plot = tmp_path / "eigs.json", tmp_path / "figures" / "eigs.png"
     before = datetime.now(timezone.utc).replace(microsecond=0)
-    args = ("eigs", "--num-examples", "200", "--k", "4", "--which", "both", "--dtype", "float64", "--tol", "1e-8",
-            "--out", str(out), "--plot", str(plot))
+    args = (
+        "eigs",
+        "--num-examples",
+        "200",
+        "--k",
+        "4",
+        "--which",
+        "both",
+        "--dtype",
+        "float64",
+        "--tol",
+        "1e-8",
+        "--out",
+        str(out),
+        "--plot",
+        str(plot),
+    )
     run = hessops_cli(*args)
     assert run.returncode == 0, run.stderr
     result = json.loads(out.read_text())
-    assert result["command"] == "eigs" and {"eigenvalues", "residuals", "error_bounds", "n_matvecs", "seconds", "converged"} <= set(result)
+    assert result["command"] == "eigs" and {
+        "eigenvalues",
+        "residuals",
+        "error_bounds",
+        "n_matvecs",
+        "seconds",
+        "converged",
+    } <= set(result)
     settings = result["settings"]
     assert settings["model"] == "mlp-digits" and settings["num_examples"] == 200 and settings["n_params"] == 2410
     assert settings["which"] == "both" and settings["k"] == 4 and settings["dtype"] == "float64"
     record = result["run"]
     assert record["argv"] == ["hessops", *args] and record["versions"] == {
-        "hessops": hessops.__version__, "torch": torch.__version__, "cola": __import__("cola").__version__}
+        "hessops": hessops.__version__,
+        "torch": torch.__version__,
+        "cola": __import__("cola").__version__,
+    }
     assert record["device"].startswith("cpu (") and 0 < record["wall_seconds"]
     assert before <= datetime.fromisoformat(record["started"].replace("Z", "+00:00")) <= datetime.now(timezone.utc)
     expected = torch.cat([exact_200.flip(0)[:2], exact_200[:2].flip(0)])
     # tol 1e-8 relative to max |λ| bounds each residual, and so each eigenvalue's error, by 1e-8 · max |λ|
-    torch.testing.assert_close(torch.tensor(result["eigenvalues"], dtype=torch.float64), expected, rtol=0, atol=1e-7 * float(exact_200.abs().max()))
+    torch.testing.assert_close(
+        torch.tensor(result["eigenvalues"], dtype=torch.float64),
+        expected,
+        rtol=0,
+        atol=1e-7 * float(exact_200.abs().max()),
+    )
     assert plot.stat().st_size > FIGURE_BYTES and list(tmp_path.glob("**/.*")) == []  # no temporary file left
     assert "λ1" in run.stdout and "Warning" not in run.stderr
 
@@ -70,8 +102,27 @@ def test_eigs_writes_json_and_plot_matching_the_dense_spectrum(tmp_path, exact_2
 def test_eigs_value_tol_stops_on_eigenvalue_error_bounds(tmp_path, capsys, exact_200):
     """--value-tol: the values within value_tol · max|λ| of the dense ones, each within its reported bound."""
     out = tmp_path / "eigs.json"
-    assert main(["eigs", "--num-examples", "200", "--k", "2", "--which", "LA", "--dtype", "float64",
-                 "--value-tol", "1e-6", "--no-progress", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eigs",
+                "--num-examples",
+                "200",
+                "--k",
+                "2",
+                "--which",
+                "LA",
+                "--dtype",
+                "float64",
+                "--value-tol",
+                "1e-6",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert result["settings"]["value_tol"] == 1e-6 and "error ≤" in capsys.readouterr().out
     errors = (torch.tensor(result["eigenvalues"], dtype=torch.float64) - exact_200.flip(0)[:2]).abs()
@@ -100,8 +151,12 @@ def test_density_trace_logdet_basin_and_their_figures(tmp_path, exact_200):
     assert abs(trace["trace"] - float(exact_200.sum())) < 3 * trace["std_error"]  # within 3 standard errors
     assert trace["history"]["probes"][-1] == trace["n_matvecs"] and trace["history"]["estimate"][-1] == trace["trace"]
     basin = results["basin"]
-    assert basin["log_volume"] == pytest.approx(basin["log_unit_ball"] + basin["log_threshold_term"] - basin["half_logdet"])
-    assert abs(2 * basin["half_logdet"] - float(torch.log(exact_200 + 5.0).sum())) < 3 * basin["logdet_std_error"] + 1e-3
+    assert basin["log_volume"] == pytest.approx(
+        basin["log_unit_ball"] + basin["log_threshold_term"] - basin["half_logdet"]
+    )
+    assert (
+        abs(2 * basin["half_logdet"] - float(torch.log(exact_200 + 5.0).sum())) < 3 * basin["logdet_std_error"] + 1e-3
+    )
     assert results["logdet"]["method"] == "slq" and results["logdet"]["std_error"] > 0
     assert all(r["n_matvecs"] > 0 and r["seconds"] > 0 for r in results.values())
 
@@ -110,20 +165,61 @@ def test_checkpoint_is_loaded(tmp_path):
     checkpoint = tmp_path / "model.pt"
     torch.save(build_model("mlp-digits", seed=7).state_dict(), checkpoint)
     out = tmp_path / "eigs.json"
-    assert main(["eigs", "--num-examples", "100", "--k", "1", "--which", "LA", "--dtype", "float64", "--tol", "1e-10",
-                 "--checkpoint", str(checkpoint), "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "eigs",
+                "--num-examples",
+                "100",
+                "--k",
+                "1",
+                "--which",
+                "LA",
+                "--dtype",
+                "float64",
+                "--tol",
+                "1e-10",
+                "--checkpoint",
+                str(checkpoint),
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     expected = float(torch.linalg.eigvalsh(digits_hessian(100, model_seed=7).to_dense()).max())
     assert json.loads(out.read_text())["eigenvalues"][0] == pytest.approx(expected, rel=1e-8)  # tol 1e-10
 
 
 def test_track_writes_history_and_one_two_panel_figure(tmp_path):
     out, plot = tmp_path / "track.json", tmp_path / "track.png"
-    assert main(["track", "--num-examples", "256", "--epochs", "2", "--sharpness-examples", "128",
-                 "--out", str(out), "--plot", str(plot), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "track",
+                "--num-examples",
+                "256",
+                "--epochs",
+                "2",
+                "--sharpness-examples",
+                "128",
+                "--out",
+                str(out),
+                "--plot",
+                str(plot),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert [s["step"] for s in result["sharpness"]] == [0, 1, 2] and result["settings"]["sharpness_examples"] == 128
     assert len(result["training"]) == 2 and len(result["grad_norms"]) == 2
-    assert plot.stat().st_size > FIGURE_BYTES and sorted(p.name for p in tmp_path.iterdir()) == ["track.json", "track.png"]
+    assert plot.stat().st_size > FIGURE_BYTES and sorted(p.name for p in tmp_path.iterdir()) == [
+        "track.json",
+        "track.png",
+    ]
 
 
 def test_demo_writes_its_result_and_one_figure(tmp_path):
@@ -134,7 +230,10 @@ def test_demo_writes_its_result_and_one_figure(tmp_path):
     assert result["command"] == "demo" and result["settings"]["model"] == "mlp-digits"
     assert len(result["spectrum"]["eigenvalues"]) == 10 and result["test_accuracy"] > 0.9
     assert {"density", "trace", "basin_volume", "sharpness", "grad_norms", "training", "run"} <= set(result)
-    assert plot.stat().st_size > FIGURE_BYTES and sorted(p.name for p in plot.parent.iterdir()) == ["demo.png", "result.json"]
+    assert plot.stat().st_size > FIGURE_BYTES and sorted(p.name for p in plot.parent.iterdir()) == [
+        "demo.png",
+        "result.json",
+    ]
     assert "FutureWarning" not in run.stderr
 
 
@@ -169,8 +268,23 @@ def _as_a_terminal_foreground_job() -> None:
 
 def test_ctrl_c_ends_with_one_line(tmp_path):
     process = subprocess.Popen(
-        [sys.executable, "-m", "hessops", "density", "--num-probes", "50", "--lanczos-steps", "3000", "--dtype", "float64"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, preexec_fn=_as_a_terminal_foreground_job,
+        [
+            sys.executable,
+            "-m",
+            "hessops",
+            "density",
+            "--num-probes",
+            "50",
+            "--lanczos-steps",
+            "3000",
+            "--dtype",
+            "float64",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        preexec_fn=_as_a_terminal_foreground_job,
     )
     deadline = time.monotonic() + 600  # a loaded machine can take minutes to import torch
     seen = ""
@@ -200,7 +314,10 @@ def test_hvp_mode_is_validated_and_recorded(tmp_path):
     results = {}
     for mode in ("autograd", "forward-over-reverse"):
         out = tmp_path / f"{mode}.json"
-        assert main(["eigs", "--num-examples", "64", "--k", "2", "--hvp-mode", mode, "--out", str(out), "--no-progress"]) == 0
+        assert (
+            main(["eigs", "--num-examples", "64", "--k", "2", "--hvp-mode", mode, "--out", str(out), "--no-progress"])
+            == 0
+        )
         results[mode] = json.loads(out.read_text())
     explicit = results["forward-over-reverse"]
     assert explicit["settings"]["hvp_mode"] == "forward-over-reverse" and explicit["verified"] is True

@@ -54,8 +54,14 @@ BAD_VALUES = {
     "num-examples-zero": (["eigs", "--num-examples", "0"], "argument --num-examples: 0 is out of range"),
     "num-examples-above-train": (["eigs", "--num-examples", "1438"], "the digits train split has 1,437 examples"),
     "num-examples-above-test": (["eigs", "--test-split", "--num-examples", "361"], "the digits test split has 360"),
-    "num-examples-above-mnist": (["eigs", "--data", "mnist", "--num-examples", "60001"], "mnist train split has 60,000"),
-    "num-examples-above-cifar2": (["density", "--model", "mlp-cifar2", "--num-examples", "10001"], "cifar2 train split"),
+    "num-examples-above-mnist": (
+        ["eigs", "--data", "mnist", "--num-examples", "60001"],
+        "mnist train split has 60,000",
+    ),
+    "num-examples-above-cifar2": (
+        ["density", "--model", "mlp-cifar2", "--num-examples", "10001"],
+        "cifar2 train split",
+    ),
     "batch-size-zero": (["eigs", "--batch-size", "0"], "argument --batch-size: 0"),
     "seed-negative": (["eigs", "--seed", "-1"], "argument --seed: -1 is out of range"),
     "seed-too-large": (["trace", "--seed", str(2**63)], "argument --seed"),
@@ -78,7 +84,10 @@ BAD_VALUES = {
     "every-zero": (["track", "--every", "0"], "argument --every: 0"),
     "lr-zero": (["track", "--lr", "0"], "argument --lr: 0"),
     "lr-text": (["track", "--lr", "fast"], "argument --lr: 'fast' is not a number"),
-    "momentum-one": (["track", "--momentum", "1"], "argument --momentum: 1 is out of range: pass a finite number ≥ 0 and < 1"),
+    "momentum-one": (
+        ["track", "--momentum", "1"],
+        "argument --momentum: 1 is out of range: pass a finite number ≥ 0 and < 1",
+    ),
     "weight-decay-negative": (["track", "--weight-decay", "-0.1"], "argument --weight-decay"),
     "sharpness-examples-zero": (["track", "--sharpness-examples", "0"], "argument --sharpness-examples: 0"),
     "timeout-zero": (["eigs", "--timeout", "0"], "argument --timeout: 0"),
@@ -187,8 +196,13 @@ def test_choices_are_the_library_constants():
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     choices = {(name, a.dest): a.choices for name, p in commands.items() for a in p._actions if a.choices}
     assert choices[("eigs", "which")] is constants.WHICH and choices[("eigs", "operator")] is constants.OPERATOR_NAMES
-    assert choices[("trace", "method")] is constants.TRACE_METHODS and choices[("basin", "method")] is constants.LOGDET_METHODS
-    assert choices[("density", "data")] is constants.DATASETS and choices[("download", "name")] is constants.DOWNLOADABLE
+    assert (
+        choices[("trace", "method")] is constants.TRACE_METHODS
+        and choices[("basin", "method")] is constants.LOGDET_METHODS
+    )
+    assert (
+        choices[("density", "data")] is constants.DATASETS and choices[("download", "name")] is constants.DOWNLOADABLE
+    )
     assert choices[("track", "hvp_mode")] is constants.HVP_MODES and choices[("logdet", "dtype")] is constants.DTYPES
 
 
@@ -198,7 +212,10 @@ def test_split_sizes_are_the_datasets():
     from hessops.data import load_dataset
 
     assert set(cli.SPLIT_SIZES) == set(cli.DATASETS)
-    assert cli.SPLIT_SIZES["digits"] == (len(load_dataset("digits", train=True)), len(load_dataset("digits", train=False)))
+    assert cli.SPLIT_SIZES["digits"] == (
+        len(load_dataset("digits", train=True)),
+        len(load_dataset("digits", train=False)),
+    )
 
 
 def test_models_lists_sizes_and_inputs_from_the_registry(capsys, nothing_loads):
@@ -220,7 +237,12 @@ def test_download_offline_says_where_to_put_the_files_and_leaves_nothing(tmp_pat
     line = one_line_error(capsys, cli.main(["download", "mnist", "--data-dir", str(data)]))
     assert "could not download mnist" in line and "Network is unreachable" in line
     assert f"put them in {data.resolve() / 'MNIST' / 'raw'}{os.sep}" in line
-    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+    for name in (
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ):
         assert name in line
     assert not data.exists()  # torchvision had made data/MNIST/raw
 
@@ -283,7 +305,10 @@ def test_ctrl_c_while_torch_loads_is_one_line():
     """SIGINT while `hessops eigs` imports torch (seen in -X importtime's report on stderr): one line, 130."""
     process = subprocess.Popen(
         [sys.executable, "-X", "importtime", "-m", "hessops", "eigs", "--no-progress"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_as_a_terminal_foreground_job,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_as_a_terminal_foreground_job,
     )
     try:
         deadline, cli_loaded = time.monotonic() + 300, False
