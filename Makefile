@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/hessops demo --out demo/result.json --plot demo
+	$(VENV)/bin/hessops demo --out demo/result.json --plot demo/demo.png
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -16,6 +16,7 @@ import hashlib
 import os
 import pickle
 import shlex
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -148,18 +149,47 @@ def load_dataset(
 def download_dataset(name: str, data_dir: str | os.PathLike = "data") -> Path:
     """Fetch dataset ``name`` into ``data_dir`` with torchvision (which checks the MD5 sums) and return the
     folder its files are in. Already present files are not fetched again. ``digits`` ships inside
-    scikit-learn: nothing is fetched and ``Path(data_dir)`` is returned."""
-    import torchvision
+    scikit-learn: nothing is fetched and ``Path(data_dir)`` is returned.
 
+    When the download fails (no network, a proxy's page instead of the file), what this call created is
+    removed and a ``DatasetNotFoundError`` says which files to fetch elsewhere and the folder to put them in."""
     _check_name(name)
     root = Path(data_dir)
+    if name == "digits":
+        return root
+    import torchvision
+
     if name == "mnist":
-        torchvision.datasets.MNIST(root, train=True, download=True)  # fetches both splits
-        return root / "MNIST" / "raw"
-    if name in ("cifar10", "cifar2"):
-        torchvision.datasets.CIFAR10(root, train=True, download=True)  # fetches and unpacks both splits
-        return root / torchvision.datasets.CIFAR10.base_folder
-    return root
+        dataset, folder = torchvision.datasets.MNIST, root / "MNIST" / "raw"
+        archives = [folder / filename for filename, _ in dataset.resources]
+    else:
+        dataset = torchvision.datasets.CIFAR10
+        folder, archives = root / dataset.base_folder, [root / dataset.filename]
+    new = [path for path in (*reversed((folder, *folder.parents)), *archives) if not path.exists()]
+    try:
+        dataset(root, train=True, download=True)  # fetches (and unpacks) both splits
+    except BaseException as error:
+        for path in new:  # the outermost new folder first: with it go the folders and files inside it
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        if isinstance(error, (OSError, RuntimeError)):  # urllib's URLError is an OSError
+            raise DatasetNotFoundError(_download_failed(name, root, dataset, archives, error)) from error
+        raise
+    return folder
+
+
+def _download_failed(name: str, root: Path, dataset: type, archives: list[Path], error: BaseException) -> str:
+    """What went wrong, and how to put the files in place by hand: the exact names torchvision checks."""
+    reason = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    urls = [dataset.mirrors[0] + archive.name for archive in archives] if name == "mnist" else [dataset.url]
+    return (
+        f"could not download {name} ({reason[-1]}). Without the network here: fetch {', '.join(urls)} elsewhere, "
+        f"put {'them' if len(urls) > 1 else 'it'} in {archives[0].parent.resolve()}{os.sep}, then run "
+        f"`hessops download {name} --data-dir {shlex.quote(str(root))}` again: it checks the MD5 sums and "
+        "unpacks, without the network"
+    )
 
 
 def make_loader(dataset: Dataset, batch_size: int = 128) -> DataLoader:

@@ -231,7 +231,7 @@ def test_download_calls_torchvision_with_download_true(tmp_path, monkeypatch):
     calls = []
 
     class Recorder:
-        base_folder = "cifar-10-batches-py"
+        base_folder, filename, resources = "cifar-10-batches-py", "cifar-10-python.tar.gz", [("a.gz", "md5")]
 
         def __init__(self, root, train, download):
             calls.append((type(self).__name__, Path(root), train, download))
