@@ -12,10 +12,20 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hessops import errors
 from hessops.errors import *  # noqa: F403 - every exception is public
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers, IDEs and linters (tests/test_imports.py: = _LAZY)
+    from hessops.data import on_device
+    from hessops.dense import dense_hessian
+    from hessops.density import SpectralDensity, spectral_density
+    from hessops.operators import GGN, CurvatureOperator, EmpiricalFisher, Hessian, MCFisher, Regularized
+    from hessops.spectrum import Spectrum, eigs
+    from hessops.trace_estimation import TraceEstimate, trace
+    from hessops.tracking import GradNormTracker, SharpnessTracker, evaluate, train
+    from hessops.volume import BasinVolume, LogdetEstimate, basin_volume, log_unit_ball_volume, logdet
 
 __version__ = "0.1.0"
 

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 import hessops
-from models import mlp
+from toy_networks import mlp
 
 N_EXAMPLES = 23
 

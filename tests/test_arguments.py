@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import hessops
-from models import mlp
+from toy_networks import mlp
 
 
 @pytest.fixture(scope="module")

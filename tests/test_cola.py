@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import hessops
-from models import bn_mlp, mlp
+from toy_networks import bn_mlp, mlp
 from reference import relative_error
 
 

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import hessops
 from hessops._determinism import batch_fingerprint, fingerprint_change
-from models import mlp
+from toy_networks import mlp
 from reference import dense_hessian, relative_error
 
 RTOL64 = 1e-10

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import hessops
-from models import mlp
+from toy_networks import mlp
 from reference import relative_error
 
 curvlinops = pytest.importorskip("curvlinops")

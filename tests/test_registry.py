@@ -3,6 +3,8 @@ table of operators by name are the objects the library itself checks against, no
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from torch import nn
@@ -73,3 +75,17 @@ def test_operators_by_name():
     for name, cls in OPERATORS.items():
         op = cls(model, nn.CrossEntropyLoss(), batches)
         assert isinstance(op, CurvatureOperator) and op.shape == (8, 8), name
+
+
+def test_constructors_show_every_option():
+    """Each operator's signature names every option of CurvatureOperator with the same default (no **kwargs
+    hiding them), and its own options besides."""
+    base = inspect.signature(CurvatureOperator).parameters
+    own = {"hessian": {"hvp_mode"}, "ggn": set(), "ef": set(), "mcfisher": {"samples", "seed"}}
+    for name, cls in OPERATORS.items():
+        parameters = inspect.signature(cls).parameters
+        assert all(p.kind is not inspect.Parameter.VAR_KEYWORD for p in parameters.values()), name
+        assert set(parameters) == set(base) | own[name], name
+        for option, parameter in base.items():
+            assert parameters[option].default == parameter.default, (name, option)
+            assert parameters[option].kind == parameter.kind, (name, option)

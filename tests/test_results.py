@@ -13,7 +13,7 @@ from torch import nn
 
 import hessops
 from hessops.lanczos import rademacher
-from models import mlp
+from toy_networks import mlp
 
 
 @pytest.fixture(scope="module")

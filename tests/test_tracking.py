@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import hessops
-from models import bn_mlp, mlp
+from toy_networks import bn_mlp, mlp
 
 
 def blobs(n=200, seed=0):
