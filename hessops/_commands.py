@@ -235,8 +235,9 @@ def _describe(device: torch.device) -> str:
 
 def run_record(args: argparse.Namespace, device: torch.device) -> dict:
     """The command line, when it started (UTC) and how long it has run, the device and the versions."""
-    import cola
     import torch
+
+    from hessops._cola import cola
 
     return {
         **args.run,
@@ -251,15 +252,16 @@ def emit(
     settings: dict,
     result: dict,
     device: torch.device,
-    draw: Callable[[], Figure] | None = None,
+    draw: Callable[[], Figure],
 ) -> None:
-    """Draw ``--plot`` and write ``--out``: ``{"command", "run", "settings", **result}``."""
-    if args.plot is not None and draw is not None:
-        save_figure(draw(), args.plot)
-        print(f"wrote {args.plot}")
-    if args.out is not None:
+    """Write ``--out``, ``{"command", "run", "settings", **result}``, and draw ``--plot`` (``draw`` makes the
+    figure, only when asked)."""
+    if args.out is not None:  # first: a figure that fails to draw costs no result
         write_json(args.out, {"command": args.command, "run": run_record(args, device), "settings": settings, **result})
         print(f"wrote {args.out}")
+    if args.plot is not None:
+        save_figure(draw(), args.plot)
+        print(f"wrote {args.plot}")
 
 
 # -- the commands ------------------------------------------------------------------------------------------------
