@@ -78,12 +78,24 @@ def cases(only: set[str], work: Path) -> dict[str, list[str]]:
         },
         "quickstart": {"README quick-start": [PY, str(quickstart)]},
         "demo": {
-            "hessops demo": [*hessops, "demo", "--out", str(work / "demo.json"), "--plot", str(work / "demo.png"),
-                             "--no-progress"],
+            "hessops demo": [
+                *hessops,
+                "demo",
+                "--out",
+                str(work / "demo.json"),
+                "--plot",
+                str(work / "demo.png"),
+                "--no-progress",
+            ],
         },
         "examples": {
-            f"examples/{name}.py --quick": [PY, str(ROOT / "examples" / f"{name}.py"), "--quick", "--out",
-                                             str(work / name)]
+            f"examples/{name}.py --quick": [
+                PY,
+                str(ROOT / "examples" / f"{name}.py"),
+                "--quick",
+                "--out",
+                str(work / name),
+            ]
             for name in EXAMPLES
         },
     }

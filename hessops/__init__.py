@@ -43,14 +43,32 @@ _LAZY: dict[str, str] = {
 
 __all__ = [
     # operators
-    "Hessian", "GGN", "EmpiricalFisher", "MCFisher", "Regularized", "CurvatureOperator",
+    "Hessian",
+    "GGN",
+    "EmpiricalFisher",
+    "MCFisher",
+    "Regularized",
+    "CurvatureOperator",
     # analysis
-    "eigs", "Spectrum", "spectral_density", "SpectralDensity", "trace", "TraceEstimate", "logdet", "LogdetEstimate",
-    "basin_volume", "BasinVolume", "log_unit_ball_volume", "dense_hessian",
+    "eigs",
+    "Spectrum",
+    "spectral_density",
+    "SpectralDensity",
+    "trace",
+    "TraceEstimate",
+    "logdet",
+    "LogdetEstimate",
+    "basin_volume",
+    "BasinVolume",
+    "log_unit_ball_volume",
+    "dense_hessian",
     # data
     "on_device",
     # training
-    "SharpnessTracker", "GradNormTracker", "train", "evaluate",
+    "SharpnessTracker",
+    "GradNormTracker",
+    "train",
+    "evaluate",
     # errors
     *errors.__all__,
 ]

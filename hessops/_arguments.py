@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Sequence
-
+from collections.abc import Sequence
+from typing import Any
 
 from hessops._cola import cola
 from hessops.errors import InvalidArgumentError

@@ -157,6 +157,7 @@ class Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line on standard error (``hessops: error: ...``), exit 2."""
 
     def error(self, message: str) -> NoReturn:
+        """Print ``message`` as one line and exit with status 2."""
         usage_error(message, self.prog)
 
 

@@ -4,14 +4,28 @@ imports nothing heavy."""
 
 from __future__ import annotations
 
-__all__ = ["OPERATOR_NAMES", "HVP_MODES", "WHICH", "TRACE_METHODS", "LOGDET_METHODS", "DATASETS", "DOWNLOADABLE", "DTYPES"]
+__all__ = [
+    "OPERATOR_NAMES",
+    "HVP_MODES",
+    "WHICH",
+    "TRACE_METHODS",
+    "LOGDET_METHODS",
+    "DATASETS",
+    "DOWNLOADABLE",
+    "DTYPES",
+]
 
 # The curvature operators by name (hessops.operators.OPERATORS maps each to its class).
 OPERATOR_NAMES: tuple[str, ...] = ("hessian", "ggn", "ef", "mcfisher")
 
 # Hessian(hvp_mode=...): "auto" or one of the exact formulations of hessops/operators/_hvp.py.
 HVP_MODES: tuple[str, ...] = (
-    "auto", "autograd", "autograd-loop", "forward-over-reverse", "reverse-over-forward", "reverse-over-reverse",
+    "auto",
+    "autograd",
+    "autograd-loop",
+    "forward-over-reverse",
+    "reverse-over-forward",
+    "reverse-over-reverse",
 )
 
 # eigs(which=...): largest magnitude, largest algebraic, smallest algebraic, or both ends.

@@ -17,9 +17,9 @@ import os
 import pickle
 import shlex
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from hessops.constants import DATASETS
 from hessops.errors import CorruptDatasetError, DatasetNotFoundError, MissingDependencyError, UnknownDatasetError
+
 # (mean, std) per channel of each dataset, kept with the zoo that trains on them; importable from here too
 from hessops.zoo import CIFAR10_MEAN, CIFAR10_STD, MNIST_MEAN, MNIST_STD, NORMALIZATION  # noqa: F401
 
@@ -235,7 +236,9 @@ class LabelsFrom:
     def __iter__(self) -> Iterator[tuple[dict[str, Any], Any]]:
         for index, batch in enumerate(self.loader):
             if not isinstance(batch, Mapping) or self.key not in batch:
-                what = f"a mapping with keys {list(batch)}" if isinstance(batch, Mapping) else f"a {type(batch).__name__}"
+                what = (
+                    f"a mapping with keys {list(batch)}" if isinstance(batch, Mapping) else f"a {type(batch).__name__}"
+                )
                 raise TypeError(
                     f"labels_from(..., key={self.key!r}): batch {index} is {what}, not a mapping holding the labels "
                     f"under {self.key!r}: pass the key the labels are under (key='label'?), or, for (inputs, targets) "
@@ -265,6 +268,7 @@ class LogitsOf(nn.Module):
         self.train(model.training)
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        """The wrapped model's ``.logits`` for the same arguments."""
         return self.model(*args, **kwargs).logits
 
 

@@ -67,9 +67,15 @@ class Quadrature:
         mass = torch.trapezoid(density, grid)
         return grid, density / mass if float(mass) > 0 else density, sigma
 
+
 def quadrature(
-    op: cola.ops.LinearOperator, *, num_probes: int = 10, lanczos_steps: int = 80, seed: int = 0,
-    reorthogonalize: bool | None = None, progress: bool = False,
+    op: cola.ops.LinearOperator,
+    *,
+    num_probes: int = 10,
+    lanczos_steps: int = 80,
+    seed: int = 0,
+    reorthogonalize: bool | None = None,
+    progress: bool = False,
 ) -> Quadrature:
     """Run ``lanczos_steps`` Lanczos steps from ``num_probes`` Rademacher vectors at once (one ``(n, P)``
     product a step) and return the Gauss quadrature rules. ``reorthogonalize`` defaults to full
@@ -78,7 +84,9 @@ def quadrature(
     operators are refused (:func:`hessops.lanczos.check_precision`)."""
     linear_operator("op", op)
     if not op.isa(cola.SelfAdjoint):
-        raise ValueError(f"{op!r} is not annotated SelfAdjoint: stochastic Lanczos quadrature needs a symmetric operator")
+        raise ValueError(
+            f"{op!r} is not annotated SelfAdjoint: stochastic Lanczos quadrature needs a symmetric operator"
+        )
     check_precision(op, "stochastic Lanczos quadrature")
     num_probes = integer("num_probes", num_probes, minimum=1)
     lanczos_steps = integer("lanczos_steps", lanczos_steps, minimum=1)
@@ -153,7 +161,9 @@ def spectral_density(
         raise InvalidArgumentError(f"grid={grid!r} must be a number of points or a 1-D tensor of points")
     if isinstance(grid, Tensor):
         if grid.dim() != 1 or grid.numel() < 2 or not bool(torch.isfinite(grid).all()):
-            raise InvalidArgumentError(f"grid must be a 1-D tensor of at least 2 finite points, got shape {tuple(grid.shape)}")
+            raise InvalidArgumentError(
+                f"grid must be a 1-D tensor of at least 2 finite points, got shape {tuple(grid.shape)}"
+            )
     else:
         grid = integer("grid", grid, minimum=2)
     if sigma is not None:

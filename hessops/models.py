@@ -11,9 +11,10 @@ import difflib
 import importlib
 import os
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +40,7 @@ def _import_timm() -> ModuleType:
 def _timm_name(name: str) -> tuple[ModuleType, str]:
     """timm and the model name after ``timm:``, checked to be one timm knows."""
     timm = _import_timm()
-    arch = name[len(TIMM_PREFIX):]
+    arch = name[len(TIMM_PREFIX) :]
     if not arch or not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=3)
         hint = f" (close: {', '.join(close)})" if close else ""
@@ -57,8 +58,9 @@ def _unknown(name: str) -> UnknownModelError:
 
 
 def model_spec(name: str) -> ModelSpec:
-    """The ``ModelSpec`` of zoo model ``name`` (its entry in :data:`hessops.zoo.MODELS`); for ``timm:NAME``, input size, mean, std and number of
-    classes come from timm's pretrained config of NAME (without building it), ``n_params`` is ``None``."""
+    """The ``ModelSpec`` of zoo model ``name`` (its entry in :data:`hessops.zoo.MODELS`); for ``timm:NAME``,
+    input size, mean, std and number of classes come from timm's pretrained config of NAME (without building
+    it), ``n_params`` is ``None``."""
     if name in MODELS:
         return MODELS[name]
     if not name.startswith(TIMM_PREFIX):
@@ -113,7 +115,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise CheckpointError(f"checkpoint file {path} not found (looked at {path.resolve()}): check the path")
     state = _unwrap(_read(path), path)
     if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     report = _mismatch_report(model, state)
     if report:
         raise CheckpointError(

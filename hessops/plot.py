@@ -11,8 +11,9 @@ say what is shown, and callers that know the rest (the CLI, the demo) pass it.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -73,7 +74,11 @@ def _integer_ticks(ax: Axes, values: Sequence[float]) -> None:
 
 
 def plot_eigenvalues(
-    values: Sequence[float], path: str | Path | None = None, *, title: str | None = None, ax: Axes | None = None,
+    values: Sequence[float],
+    path: str | Path | None = None,
+    *,
+    title: str | None = None,
+    ax: Axes | None = None,
 ) -> Figure:
     """Eigenvalue magnitudes ``|λ_i|`` against their index ``i`` (in the order given), log scale; negative
     eigenvalues in another colour."""
@@ -83,7 +88,9 @@ def plot_eigenvalues(
     positive = values > 0
     ax.semilogy(index[positive], values[positive], "o-", label=r"$\lambda_i > 0$")
     if (~positive).any():
-        ax.semilogy(index[~positive], np.abs(values[~positive]), "s", color="tab:red", label=r"$|\lambda_i|$, $\lambda_i < 0$")
+        ax.semilogy(
+            index[~positive], np.abs(values[~positive]), "s", color="tab:red", label=r"$|\lambda_i|$, $\lambda_i < 0$"
+        )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # an index: no fractional ticks for a few values
     ax.set_xlabel(r"index $i$")
     ax.set_ylabel(r"eigenvalue magnitude $|\lambda_i|$")
@@ -94,8 +101,13 @@ def plot_eigenvalues(
 
 
 def plot_density(
-    grid: Sequence[float], density: Sequence[float], path: str | Path | None = None, *,
-    top: Sequence[float] | None = None, title: str | None = None, ax: Axes | None = None,
+    grid: Sequence[float],
+    density: Sequence[float],
+    path: str | Path | None = None,
+    *,
+    top: Sequence[float] | None = None,
+    title: str | None = None,
+    ax: Axes | None = None,
 ) -> Figure:
     """The spectral density on a log scale (floored at 1e-7 of its peak), with the ``top`` eigenvalues marked."""
     grid, density = np.asarray(grid, dtype=float), np.asarray(density, dtype=float)
@@ -114,7 +126,11 @@ def plot_density(
 
 
 def plot_trace(
-    estimate: TraceEstimate, path: str | Path | None = None, *, title: str | None = None, ax: Axes | None = None,
+    estimate: TraceEstimate,
+    path: str | Path | None = None,
+    *,
+    title: str | None = None,
+    ax: Axes | None = None,
 ) -> Figure:
     """The running trace estimate against the operator products used (``estimate.history``), with its band of
     ± one standard error, and the final estimate as a dashed line."""
@@ -137,7 +153,10 @@ def plot_trace(
 
 
 def plot_log_volume(
-    result: BasinVolume | LogdetEstimate, path: str | Path | None = None, *, title: str | None = None,
+    result: BasinVolume | LogdetEstimate,
+    path: str | Path | None = None,
+    *,
+    title: str | None = None,
 ) -> Figure:
     """Two panels. Left: the terms of the log basin volume as bars, ``log V = log V_n + (n/2) log(2·threshold)
     − ½ log det(H + cI)``, with the error bar of the SLQ estimate (for a ``LogdetEstimate``: the log-determinant
@@ -170,8 +189,12 @@ def plot_log_volume(
         spectrum.set_ylabel(r"density $\hat\phi(\lambda)$")
     else:
         eigenvalues = logdet.eigenvalues.numpy()
-        spectrum.hist(eigenvalues, bins=min(100, max(10, int(math.sqrt(len(eigenvalues))))), log=True,
-                      label=f"exact eigenvalues (n = {len(eigenvalues):,})")
+        spectrum.hist(
+            eigenvalues,
+            bins=min(100, max(10, int(math.sqrt(len(eigenvalues))))),
+            log=True,
+            label=f"exact eigenvalues (n = {len(eigenvalues):,})",
+        )
         spectrum.set_ylabel("count")
     spectrum.set_xlabel(r"eigenvalue $\lambda$ of " + operator)
     spectrum.set_title(f"spectrum of {operator} ({'SLQ' if logdet.quadrature is not None else 'exact'})")
@@ -179,7 +202,9 @@ def plot_log_volume(
     _legend(spectrum)
     if title is None:
         n = result.n if logdet is not result else None
-        title = "Log basin volume" + (f", n = {n:,} parameters" if n else "") if logdet is not result else "Log-determinant"
+        title = (
+            "Log basin volume" + (f", n = {n:,} parameters" if n else "") if logdet is not result else "Log-determinant"
+        )
     fig.suptitle(title)
     return _finish(fig, path, True)
 
@@ -194,24 +219,42 @@ def _bars(ax: Axes, labels: list[str], values: list[float], errors: list[float])
     ax.set_ylim(-1, len(values))
     known = [i for i, e in enumerate(errors) if e > 0]
     if known:
-        ax.errorbar([values[i] for i in known], position[known], xerr=[errors[i] for i in known], fmt="none",
-                    ecolor="k", capsize=4)
+        ax.errorbar(
+            [values[i] for i in known],
+            position[known],
+            xerr=[errors[i] for i in known],
+            fmt="none",
+            ecolor="k",
+            capsize=4,
+        )
     ax.set_yticks(position, labels)
     ax.axvline(0, color="k", lw=0.8)
     low, high = min(0.0, *(v - e for v, e in zip(values, errors))), max(0.0, *(v + e for v, e in zip(values, errors)))
     room = 0.45 * ((high - low) or 1.0)  # for the numbers written beside the bars
     for y, value, error in zip(position, values, errors):
         text = f"{value:,.2f}" + (f" ± {error:.2g}" if error else "")
-        ax.annotate(text, (value, y), xytext=(4 if value >= 0 else -4, 0), textcoords="offset points",
-                    ha="left" if value >= 0 else "right", va="center", fontsize="small")
+        ax.annotate(
+            text,
+            (value, y),
+            xytext=(4 if value >= 0 else -4, 0),
+            textcoords="offset points",
+            ha="left" if value >= 0 else "right",
+            va="center",
+            fontsize="small",
+        )
     ax.set_xlim(low - room if low < 0 else 0.0, high + room if high > 0 else 0.0)
     ax.set_xlabel("nats")
     ax.grid(True, axis="x", alpha=0.3)
 
 
 def plot_sharpness(
-    steps: Sequence[float], values: Sequence[Sequence[float]], path: str | Path | None = None, *,
-    unit: str = "step", title: str | None = None, ax: Axes | None = None,
+    steps: Sequence[float],
+    values: Sequence[Sequence[float]],
+    path: str | Path | None = None,
+    *,
+    unit: str = "step",
+    title: str | None = None,
+    ax: Axes | None = None,
 ) -> Figure:
     """The top eigenvalue(s) against training steps or epochs; log scale when they span a decade."""
     values = np.atleast_2d(np.asarray(values, dtype=float))
@@ -222,7 +265,9 @@ def plot_sharpness(
         ax.set_yscale("log")
     _integer_ticks(ax, steps)
     ax.set_xlabel(unit)
-    ax.set_ylabel(r"top Hessian eigenvalue $\lambda_1$" if values.shape[1] == 1 else r"top Hessian eigenvalues $\lambda_i$")
+    ax.set_ylabel(
+        r"top Hessian eigenvalue $\lambda_1$" if values.shape[1] == 1 else r"top Hessian eigenvalues $\lambda_i$"
+    )
     ax.set_title(title or "Sharpness over training")
     ax.grid(True, which="both", alpha=0.3)
     _legend(ax)
@@ -230,8 +275,12 @@ def plot_sharpness(
 
 
 def plot_grad_norms(
-    epochs: Sequence[float], norms: Mapping[str, Sequence[float]], path: str | Path | None = None, *,
-    title: str | None = None, ax: Axes | None = None,
+    epochs: Sequence[float],
+    norms: Mapping[str, Sequence[float]],
+    path: str | Path | None = None,
+    *,
+    title: str | None = None,
+    ax: Axes | None = None,
 ) -> Figure:
     """Each parameter tensor's mean gradient Frobenius norm per epoch, log scale; the legend beside the axes
     when there are many."""

@@ -193,7 +193,17 @@ def eigs(
     bounds = error_bounds(theta, everyone, eps * float(theta.abs().max()))[wanted]
     ok = met(theta, everyone, wanted)
     if not ok:
-        _warn_not_converged(state.steps, residuals, bounds, estimates[wanted], theta, tol, value_tol, op.dtype, verify and estimated(state))
+        _warn_not_converged(
+            state.steps,
+            residuals,
+            bounds,
+            estimates[wanted],
+            theta,
+            tol,
+            value_tol,
+            op.dtype,
+            verify and estimated(state),
+        )
     return Spectrum(
         values=values,
         vectors=vectors,
@@ -214,17 +224,28 @@ def _checked_start(start: Tensor, n: int) -> Tensor:
     if not isinstance(start, Tensor):
         raise InvalidArgumentError(f"start must be a torch tensor of {n} entries, got {type(start).__name__}")
     if start.shape not in ((n,), (n, 1)):
-        raise InvalidArgumentError(f"start has shape {tuple(start.shape)}: it must be one vector of the operator's size, ({n},)")
+        raise InvalidArgumentError(
+            f"start has shape {tuple(start.shape)}: it must be one vector of the operator's size, ({n},)"
+        )
     if not bool(torch.isfinite(start).all()):
         raise InvalidArgumentError("start holds NaN or inf: pass a finite vector (or start=None for a random one)")
     if not bool((start != 0).any()):
-        raise InvalidArgumentError("start is the zero vector, which spans no Krylov space: pass a non-zero vector (or start=None)")
+        raise InvalidArgumentError(
+            "start is the zero vector, which spans no Krylov space: pass a non-zero vector (or start=None)"
+        )
     return start
 
 
 def _warn_not_converged(
-    steps: int, residuals: Tensor, bounds: Tensor, estimates: Tensor, theta: Tensor, tol: float,
-    value_tol: float | None, dtype: torch.dtype, estimates_met: bool,
+    steps: int,
+    residuals: Tensor,
+    bounds: Tensor,
+    estimates: Tensor,
+    theta: Tensor,
+    tol: float,
+    value_tol: float | None,
+    dtype: torch.dtype,
+    estimates_met: bool,
 ) -> None:
     """The RuntimeWarning of a run whose reported residuals (or bounds) miss the stopping test."""
     what = "residuals" if value_tol is None else "eigenvalue error bounds"
@@ -237,4 +258,8 @@ def _warn_not_converged(
             f"the Lanczos estimates (up to {float(estimates.max()):.3g}) met it, but products in {dtype} do not "
             "reach that accuracy: raise tol (or value_tol) above the verified level, or use a float64 operator"
         )
-    warnings.warn(f"eigs stopped after {steps} Lanczos steps with {what} up to {worst:.3g} ({tolerance}): {fix}", RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        f"eigs stopped after {steps} Lanczos steps with {what} up to {worst:.3g} ({tolerance}): {fix}",
+        RuntimeWarning,
+        stacklevel=3,
+    )

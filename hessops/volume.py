@@ -50,7 +50,10 @@ class LogdetEstimate:
             "seconds": self.seconds,
         }
         if self.quadrature is not None:
-            result["quadrature"] = {"nodes": self.quadrature.nodes.tolist(), "weights": self.quadrature.weights.tolist()}
+            result["quadrature"] = {
+                "nodes": self.quadrature.nodes.tolist(),
+                "weights": self.quadrature.weights.tolist(),
+            }
         return result
 
 

@@ -7,8 +7,9 @@ Adding a model is one entry of :data:`MODELS` (docs/extending.md).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -47,7 +48,7 @@ class ModelSpec:
     """
 
     name: str
-    build: Callable[[], "torch.nn.Module"]
+    build: Callable[[], torch.nn.Module]
     input_shape: tuple[int, ...]
     num_classes: int
     mean: tuple[float, ...]
@@ -58,7 +59,7 @@ class ModelSpec:
     description: str
 
 
-def _mlp(widths: tuple[int, ...], bias: bool = True) -> "torch.nn.Module":
+def _mlp(widths: tuple[int, ...], bias: bool = True) -> torch.nn.Module:
     """Flatten, then Linear layers of the given widths with ReLU between them."""
     from torch import nn
 
@@ -69,23 +70,30 @@ def _mlp(widths: tuple[int, ...], bias: bool = True) -> "torch.nn.Module":
     return nn.Sequential(*layers)
 
 
-def _mlp_digits() -> "torch.nn.Module":
+def _mlp_digits() -> torch.nn.Module:
     from torch import nn
 
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
 
 
-def _cnn_cifar_5k() -> "torch.nn.Module":
+def _cnn_cifar_5k() -> torch.nn.Module:
     from torch import nn
 
     return nn.Sequential(
-        nn.Conv2d(3, 5, 5), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(5, 5, 5), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(125, 30), nn.ReLU(), nn.Linear(30, 10),
+        nn.Conv2d(3, 5, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(5, 5, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(125, 30),
+        nn.ReLU(),
+        nn.Linear(30, 10),
     )
 
 
-def _cnn_mnist_1710() -> "torch.nn.Module":
+def _cnn_mnist_1710() -> torch.nn.Module:
     """Its study's initialization: weights ~ N(0, 0.5²), biases 0."""
     from torch import nn
 
@@ -98,8 +106,8 @@ def _cnn_mnist_1710() -> "torch.nn.Module":
     return model
 
 
-def _resnet(depth: int) -> Callable[[], "torch.nn.Module"]:
-    def build() -> "torch.nn.Module":
+def _resnet(depth: int) -> Callable[[], torch.nn.Module]:
+    def build() -> torch.nn.Module:
         import torchvision
 
         return getattr(torchvision.models, f"resnet{depth}")(weights=None)
@@ -107,7 +115,7 @@ def _resnet(depth: int) -> Callable[[], "torch.nn.Module"]:
     return build
 
 
-def _resnet18_cifar10() -> "torch.nn.Module":
+def _resnet18_cifar10() -> torch.nn.Module:
     """torchvision's ResNet-18 with a 3×3 stride-1 stem and no max-pool, for 32×32 inputs; its state_dict
     has the keys and shapes of ``timm.create_model('resnet18', num_classes=10)`` with the same stem."""
     import torchvision
@@ -126,21 +134,94 @@ _CIFAR, _MNIST, _IMAGENET = NORMALIZATION["cifar10"], NORMALIZATION["mnist"], (I
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
-        ModelSpec("mlp-digits", _mlp_digits, (1, 8, 8), 10, *NORMALIZATION["digits"], "digits", _CE, 2_410,
-                  "MLP 64-32-10 with tanh, for scikit-learn's 8×8 digits"),
-        ModelSpec("cnn-cifar-5k", _cnn_cifar_5k, (3, 32, 32), 10, *_CIFAR, "cifar10", _CE, 5_100,
-                  "two 5×5 conv layers and an MLP head"),
-        ModelSpec("cnn-mnist-1710", _cnn_mnist_1710, (1, 28, 28), 10, *_MNIST, "mnist", "nll", 1_710,
-                  "one 3×3 conv filter and a linear layer, log-softmax output (basin-volume study)"),
-        ModelSpec("mlp-cifar2", lambda: _mlp((3072, 512, 128, 32, 2)), (3, 32, 32), 2, *NORMALIZATION["cifar2"],
-                  "cifar2", _CE, 1_643_234, "MLP 3072-512-128-32-2 with ReLU, airplane vs bird"),
-        ModelSpec("mlp-mnist", lambda: _mlp((784, 128, 128, 128, 10), bias=False), (1, 28, 28), 10, *_MNIST,
-                  "mnist", _CE, 134_400, "MLP 784-128-128-128-10 with ReLU, no biases"),
-        ModelSpec("resnet18", _resnet(18), (3, 224, 224), 1000, *_IMAGENET, "imagenet", _CE, 11_689_512,
-                  "torchvision's ResNet-18 for ImageNet"),
-        ModelSpec("resnet50", _resnet(50), (3, 224, 224), 1000, *_IMAGENET, "imagenet", _CE, 25_557_032,
-                  "torchvision's ResNet-50 for ImageNet"),
-        ModelSpec("resnet18_cifar10", _resnet18_cifar10, (3, 32, 32), 10, _CIFAR[0], RESNET18_CIFAR10_STD,
-                  "cifar10", _CE, 11_173_962, "ResNet-18 with a 3×3 stem for 32×32 inputs (fits the published weights)"),
+        ModelSpec(
+            "mlp-digits",
+            _mlp_digits,
+            (1, 8, 8),
+            10,
+            *NORMALIZATION["digits"],
+            "digits",
+            _CE,
+            2_410,
+            "MLP 64-32-10 with tanh, for scikit-learn's 8×8 digits",
+        ),
+        ModelSpec(
+            "cnn-cifar-5k",
+            _cnn_cifar_5k,
+            (3, 32, 32),
+            10,
+            *_CIFAR,
+            "cifar10",
+            _CE,
+            5_100,
+            "two 5×5 conv layers and an MLP head",
+        ),
+        ModelSpec(
+            "cnn-mnist-1710",
+            _cnn_mnist_1710,
+            (1, 28, 28),
+            10,
+            *_MNIST,
+            "mnist",
+            "nll",
+            1_710,
+            "one 3×3 conv filter and a linear layer, log-softmax output (basin-volume study)",
+        ),
+        ModelSpec(
+            "mlp-cifar2",
+            lambda: _mlp((3072, 512, 128, 32, 2)),
+            (3, 32, 32),
+            2,
+            *NORMALIZATION["cifar2"],
+            "cifar2",
+            _CE,
+            1_643_234,
+            "MLP 3072-512-128-32-2 with ReLU, airplane vs bird",
+        ),
+        ModelSpec(
+            "mlp-mnist",
+            lambda: _mlp((784, 128, 128, 128, 10), bias=False),
+            (1, 28, 28),
+            10,
+            *_MNIST,
+            "mnist",
+            _CE,
+            134_400,
+            "MLP 784-128-128-128-10 with ReLU, no biases",
+        ),
+        ModelSpec(
+            "resnet18",
+            _resnet(18),
+            (3, 224, 224),
+            1000,
+            *_IMAGENET,
+            "imagenet",
+            _CE,
+            11_689_512,
+            "torchvision's ResNet-18 for ImageNet",
+        ),
+        ModelSpec(
+            "resnet50",
+            _resnet(50),
+            (3, 224, 224),
+            1000,
+            *_IMAGENET,
+            "imagenet",
+            _CE,
+            25_557_032,
+            "torchvision's ResNet-50 for ImageNet",
+        ),
+        ModelSpec(
+            "resnet18_cifar10",
+            _resnet18_cifar10,
+            (3, 32, 32),
+            10,
+            _CIFAR[0],
+            RESNET18_CIFAR10_STD,
+            "cifar10",
+            _CE,
+            11_173_962,
+            "ResNet-18 with a 3×3 stem for 32×32 inputs (fits the published weights)",
+        ),
     )
 }

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -73,7 +73,7 @@ def make_case(model_name: str, loss_name: str, batching: str) -> Case:
     return Case(f"{model_name}-{loss_name}-{batching}", model, loss_fn, split(x, y, sizes))
 
 
-_GRID = [(m, l, b) for m in ("mlp", "bn_mlp") for l in ("ce", "mse") for b in ("one", "equal", "uneven")]
+_GRID = [(m, loss, b) for m in ("mlp", "bn_mlp") for loss in ("ce", "mse") for b in ("one", "equal", "uneven")]
 
 
 @pytest.fixture(scope="session", params=_GRID, ids=["-".join(p) for p in _GRID])
@@ -97,6 +97,10 @@ def mnist_case() -> Case:
     model = toy_networks.mnist_cnn_1710().double()
     x, y = torch.randn(10, 1, 28, 28, dtype=torch.float64), torch.randint(0, 10, (10,))
     return Case(
-        "mnist-cnn-1710", model, nn.NLLLoss(), split(x, y, [4, 4, 2]),
-        ggn_model=model[:-1], ggn_loss=nn.CrossEntropyLoss(),
+        "mnist-cnn-1710",
+        model,
+        nn.NLLLoss(),
+        split(x, y, [4, 4, 2]),
+        ggn_model=model[:-1],
+        ggn_loss=nn.CrossEntropyLoss(),
     )

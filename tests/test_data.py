@@ -246,7 +246,9 @@ def test_download_calls_torchvision_with_download_true(tmp_path, monkeypatch):
 
 def test_image_dataset_checks_shapes():
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
-        ImageDataset(torch.zeros(2, 8, 8, dtype=torch.uint8), torch.zeros(2), scale=16, mean=(0.0,), std=(1.0,), classes=[])
+        ImageDataset(
+            torch.zeros(2, 8, 8, dtype=torch.uint8), torch.zeros(2), scale=16, mean=(0.0,), std=(1.0,), classes=[]
+        )
 
 
 def test_on_device_moves_batches_and_is_reiterable():

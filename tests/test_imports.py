@@ -58,13 +58,15 @@ def test_public_names_resolve_lazily_to_their_modules():
     assert Hessian is defined and trace is trace_function
     assert hessops.data.load_dataset.__module__ == "hessops.data"  # a submodule, imported on first access
     with pytest.raises(AttributeError, match="no_such_name"):
-        hessops.no_such_name
+        hessops.no_such_name  # noqa: B018 - the attribute access is what is tested
 
 
 def test_the_names_type_checkers_see_are_the_lazy_ones():
     """hessops/__init__.py's `if TYPE_CHECKING:` imports (what IDEs and linters read) name the same modules as
     the table that __getattr__ loads from."""
     tree = ast.parse(inspect.getsource(hessops))
-    block = next(node for node in tree.body if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING")
+    block = next(
+        node for node in tree.body if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING"
+    )
     seen = {alias.name: node.module.removeprefix("hessops.") for node in block.body for alias in node.names}
     assert seen == hessops._LAZY

@@ -28,7 +28,9 @@ def data_under_legend(ax: Axes) -> int:
         if line.get_transform() != ax.transData:  # axhline/axvline span the axes, not data points
             continue
         points = ax.transData.transform(line.get_xydata())
-        inside = (box.x0 <= points[:, 0]) & (points[:, 0] <= box.x1) & (box.y0 <= points[:, 1]) & (points[:, 1] <= box.y1)
+        inside = (
+            (box.x0 <= points[:, 0]) & (points[:, 0] <= box.x1) & (box.y0 <= points[:, 1]) & (points[:, 1] <= box.y1)
+        )
         covered += int(inside.sum())
     return covered
 
@@ -45,7 +47,9 @@ def operator():
     """A dense SPD operator with a spiked spectrum (n = 60), small enough for the exact answers."""
     g = torch.Generator().manual_seed(0)
     Q, _ = torch.linalg.qr(torch.randn(60, 60, dtype=torch.float64, generator=g))
-    eigenvalues = torch.cat([torch.tensor([40.0, 20.0, 10.0], dtype=torch.float64), torch.linspace(0.5, 2.0, 57, dtype=torch.float64)])
+    eigenvalues = torch.cat(
+        [torch.tensor([40.0, 20.0, 10.0], dtype=torch.float64), torch.linspace(0.5, 2.0, 57, dtype=torch.float64)]
+    )
     return cola.SelfAdjoint(cola.ops.Dense(Q @ torch.diag(eigenvalues) @ Q.T))
 
 
@@ -75,7 +79,7 @@ def test_each_plot_draws_into_the_callers_axes_and_leaves_its_figure_open(tmp_pa
     grid = np.linspace(-1, 5, 50)
     drawn = [
         plot_eigenvalues([4.0, 2.0, -0.5], ax=axes[0, 0]),
-        plot_density(grid, np.exp(-grid**2), top=[4.0], ax=axes[0, 1]),
+        plot_density(grid, np.exp(-(grid**2)), top=[4.0], ax=axes[0, 1]),
         plot_trace(hessops.trace(operator, probes=12, method="hutchinson"), ax=axes[0, 2]),
         plot_sharpness([0, 1, 2], [[3.0], [2.5], [2.0]], unit="epoch", ax=axes[1, 0]),
         plot_grad_norms([1, 2], {"0.weight": [1.0, 0.5], "2.weight": [0.3, 0.2]}, tmp_path / "grid.png", ax=axes[1, 1]),
@@ -83,7 +87,11 @@ def test_each_plot_draws_into_the_callers_axes_and_leaves_its_figure_open(tmp_pa
     assert all(f is fig for f in drawn)
     assert all(len(ax.lines) >= 1 for ax in axes.flat[:5])
     assert [ax.get_xlabel() for ax in axes.flat[:5]] == [
-        r"index $i$", r"eigenvalue $\lambda$", "operator products (probes)", "epoch", "epoch",
+        r"index $i$",
+        r"eigenvalue $\lambda$",
+        "operator products (probes)",
+        "epoch",
+        "epoch",
     ]
     assert (tmp_path / "grid.png").stat().st_size > 0  # saved ...
     assert plt.fignum_exists(fig.number)  # ... and still the caller's to draw into
@@ -121,9 +129,12 @@ def test_legends_label_what_they_show_and_cover_no_data():
     assert [t.get_text() for t in sharp.axes[0].get_legend().get_texts()] == [r"$\lambda_{1}$", r"$\lambda_{2}$"]
     eigen = plot_eigenvalues([9.0, 5.0, -3.0, 1.0])
     assert [t.get_text() for t in eigen.axes[0].get_legend().get_texts()] == [
-        r"$\lambda_i > 0$", r"$|\lambda_i|$, $\lambda_i < 0$",
+        r"$\lambda_i > 0$",
+        r"$|\lambda_i|$, $\lambda_i < 0$",
     ]
-    many = plot_grad_norms(list(range(1, 11)), {f"{i}.weight": list(np.geomspace(1, 0.1, 10) * (i + 1)) for i in range(9)})
+    many = plot_grad_norms(
+        list(range(1, 11)), {f"{i}.weight": list(np.geomspace(1, 0.1, 10) * (i + 1)) for i in range(9)}
+    )
     for fig in (sharp, eigen, many):
         assert data_under_legend(fig.axes[0]) == 0
         plt.close(fig)
@@ -137,7 +148,9 @@ def test_plot_trace_draws_the_running_estimate_and_its_band(operator):
     assert line.get_xdata().tolist() == estimate.history.probes
     assert line.get_ydata().tolist() == estimate.history.estimate
     band = ax.collections[0].get_paths()[0].vertices  # the ± one-standard-error band around the estimate
-    assert band[:, 1].max() == pytest.approx(max(e + s for e, s in zip(estimate.history.estimate, estimate.history.std_error)))
+    assert band[:, 1].max() == pytest.approx(
+        max(e + s for e, s in zip(estimate.history.estimate, estimate.history.std_error))
+    )
     assert ax.get_title() == "Trace, a test operator" and whole_ticks(ax)
     assert any("final" in t.get_text() for t in ax.get_legend().get_texts())
     plt.close(fig)

@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 import hessops
-from hessops import constants, data, models, spectrum, volume, zoo
-from hessops import trace_estimation
+from hessops import constants, data, models, spectrum, trace_estimation, volume, zoo
 from hessops.operators import OPERATORS, CurvatureOperator, _hvp, hessian
 
 

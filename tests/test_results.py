@@ -10,17 +10,21 @@ import math
 import pytest
 import torch
 from torch import nn
+from toy_networks import mlp
 
 import hessops
 from hessops.lanczos import rademacher
-from toy_networks import mlp
 
 
 @pytest.fixture(scope="module")
 def hessian():
     """A float64 MLP Hessian (n = 59) and its dense matrix."""
     torch.manual_seed(0)
-    model, x, y = mlp(4, 8, 3).double(), torch.randn(30, 4, dtype=torch.float64), torch.randn(30, 3, dtype=torch.float64)
+    model, x, y = (
+        mlp(4, 8, 3).double(),
+        torch.randn(30, 4, dtype=torch.float64),
+        torch.randn(30, 3, dtype=torch.float64),
+    )
     H = hessops.Hessian(model, nn.MSELoss(), [(x, y)])
     return H, H.to_dense()
 
@@ -41,8 +45,17 @@ def test_spectrum_to_dict(hessian):
     H, _ = hessian
     s = hessops.eigs(H, 3, "LA")
     d = round_trip(s)
-    assert set(d) == {"eigenvalues", "residuals", "error_bounds", "which", "converged", "verified", "lanczos_steps",
-                      "n_matvecs", "seconds"}
+    assert set(d) == {
+        "eigenvalues",
+        "residuals",
+        "error_bounds",
+        "which",
+        "converged",
+        "verified",
+        "lanczos_steps",
+        "n_matvecs",
+        "seconds",
+    }
     assert d["eigenvalues"] == s.values.tolist() and d["residuals"] == s.residuals.tolist()
     assert d["error_bounds"] == s.error_bounds.tolist() and d["lanczos_steps"] == s.steps > 0
     assert (d["which"], d["converged"], d["verified"]) == ("LA", True, True)
@@ -98,7 +111,13 @@ def test_logdet_to_dict(hessian):
     R = hessops.Regularized(H, float(-torch.linalg.eigvalsh(dense).min()) + 1.0)
     exact = hessops.logdet(R, method="dense")
     d = round_trip(exact)
-    assert d == {"logdet": exact.estimate, "std_error": 0.0, "method": "dense", "n_matvecs": H.shape[0], "seconds": exact.seconds}
+    assert d == {
+        "logdet": exact.estimate,
+        "std_error": 0.0,
+        "method": "dense",
+        "n_matvecs": H.shape[0],
+        "seconds": exact.seconds,
+    }
     assert exact.quadrature is None and exact.eigenvalues.shape == (H.shape[0],)
     assert float(exact.eigenvalues.log().sum()) == pytest.approx(exact.estimate, rel=1e-14)
     slq = hessops.logdet(R, method="slq", probes=4, lanczos_steps=30)
@@ -114,8 +133,20 @@ def test_basin_volume_to_dict(hessian):
     c = float(-torch.linalg.eigvalsh(dense).min()) + 1.0
     b = hessops.basin_volume(H, threshold=2.0, c=c, method="slq", probes=4, lanczos_steps=30)
     d = round_trip(b)
-    assert set(d) == {"log_volume", "log_unit_ball", "log_threshold_term", "half_logdet", "logdet_std_error", "n",
-                      "threshold", "c", "method", "n_matvecs", "seconds", "logdet"}
+    assert set(d) == {
+        "log_volume",
+        "log_unit_ball",
+        "log_threshold_term",
+        "half_logdet",
+        "logdet_std_error",
+        "n",
+        "threshold",
+        "c",
+        "method",
+        "n_matvecs",
+        "seconds",
+        "logdet",
+    }
     assert d["logdet"] == b.logdet.to_dict() and d["method"] == "slq" == b.logdet.method
     assert d["half_logdet"] == 0.5 * b.logdet.estimate and d["logdet_std_error"] == b.logdet.std_error
     assert d["log_volume"] == pytest.approx(d["log_unit_ball"] + d["log_threshold_term"] - d["half_logdet"], rel=1e-14)

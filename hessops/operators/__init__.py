@@ -12,4 +12,6 @@ from hessops.operators.regularized import Regularized
 __all__ = ["CurvatureOperator", "Batch", "Hessian", "GGN", "EmpiricalFisher", "MCFisher", "Regularized", "OPERATORS"]
 
 # The one table of operators by name (the CLI's --operator choices are its keys).
-OPERATORS: dict[str, type[CurvatureOperator]] = dict(zip(OPERATOR_NAMES, (Hessian, GGN, EmpiricalFisher, MCFisher), strict=True))
+OPERATORS: dict[str, type[CurvatureOperator]] = dict(
+    zip(OPERATOR_NAMES, (Hessian, GGN, EmpiricalFisher, MCFisher), strict=True)
+)

@@ -4,8 +4,9 @@ the device; a subclass only says how one mini-batch's curvature multiplies block
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -17,9 +18,9 @@ from hessops._functional import (
     ParamTree,
     Problem,
     batch_size,
+    call_model,
     cast_floating,
     check_batch,
-    call_model,
     check_train_mode,
     first_batch,
     flat_to_tree,
@@ -30,11 +31,11 @@ from hessops._functional import (
     split_examples,
     tree_to_flat,
 )
-from hessops.distributed import resolve as resolve_distributed
 from hessops.distributed import fingerprint, synchronize
+from hessops.distributed import resolve as resolve_distributed
 from hessops.errors import (
-    DistributedError,
     DeviceMismatchError,
+    DistributedError,
     DtypeMismatchError,
     EmptyDataError,
     InvalidArgumentError,
@@ -70,7 +71,9 @@ class Batch:
         """The model's outputs on this batch with its differentiated parameters set to ``params`` (a tuple
         like ``self.params``), through ``torch.func.functional_call``, so differentiable in ``params`` by
         ``torch.func``; ``model`` defaults to the operator's (a sub-network sharing its parameter names)."""
-        return call_model(self.problem.model if model is None else model, self.problem.names, params, self.constants, self.inputs)
+        return call_model(
+            self.problem.model if model is None else model, self.problem.names, params, self.constants, self.inputs
+        )
 
     def loss(self, outputs: Any) -> Tensor:
         """The batch loss of ``outputs`` against ``targets``, reduced as ``loss_fn`` reduces it (mean or sum)."""
@@ -346,7 +349,9 @@ class CurvatureOperator(cola.ops.LinearOperator):
                 f"or build the operator with dtype={X.dtype}"
             )
         if normalize_device(X.device) != self.device:
-            raise DeviceMismatchError(f"vector is on {X.device} but the operator is on {self.device}: v.to('{self.device}')")
+            raise DeviceMismatchError(
+                f"vector is on {X.device} but the operator is on {self.device}: v.to('{self.device}')"
+            )
         if not bool(torch.isfinite(X).all()):
             raise InvalidArgumentError(
                 f"the vector multiplied by {type(self).__name__} holds NaN or inf: the product would be NaN; check "
@@ -394,7 +399,9 @@ class CurvatureOperator(cola.ops.LinearOperator):
     def to(self, device, dtype=None):
         """Operators follow their model: move the model and build a new operator instead."""
         if dtype is not None and dtype != self.dtype:
-            raise DtypeMismatchError(f"{type(self).__name__}.to cannot change the dtype: build the operator with dtype={dtype}")
+            raise DtypeMismatchError(
+                f"{type(self).__name__}.to cannot change the dtype: build the operator with dtype={dtype}"
+            )
         if normalize_device(device) != self.device:
             raise DeviceMismatchError(
                 f"{type(self).__name__} lives where its model's parameters are ({self.device}): "

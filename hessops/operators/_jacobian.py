@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
@@ -15,10 +15,10 @@ OutputMatmat = Callable[[Tensor], Tensor]
 
 
 class JacobianSandwich(CurvatureOperator):
-    r"""A PSD operator :math:`\frac1W \sum_b W_b J_b^\top M_b J_b` (``reduction="mean"``; :math:`\sum_b J_b^\top M_b J_b`
-    for ``"sum"``), with :math:`J_b` the Jacobian of batch :math:`b`'s outputs and :math:`M_b` a PSD matrix in
-    output space that each subclass defines (:meth:`_output_operator`); :math:`W_b` as in
-    :class:`CurvatureOperator`.
+    r"""A PSD operator :math:`\frac1W \sum_b W_b J_b^\top M_b J_b` (``reduction="mean"``;
+    :math:`\sum_b J_b^\top M_b J_b` for ``"sum"``), with :math:`J_b` the Jacobian of batch :math:`b`'s outputs
+    and :math:`M_b` a PSD matrix in output space that each subclass defines (:meth:`_output_operator`);
+    :math:`W_b` as in :class:`CurvatureOperator`.
 
     Per batch: one forward with its ``vjp``; for each block of columns a ``vmap``'d ``jvp`` (:math:`U = JV`),
     the output-space product :math:`W = MU`, and a ``vmap``'d ``vjp`` (:math:`J^\top W`). No per-example

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -60,7 +61,9 @@ class EmpiricalFisher(JacobianSandwich):
         spec, n_b, targets = self.output_loss, outputs.shape[0], batch.targets
         weights = spec.example_weights(targets, n_b).to(outputs.device)
         if not spec.mean:
-            return _outer_matmat(_summed_gradients(spec, outputs, targets, 1.0).unsqueeze(0), torch.ones_like(weights), 1.0)
+            return _outer_matmat(
+                _summed_gradients(spec, outputs, targets, 1.0).unsqueeze(0), torch.ones_like(weights), 1.0
+            )
         total = float(weights.sum())
         coefficients = torch.where(weights > 0, 1 / weights.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
         return _outer_matmat(_summed_gradients(spec, outputs, targets, total).unsqueeze(0), coefficients, total)
@@ -114,9 +117,20 @@ class MCFisher(JacobianSandwich):
             raise ValueError(f"samples must be at least 1, got {samples}")
         self._sampler_for(loss_spec(loss_fn))
         super().__init__(
-            model, loss_fn, data, params=params, dtype=dtype, chunk_size=chunk_size, micro_batch_size=micro_batch_size,
-            progress=progress, allow_train_mode=allow_train_mode, batch_size_fn=batch_size_fn,
-            unpack_inputs=unpack_inputs, check_determinism=check_determinism, distributed=distributed, group=group,
+            model,
+            loss_fn,
+            data,
+            params=params,
+            dtype=dtype,
+            chunk_size=chunk_size,
+            micro_batch_size=micro_batch_size,
+            progress=progress,
+            allow_train_mode=allow_train_mode,
+            batch_size_fn=batch_size_fn,
+            unpack_inputs=unpack_inputs,
+            check_determinism=check_determinism,
+            distributed=distributed,
+            group=group,
         )
         self.samples = samples
         self.seed = seed
@@ -148,14 +162,20 @@ class MCFisher(JacobianSandwich):
             return categorical
         if spec.kind in ("bce_logits", "bce"):
             if spec.options.get("pos_weight") is not None or spec.options.get("weight") is not None:
-                raise UnsupportedLossError(f"{spec.name} with weight or pos_weight has no Bernoulli likelihood: drop them")
+                raise UnsupportedLossError(
+                    f"{spec.name} with weight or pos_weight has no Bernoulli likelihood: drop them"
+                )
             to_probs = (lambda out: out.sigmoid()) if spec.kind == "bce_logits" else (lambda out: out.clamp(0, 1))
-            return lambda out, targets, s, gen: torch.bernoulli(_sanitized(to_probs(out)).expand(s, *out.shape), generator=gen)
+            return lambda out, targets, s, gen: torch.bernoulli(
+                _sanitized(to_probs(out)).expand(s, *out.shape), generator=gen
+            )
         if spec.kind == "mse":
+
             def gaussian(out: Tensor, targets: Any, s: int, gen: torch.Generator) -> Tensor:
                 # (f − y)² is exactly the NLL of N(f, 1/2), up to a constant, per element.
                 noise = torch.randn((s, *out.shape), generator=gen, dtype=out.dtype, device=out.device)
                 return out + math.sqrt(0.5) * noise
+
             return gaussian
         raise UnsupportedLossError(
             f"MCFisher samples labels from the likelihood the loss defines; it knows cross-entropy, NLL, BCE, "
