@@ -14,13 +14,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/hessops demo --out demo/result.json --plot demo
+	$(VENV)/bin/hessops demo --out demo/result.json --plot demo/demo.png
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# The documentation site (mkdocs.yml, docs/) into site/; --strict fails on a broken link or a page left out of
-# the nav.
+# The documentation site (mkdocs.yml, docs/, docs_build/) into site/; the build fails on a broken link, a page
+# left out of the nav or a formula latex2mathml cannot convert. Neither the build nor the site needs the network;
+# the site's search needs it served: python -m http.server -d site.
 docs: $(STAMP)
 	$(VENV)/bin/mkdocs build --strict --site-dir site
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -70,7 +70,9 @@ def peak_bytes(work: Callable[[], object], device: torch.device) -> int:
     return tracker.peak
 
 
-def measure(name: str, *, num_examples: int, batch_size: int, hvp_mode: str, micro_batch_sizes: list[int], device: torch.device) -> dict:
+def measure(
+    name: str, *, num_examples: int, batch_size: int, hvp_mode: str, micro_batch_sizes: list[int], device: torch.device
+) -> dict:
     """Peaks of a gradient, an HVP over whole batches, and an HVP over each micro-batch size (MiB)."""
     w = make_workload(name, num_examples=num_examples, batch_size=batch_size, device=device, dtype=torch.float32)
     v = torch.randn(w.n_params, generator=torch.Generator().manual_seed(0)).to(device)
@@ -86,8 +88,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workloads", nargs="+", default=["mlp", "cnn"])
     parser.add_argument("--num-examples", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--micro-batch-sizes", type=int, nargs="*", default=[], help="also measure HVPs over pieces of these sizes")
-    parser.add_argument("--hvp-mode", default="autograd", help="the Hessian's hvp_mode (not auto: it would time them all)")
+    parser.add_argument(
+        "--micro-batch-sizes", type=int, nargs="*", default=[], help="also measure HVPs over pieces of these sizes"
+    )
+    parser.add_argument(
+        "--hvp-mode", default="autograd", help="the Hessian's hvp_mode (not auto: it would time them all)"
+    )
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -96,13 +102,20 @@ def main(argv: list[str] | None = None) -> dict:
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
     for name in args.workloads:
         r = results[name] = measure(
-            name, num_examples=args.num_examples, batch_size=args.batch_size, hvp_mode=args.hvp_mode,
-            micro_batch_sizes=args.micro_batch_sizes, device=device,
+            name,
+            num_examples=args.num_examples,
+            batch_size=args.batch_size,
+            hvp_mode=args.hvp_mode,
+            micro_batch_sizes=args.micro_batch_sizes,
+            device=device,
         )
         for key, hvp in r.items():
             if key != "grad":
                 micro = key.split()[-1] if "micro" in key else "—"
-                print(f"| {name} | {args.batch_size} | {args.hvp_mode} | {micro} | {r['grad']:.1f} | {hvp:.1f} | {hvp / r['grad']:.2f} |", flush=True)
+                print(
+                    f"| {name} | {args.batch_size} | {args.hvp_mode} | {micro} | {r['grad']:.1f} | {hvp:.1f} | {hvp / r['grad']:.2f} |",
+                    flush=True,
+                )
     return results
 
 

@@ -4,7 +4,7 @@ eigenvalues, and a trace. Each counts its Hessian-vector products."""
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import cola
 import torch
@@ -64,7 +64,9 @@ class CurvlinopsPeer:
         from curvlinops import HessianLinearOperator
 
         params = [p for p in w.model.parameters() if p.requires_grad]
-        self.op = HessianLinearOperator(w.model, w.loss_fn, params, w.data, check_deterministic=False, num_data=w.num_examples)
+        self.op = HessianLinearOperator(
+            w.model, w.loss_fn, params, w.data, check_deterministic=False, num_data=w.num_examples
+        )
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         return self.op @ V
@@ -86,6 +88,7 @@ class ColaPerBatch(cola.ops.LinearOperator):
         spec.hvps += X.shape[1]
         out = torch.zeros_like(X)
         for x, y in spec.w.data:
+
             def loss(flat, x=x, y=y):
                 parts = flat.split([s.numel() for s in spec.shapes])
                 state = {n: t.reshape(s) for n, t, s in zip(spec.names, parts, spec.shapes)}

@@ -83,7 +83,9 @@ def bench_products(w, device, repeats: int, peers: dict, micro_batch_size: int |
     agreement = {}
     reference = H @ v
     if "curvlinops" in peers:
-        agreement["curvlinops hvp rel. diff"] = float((peers["curvlinops"].matmat(v[:, None])[:, 0] - reference).norm() / reference.norm())
+        agreement["curvlinops hvp rel. diff"] = float(
+            (peers["curvlinops"].matmat(v[:, None])[:, 0] - reference).norm() / reference.norm()
+        )
     if "pyhessian" in peers:
         ph = torch.cat([t.reshape(-1) for t in peers["pyhessian"].hvp(v_list)]).to(reference)
         agreement["pyhessian hvp rel. diff"] = float((ph - reference).norm() / reference.norm())
@@ -97,7 +99,10 @@ def bench_memory(w, device) -> dict:
         return {}
     H = hessops.Hessian(w.model, w.loss_fn, w.data)
     v = torch.randn(H.shape[0], device=device, dtype=H.dtype)
-    peaks = {name: peak_bytes(f, device) for name, f in (("grad", lambda: dataset_gradient(w)), ("hessops hvp", lambda: H @ v))}
+    peaks = {
+        name: peak_bytes(f, device)
+        for name, f in (("grad", lambda: dataset_gradient(w)), ("hessops hvp", lambda: H @ v))
+    }
     return {"peak_bytes": peaks, "hvp / grad": peaks["hessops hvp"] / peaks["grad"]}
 
 
@@ -118,8 +123,12 @@ def bench_top(w, device, k: int, peers: dict, cola_steps: int, value_tol: float 
         start = now()
         ours = hessops.eigs(H, k, which, **criterion)
         out[f"hessops {which}"] = {
-            "seconds": now() - start, "hvps": ours.n_matvecs, "values": ours.values.tolist(), "which": which,
-            "criterion": criterion, "error_bounds": ours.error_bounds.tolist(),
+            "seconds": now() - start,
+            "hvps": ours.n_matvecs,
+            "values": ours.values.tolist(),
+            "which": which,
+            "criterion": criterion,
+            "error_bounds": ours.error_bounds.tolist(),
         }
         references[which] = hessops.eigs(H, k, which, tol=1e-7, start=ours.vectors.sum(1)).values.double().cpu()
     if "pyhessian" in peers:
@@ -132,12 +141,25 @@ def bench_top(w, device, k: int, peers: dict, cola_steps: int, value_tol: float 
         peers["cola"].spec.hvps = 0
         start = now()
         values = cola_top(peers["cola"], k, cola_steps)
-        out["cola-per-batch"] = {"seconds": now() - start, "hvps": peers["cola"].spec.hvps, "values": values, "which": "LA"}
+        out["cola-per-batch"] = {
+            "seconds": now() - start,
+            "hvps": peers["cola"].spec.hvps,
+            "values": values,
+            "which": "LA",
+        }
     for result in out.values():
         reference = references[result["which"]]
         got = torch.tensor(result["values"], dtype=torch.float64)
-        order = torch.argsort(got.abs(), descending=True) if result["which"] == "LM" else torch.argsort(got, descending=True)
-        ref_order = torch.argsort(reference.abs(), descending=True) if result["which"] == "LM" else torch.argsort(reference, descending=True)
+        order = (
+            torch.argsort(got.abs(), descending=True)
+            if result["which"] == "LM"
+            else torch.argsort(got, descending=True)
+        )
+        ref_order = (
+            torch.argsort(reference.abs(), descending=True)
+            if result["which"] == "LM"
+            else torch.argsort(reference, descending=True)
+        )
         result["max rel. error"] = float((got[order] - reference[ref_order]).abs().max() / reference.abs().max())
     out["reference LA"], out["reference LM"] = references["LA"].tolist(), references["LM"].tolist()
     if "pyhessian" in out:
@@ -158,7 +180,12 @@ def bench_trace(w, device, peers: dict, probes: int) -> dict:
     for method in ("hutch++", "hutchinson"):
         start = now()
         estimate = hessops.trace(H, probes=probes, method=method)
-        out[f"hessops {method}"] = {"seconds": now() - start, "trace": estimate.estimate, "std_error": estimate.std_error, "probes": probes}
+        out[f"hessops {method}"] = {
+            "seconds": now() - start,
+            "trace": estimate.estimate,
+            "std_error": estimate.std_error,
+            "probes": probes,
+        }
     if "pyhessian" in peers:
         peers["pyhessian"].hvps = 0
         start = now()
@@ -174,9 +201,22 @@ def bench_trace(w, device, peers: dict, probes: int) -> dict:
 def headline(args: argparse.Namespace, name: str) -> dict:
     """The headline of workload ``name``, measured in a fresh process (no warm caches but the disk's)."""
     command = [
-        sys.executable, "-m", "benchmarks.run", "--headline-child", "--workloads", name, "--device", args.device,
-        "--dtype", args.dtype, "--num-examples", str(args.num_examples), "--batch-size", str(args.batch_size),
-        "--peers", *args.peers,
+        sys.executable,
+        "-m",
+        "benchmarks.run",
+        "--headline-child",
+        "--workloads",
+        name,
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--num-examples",
+        str(args.num_examples),
+        "--batch-size",
+        str(args.batch_size),
+        "--peers",
+        *args.peers,
     ]
     if args.threads:
         command += ["--threads", str(args.threads)]
@@ -190,7 +230,9 @@ def headline_child(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
     torch.set_num_threads(args.threads) if args.threads else None
-    w = make_workload(args.workloads[0], num_examples=args.num_examples, batch_size=args.batch_size, device=device, dtype=dtype)
+    w = make_workload(
+        args.workloads[0], num_examples=args.num_examples, batch_size=args.batch_size, device=device, dtype=dtype
+    )
     now = timer(device)
     start = now()
     H = hessops.Hessian(w.model, w.loss_fn, w.data)
@@ -199,8 +241,12 @@ def headline_child(args: argparse.Namespace) -> dict:
     out = {
         "import seconds": imported,
         "hessops": {
-            "seconds": now() - start, "construction seconds": built - start, "hvps": result.n_matvecs,
-            "values": result.values.tolist(), "error bounds": result.error_bounds.tolist(), "converged": result.converged,
+            "seconds": now() - start,
+            "construction seconds": built - start,
+            "hvps": result.n_matvecs,
+            "values": result.values.tolist(),
+            "error bounds": result.error_bounds.tolist(),
+            "converged": result.converged,
             "tuning seconds": sum(t.seconds for t in H.hvp_tuning.values()),
             "tuning": {kind: t.to_dict() for kind, t in H.hvp_tuning.items()},
         },
@@ -212,7 +258,9 @@ def headline_child(args: argparse.Namespace) -> dict:
         out["pyhessian"] = {"seconds": now() - start, "hvps": peer.hvps, "values": values}
         out["pyhessian / hessops time"] = out["pyhessian"]["seconds"] / out["hessops"]["seconds"]
         ours = sorted(result.values.tolist(), reverse=True)
-        out["max relative difference of the values"] = max(abs(a - b) / abs(a) for a, b in zip(ours, sorted(values, reverse=True)))
+        out["max relative difference of the values"] = max(
+            abs(a - b) / abs(a) for a, b in zip(ours, sorted(values, reverse=True))
+        )
     return out
 
 
@@ -236,7 +284,12 @@ def run(args: argparse.Namespace) -> dict:
                 peers[peer] = {"pyhessian": PyHessianPeer, "curvlinops": CurvlinopsPeer, "cola": ColaPerBatch}[peer](w)
             except ImportError as error:
                 print(f"skipping {peer}: {error} (pip install -e '.[bench]')", file=sys.stderr)
-        entry = {"n_params": w.n_params, "num_examples": w.num_examples, "batch_size": args.batch_size, "dtype": args.dtype}
+        entry = {
+            "n_params": w.n_params,
+            "num_examples": w.num_examples,
+            "batch_size": args.batch_size,
+            "dtype": args.dtype,
+        }
         began = time.perf_counter()
         if args.headline:
             entry["headline"] = headline(args, name)
@@ -260,17 +313,24 @@ def _machine(device: torch.device) -> str:
 
 def render_workload(name: str, e: dict) -> str:
     """A markdown table of one workload's results."""
-    lines = [f"### {name}: n = {e['n_params']:,} parameters, N = {e['num_examples']}, batch {e['batch_size']}, {e['dtype']}", ""]
+    lines = [
+        f"### {name}: n = {e['n_params']:,} parameters, N = {e['num_examples']}, batch {e['batch_size']}, {e['dtype']}",
+        "",
+    ]
     lines += ["| measure | value |", "| --- | ---: |"]
     if "headline" in e:
         h = e["headline"]
-        lines.append(f"| **fresh process, top-2 LA (value_tol 1e-3), defaults: hessops s / HVPs** | **{h['hessops']['seconds']:.2f} / {h['hessops']['hvps']}** |")
+        lines.append(
+            f"| **fresh process, top-2 LA (value_tol 1e-3), defaults: hessops s / HVPs** | **{h['hessops']['seconds']:.2f} / {h['hessops']['hvps']}** |"
+        )
         lines.append(f"| of which construction (s) | {h['hessops'].get('construction seconds', float('nan')):.2f} |")
         lines.append(f"| of which formulation tuning (s) | {h['hessops']['tuning seconds']:.2f} |")
         if "import seconds" in h:
             lines.append(f"| before both: importing torch, hessops and the peers (s) | {h['import seconds']:.2f} |")
         if "pyhessian" in h:
-            lines.append(f"| same process: pyhessian top-2 s / HVPs | {h['pyhessian']['seconds']:.2f} / {h['pyhessian']['hvps']} |")
+            lines.append(
+                f"| same process: pyhessian top-2 s / HVPs | {h['pyhessian']['seconds']:.2f} / {h['pyhessian']['hvps']} |"
+            )
             lines.append(f"| **fresh process: pyhessian / hessops time** | **{h['pyhessian / hessops time']:.2f}** |")
     for k, v in e["products"]["seconds"].items():
         lines.append(f"| {k} (s, median) | {v:.4f} |")
@@ -286,7 +346,9 @@ def render_workload(name: str, e: dict) -> str:
         for method in ("hessops LA", "cola-per-batch", "hessops LM", "pyhessian"):
             if method in t:
                 r = t[method]
-                lines.append(f"| top-{k} ({r['which']}) {method}: s / HVPs / max rel. error | {r['seconds']:.2f} / {r['hvps']} / {r['max rel. error']:.1e} |")
+                lines.append(
+                    f"| top-{k} ({r['which']}) {method}: s / HVPs / max rel. error | {r['seconds']:.2f} / {r['hvps']} / {r['max rel. error']:.1e} |"
+                )
         for key in ("pyhessian / hessops LM time", "cola-per-batch / hessops LA time"):
             if key in t:
                 lines.append(f"| **top-{k} {key}** | **{t[key]:.2f}** |")
@@ -311,13 +373,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--top", type=int, default=10, help="top-k eigenvalues to time (0: skip)")
     parser.add_argument("--cola-steps", type=int, default=80, help="CoLA Lanczos steps (it has no convergence test)")
-    parser.add_argument("--value-tol", type=float, help="hessops' top-k stops on eigenvalue error bounds at this relative accuracy (default: residual tol 1e-4)")
+    parser.add_argument(
+        "--value-tol",
+        type=float,
+        help="hessops' top-k stops on eigenvalue error bounds at this relative accuracy (default: residual tol 1e-4)",
+    )
     parser.add_argument("--micro-batch-size", type=int, help="also time hessops' HVP over micro-batches of this size")
-    parser.add_argument("--trace", type=int, default=0, metavar="PROBES", help="also compare traces from this many products (0: skip)")
+    parser.add_argument(
+        "--trace", type=int, default=0, metavar="PROBES", help="also compare traces from this many products (0: skip)"
+    )
     parser.add_argument("--peers", nargs="*", default=["pyhessian", "curvlinops", "cola"])
     parser.add_argument("--threads", type=int, help="torch CPU threads")
-    parser.add_argument("--headline", action=argparse.BooleanOptionalAction, default=True,
-                        help="time top-2 with defaults in a fresh process, tuning included (the headline)")
+    parser.add_argument(
+        "--headline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time top-2 with defaults in a fresh process, tuning included (the headline)",
+    )
     parser.add_argument("--headline-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks the harness")
     parser.add_argument("--out", type=Path, help="write the JSON report here")
@@ -331,7 +403,14 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(out))
         return out
     if args.smoke:
-        args.workloads, args.num_examples, args.batch_size, args.repeats, args.top, args.cola_steps = ["tiny"], 12, 5, 1, 2, 20
+        args.workloads, args.num_examples, args.batch_size, args.repeats, args.top, args.cola_steps = (
+            ["tiny"],
+            12,
+            5,
+            1,
+            2,
+            20,
+        )
         args.trace, args.micro_batch_size, args.value_tol = 8, 2, 1e-4
     report = run(args)
     if args.out:

@@ -44,7 +44,9 @@ MODELS = {
 }
 
 
-def make_workload(name: str, *, num_examples: int, batch_size: int, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Workload:
+def make_workload(
+    name: str, *, num_examples: int, batch_size: int, device: torch.device, dtype: torch.dtype, seed: int = 0
+) -> Workload:
     """Random-initialized model ``name`` (seeded) and ``num_examples`` random 3×32×32 images with random
     labels (seeded), in batches of ``batch_size``, on ``device`` in ``dtype``; model in eval mode."""
     torch.manual_seed(seed)
@@ -52,5 +54,7 @@ def make_workload(name: str, *, num_examples: int, batch_size: int, device: torc
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(num_examples, 3, 32, 32, generator=generator, dtype=dtype)
     y = torch.randint(0, 10, (num_examples,), generator=generator)
-    data = [(x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)) for i in range(0, num_examples, batch_size)]
+    data = [
+        (x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)) for i in range(0, num_examples, batch_size)
+    ]
     return Workload(name, model, nn.CrossEntropyLoss(), data)

@@ -2,40 +2,89 @@
 
 Hessian, generalized Gauss-Newton and Fisher matrices of a model, a loss and a dataset, exact dataset means
 streamed over a DataLoader, usable with ``cola.eig``, ``cola.linalg.logdet`` and ``cola.linalg.trace``.
+
+``import hessops`` is cheap: the public names below load their module (and torch, CoLA) at first use
+(PEP 562), so that ``hessops --version`` and ``hessops --help`` import nothing heavy. The exceptions
+(:mod:`hessops.errors`) are loaded at once, and import no torch.
 """
 
-import warnings
+from __future__ import annotations
 
-with warnings.catch_warnings():
-    # CoLA's torch backend, and torch's own forward-mode AD decompositions (loaded at the first jvp), call
-    # torch.jit.script at import time, which torch >= 2.10 deprecates: noise for our users, so load both now.
-    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
-    import cola  # noqa: F401
-    import torch._decomp.decompositions_for_jvp  # noqa: F401
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING, Any
 
 from hessops import errors
 from hessops.errors import *  # noqa: F403 - every exception is public
-from hessops.operators import GGN, CurvatureOperator, EmpiricalFisher, Hessian, MCFisher, Regularized
-from hessops.dense import dense_hessian
-from hessops.density import SpectralDensity, spectral_density
-from hessops.spectrum import Spectrum, eigs
-from hessops.trace import TraceEstimate, trace
-from hessops.tracking import GradNormTracker, SharpnessTracker, evaluate, train
-from hessops.volume import BasinVolume, LogdetEstimate, basin_volume, log_unit_ball_volume, logdet
-from hessops.data import on_device
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers, IDEs and linters (tests/test_imports.py: = _LAZY)
+    from hessops.data import on_device
+    from hessops.dense import dense_hessian
+    from hessops.density import SpectralDensity, spectral_density
+    from hessops.operators import GGN, CurvatureOperator, EmpiricalFisher, Hessian, MCFisher, Regularized
+    from hessops.spectrum import Spectrum, eigs
+    from hessops.trace_estimation import TraceEstimate, trace
+    from hessops.tracking import GradNormTracker, SharpnessTracker, evaluate, train
+    from hessops.volume import BasinVolume, LogdetEstimate, basin_volume, log_unit_ball_volume, logdet
 
 __version__ = "0.1.0"
 
+# Each public name, by the module that defines it: loaded at first access.
+_LAZY: dict[str, str] = {
+    **dict.fromkeys(("Hessian", "GGN", "EmpiricalFisher", "MCFisher", "Regularized", "CurvatureOperator"), "operators"),
+    **dict.fromkeys(("eigs", "Spectrum"), "spectrum"),
+    **dict.fromkeys(("spectral_density", "SpectralDensity"), "density"),
+    **dict.fromkeys(("trace", "TraceEstimate"), "trace_estimation"),
+    **dict.fromkeys(("logdet", "LogdetEstimate", "basin_volume", "BasinVolume", "log_unit_ball_volume"), "volume"),
+    "dense_hessian": "dense",
+    "on_device": "data",
+    **dict.fromkeys(("SharpnessTracker", "GradNormTracker", "train", "evaluate"), "tracking"),
+}
+
 __all__ = [
     # operators
-    "Hessian", "GGN", "EmpiricalFisher", "MCFisher", "Regularized", "CurvatureOperator",
+    "Hessian",
+    "GGN",
+    "EmpiricalFisher",
+    "MCFisher",
+    "Regularized",
+    "CurvatureOperator",
     # analysis
-    "eigs", "Spectrum", "spectral_density", "SpectralDensity", "trace", "TraceEstimate", "logdet", "LogdetEstimate",
-    "basin_volume", "BasinVolume", "log_unit_ball_volume", "dense_hessian",
+    "eigs",
+    "Spectrum",
+    "spectral_density",
+    "SpectralDensity",
+    "trace",
+    "TraceEstimate",
+    "logdet",
+    "LogdetEstimate",
+    "basin_volume",
+    "BasinVolume",
+    "log_unit_ball_volume",
+    "dense_hessian",
     # data
     "on_device",
     # training
-    "SharpnessTracker", "GradNormTracker", "train", "evaluate",
+    "SharpnessTracker",
+    "GradNormTracker",
+    "train",
+    "evaluate",
     # errors
     *errors.__all__,
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """A public name's value, imported from its module on first access (then cached here); a submodule
+    (``hessops.data``, ``hessops.plot``, ...) imported on first access, as after ``import hessops.data``."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

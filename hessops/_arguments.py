@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-import cola
-
+from hessops._cola import cola
 from hessops.errors import InvalidArgumentError
 
 

@@ -46,7 +46,9 @@ def batch_fingerprint(inputs: Any, targets: Any, n_b: int) -> Tensor:
         offset += x.shape[1]
         p += x @ w
         q += (x * x).sum(dim=1)
-    return torch.stack([torch.tensor(float(n_b), dtype=torch.float64, device=device), p.sum(), p.abs().sum(), (p * p).sum(), q.sum()])
+    return torch.stack(
+        [torch.tensor(float(n_b), dtype=torch.float64, device=device), p.sum(), p.abs().sum(), (p * p).sum(), q.sum()]
+    )
 
 
 def fingerprint_change(before: Tensor, after: Tensor) -> str | None:
@@ -57,7 +59,11 @@ def fingerprint_change(before: Tensor, after: Tensor) -> str | None:
     scales = (max(before[2], after[2]), max(before[2], after[2]), max(before[3], after[3]), max(before[4], after[4]))
     for b, a, scale in zip(before[1:], after[1:], scales):
         if abs(a - b) > FINGERPRINT_RTOL * scale:
-            return f"the same number of examples ({before[0]:.0f}) hold other values (a summary moved by {abs(a - b) / max(scale, 1e-300):.2g}, relative)"
+            moved = abs(a - b) / max(scale, 1e-300)
+            return (
+                f"the same number of examples ({before[0]:.0f}) hold other values "
+                f"(a summary moved by {moved:.2g}, relative)"
+            )
     return None
 
 

@@ -7,9 +7,9 @@ parameters, in the order given (default: ``model.parameters()`` with ``requires_
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -104,9 +104,13 @@ def select_parameters(model: nn.Module, params: Sequence[Tensor] | None) -> tupl
     dtypes = {p.dtype for _, p in chosen}
     devices = {normalize_device(p.device) for _, p in chosen}
     if len(dtypes) > 1:
-        raise DtypeMismatchError(f"the parameters have several dtypes {sorted(map(str, dtypes))}: cast the model, e.g. model.double()")
+        raise DtypeMismatchError(
+            f"the parameters have several dtypes {sorted(map(str, dtypes))}: cast the model, e.g. model.double()"
+        )
     if len(devices) > 1:
-        raise DeviceMismatchError(f"the parameters lie on several devices {sorted(map(str, devices))}: move the model with model.to(device)")
+        raise DeviceMismatchError(
+            f"the parameters lie on several devices {sorted(map(str, devices))}: move the model with model.to(device)"
+        )
     if not next(iter(dtypes)).is_floating_point:
         raise DtypeMismatchError(f"the parameters have dtype {next(iter(dtypes))}; curvature needs floating point")
     return tuple(n for n, _ in chosen), tuple(p for _, p in chosen)
@@ -209,7 +213,9 @@ def split_examples(inputs: Any, targets: Any, n_b: int, size: int | None) -> lis
 def map_examples(obj: Any, n: int, fn: Callable[[Tensor], Tensor]) -> Any:
     """``fn`` applied to every tensor of ``obj`` whose leading dimension is the ``n`` examples; anything else
     (constants, 0-d tensors) is left as it is."""
-    return torch.utils._pytree.tree_map(lambda t: fn(t) if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n else t, obj)
+    return torch.utils._pytree.tree_map(
+        lambda t: fn(t) if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n else t, obj
+    )
 
 
 def check_batch(inputs: Any, targets: Any, index: int, device: torch.device, model_dtype: torch.dtype) -> None:
@@ -257,7 +263,9 @@ def model_state(problem: Problem, dtype: torch.dtype) -> tuple[ParamTree, dict[s
     return params, constants
 
 
-def call_model(model: nn.Module, names: Sequence[str], params: ParamTree, constants: dict[str, Tensor], inputs: Any) -> Any:
+def call_model(
+    model: nn.Module, names: Sequence[str], params: ParamTree, constants: dict[str, Tensor], inputs: Any
+) -> Any:
     """``model(inputs)`` with the given parameter values, through ``torch.func.functional_call``:
     ``model(**inputs)`` for a mapping, ``model(*inputs)`` for a tuple or list, else ``model(inputs)``."""
     state = dict(constants)
@@ -298,7 +306,9 @@ def first_batch(data: Iterable) -> Any:
     try:
         return next(iterator)
     except StopIteration:
-        raise EmptyDataError("data yielded no batch: pass a non-empty DataLoader or list of (inputs, targets)") from None
+        raise EmptyDataError(
+            "data yielded no batch: pass a non-empty DataLoader or list of (inputs, targets)"
+        ) from None
 
 
 @contextlib.contextmanager

@@ -1,398 +1,456 @@
-"""The ``hessops`` command: ``hessops eigs|density|trace|logdet|basin|track|demo|download``.
+"""The ``hessops`` command line: ``hessops eigs|density|trace|logdet|basin|track|demo|download|models``.
 
-Every command prints a short summary, writes ``--out`` JSON (keys documented in docs/cli.md) and ``--plot``
-figures, shows tqdm bars on long steps, and exits non-zero with a one-line reason on bad input. Ctrl-C ends
-it with one line, exit status 130.
+This module is the command line's grammar and its contract, and imports nothing heavy: ``hessops --help``
+and ``--version`` answer without torch. Every value is checked here, before any model or data is loaded;
+what the commands do is in :mod:`hessops._commands`, which imports torch when a command runs.
+
+Exit statuses (docs/cli.md): 0 done; 1 the run failed (a rank of a distributed run, or writing a result);
+2 a bad command line or bad input, in one line on standard error; 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import difflib
 import math
+import os
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn
 
-import torch
+from hessops import __version__, _commands
+from hessops.constants import (
+    DATASETS,
+    DOWNLOADABLE,
+    DTYPES,
+    HVP_MODES,
+    LOGDET_METHODS,
+    OPERATOR_NAMES,
+    TRACE_METHODS,
+    WHICH,
+)
+from hessops.demo import DEMO_MODEL
+from hessops.errors import DistributedError, HessopsError
+from hessops.zoo import MODELS, TIMM_PREFIX
 
-from hessops import __version__
-from hessops.errors import HessopsError
-from hessops.operators.hessian import HVP_MODES
+# The examples in each dataset's (train, test) split, to check --num-examples without loading the data.
+SPLIT_SIZES: dict[str, tuple[int, int]] = {
+    "digits": (1_437, 360),
+    "mnist": (60_000, 10_000),
+    "cifar10": (50_000, 10_000),
+    "cifar2": (10_000, 2_000),
+}
+FIGURE_FORMATS = (".png", ".pdf", ".svg")
+SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes seeds below this (and negative ones, not offered here)
 
-OPERATORS = ("hessian", "ggn", "ef", "mcfisher")
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-class CommandError(Exception):
-    """A bad command line: reported in one line, exit status 2."""
-
-
-def _common(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model and data")
-    group.add_argument("--model", default="mlp-digits", help="a zoo name (see `hessops models`), or timm:NAME")
-    group.add_argument("--checkpoint", type=Path, help="a state_dict file to load into the model (else: init from --seed)")
-    group.add_argument("--data", help="digits (embedded), mnist, cifar10 or cifar2; default: the model's")
-    group.add_argument("--data-dir", type=Path, default=Path("data"), help="where datasets are (default: ./data)")
-    group.add_argument("--test-split", action="store_true", help="use the test split instead of the training split")
-    group.add_argument("--num-examples", type=int, help="a deterministic subset of this many examples (by --seed)")
-    group.add_argument("--batch-size", type=int, default=128)
-    group.add_argument("--operator", choices=OPERATORS, default="hessian")
-    group.add_argument("--hvp-mode", choices=HVP_MODES, default="auto",
-                       help="the Hessian-vector product formulation (--operator hessian); auto: validated against double backward")
-    group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    group.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="the operator's dtype")
-    group.add_argument("--seed", type=int, default=0, help="model init, data subset and probe vectors")
-    out = parser.add_argument_group("output")
-    out.add_argument("--out", type=Path, help="write the result as JSON here")
-    out.add_argument("--plot", type=Path, help="write the figure here (PNG)")
-    out.add_argument("--no-progress", action="store_true", help="no progress bars")
-    par = parser.add_argument_group("data-parallel (torch.distributed)")
-    par.add_argument("--distributed", action="store_true",
-                     help="shard the data over the processes torchrun started (automatic when WORLD_SIZE > 1)")
-    par.add_argument("--timeout", type=float, default=600.0, help="seconds a rank waits for the others before failing")
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hessops", description="Curvature of neural networks: spectra, densities, traces, volumes.")
-    parser.add_argument("--version", action="version", version=f"hessops {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+# -- values: each a type= for argparse, raising ArgumentTypeError with what to pass instead --------------------
+def count(minimum: int = 1, below: int | None = None) -> Callable[[str], int]:
+    """A whole number ≥ ``minimum`` and < ``below`` where given (``2.5``, ``1e3`` and ``-1`` are refused)."""
+    wanted = f"a whole number ≥ {minimum}" + (f" and < {below:,}" if below is not None else "")
 
-    p = sub.add_parser("eigs", help="extreme eigenvalues by Lanczos")
-    _common(p)
-    p.add_argument("--k", type=int, default=10)
-    p.add_argument("--which", choices=("LM", "LA", "SA", "both"), default="LM")
-    p.add_argument("--tol", type=float, default=1e-5, help="residual tolerance relative to max |λ|")
-    p.add_argument("--value-tol", type=float, help="stop on eigenvalue error bounds instead (relative to max |λ|)")
-    p.add_argument("--max-iters", type=int)
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number: pass {wanted}") from None
+        if value < minimum or (below is not None and value >= below):
+            raise argparse.ArgumentTypeError(f"{value} is out of range: pass {wanted}")
+        return value
 
-    p = sub.add_parser("density", help="spectral density by stochastic Lanczos quadrature")
-    _common(p)
-    p.add_argument("--num-probes", type=int, default=10)
-    p.add_argument("--lanczos-steps", type=int, default=80)
-    p.add_argument("--sigma", type=float, help="Gaussian broadening (default: 1%% of the spectrum's span)")
-    p.add_argument("--grid", type=int, default=1000, help="number of grid points")
+    parse.__name__ = "count"  # argparse names the type in some messages
+    return parse
 
-    p = sub.add_parser("trace", help="trace by Hutch++ or Hutchinson")
-    _common(p)
-    p.add_argument("--probes", type=int, default=100)
-    p.add_argument("--method", choices=("hutch++", "hutchinson"), default="hutch++")
 
-    for name, help_text in (("logdet", "log det(op + c·I)"), ("basin", "log basin volume {δ: ½δᵀ(H+cI)δ ≤ threshold}")):
-        p = sub.add_parser(name, help=help_text)
-        _common(p)
-        p.add_argument("--c", type=float, default=0.0 if name == "basin" else 1e-3, help="the multiple of I added")
-        p.add_argument("--method", choices=("auto", "dense", "slq"), default="auto")
-        p.add_argument("--probes", type=int, default=30)
-        p.add_argument("--lanczos-steps", type=int, default=50)
-        if name == "basin":
-            p.add_argument("--threshold", type=float, default=2.0, help="the loss increase that bounds the basin")
+def number(
+    *, minimum: float = -math.inf, above: float | None = None, below: float | None = None
+) -> Callable[[str], float]:
+    """A finite real number, ≥ ``minimum``, > ``above`` and < ``below`` where given."""
+    rule = " and ".join(
+        part
+        for part in (
+            f"≥ {minimum:g}" if minimum > -math.inf else "",
+            f"> {above:g}" if above is not None else "",
+            f"< {below:g}" if below is not None else "",
+        )
+        if part
+    )
+    wanted = f"a finite number {rule}".strip()
 
-    p = sub.add_parser("track", help="train with SGD, tracking sharpness and per-layer gradient norms")
-    _common(p)
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--momentum", type=float, default=0.0)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--every", type=int, default=1, help="measure sharpness every this many epochs")
-    p.add_argument("--sharpness-examples", type=int, default=256, help="fixed subset the sharpness is measured on")
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number: pass {wanted}") from None
+        if not (
+            math.isfinite(value)
+            and value >= minimum
+            and (above is None or value > above)
+            and (below is None or value < below)
+        ):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: pass {wanted}")
+        return value
 
-    p = sub.add_parser("demo", help="train a small net on the embedded digits, then spectrum, density, trace, basin")
-    p.add_argument("--out", type=Path, default=Path("demo/result.json"))
-    p.add_argument("--plot", type=Path, default=Path("demo"), help="the folder for the figures")
-    p.add_argument("--k", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    parse.__name__ = "number"
+    return parse
 
-    p = sub.add_parser("download", help="fetch a dataset through torchvision (needs the network)")
-    p.add_argument("name", choices=("mnist", "cifar10", "cifar2"))
-    p.add_argument("--data-dir", type=Path, default=Path("data"))
 
-    sub.add_parser("models", help="list the model zoo")
+def model_name(text: str) -> str:
+    """A zoo model (``zoo.MODELS``) or ``timm:NAME``."""
+    if text in MODELS or (text.startswith(TIMM_PREFIX) and len(text) > len(TIMM_PREFIX)):
+        return text
+    close = difflib.get_close_matches(text, MODELS, n=2)
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    raise argparse.ArgumentTypeError(
+        f"unknown model {text!r}{hint}: pass one of {', '.join(MODELS)} (`hessops models` lists them), or timm:NAME"
+    )
+
+
+def existing_file(text: str) -> Path:
+    """A path to a file that exists."""
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text}: {'is a directory' if path.is_dir() else 'no such file'}")
+    return path
+
+
+def output_path(*formats: str) -> Callable[[str], Path]:
+    """A file this run may write (or replace): not a directory, in a folder that exists or can be made and
+    that this user can write in, and with one of ``formats`` as its extension where given."""
+
+    def parse(text: str) -> Path:
+        path = Path(text)
+        if path.is_dir() or text.endswith(os.sep):
+            raise argparse.ArgumentTypeError(f"{text} is a directory: give the path of a file (in it, or elsewhere)")
+        if formats and path.suffix.lower() not in formats:
+            raise argparse.ArgumentTypeError(
+                f"{text}: the figure's format comes from the extension: {', '.join(formats)}"
+            )
+        folder = next((p for p in (path.parent, *path.parent.parents) if p.exists()), Path("."))
+        if not folder.is_dir():
+            raise argparse.ArgumentTypeError(f"{text}: {folder} is not a directory")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise argparse.ArgumentTypeError(f"{text}: no permission to write in {folder}")
+        return path
+
+    parse.__name__ = "path"
+    return parse
+
+
+# -- the grammar -----------------------------------------------------------------------------------------------
+class Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none (``None``, or a flag's ``False``): the help
+    says what happens then."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on standard error (``hessops: error: ...``), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``message`` as one line and exit with status 2."""
+        usage_error(message, self.prog)
+
+
+def usage_error(message: str, prog: str = "hessops") -> NoReturn:
+    """``hessops: error: <message> (see `<prog> --help`)`` on standard error, exit status 2."""
+    print(f"hessops: error: {message} (see `{prog} --help`)", file=sys.stderr)
+    raise SystemExit(EXIT_USAGE)
+
+
+def _subparser(sub: Any, name: str, help_text: str, func: Callable[[argparse.Namespace], None]) -> Parser:
+    parser = sub.add_parser(
+        name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".", formatter_class=Formatter
+    )
+    parser.set_defaults(func=func)
     return parser
 
 
-# -- set-up shared by the commands ------------------------------------------------------------------------
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise CommandError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CommandError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return device
-
-
-@dataclass
-class Setup:
-    model: torch.nn.Module
-    loss_fn: Any
-    dataset: torch.utils.data.Dataset
-    loader: Any
-    op: Any
-    settings: dict
-
-
-def _setup(args: argparse.Namespace) -> Setup:
-    """Model (with checkpoint), loss, loader on the device, and the operator the command asked for."""
-    import hessops
-    from hessops.data import load_dataset, make_loader, on_device
-    from hessops.models import build_model, load_checkpoint, make_loss, model_spec
-
-    device = _device(args.device)
-    if getattr(args, "rank", None) is not None:
-        device = args.rank_device
-    spec = model_spec(args.model)
-    model = build_model(args.model, seed=args.seed)
-    if args.checkpoint is not None:
-        load_checkpoint(model, args.checkpoint)
-    model = model.to(device).eval()
-    data_name = args.data or spec.default_data
-    if data_name is None or data_name == "imagenet":
-        raise CommandError(f"--model {args.model} has no dataset hessops can load by default: pass --data (digits, mnist, cifar10, cifar2)")
-    # The model's own normalization where it was trained on this data (resnet18_cifar10's checkpoint differs).
-    normalization = {"mean": spec.mean, "std": spec.std} if data_name == spec.default_data and spec.mean else {}
-    dataset = load_dataset(data_name, data_dir=args.data_dir, train=not args.test_split, num_examples=args.num_examples, seed=args.seed, **normalization)
-    total_examples = len(dataset)
-    if getattr(args, "rank", None) is not None:
-        from hessops.distributed import shard
-
-        dataset = shard(dataset)  # this rank's contiguous part; the operator sums over all ranks
-    loader = on_device(make_loader(dataset, batch_size=args.batch_size), device)
-    loss_fn = make_loss(spec)
-    kwargs = dict(dtype=DTYPES[args.dtype], progress=not args.no_progress)
-    cls = {"hessian": hessops.Hessian, "ggn": hessops.GGN, "ef": hessops.EmpiricalFisher, "mcfisher": hessops.MCFisher}[args.operator]
-    if args.operator == "mcfisher":
-        kwargs["seed"] = args.seed
-    if args.operator == "hessian":
-        kwargs["hvp_mode"] = args.hvp_mode
-    op = cls(model, loss_fn, loader, **kwargs)
-    settings = {
-        "model": args.model, "checkpoint": str(args.checkpoint) if args.checkpoint else None, "data": data_name,
-        "split": "test" if args.test_split else "train", "num_examples": total_examples, "batch_size": args.batch_size,
-        "operator": args.operator, "hvp_mode": args.hvp_mode if args.operator == "hessian" else None, "device": str(op.device), "dtype": args.dtype, "seed": args.seed, "n_params": op.shape[0],
-        "torch": torch.__version__, "hessops": __version__, "world_size": getattr(args, "world_size", 1),
-    }
-    return Setup(model, loss_fn, dataset, loader, op, settings)
-
-
-def _write(args: argparse.Namespace, result: dict[str, Any]) -> None:
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
-
-
-def _plotted(path: Path | None) -> None:
-    if path is not None:
-        print(f"wrote {path}")
-
-
-# -- the commands -----------------------------------------------------------------------------------------
-def cmd_eigs(args: argparse.Namespace) -> dict:
-    from hessops.plot import plot_eigenvalues
-    from hessops.spectrum import eigs
-
-    setup = _setup(args)
-    op, settings = setup.op, setup.settings
-    s = eigs(
-        op, args.k, args.which, tol=args.tol, value_tol=args.value_tol, max_iters=args.max_iters, seed=args.seed,
-        progress=not args.no_progress,
+def _common(parser: argparse.ArgumentParser) -> None:
+    """The options of the commands that build an operator from a model and a dataset."""
+    group = parser.add_argument_group("model and data")
+    group.add_argument(
+        "--model", type=model_name, default="mlp-digits", help="a zoo model (`hessops models` lists them), or timm:NAME"
     )
-    for i, (value, residual, bound) in enumerate(zip(s.values.tolist(), s.residuals.tolist(), s.error_bounds.tolist()), 1):
-        print(f"λ{i:<3d} = {value: .8g}   ‖Hv − λv‖ = {residual:.2g}   error ≤ {bound:.2g}")
-    print(f"{s.n_matvecs} products in {s.seconds:.2f} s ({s.steps} Lanczos steps), converged: {s.converged}")
-    if args.plot:
-        plot_eigenvalues(s.values.tolist(), args.plot, title=f"{args.operator} eigenvalues ({args.which}), {args.model}")
-        _plotted(args.plot)
-    return {
-        "command": "eigs", "settings": settings | {"k": args.k, "which": args.which, "tol": args.tol, "value_tol": args.value_tol},
-        "eigenvalues": s.values.tolist(), "residuals": s.residuals.tolist(), "error_bounds": s.error_bounds.tolist(),
-        "n_matvecs": s.n_matvecs,
-        "lanczos_steps": s.steps, "converged": s.converged, "verified": s.verified, "seconds": s.seconds,
-        "hvp_tuning": _hvp_tuning(op),
-    }
+    group.add_argument(
+        "--checkpoint",
+        type=existing_file,
+        help="a state_dict file to load into the model (default: parameters drawn from --seed)",
+    )
+    group.add_argument(
+        "--data",
+        choices=DATASETS,
+        help="the dataset (default: the model's; digits are embedded, the others need `hessops download`)",
+    )
+    group.add_argument("--data-dir", type=Path, default=Path("data"), help="where the downloaded datasets are")
+    group.add_argument("--test-split", action="store_true", help="use the test split instead of the training split")
+    group.add_argument(
+        "--num-examples",
+        type=count(),
+        help="a deterministic subset of this many examples, drawn by --seed (default: the whole split)",
+    )
+    group.add_argument(
+        "--batch-size",
+        type=count(),
+        default=128,
+        help="examples per batch; the operator is the exact mean over all of them whatever this is",
+    )
+    group.add_argument(
+        "--operator",
+        choices=OPERATOR_NAMES,
+        default=OPERATOR_NAMES[0],
+        help="the curvature matrix: Hessian, generalized Gauss-Newton, empirical Fisher, Monte Carlo Fisher",
+    )
+    group.add_argument(
+        "--hvp-mode",
+        choices=HVP_MODES,
+        default=HVP_MODES[0],
+        help="the Hessian-vector product's formulation (--operator hessian); auto picks the fastest that agrees "
+        "with double backward",
+    )
+    group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    group.add_argument("--dtype", choices=DTYPES, default=DTYPES[0], help="the operator's dtype")
+    group.add_argument(
+        "--seed",
+        type=count(0, SEED_LIMIT),
+        default=0,
+        help="the model's initial parameters, the data subset and the random probe vectors",
+    )
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", type=output_path(), help="write the result here as JSON (default: print a summary only)")
+    out.add_argument(
+        "--plot",
+        type=output_path(*FIGURE_FORMATS),
+        help="draw the figure into this file, PNG (or .pdf, .svg) (default: no figure)",
+    )
+    out.add_argument("--no-progress", action="store_true", help="no progress bars")
+    par = parser.add_argument_group("data-parallel (torch.distributed, under torchrun)")
+    par.add_argument(
+        "--distributed",
+        action="store_true",
+        help="shard the data over the processes torchrun started (automatic when WORLD_SIZE > 1)",
+    )
+    par.add_argument(
+        "--timeout",
+        type=number(above=0),
+        default=600.0,
+        help="seconds a rank waits for the others before the run fails",
+    )
 
 
-def cmd_density(args: argparse.Namespace) -> dict:
-    from hessops.density import spectral_density
-    from hessops.plot import plot_density
+def build_parser() -> Parser:
+    """The ``hessops`` argument parser (torch-free)."""
+    parser = Parser(
+        prog="hessops",
+        description="Curvature of neural networks: spectra, densities, traces, volumes.",
+        formatter_class=Formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"hessops {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    setup = _setup(args)
-    op, settings = setup.op, setup.settings
-    d = spectral_density(op, num_probes=args.num_probes, lanczos_steps=args.lanczos_steps, grid=args.grid, sigma=args.sigma, seed=args.seed, progress=not args.no_progress)
-    top = d.quadrature.nodes.max(1).values.mean().item()
-    print(f"density on [{d.grid[0]:.4g}, {d.grid[-1]:.4g}], σ = {d.sigma:.3g}; mean eigenvalue {d.quadrature.moment(1):.6g}; "
-          f"{d.quadrature.n_matvecs} products in {d.seconds:.2f} s")
-    if args.plot:
-        plot_density(d.grid.tolist(), d.density.tolist(), args.plot, top=[top], title=f"{args.operator} spectral density, {args.model}")
-        _plotted(args.plot)
-    return {
-        "command": "density", "settings": settings | {"num_probes": args.num_probes, "lanczos_steps": args.lanczos_steps},
-        "grid": d.grid.tolist(), "density": d.density.tolist(), "sigma": d.sigma,
-        "moments": {"mean": d.quadrature.moment(1), "second": d.quadrature.moment(2)},
-        "nodes": d.quadrature.nodes.tolist(), "weights": d.quadrature.weights.tolist(),
-        "n_matvecs": d.quadrature.n_matvecs, "seconds": d.seconds,
-    }
+    p = _subparser(sub, "eigs", "extreme eigenvalues by Lanczos, with residuals and error bounds", _commands.eigs)
+    _common(p)
+    p.add_argument("--k", type=count(), default=10, help="how many eigenvalues (at each end for --which both)")
+    p.add_argument(
+        "--which", choices=WHICH, default=WHICH[0], help="largest magnitude, largest, smallest, or both ends"
+    )
+    p.add_argument(
+        "--tol",
+        type=number(above=0),
+        default=1e-5,
+        help="stop when each residual ‖Hv − λv‖ is below this times max |λ|",
+    )
+    p.add_argument(
+        "--value-tol",
+        type=number(above=0),
+        help="stop on the eigenvalues' error bounds instead, relative to max |λ| (default: off)",
+    )
+    p.add_argument(
+        "--max-iters", type=count(), help="at most this many Lanczos steps (default: max(300, 20·k), at most the size)"
+    )
 
+    p = _subparser(sub, "density", "spectral density by stochastic Lanczos quadrature", _commands.density)
+    _common(p)
+    p.add_argument("--num-probes", type=count(), default=10, help="random start vectors (one Lanczos run each)")
+    p.add_argument("--lanczos-steps", type=count(), default=80, help="Lanczos steps per probe")
+    p.add_argument("--sigma", type=number(above=0), help="Gaussian broadening (default: 1%% of the spectrum's span)")
+    p.add_argument("--grid", type=count(2), default=1000, help="number of points the density is evaluated at")
 
-def cmd_trace(args: argparse.Namespace) -> dict:
-    from hessops.trace import trace
+    p = _subparser(sub, "trace", "trace by Hutch++ or Hutchinson", _commands.trace)
+    _common(p)
+    p.add_argument(
+        "--probes",
+        type=count(2),
+        default=100,
+        help="products with random vectors (at least 4 for hutch++, 2 for hutchinson)",
+    )
+    p.add_argument("--method", choices=TRACE_METHODS, default=TRACE_METHODS[0], help="the estimator")
 
-    setup = _setup(args)
-    op, settings = setup.op, setup.settings
-    t = trace(op, probes=args.probes, method=args.method, seed=args.seed)
-    print(f"trace = {t.estimate:.8g} ± {t.std_error:.2g} ({t.method}, {t.n_matvecs} products, {t.seconds:.2f} s)")
-    return {
-        "command": "trace", "settings": settings | {"probes": args.probes, "method": args.method},
-        "trace": t.estimate, "std_error": t.std_error, "n_matvecs": t.n_matvecs, "seconds": t.seconds,
-    }
+    for name, help_text, func in (
+        ("logdet", "log det(op + c·I), exact or by stochastic Lanczos quadrature", _commands.logdet),
+        ("basin", "log volume of the basin {δ: ½δᵀ(H + cI)δ ≤ threshold}", _commands.basin),
+    ):
+        p = _subparser(sub, name, help_text, func)
+        _common(p)
+        p.add_argument(
+            "--c", type=number(), default=0.0 if name == "basin" else 1e-3, help="the multiple of the identity added"
+        )
+        p.add_argument(
+            "--method",
+            choices=LOGDET_METHODS,
+            default=LOGDET_METHODS[0],
+            help="dense (exact) or slq; auto: dense for small operators",
+        )
+        p.add_argument("--probes", type=count(), default=30, help="SLQ probe vectors")
+        p.add_argument("--lanczos-steps", type=count(), default=50, help="Lanczos steps per SLQ probe")
+        if name == "basin":
+            p.add_argument(
+                "--threshold", type=number(above=0), default=2.0, help="the loss increase that bounds the basin"
+            )
 
+    p = _subparser(
+        sub, "track", "train with SGD, tracking the sharpness and the per-layer gradient norms", _commands.track
+    )
+    _common(p)
+    p.add_argument("--epochs", type=count(), default=5, help="epochs of SGD")
+    p.add_argument("--lr", type=number(above=0), default=0.05, help="the learning rate")
+    p.add_argument("--momentum", type=number(minimum=0, below=1), default=0.0, help="heavy-ball momentum")
+    p.add_argument("--weight-decay", type=number(minimum=0), default=0.0, help="L2 penalty")
+    p.add_argument(
+        "--every", type=count(), default=1, help="measure the sharpness every this many epochs (and before training)"
+    )
+    p.add_argument(
+        "--sharpness-examples",
+        type=count(),
+        default=256,
+        help="the sharpness is measured on the first this many examples",
+    )
 
-def cmd_logdet(args: argparse.Namespace) -> dict:
-    import hessops
-    from hessops.volume import logdet
+    p = _subparser(
+        sub,
+        "demo",
+        "train a small net on the embedded digits, then spectrum, density, trace and basin volume",
+        _commands.demo,
+    )
+    p.add_argument("--out", type=output_path(), default=Path("demo/result.json"), help="write the result here as JSON")
+    p.add_argument(
+        "--plot",
+        type=output_path(*FIGURE_FORMATS),
+        default=Path("demo/demo.png"),
+        help="draw the four panels into this file",
+    )
+    p.add_argument("--k", type=count(), default=10, help="how many top eigenvalues")
+    p.add_argument(
+        "--seed", type=count(0, SEED_LIMIT), default=0, help="the model's initial parameters and the probe vectors"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    setup = _setup(args)
-    op, settings = setup.op, setup.settings
-    began = time.perf_counter()
-    r = logdet(hessops.Regularized(op, args.c), method=args.method, probes=args.probes, lanczos_steps=args.lanczos_steps, seed=args.seed, progress=not args.no_progress)
-    print(f"log det({args.operator} + {args.c:g}·I) = {r.estimate:.8g} ± {r.std_error:.2g} ({r.method}, {r.n_matvecs} products)")
-    return {
-        "command": "logdet", "settings": settings | {"c": args.c, "method": args.method, "probes": args.probes, "lanczos_steps": args.lanczos_steps},
-        "logdet": r.estimate, "std_error": r.std_error, "method": r.method, "n_matvecs": r.n_matvecs, "seconds": time.perf_counter() - began,
-    }
+    p = _subparser(sub, "download", "fetch a dataset through torchvision (needs the network, once)", _commands.download)
+    p.add_argument("name", choices=DOWNLOADABLE, help="the dataset")
+    p.add_argument("--data-dir", type=Path, default=Path("data"), help="where to put it")
 
-
-def cmd_basin(args: argparse.Namespace) -> dict:
-    from hessops.volume import basin_volume
-
-    setup = _setup(args)
-    op, settings = setup.op, setup.settings
-    began = time.perf_counter()
-    b = basin_volume(op, threshold=args.threshold, c=args.c, method=args.method, probes=args.probes, lanczos_steps=args.lanczos_steps, seed=args.seed, progress=not args.no_progress)
-    print(f"log V = {b.log_volume:.6f}  (log unit ball {b.log_unit_ball:.6f} + threshold term {b.log_threshold_term:.6f} "
-          f"− ½ logdet {b.half_logdet:.6f} ± {0.5 * b.logdet_std_error:.2g}; n = {b.n}, {b.method})")
-    return {
-        "command": "basin", "settings": settings | {"threshold": args.threshold, "c": args.c, "method": args.method},
-        "log_volume": b.log_volume, "log_unit_ball": b.log_unit_ball, "log_threshold_term": b.log_threshold_term,
-        "half_logdet": b.half_logdet, "logdet_std_error": b.logdet_std_error, "n": b.n, "method": b.method,
-        "seconds": time.perf_counter() - began,
-    }
-
-
-def cmd_track(args: argparse.Namespace) -> dict:
-    from hessops.data import make_loader, on_device
-    from hessops.tracking import GradNormTracker, SharpnessTracker, train
-
-    setup = _setup(args)
-    model, loss_fn, loader, op, settings, dataset = setup.model, setup.loss_fn, setup.loader, setup.op, setup.settings, setup.dataset
-    subset = torch.utils.data.Subset(dataset, range(min(args.sharpness_examples, len(dataset))))
-    fixed = on_device(make_loader(subset, batch_size=args.batch_size), op.device)
-    sharpness = SharpnessTracker(model, loss_fn, fixed, unit="epoch", dtype=op.dtype)
-    grad_norms = GradNormTracker(model)
-    history = train(model, loss_fn, loader, epochs=args.epochs, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                    sharpness=sharpness, grad_norms=grad_norms, every=args.every, progress=not args.no_progress)
-    for record in sharpness.history:
-        print(f"epoch {record.step:3d}: sharpness {record.values[0]:.6g}")
-    if args.plot:
-        sharpness.plot(args.plot)
-        grads = args.plot.with_name(args.plot.stem + "_grad_norms" + args.plot.suffix)
-        grad_norms.plot(grads)
-        _plotted(args.plot)
-        _plotted(grads)
-    return {
-        "command": "track", "settings": settings | {"epochs": args.epochs, "lr": args.lr, "momentum": args.momentum, "weight_decay": args.weight_decay},
-        "training": history,
-        "sharpness": [{"epoch": r.step, "eigenvalues": r.values, "residuals": r.residuals, "n_matvecs": r.n_matvecs} for r in sharpness.history],
-        "grad_norms": grad_norms.history,
-    }
-
-
-def cmd_demo(args: argparse.Namespace) -> dict:
-    from hessops.demo import run_demo
-
-    return run_demo(out_dir=args.plot, k=args.k, seed=args.seed, progress=not args.no_progress)
-
-
-def cmd_download(args: argparse.Namespace) -> dict:
-    from hessops.data import download_dataset
-
-    path = download_dataset(args.name, args.data_dir)
-    print(f"{args.name} is in {path}")
-    return {}
-
-
-def cmd_models(args: argparse.Namespace) -> dict:
-    from hessops.models import MODEL_NAMES, model_spec
-
-    for name in MODEL_NAMES:
-        spec = model_spec(name)
-        print(f"{name:18s} input {tuple(spec.input_shape)}, {spec.num_classes} classes, data {spec.default_data}")
-    print("timm:NAME          any timm model (pip install 'hessops[zoo]')")
-    return {}
+    _subparser(sub, "models", "list the model zoo: sizes, inputs, classes, data", _commands.models)
+    return parser
 
 
-COMMANDS = {
-    "eigs": cmd_eigs, "density": cmd_density, "trace": cmd_trace, "logdet": cmd_logdet, "basin": cmd_basin,
-    "track": cmd_track, "demo": cmd_demo, "download": cmd_download, "models": cmd_models,
-}
+# -- what depends on several options -----------------------------------------------------------------------------
+def check(args: argparse.Namespace) -> str | None:
+    """What is wrong with the options together (one line), or ``None``; nothing is loaded to find out."""
+    if args.command == "demo" and args.k > MODELS[DEMO_MODEL].n_params:
+        n = MODELS[DEMO_MODEL].n_params
+        return f"--k {args.k}: the demo's {DEMO_MODEL} has {n:,} parameters, so at most {n} eigenvalues"
+    if not hasattr(args, "model"):
+        return _check_outputs(args)
+    spec = MODELS.get(args.model)
+    data = args.data or (spec.default_data if spec else None)
+    if data not in DATASETS:
+        made_for = (
+            f"was made for {spec.default_data}, which hessops cannot load"
+            if spec and spec.default_data
+            else "has no default dataset"
+        )
+        return f"--model {args.model} {made_for}: pass --data ({', '.join(DATASETS)})"
+    split = "test" if args.test_split else "train"
+    size = SPLIT_SIZES[data][int(args.test_split)]
+    if args.num_examples is not None and args.num_examples > size:
+        return (
+            f"--num-examples {args.num_examples}: the {data} {split} split has {size:,} examples; pass at most {size}"
+        )
+    n = spec.n_params if spec else None
+    if args.command == "eigs":
+        if n is not None and args.k > n:
+            return f"--k {args.k}: {args.model} has {n:,} parameters, so at most {n} eigenvalues"
+        if args.max_iters is not None and args.max_iters < args.k:
+            return f"--max-iters {args.max_iters} is less than --k {args.k}: Lanczos needs at least k steps"
+    if args.command == "trace" and args.method == "hutch++" and args.probes < 4:
+        return (
+            f"--probes {args.probes}: hutch++ needs at least 4 (a third sketch the range, the rest probe the remainder)"
+        )
+    return _check_outputs(args)
 
 
+def _check_outputs(args: argparse.Namespace) -> str | None:
+    out, plot = getattr(args, "out", None), getattr(args, "plot", None)
+    if out is not None and plot is not None and Path(os.path.abspath(out)) == Path(os.path.abspath(plot)):
+        return f"--out and --plot are the same file {out}: give each its own"
+    return None
+
+
+# -- running ---------------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
-    import os
-
-    args = build_parser().parse_args(argv)
-    args.rank = None
+    """Run the command line (``sys.argv[1:]`` when ``argv`` is None); returns the exit status."""
+    began, started = time.perf_counter(), datetime.now(timezone.utc)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = None
     try:
-        if hasattr(args, "distributed") and (args.distributed or int(os.environ.get("WORLD_SIZE", "1")) > 1):
-            _start_distributed(args)
-        result = COMMANDS[args.command](args)
-        if result and getattr(args, "out", None) is not None and not args.rank:
-            _write(args, _finite(result))
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            usage_error(_unknown(args.command, extra), f"hessops {args.command}")
+        problem = check(args)
+        if problem is not None:
+            usage_error(problem, f"hessops {args.command}")
+        args.began = began
+        args.run = {"argv": ["hessops", *argv], "started": started.isoformat(timespec="seconds").replace("+00:00", "Z")}
+        args.func(args)
         return 0
+    except SystemExit as done:  # argparse: --help, --version, or a usage error already printed
+        return done.code if isinstance(done.code, int) else EXIT_USAGE
     except KeyboardInterrupt:
-        print("hessops: interrupted", file=sys.stderr)
-        return 130
-    except (HessopsError, CommandError, FileNotFoundError) as error:
-        print(f"hessops: error: {error}", file=sys.stderr)
-        return 2
+        return _fail("interrupted", EXIT_INTERRUPTED)
+    except DistributedError as error:  # another rank failed: not a bad command line
+        return _fail(f"error: {error}", EXIT_FAILED)
+    except _commands.OutputError as error:
+        return _fail(f"error: {error}", EXIT_FAILED)
+    except (HessopsError, ValueError, FileNotFoundError) as error:  # bad input found while loading or computing
+        return _fail(f"error: {_one_line(error)}", EXIT_USAGE)
     finally:
-        if args.rank is not None:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        if args is not None and getattr(args, "rank", None) is not None:
+            _commands.end_distributed()
 
 
-def _start_distributed(args: argparse.Namespace) -> None:
-    """Join the process group torchrun set up; only rank 0 prints, shows progress and writes files."""
-    import io
-
-    from hessops.distributed import init_from_environment
-
-    _device(args.device)
-    args.rank, args.world_size, args.rank_device = init_from_environment(args.device, args.timeout)
-    if args.rank != 0:
-        args.no_progress = True
-        args.plot = None
-        sys.stdout = io.StringIO()  # ranks other than 0 compute in silence
+def _unknown(command: str, extra: list[str]) -> str:
+    """Options the command does not take; ``--plot`` and ``--out`` on one with nothing to draw or write."""
+    refused = [option for option in ("--plot", "--out") if any(e.split("=")[0] == option for e in extra)]
+    if refused:
+        nothing = "no figure to draw" if refused[0] == "--plot" else "no result to write"
+        return f"`hessops {command}` has {nothing}: leave out {refused[0]}"
+    return f"unrecognized arguments: {' '.join(extra)}"
 
 
-def _hvp_tuning(op: Any) -> dict:
-    """What the Hessian's formulation tuner did, per kind of product (empty for other operators)."""
-    return {kind: tuning.to_dict() for kind, tuning in getattr(op, "hvp_tuning", {}).items()}
+def _fail(message: str, status: int) -> int:
+    print(f"hessops: {message}", file=sys.stderr)
+    return status
 
 
-def _finite(obj: Any) -> Any:
-    """JSON has no NaN/inf: write them as null."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__

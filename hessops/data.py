@@ -16,16 +16,21 @@ import hashlib
 import os
 import pickle
 import shlex
-from collections.abc import Mapping
+import shutil
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from hessops.constants import DATASETS
 from hessops.errors import CorruptDatasetError, DatasetNotFoundError, MissingDependencyError, UnknownDatasetError
+
+# (mean, std) per channel of each dataset, kept with the zoo that trains on them; importable from here too
+from hessops.zoo import CIFAR10_MEAN, CIFAR10_STD, MNIST_MEAN, MNIST_STD, NORMALIZATION  # noqa: F401
 
 __all__ = [
     "DATA_NAMES",
@@ -41,19 +46,7 @@ __all__ = [
     "LogitsOf",
 ]
 
-DATA_NAMES: tuple[str, ...] = ("digits", "mnist", "cifar10", "cifar2")
-
-MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
-CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-# (mean, std) per channel of each dataset's normalized inputs; digits are left in [0, 1].
-NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "digits": ((0.0,), (1.0,)),
-    "mnist": (MNIST_MEAN, MNIST_STD),
-    "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
-    "cifar2": (CIFAR10_MEAN, CIFAR10_STD),
-}
+DATA_NAMES: tuple[str, ...] = DATASETS  # the names load_dataset knows (hessops.constants)
 
 CIFAR2_CLASSES = (0, 2)  # CIFAR-10's airplane and bird, relabelled 0 and 1
 _DIGITS_TRAIN_FRACTION = (4, 5)  # train = floor(4n/5) = 1,437 of the 1,797 digits, test = 360
@@ -157,18 +150,47 @@ def load_dataset(
 def download_dataset(name: str, data_dir: str | os.PathLike = "data") -> Path:
     """Fetch dataset ``name`` into ``data_dir`` with torchvision (which checks the MD5 sums) and return the
     folder its files are in. Already present files are not fetched again. ``digits`` ships inside
-    scikit-learn: nothing is fetched and ``Path(data_dir)`` is returned."""
-    import torchvision
+    scikit-learn: nothing is fetched and ``Path(data_dir)`` is returned.
 
+    When the download fails (no network, a proxy's page instead of the file), what this call created is
+    removed and a ``DatasetNotFoundError`` says which files to fetch elsewhere and the folder to put them in."""
     _check_name(name)
     root = Path(data_dir)
+    if name == "digits":
+        return root
+    import torchvision
+
     if name == "mnist":
-        torchvision.datasets.MNIST(root, train=True, download=True)  # fetches both splits
-        return root / "MNIST" / "raw"
-    if name in ("cifar10", "cifar2"):
-        torchvision.datasets.CIFAR10(root, train=True, download=True)  # fetches and unpacks both splits
-        return root / torchvision.datasets.CIFAR10.base_folder
-    return root
+        dataset, folder = torchvision.datasets.MNIST, root / "MNIST" / "raw"
+        archives = [folder / filename for filename, _ in dataset.resources]
+    else:
+        dataset = torchvision.datasets.CIFAR10
+        folder, archives = root / dataset.base_folder, [root / dataset.filename]
+    new = [path for path in (*reversed((folder, *folder.parents)), *archives) if not path.exists()]
+    try:
+        dataset(root, train=True, download=True)  # fetches (and unpacks) both splits
+    except BaseException as error:
+        for path in new:  # the outermost new folder first: with it go the folders and files inside it
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        if isinstance(error, (OSError, RuntimeError)):  # urllib's URLError is an OSError
+            raise DatasetNotFoundError(_download_failed(name, root, dataset, archives, error)) from error
+        raise
+    return folder
+
+
+def _download_failed(name: str, root: Path, dataset: type, archives: list[Path], error: BaseException) -> str:
+    """What went wrong, and how to put the files in place by hand: the exact names torchvision checks."""
+    reason = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    urls = [dataset.mirrors[0] + archive.name for archive in archives] if name == "mnist" else [dataset.url]
+    return (
+        f"could not download {name} ({reason[-1]}). Without the network here: fetch {', '.join(urls)} elsewhere, "
+        f"put {'them' if len(urls) > 1 else 'it'} in {archives[0].parent.resolve()}{os.sep}, then run "
+        f"`hessops download {name} --data-dir {shlex.quote(str(root))}` again: it checks the MD5 sums and "
+        "unpacks, without the network"
+    )
 
 
 def make_loader(dataset: Dataset, batch_size: int = 128) -> DataLoader:
@@ -214,7 +236,9 @@ class LabelsFrom:
     def __iter__(self) -> Iterator[tuple[dict[str, Any], Any]]:
         for index, batch in enumerate(self.loader):
             if not isinstance(batch, Mapping) or self.key not in batch:
-                what = f"a mapping with keys {list(batch)}" if isinstance(batch, Mapping) else f"a {type(batch).__name__}"
+                what = (
+                    f"a mapping with keys {list(batch)}" if isinstance(batch, Mapping) else f"a {type(batch).__name__}"
+                )
                 raise TypeError(
                     f"labels_from(..., key={self.key!r}): batch {index} is {what}, not a mapping holding the labels "
                     f"under {self.key!r}: pass the key the labels are under (key='label'?), or, for (inputs, targets) "
@@ -244,6 +268,7 @@ class LogitsOf(nn.Module):
         self.train(model.training)
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        """The wrapped model's ``.logits`` for the same arguments."""
         return self.model(*args, **kwargs).logits
 
 

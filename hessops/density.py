@@ -11,11 +11,11 @@ import numbers
 import time
 from dataclasses import dataclass
 
-import cola
 import torch
 from torch import Tensor
 
 from hessops._arguments import boolean, integer, linear_operator, real
+from hessops._cola import cola
 from hessops.errors import InvalidArgumentError
 from hessops.lanczos import check_precision, lanczos, rademacher, ritz
 
@@ -50,10 +50,32 @@ class Quadrature:
         """The ``k``-th moment of the spectral density, ``tr(A^k)/n``, estimated."""
         return float(self.per_probe(lambda t: t**k).mean())
 
+    def density(self, grid: int | Tensor = 1000, sigma: float | None = None) -> tuple[Tensor, Tensor, float]:
+        r"""The rules broadened into a density, as :func:`spectral_density` returns it: ``(grid, density,
+        sigma)``, :math:`\hat\phi(t) = \frac1P \sum_p \sum_j w_{pj}\, g_\sigma(t - \theta_{pj})` (float64) with
+        :math:`g_\sigma` the normal density of width ``sigma`` (default 1% of the nodes' span), normalized to
+        integrate to one on ``grid`` (a number of points spanning the nodes ± 5σ, or the points)."""
+        nodes, weights = self.nodes.double().cpu(), self.weights.double().cpu()
+        lo, hi = float(nodes.min()), float(nodes.max())
+        span = max(hi - lo, 1e-12 * max(abs(lo), abs(hi), 1.0))
+        sigma = 0.01 * span if sigma is None else sigma
+        if isinstance(grid, int):
+            grid = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, grid, dtype=torch.float64)
+        grid = torch.as_tensor(grid, dtype=torch.float64)
+        kernel = torch.exp(-0.5 * ((grid[:, None, None] - nodes[None]) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+        density = (kernel * weights[None]).sum(-1).mean(-1)
+        mass = torch.trapezoid(density, grid)
+        return grid, density / mass if float(mass) > 0 else density, sigma
+
 
 def quadrature(
-    op: cola.ops.LinearOperator, *, num_probes: int = 10, lanczos_steps: int = 80, seed: int = 0,
-    reorthogonalize: bool | None = None, progress: bool = False,
+    op: cola.ops.LinearOperator,
+    *,
+    num_probes: int = 10,
+    lanczos_steps: int = 80,
+    seed: int = 0,
+    reorthogonalize: bool | None = None,
+    progress: bool = False,
 ) -> Quadrature:
     """Run ``lanczos_steps`` Lanczos steps from ``num_probes`` Rademacher vectors at once (one ``(n, P)``
     product a step) and return the Gauss quadrature rules. ``reorthogonalize`` defaults to full
@@ -62,7 +84,9 @@ def quadrature(
     operators are refused (:func:`hessops.lanczos.check_precision`)."""
     linear_operator("op", op)
     if not op.isa(cola.SelfAdjoint):
-        raise ValueError(f"{op!r} is not annotated SelfAdjoint: stochastic Lanczos quadrature needs a symmetric operator")
+        raise ValueError(
+            f"{op!r} is not annotated SelfAdjoint: stochastic Lanczos quadrature needs a symmetric operator"
+        )
     check_precision(op, "stochastic Lanczos quadrature")
     num_probes = integer("num_probes", num_probes, minimum=1)
     lanczos_steps = integer("lanczos_steps", lanczos_steps, minimum=1)
@@ -89,16 +113,33 @@ def quadrature(
 @dataclass
 class SpectralDensity:
     """A density ``φ`` on ``grid`` (it integrates to one on the grid, trapezoid rule), smoothed with a
-    Gaussian of width ``sigma``, and the quadrature it came from."""
+    Gaussian of width ``sigma``, the quadrature it came from, the operator products it took (``n_matvecs``,
+    columns) and its wall time in ``seconds``."""
 
     grid: Tensor
     density: Tensor
     sigma: float
     quadrature: Quadrature
+    n_matvecs: int
     seconds: float
 
     def __iter__(self):
         return iter((self.grid, self.density))
+
+    def to_dict(self) -> dict:
+        """The result as JSON-ready values: ``grid``, ``density``, ``sigma``, ``moments`` (``mean`` and
+        ``second``: ``tr A / n`` and ``tr A² / n``), the quadrature's ``nodes`` and ``weights`` (one row per
+        probe), ``n_matvecs``, ``seconds``."""
+        return {
+            "grid": self.grid.tolist(),
+            "density": self.density.tolist(),
+            "sigma": self.sigma,
+            "moments": {"mean": self.quadrature.moment(1), "second": self.quadrature.moment(2)},
+            "nodes": self.quadrature.nodes.tolist(),
+            "weights": self.quadrature.weights.tolist(),
+            "n_matvecs": self.n_matvecs,
+            "seconds": self.seconds,
+        }
 
 
 def spectral_density(
@@ -120,22 +161,14 @@ def spectral_density(
         raise InvalidArgumentError(f"grid={grid!r} must be a number of points or a 1-D tensor of points")
     if isinstance(grid, Tensor):
         if grid.dim() != 1 or grid.numel() < 2 or not bool(torch.isfinite(grid).all()):
-            raise InvalidArgumentError(f"grid must be a 1-D tensor of at least 2 finite points, got shape {tuple(grid.shape)}")
+            raise InvalidArgumentError(
+                f"grid must be a 1-D tensor of at least 2 finite points, got shape {tuple(grid.shape)}"
+            )
     else:
         grid = integer("grid", grid, minimum=2)
     if sigma is not None:
         sigma = real("sigma", sigma, positive=True)
     began = time.perf_counter()
     rule = quadrature(op, num_probes=num_probes, lanczos_steps=lanczos_steps, seed=seed, progress=progress)
-    lo, hi = float(rule.nodes.min()), float(rule.nodes.max())
-    span = max(hi - lo, 1e-12 * max(abs(lo), abs(hi), 1.0))
-    sigma = 0.01 * span if sigma is None else sigma
-    if isinstance(grid, int):
-        grid = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, grid, dtype=torch.float64)
-    grid = torch.as_tensor(grid, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * ((grid[:, None, None] - rule.nodes[None]) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
-    density = (kernel * rule.weights[None]).sum(-1).mean(-1)
-    mass = torch.trapezoid(density, grid)
-    if float(mass) > 0:
-        density = density / mass
-    return SpectralDensity(grid, density, sigma, rule, time.perf_counter() - began)
+    grid, density, sigma = rule.density(grid, sigma)
+    return SpectralDensity(grid, density, sigma, rule, rule.n_matvecs, time.perf_counter() - began)

@@ -56,7 +56,9 @@ def shard(dataset: Dataset, *, group: Any = None) -> Subset:
     return Subset(dataset, range(rank * n // world, (rank + 1) * n // world))
 
 
-def synchronize(acc: torch.Tensor, count: int, status: dict, setup: tuple[Any, int, int]) -> tuple[torch.Tensor, int, list[dict]]:
+def synchronize(
+    acc: torch.Tensor, count: int, status: dict, setup: tuple[Any, int, int]
+) -> tuple[torch.Tensor, int, list[dict]]:
     """Exchange every rank's status (examples seen, failure, first non-finite batch), then, if all went
     well, sum ``acc`` over the ranks. Raises :class:`DistributedError` on every rank when one failed or a
     collective broke (a rank died or exceeded the process group's timeout)."""
@@ -85,7 +87,11 @@ def fingerprint(params: tuple[torch.Tensor, ...], X: torch.Tensor) -> dict:
     """What every rank of a product must share, for the status exchange: the operator's size ``n``, and
     checksums ``(count, Σx, Σx²)`` in float64 of the flat parameters ``θ`` and of the block ``X`` (``(n,
     k)``): a pass over each and two host syncs, nothing next to a product."""
-    return {"size": X.shape[0], "params": _checksum([p.detach().reshape(-1) for p in params]), "vectors": _checksum([X.detach().reshape(-1)])}
+    return {
+        "size": X.shape[0],
+        "params": _checksum([p.detach().reshape(-1) for p in params]),
+        "vectors": _checksum([X.detach().reshape(-1)]),
+    }
 
 
 def _checksum(tensors: list[torch.Tensor]) -> tuple[int, float, float]:
@@ -131,7 +137,11 @@ def _close(a, b) -> bool:
 
 
 def _shown(value) -> str:
-    return str(value) if isinstance(value, int) else f"{value[0]} numbers, sum {value[1]:.17g}, sum of squares {value[2]:.17g}"
+    return (
+        str(value)
+        if isinstance(value, int)
+        else f"{value[0]} numbers, sum {value[1]:.17g}, sum of squares {value[2]:.17g}"
+    )
 
 
 def exchange_statuses(status: dict, device: torch.device, setup: tuple[Any, int, int]) -> list[dict]:
@@ -181,7 +191,9 @@ def _pickled(status: dict) -> bytes:
         kept = message[: max(0, len(message) - excess - 32)].decode(errors="ignore")
         payload = pickle.dumps({**status, "error": kept + " [...]"})
     if len(payload) > STATUS_BYTES - 8:
-        raise ValueError(f"a rank's status takes {len(payload)} bytes, more than the {STATUS_BYTES - 8} there is room for")
+        raise ValueError(
+            f"a rank's status takes {len(payload)} bytes, more than the {STATUS_BYTES - 8} there is room for"
+        )
     return payload
 
 

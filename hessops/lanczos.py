@@ -8,14 +8,14 @@ probes of stochastic Lanczos quadrature.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
-import cola
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hessops._cola import cola
 from hessops.errors import DtypeMismatchError
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -35,6 +35,7 @@ class LanczosState:
 
     @property
     def steps(self) -> int:
+        """The number of Lanczos steps taken (the tridiagonal's size)."""
         return self.alphas.shape[0]
 
     def tridiagonal(self, p: int = 0) -> Tensor:

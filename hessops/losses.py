@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,14 +37,22 @@ from hessops.errors import EmptyDataError, TargetShapeError, UnsupportedLossErro
 
 # kind -> (module class, functional form, keyword arguments that a partial may bind)
 KINDS: dict[str, tuple[type, Callable, frozenset[str]]] = {
-    "cross_entropy": (nn.CrossEntropyLoss, F.cross_entropy, frozenset({"weight", "ignore_index", "reduction", "label_smoothing"})),
+    "cross_entropy": (
+        nn.CrossEntropyLoss,
+        F.cross_entropy,
+        frozenset({"weight", "ignore_index", "reduction", "label_smoothing"}),
+    ),
     "nll": (nn.NLLLoss, F.nll_loss, frozenset({"weight", "ignore_index", "reduction"})),
     "mse": (nn.MSELoss, F.mse_loss, frozenset({"reduction"})),
     "l1": (nn.L1Loss, F.l1_loss, frozenset({"reduction"})),
     "huber": (nn.HuberLoss, F.huber_loss, frozenset({"reduction", "delta"})),
     "smooth_l1": (nn.SmoothL1Loss, F.smooth_l1_loss, frozenset({"reduction", "beta"})),
     "bce": (nn.BCELoss, F.binary_cross_entropy, frozenset({"weight", "reduction"})),
-    "bce_logits": (nn.BCEWithLogitsLoss, F.binary_cross_entropy_with_logits, frozenset({"weight", "reduction", "pos_weight"})),
+    "bce_logits": (
+        nn.BCEWithLogitsLoss,
+        F.binary_cross_entropy_with_logits,
+        frozenset({"weight", "reduction", "pos_weight"}),
+    ),
     "kl_div": (nn.KLDivLoss, F.kl_div, frozenset({"reduction", "log_target"})),
 }
 CLASSIFICATION = ("cross_entropy", "nll")  # targets are class indices (or, for cross-entropy, probabilities)
@@ -69,6 +78,7 @@ class LossSpec:
 
     @property
     def name(self) -> str:
+        """The loss function's name, for messages."""
         return _name(self.fn)
 
     @property
@@ -78,13 +88,16 @@ class LossSpec:
 
     @property
     def ignore_index(self) -> int | None:
+        """The target value that is left out of the loss (classification losses; else ``None``)."""
         return self.options.get("ignore_index", DEFAULT_IGNORE_INDEX) if self.kind in CLASSIFICATION else None
 
     @property
     def weight(self) -> Tensor | None:
+        """The per-class weights of a classification loss, or ``None``."""
         return self.options.get("weight") if self.kind in CLASSIFICATION else None
 
     def __call__(self, outputs: Any, targets: Any) -> Tensor:
+        """The loss of ``outputs`` against ``targets``, after checking that their shapes match."""
         self.check_shapes(outputs, targets)
         return self.fn(outputs, targets)
 
@@ -93,9 +106,7 @@ class LossSpec:
         if self.kind in CLASSIFICATION or self.kind is None:
             return
         if isinstance(outputs, Tensor) and isinstance(targets, Tensor) and outputs.shape != targets.shape:
-            fix = (
-                f"reshape one to the other's shape, e.g. targets.view({tuple(outputs.shape)}) or outputs.squeeze(-1)"
-            )
+            fix = f"reshape one to the other's shape, e.g. targets.view({tuple(outputs.shape)}) or outputs.squeeze(-1)"
             raise TargetShapeError(
                 f"{self.name}: outputs of shape {tuple(outputs.shape)} and targets of shape {tuple(targets.shape)} "
                 f"would broadcast to another shape and average over the wrong pairs: {fix}"
@@ -128,7 +139,12 @@ class LossSpec:
         if self.kind != "nll":
             raise ValueError(f"{self.name} is not an NLL loss")
         options = dict(self.options)
-        return LossSpec(functools.partial(F.cross_entropy, reduction=self.reduction, **options), "cross_entropy", self.reduction, options)
+        return LossSpec(
+            functools.partial(F.cross_entropy, reduction=self.reduction, **options),
+            "cross_entropy",
+            self.reduction,
+            options,
+        )
 
 
 def loss_spec(loss_fn: Callable) -> LossSpec:
@@ -189,13 +205,17 @@ def probe_mean(spec: LossSpec, outputs: Any, targets: Any, n: int, examples: int
         return
     dtype = first.dtype if first.is_floating_point() else torch.float64
     rtol = 1e3 * torch.finfo(dtype).eps
-    doubled = spec.fn(map_examples(outputs, n, lambda t: torch.cat([t, t])), map_examples(targets, n, lambda t: torch.cat([t, t])))
+    doubled = spec.fn(
+        map_examples(outputs, n, lambda t: torch.cat([t, t])), map_examples(targets, n, lambda t: torch.cat([t, t]))
+    )
     k = min(n, examples)
     head = spec.fn(*(map_examples(obj, n, lambda t: t[:k]) for obj in (outputs, targets)))
-    singles = torch.stack([
-        spec.fn(*(map_examples(obj, n, lambda t, i=i: t[i : i + 1]) for obj in (outputs, targets))).reshape(())
-        for i in range(k)
-    ])
+    singles = torch.stack(
+        [
+            spec.fn(*(map_examples(obj, n, lambda t, i=i: t[i : i + 1]) for obj in (outputs, targets))).reshape(())
+            for i in range(k)
+        ]
+    )
     singles = singles.mean() if spec.mean else singles.sum()
 
     def close(a: Tensor, b: Tensor) -> bool:

@@ -1,18 +1,39 @@
-"""Figures of spectra, densities, sharpness and gradient norms (matplotlib, Agg backend)."""
+"""Figures of spectra, densities, traces, log-volumes, sharpness and gradient norms (matplotlib).
+
+Importing this module changes nothing global: no backend is chosen here (matplotlib's own choice, or the
+user's, stands), and pyplot is imported only by the functions that make a new figure. Each function draws
+into ``ax`` when given (the caller's figure is saved as it is and left open), else into a new figure that
+it closes after saving; each returns the figure and saves it to ``path`` when given (creating the folder).
+Titles should name what is shown, of which model, on which data, with how many examples: the defaults
+say what is shown, and callers that know the rest (the CLI, the demo) pass it.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.axes import Axes  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+if TYPE_CHECKING:
+    from hessops.trace_estimation import TraceEstimate
+    from hessops.volume import BasinVolume, LogdetEstimate
+
+__all__ = ["plot_eigenvalues", "plot_density", "plot_trace", "plot_log_volume", "plot_sharpness", "plot_grad_norms"]
+
+_LEGEND_INSIDE = 6  # more legend entries than this go outside the axes, beside the data
+
+
+def _new_figure(figsize: tuple[float, float], ncols: int = 1) -> tuple[Figure, np.ndarray]:
+    import matplotlib.pyplot as plt  # only here: importing hessops.plot leaves pyplot (and the backend) alone
+
+    fig, axes = plt.subplots(1, ncols, figsize=figsize, layout="constrained", squeeze=False)
+    return fig, axes[0]
 
 
 def _axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes, bool]:
@@ -20,96 +41,257 @@ def _axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes, 
     figure is this module's own."""
     if ax is not None:
         return ax.figure, ax, False
-    fig, ax = plt.subplots(figsize=figsize)
-    return fig, ax, True
+    fig, axes = _new_figure(figsize)
+    return fig, axes[0], True
 
 
 def _finish(fig: Figure, path: str | Path | None, own: bool) -> Figure:
-    """Lay out and save a figure this module made (then close it); a caller's figure is saved as it is and
-    left open, since the caller may still be drawing into it."""
-    if own:
-        fig.tight_layout()
+    """Save a figure to ``path`` (when given) and close it if it is this module's own; a caller's figure is
+    saved as it is and left open, since the caller may still be drawing into it."""
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=120, bbox_inches="tight" if own else None)
         if own:
+            import matplotlib.pyplot as plt
+
             plt.close(fig)
     return fig
 
 
+def _legend(ax: Axes) -> None:
+    """A legend where it hides no data: matplotlib's least-covering spot, or beside the axes when long."""
+    entries = len(ax.get_legend_handles_labels()[1])
+    if entries > _LEGEND_INSIDE:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize="small")
+    elif entries:
+        ax.legend(loc="best")
+
+
+def _integer_ticks(ax: Axes, values: Sequence[float]) -> None:
+    """Whole-number ticks on the x-axis when the x values are whole numbers (steps, epochs, indices)."""
+    if all(float(v).is_integer() for v in values):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def plot_eigenvalues(
-    values: Sequence[float], path: str | Path | None = None, *, title: str = "Top Hessian eigenvalues",
+    values: Sequence[float],
+    path: str | Path | None = None,
+    *,
+    title: str | None = None,
     ax: Axes | None = None,
 ) -> Figure:
-    """Eigenvalue magnitudes by index on a log scale; negative ones in another colour. Draws into ``ax`` when
-    given (as do the other ``plot_*`` functions), else into a new figure."""
+    """Eigenvalue magnitudes ``|λ_i|`` against their index ``i`` (in the order given), log scale; negative
+    eigenvalues in another colour."""
     values = np.asarray(values, dtype=float)
     fig, ax, own = _axes(ax, (6, 4))
     index = np.arange(1, len(values) + 1)
     positive = values > 0
-    ax.semilogy(index[positive], values[positive], "o-", label="λ > 0")
+    ax.semilogy(index[positive], values[positive], "o-", label=r"$\lambda_i > 0$")
     if (~positive).any():
-        ax.semilogy(index[~positive], np.abs(values[~positive]), "s", color="tab:red", label="|λ|, λ < 0")
+        ax.semilogy(
+            index[~positive], np.abs(values[~positive]), "s", color="tab:red", label=r"$|\lambda_i|$, $\lambda_i < 0$"
+        )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # an index: no fractional ticks for a few values
-    ax.set_xlabel("index i (by decreasing magnitude)")
-    ax.set_ylabel("eigenvalue λᵢ (loss units / parameter²)")
-    ax.set_title(title)
+    ax.set_xlabel(r"index $i$")
+    ax.set_ylabel(r"eigenvalue magnitude $|\lambda_i|$")
+    ax.set_title(title or f"Top {len(values)} eigenvalues")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    _legend(ax)
     return _finish(fig, path, own)
 
 
 def plot_density(
-    grid: Sequence[float], density: Sequence[float], path: str | Path | None = None, *,
-    top: Sequence[float] | None = None, title: str = "Hessian spectral density (SLQ)", ax: Axes | None = None,
+    grid: Sequence[float],
+    density: Sequence[float],
+    path: str | Path | None = None,
+    *,
+    top: Sequence[float] | None = None,
+    title: str | None = None,
+    ax: Axes | None = None,
 ) -> Figure:
-    """The density on a log scale (floored at 1e-7 of its peak) with the top eigenvalues marked."""
+    """The spectral density on a log scale (floored at 1e-7 of its peak), with the ``top`` eigenvalues marked."""
     grid, density = np.asarray(grid, dtype=float), np.asarray(density, dtype=float)
     fig, ax, own = _axes(ax, (6, 4))
-    ax.semilogy(grid, np.maximum(density, 1e-7 * density.max()))
-    ax.set_ylim(bottom=1e-7 * density.max())
+    floor = 1e-7 * density.max()
+    ax.semilogy(grid, np.maximum(density, floor), label="spectral density (SLQ)")
+    ax.set_ylim(bottom=floor)
     for i, value in enumerate(top or []):
-        ax.axvline(value, color="tab:red", lw=0.8, ls="--", label="top eigenvalues" if i == 0 else None)
-    ax.set_xlabel("eigenvalue λ")
-    ax.set_ylabel("density (per unit λ)")
-    ax.set_title(title)
+        ax.axvline(value, color="tab:red", lw=0.8, ls="--", label="top eigenvalues (Lanczos)" if i == 0 else None)
+    ax.set_xlabel(r"eigenvalue $\lambda$")
+    ax.set_ylabel(r"density $\hat\phi(\lambda)$")
+    ax.set_title(title or "Spectral density")
     ax.grid(True, which="both", alpha=0.3)
-    if top:
-        ax.legend()
+    _legend(ax)
     return _finish(fig, path, own)
 
 
-def plot_sharpness(
-    steps: Sequence[float], values: Sequence[Sequence[float]], path: str | Path | None = None, *,
-    unit: str = "step", title: str = "Sharpness over training", ax: Axes | None = None,
+def plot_trace(
+    estimate: TraceEstimate,
+    path: str | Path | None = None,
+    *,
+    title: str | None = None,
+    ax: Axes | None = None,
 ) -> Figure:
-    """The top Hessian eigenvalue(s) against training steps or epochs, log scale."""
+    """The running trace estimate against the operator products used (``estimate.history``), with its band of
+    ± one standard error, and the final estimate as a dashed line."""
+    history = estimate.history
+    probes, value = np.asarray(history.probes, dtype=float), np.asarray(history.estimate, dtype=float)
+    error = np.asarray(history.std_error, dtype=float)
+    fig, ax, own = _axes(ax, (6, 4))
+    label = f"running estimate ({estimate.method})"
+    ax.plot(probes, value, "o-" if len(probes) < 30 else "-", ms=3, label=label)
+    ax.fill_between(probes, value - error, value + error, alpha=0.25, label=r"$\pm$ 1 standard error")
+    final = f"{estimate.estimate:.6g} ± {estimate.std_error:.2g}"
+    ax.axhline(estimate.estimate, color="k", lw=0.8, ls="--", label=f"final: {final}")
+    _integer_ticks(ax, probes)
+    ax.set_xlabel("operator products (probes)")
+    ax.set_ylabel(r"estimate of $\mathrm{tr}\,A$")
+    ax.set_title(title or "Trace estimate")
+    ax.grid(True, alpha=0.3)
+    _legend(ax)
+    return _finish(fig, path, own)
+
+
+def plot_log_volume(
+    result: BasinVolume | LogdetEstimate,
+    path: str | Path | None = None,
+    *,
+    title: str | None = None,
+) -> Figure:
+    """Two panels. Left: the terms of the log basin volume as bars, ``log V = log V_n + (n/2) log(2·threshold)
+    − ½ log det(H + cI)``, with the error bar of the SLQ estimate (for a ``LogdetEstimate``: the log-determinant
+    alone). Right: what the log-determinant comes from, the SLQ spectral density of its quadrature, or the
+    histogram of the exact eigenvalues when dense."""
+    logdet = getattr(result, "logdet", result)
+    fig, (terms, spectrum) = _new_figure((11, 4), ncols=2)
+    if logdet is result:
+        labels, values, errors = [r"$\log\det A$"], [logdet.estimate], [logdet.std_error]
+        operator = r"$A$"
+    else:
+        damped = rf"H + {result.c:g}\,I" if result.c else "H"
+        labels = [
+            r"$\log V_n$ (unit ball)",
+            rf"$\frac{{n}}{{2}}\log(2 \cdot {result.threshold:g})$",
+            rf"$-\frac{{1}}{{2}}\log\det({damped})$",
+            r"$\log V$ (basin)",
+        ]
+        values = [result.log_unit_ball, result.log_threshold_term, -result.half_logdet, result.log_volume]
+        errors = [0.0, 0.0, 0.5 * logdet.std_error, 0.5 * logdet.std_error]
+        operator = f"${damped}$"
+    _bars(terms, labels, values, errors)
+    terms.set_title("log-volume terms" if logdet is not result else f"estimate ({logdet.method})")
+    if logdet.quadrature is not None:
+        grid, density, sigma = logdet.quadrature.density()
+        grid, density = grid.numpy(), density.numpy()
+        floor = 1e-7 * density.max()
+        spectrum.semilogy(grid, np.maximum(density, floor), label=rf"SLQ density, $\sigma$ = {sigma:.2g}")
+        spectrum.set_ylim(bottom=floor)
+        spectrum.set_ylabel(r"density $\hat\phi(\lambda)$")
+    else:
+        eigenvalues = logdet.eigenvalues.numpy()
+        spectrum.hist(
+            eigenvalues,
+            bins=min(100, max(10, int(math.sqrt(len(eigenvalues))))),
+            log=True,
+            label=f"exact eigenvalues (n = {len(eigenvalues):,})",
+        )
+        spectrum.set_ylabel("count")
+    spectrum.set_xlabel(r"eigenvalue $\lambda$ of " + operator)
+    spectrum.set_title(f"spectrum of {operator} ({'SLQ' if logdet.quadrature is not None else 'exact'})")
+    spectrum.grid(True, which="both", alpha=0.3)
+    _legend(spectrum)
+    if title is None:
+        n = result.n if logdet is not result else None
+        title = (
+            "Log basin volume" + (f", n = {n:,} parameters" if n else "") if logdet is not result else "Log-determinant"
+        )
+    fig.suptitle(title)
+    return _finish(fig, path, True)
+
+
+def _bars(ax: Axes, labels: list[str], values: list[float], errors: list[float]) -> None:
+    """Horizontal bars, top to bottom, with their values written beside them and error bars where an error is
+    known; the last bar (the total, or the only one) in a stronger colour."""
+    position = np.arange(len(values))[::-1]
+    colors = ["tab:gray"] * (len(values) - 1) + ["tab:blue"]
+    errors = [e if e > 0 and math.isfinite(e) else 0.0 for e in errors]
+    ax.barh(position, values, height=0.6, color=colors)
+    ax.set_ylim(-1, len(values))
+    known = [i for i, e in enumerate(errors) if e > 0]
+    if known:
+        ax.errorbar(
+            [values[i] for i in known],
+            position[known],
+            xerr=[errors[i] for i in known],
+            fmt="none",
+            ecolor="k",
+            capsize=4,
+        )
+    ax.set_yticks(position, labels)
+    ax.axvline(0, color="k", lw=0.8)
+    low, high = min(0.0, *(v - e for v, e in zip(values, errors))), max(0.0, *(v + e for v, e in zip(values, errors)))
+    room = 0.45 * ((high - low) or 1.0)  # for the numbers written beside the bars
+    for y, value, error in zip(position, values, errors):
+        text = f"{value:,.2f}" + (f" ± {error:.2g}" if error else "")
+        ax.annotate(
+            text,
+            (value, y),
+            xytext=(4 if value >= 0 else -4, 0),
+            textcoords="offset points",
+            ha="left" if value >= 0 else "right",
+            va="center",
+            fontsize="small",
+        )
+    ax.set_xlim(low - room if low < 0 else 0.0, high + room if high > 0 else 0.0)
+    ax.set_xlabel("nats")
+    ax.grid(True, axis="x", alpha=0.3)
+
+
+def plot_sharpness(
+    steps: Sequence[float],
+    values: Sequence[Sequence[float]],
+    path: str | Path | None = None,
+    *,
+    unit: str = "step",
+    title: str | None = None,
+    ax: Axes | None = None,
+) -> Figure:
+    """The top eigenvalue(s) against training steps or epochs; log scale when they span a decade."""
     values = np.atleast_2d(np.asarray(values, dtype=float))
     fig, ax, own = _axes(ax, (6, 4))
     for i in range(values.shape[1]):
-        ax.plot(steps, values[:, i], "o-", label=f"λ{i + 1}")
-    if (values > 0).all() and values.max() > 10 * values.min():  # log only when it spans a decade
+        ax.plot(steps, values[:, i], "o-", label=rf"$\lambda_{{{i + 1}}}$")
+    if (values > 0).all() and values.max() > 10 * values.min():
         ax.set_yscale("log")
+    _integer_ticks(ax, steps)
     ax.set_xlabel(unit)
-    ax.set_ylabel("top Hessian eigenvalue")
-    ax.set_title(title)
+    ax.set_ylabel(
+        r"top Hessian eigenvalue $\lambda_1$" if values.shape[1] == 1 else r"top Hessian eigenvalues $\lambda_i$"
+    )
+    ax.set_title(title or "Sharpness over training")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    _legend(ax)
     return _finish(fig, path, own)
 
 
 def plot_grad_norms(
-    epochs: Sequence[float], norms: Mapping[str, Sequence[float]], path: str | Path | None = None, *,
-    title: str = "Per-layer gradient norms", ax: Axes | None = None,
+    epochs: Sequence[float],
+    norms: Mapping[str, Sequence[float]],
+    path: str | Path | None = None,
+    *,
+    title: str | None = None,
+    ax: Axes | None = None,
 ) -> Figure:
-    """Each layer's mean gradient Frobenius norm per epoch, log scale."""
-    fig, ax, own = _axes(ax, (7, 4))
+    """Each parameter tensor's mean gradient Frobenius norm per epoch, log scale; the legend beside the axes
+    when there are many."""
+    fig, ax, own = _axes(ax, (7, 4) if len(norms) <= _LEGEND_INSIDE else (9, 4))
     for name, series in norms.items():
         ax.plot(epochs, series, "o-", ms=3, label=name)
     ax.set_yscale("log")
+    _integer_ticks(ax, epochs)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("‖∇θ L‖_F (mean over the epoch's steps)")
-    ax.set_title(title)
+    ax.set_ylabel(r"$\|\nabla_\theta L\|_F$ (mean over the epoch's steps)")
+    ax.set_title(title or "Per-layer gradient norms")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    _legend(ax)
     return _finish(fig, path, own)

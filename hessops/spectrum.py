@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import cola
 import torch
 from torch import Tensor
 
+from hessops import constants
 from hessops._arguments import boolean, integer, linear_operator, real
+from hessops._cola import cola
 from hessops.errors import InvalidArgumentError
 from hessops.lanczos import LanczosState, check_precision, lanczos, ritz
 
-WHICH = ("LM", "LA", "SA", "both")
+WHICH = constants.WHICH
 
 
 @dataclass
@@ -25,25 +26,41 @@ class Spectrum:
     ``values`` (k,) in the order ``which`` implies (LM: by decreasing magnitude; LA and both: decreasing;
     SA: increasing), ``vectors`` (n, k) orthonormal columns, ``residuals`` (k,) the true ``‖Av − λv‖``
     (one extra matmat; the Lanczos estimates with ``verify=False``), ``error_bounds`` (k,) bounds on each
-    value's error ``min(r, r²/gap)`` computed from those residuals (see :func:`eigs`), ``n_matvecs`` the
-    operator products used, ``converged`` whether the stopping test holds for the reported residuals,
-    ``verified`` whether they are the true residuals (``False``: Lanczos estimates, which rounding can make
-    far too small in float32)."""
+    value's error ``min(r, r²/gap)`` computed from those residuals (see :func:`eigs`),
+    ``residual_estimates`` (k,) the Lanczos estimates ``|β s|`` that decided when to stop, ``steps`` the
+    Lanczos steps taken, ``converged`` whether the stopping test holds for the reported residuals,
+    ``verified`` whether they are the true residuals (``False``: the estimates, which rounding can make far
+    too small in float32), ``n_matvecs`` the operator products used (columns) and ``seconds`` the wall time."""
 
     values: Tensor
     vectors: Tensor
     residuals: Tensor
+    error_bounds: Tensor
+    residual_estimates: Tensor
+    which: str
+    steps: int
+    converged: bool
+    verified: bool
     n_matvecs: int
     seconds: float
-    converged: bool
-    which: str = "LM"
-    steps: int = 0
-    error_bounds: Tensor | None = None
-    extra: dict = field(default_factory=dict)
-    verified: bool = True
 
     def __iter__(self):
         return iter((self.values, self.vectors))
+
+    def to_dict(self) -> dict:
+        """The result as JSON-ready values (the vectors left out): ``eigenvalues``, ``residuals``,
+        ``error_bounds``, ``which``, ``converged``, ``verified``, ``lanczos_steps``, ``n_matvecs``, ``seconds``."""
+        return {
+            "eigenvalues": self.values.tolist(),
+            "residuals": self.residuals.tolist(),
+            "error_bounds": self.error_bounds.tolist(),
+            "which": self.which,
+            "converged": self.converged,
+            "verified": self.verified,
+            "lanczos_steps": self.steps,
+            "n_matvecs": self.n_matvecs,
+            "seconds": self.seconds,
+        }
 
 
 def _select(theta: Tensor, k: int, which: str) -> Tensor:
@@ -176,19 +193,29 @@ def eigs(
     bounds = error_bounds(theta, everyone, eps * float(theta.abs().max()))[wanted]
     ok = met(theta, everyone, wanted)
     if not ok:
-        _warn_not_converged(state.steps, residuals, bounds, estimates[wanted], theta, tol, value_tol, op.dtype, verify and estimated(state))
+        _warn_not_converged(
+            state.steps,
+            residuals,
+            bounds,
+            estimates[wanted],
+            theta,
+            tol,
+            value_tol,
+            op.dtype,
+            verify and estimated(state),
+        )
     return Spectrum(
         values=values,
         vectors=vectors,
         residuals=residuals,
-        n_matvecs=state.n_matvecs + (len(wanted) if verify else 0),
-        seconds=time.perf_counter() - began,
-        converged=ok,
+        error_bounds=bounds,
+        residual_estimates=estimates[wanted],
         which=which,
         steps=state.steps,
-        error_bounds=bounds,
-        extra={"residual_estimates": estimates[wanted]},
+        converged=ok,
         verified=verify,
+        n_matvecs=state.n_matvecs + (len(wanted) if verify else 0),
+        seconds=time.perf_counter() - began,
     )
 
 
@@ -197,17 +224,28 @@ def _checked_start(start: Tensor, n: int) -> Tensor:
     if not isinstance(start, Tensor):
         raise InvalidArgumentError(f"start must be a torch tensor of {n} entries, got {type(start).__name__}")
     if start.shape not in ((n,), (n, 1)):
-        raise InvalidArgumentError(f"start has shape {tuple(start.shape)}: it must be one vector of the operator's size, ({n},)")
+        raise InvalidArgumentError(
+            f"start has shape {tuple(start.shape)}: it must be one vector of the operator's size, ({n},)"
+        )
     if not bool(torch.isfinite(start).all()):
         raise InvalidArgumentError("start holds NaN or inf: pass a finite vector (or start=None for a random one)")
     if not bool((start != 0).any()):
-        raise InvalidArgumentError("start is the zero vector, which spans no Krylov space: pass a non-zero vector (or start=None)")
+        raise InvalidArgumentError(
+            "start is the zero vector, which spans no Krylov space: pass a non-zero vector (or start=None)"
+        )
     return start
 
 
 def _warn_not_converged(
-    steps: int, residuals: Tensor, bounds: Tensor, estimates: Tensor, theta: Tensor, tol: float,
-    value_tol: float | None, dtype: torch.dtype, estimates_met: bool,
+    steps: int,
+    residuals: Tensor,
+    bounds: Tensor,
+    estimates: Tensor,
+    theta: Tensor,
+    tol: float,
+    value_tol: float | None,
+    dtype: torch.dtype,
+    estimates_met: bool,
 ) -> None:
     """The RuntimeWarning of a run whose reported residuals (or bounds) miss the stopping test."""
     what = "residuals" if value_tol is None else "eigenvalue error bounds"
@@ -220,4 +258,8 @@ def _warn_not_converged(
             f"the Lanczos estimates (up to {float(estimates.max()):.3g}) met it, but products in {dtype} do not "
             "reach that accuracy: raise tol (or value_tol) above the verified level, or use a float64 operator"
         )
-    warnings.warn(f"eigs stopped after {steps} Lanczos steps with {what} up to {worst:.3g} ({tolerance}): {fix}", RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        f"eigs stopped after {steps} Lanczos steps with {what} up to {worst:.3g} ({tolerance}): {fix}",
+        RuntimeWarning,
+        stacklevel=3,
+    )

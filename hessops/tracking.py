@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +31,9 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 @dataclass
 class SharpnessRecord:
+    """One sharpness measurement: the top eigenvalues at ``step`` (a step or an epoch, the tracker's unit), their
+    residuals, and the products and seconds it took."""
+
     step: int
     values: list[float]
     residuals: list[float]
@@ -52,8 +56,17 @@ class SharpnessTracker:
     Use ``tracker.step()`` once per optimizer step or per epoch (then pass ``unit="epoch"``)."""
 
     def __init__(
-        self, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], data: Iterable, *, every: int = 1,
-        k: int = 1, unit: str = "step", tol: float = 1e-4, max_iters: int | None = None, seed: int = 0,
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, Any], Tensor],
+        data: Iterable,
+        *,
+        every: int = 1,
+        k: int = 1,
+        unit: str = "step",
+        tol: float = 1e-4,
+        max_iters: int | None = None,
+        seed: int = 0,
         **operator_kwargs,
     ):
         every, k, seed = integer("every", every, minimum=1), integer("k", k, minimum=1), integer("seed", seed)
@@ -91,12 +104,13 @@ class SharpnessTracker:
         self.history.append(record)
         return record
 
-    def plot(self, path: str | Path | None = None, *, ax=None):
-        """The recorded sharpness against steps (or epochs); into ``ax`` when given, saved to ``path`` if any."""
+    def plot(self, path: str | Path | None = None, *, title: str | None = None, ax=None):
+        """The recorded sharpness against steps (or epochs) (:func:`hessops.plot.plot_sharpness`); into ``ax``
+        when given, saved to ``path`` if any."""
         from hessops.plot import plot_sharpness
 
         return plot_sharpness(
-            [r.step for r in self.history], [r.values for r in self.history], path, unit=self.unit, ax=ax
+            [r.step for r in self.history], [r.values for r in self.history], path, unit=self.unit, title=title, ax=ax
         )
 
 
@@ -128,24 +142,38 @@ class GradNormTracker:
         if self._steps == 0:
             raise ValueError("end_epoch() before any step(): call step() after each loss.backward()")
         epoch = len(self.history) if epoch is None else epoch
-        record = {"epoch": epoch, "steps": self._steps, "norms": {k: float(v) / self._steps for k, v in self._sums.items()}}
+        record = {
+            "epoch": epoch,
+            "steps": self._steps,
+            "norms": {k: float(v) / self._steps for k, v in self._sums.items()},
+        }
         self.history.append(record)
         self._sums, self._steps = {}, 0
         return record
 
-    def plot(self, path: str | Path | None = None, *, ax=None):
-        """Each parameter's mean gradient norm per epoch; into ``ax`` when given, saved to ``path`` if any."""
+    def plot(self, path: str | Path | None = None, *, title: str | None = None, ax=None):
+        """Each parameter's mean gradient norm per epoch (:func:`hessops.plot.plot_grad_norms`); into ``ax`` when
+        given, saved to ``path`` if any."""
         from hessops.plot import plot_grad_norms
 
         names = list(self.history[0]["norms"]) if self.history else []
         series = {n: [h["norms"].get(n, float("nan")) for h in self.history] for n in names}
-        return plot_grad_norms([h["epoch"] for h in self.history], series, path, ax=ax)
+        return plot_grad_norms([h["epoch"] for h in self.history], series, path, title=title, ax=ax)
 
 
 def train(
-    model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], loader: Iterable, *, epochs: int, lr: float,
-    momentum: float = 0.0, weight_decay: float = 0.0, sharpness: SharpnessTracker | None = None,
-    grad_norms: GradNormTracker | None = None, every: int = 1, progress: bool = True,
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], Tensor],
+    loader: Iterable,
+    *,
+    epochs: int,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    sharpness: SharpnessTracker | None = None,
+    grad_norms: GradNormTracker | None = None,
+    every: int = 1,
+    progress: bool = True,
     on_epoch_end: Callable[[int, dict], None] | None = None,
 ) -> list[dict]:
     """Plain SGD over ``loader`` for ``epochs`` (classification: outputs are logits or log-probabilities);

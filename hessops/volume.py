@@ -6,32 +6,55 @@ import math
 import time
 from dataclasses import dataclass
 
-import cola
 import torch
+from torch import Tensor
 
+from hessops import constants
 from hessops._arguments import boolean, choice, integer, linear_operator, real
+from hessops._cola import cola
 from hessops.density import Quadrature, quadrature
 from hessops.errors import NotPositiveDefiniteError
 from hessops.lanczos import check_precision
 from hessops.operators.regularized import Regularized
 
-LOGDET_METHODS = ("auto", "dense", "slq")
+LOGDET_METHODS = constants.LOGDET_METHODS
 DENSE_LIMIT = 3000
 SLQ_CONVERGED = 1e-2  # a smallest Ritz value counts as converged when its residual is below this × the Ritz span
 
 
 @dataclass
 class LogdetEstimate:
-    """``estimate`` of ``log det A`` with its ``std_error`` (zero when exact), the method used, the products."""
+    """``estimate`` of ``log det A`` with its ``std_error`` (zero when exact), the ``method`` used, the
+    operator products (``n_matvecs``, columns), the wall time in ``seconds``, and what the estimate came from:
+    the exact ``eigenvalues`` (``"dense"``) or the SLQ ``quadrature`` (``"slq"``), the other ``None``."""
 
     estimate: float
     std_error: float
     method: str
     n_matvecs: int
     seconds: float
+    eigenvalues: Tensor | None = None
+    quadrature: Quadrature | None = None
 
     def __iter__(self):
         return iter((self.estimate, self.std_error))
+
+    def to_dict(self) -> dict:
+        """The result as JSON-ready values: ``logdet``, ``std_error``, ``method``, ``n_matvecs``, ``seconds``,
+        and for SLQ the ``quadrature``'s ``nodes`` and ``weights`` (one row per probe)."""
+        result = {
+            "logdet": self.estimate,
+            "std_error": self.std_error,
+            "method": self.method,
+            "n_matvecs": self.n_matvecs,
+            "seconds": self.seconds,
+        }
+        if self.quadrature is not None:
+            result["quadrature"] = {
+                "nodes": self.quadrature.nodes.tolist(),
+                "weights": self.quadrature.weights.tolist(),
+            }
+        return result
 
 
 def logdet(
@@ -75,12 +98,14 @@ def logdet(
     if method == "dense" or (method == "auto" and n <= DENSE_LIMIT):
         eigenvalues = torch.linalg.eigvalsh(op.to_dense().double())
         _check_positive(float(eigenvalues.min()), "eigenvalue")
-        return LogdetEstimate(float(eigenvalues.log().sum()), 0.0, "dense", n, time.perf_counter() - began)
+        return LogdetEstimate(
+            float(eigenvalues.log().sum()), 0.0, "dense", n, time.perf_counter() - began, eigenvalues=eigenvalues.cpu()
+        )
     rule = quadrature(op, num_probes=probes, lanczos_steps=lanczos_steps, seed=seed, progress=progress)
     _check_positive(float(rule.nodes.min()), "Ritz value")
     _check_verified(rule)
     estimate, error = rule.estimate(torch.log)
-    return LogdetEstimate(estimate, error, "slq", rule.n_matvecs, time.perf_counter() - began)
+    return LogdetEstimate(estimate, error, "slq", rule.n_matvecs, time.perf_counter() - began, quadrature=rule)
 
 
 def _check_positive(smallest: float, what: str) -> None:
@@ -113,17 +138,53 @@ def _check_verified(rule: Quadrature) -> None:
 @dataclass
 class BasinVolume:
     r"""``log_volume = log_unit_ball + log_threshold_term − half_logdet`` for the ellipsoid
-    :math:`\{\delta : \tfrac12 \delta^\top (H + cI)\delta \le \text{threshold}\}` in :math:`n` dimensions."""
+    :math:`\{\delta : \tfrac12 \delta^\top (H + cI)\delta \le \text{threshold}\}` in :math:`n` dimensions,
+    with the :class:`LogdetEstimate` of :math:`H + cI` it came from (``logdet``), the operator products
+    (``n_matvecs``, columns) and the wall time in ``seconds``."""
 
     log_volume: float
     log_unit_ball: float
     log_threshold_term: float
-    half_logdet: float
-    logdet_std_error: float
     n: int
     threshold: float
     c: float
-    method: str
+    logdet: LogdetEstimate
+    n_matvecs: int
+    seconds: float
+
+    @property
+    def half_logdet(self) -> float:
+        r""":math:`\tfrac12 \log\det(H + cI)`, the term subtracted."""
+        return 0.5 * self.logdet.estimate
+
+    @property
+    def logdet_std_error(self) -> float:
+        r"""The standard error of :math:`\log\det(H + cI)` (that of ``log_volume`` is half of it)."""
+        return self.logdet.std_error
+
+    @property
+    def method(self) -> str:
+        """How the log-determinant was computed: ``"dense"`` or ``"slq"``."""
+        return self.logdet.method
+
+    def to_dict(self) -> dict:
+        """The result as JSON-ready values: the terms (``log_volume``, ``log_unit_ball``,
+        ``log_threshold_term``, ``half_logdet``, ``logdet_std_error``), ``n``, ``threshold``, ``c``,
+        ``method``, ``n_matvecs``, ``seconds``, and ``logdet`` (:meth:`LogdetEstimate.to_dict`)."""
+        return {
+            "log_volume": self.log_volume,
+            "log_unit_ball": self.log_unit_ball,
+            "log_threshold_term": self.log_threshold_term,
+            "half_logdet": self.half_logdet,
+            "logdet_std_error": self.logdet_std_error,
+            "n": self.n,
+            "threshold": self.threshold,
+            "c": self.c,
+            "method": self.method,
+            "n_matvecs": self.n_matvecs,
+            "seconds": self.seconds,
+            "logdet": self.logdet.to_dict(),
+        }
 
 
 def log_unit_ball_volume(n: int) -> float:
@@ -155,19 +216,19 @@ def basin_volume(
     c = real("c", c)
     linear_operator("H", H)
     n = H.shape[0]
+    began = time.perf_counter()
     op = Regularized(H, c) if c != 0 else H
     estimate = logdet(op, method=method, probes=probes, lanczos_steps=lanczos_steps, seed=seed, progress=progress)
     unit_ball = log_unit_ball_volume(n)
     threshold_term = 0.5 * n * math.log(2 * threshold)
-    half = 0.5 * estimate.estimate
     return BasinVolume(
-        log_volume=unit_ball + threshold_term - half,
+        log_volume=unit_ball + threshold_term - 0.5 * estimate.estimate,
         log_unit_ball=unit_ball,
         log_threshold_term=threshold_term,
-        half_logdet=half,
-        logdet_std_error=estimate.std_error,
         n=n,
         threshold=float(threshold),
         c=float(c),
-        method=estimate.method,
+        logdet=estimate,
+        n_matvecs=estimate.n_matvecs,
+        seconds=time.perf_counter() - began,
     )

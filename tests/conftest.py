@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import models  # noqa: E402
+import toy_networks  # noqa: E402
 from reference import dense_empirical_fisher, dense_ggn, dense_hessian  # noqa: E402
 
 torch.set_num_threads(2)
@@ -61,9 +61,9 @@ def make_case(model_name: str, loss_name: str, batching: str) -> Case:
     n = 11
     sizes = {"one": [n], "equal": [4, 4, 3], "uneven": [1, 7, 3]}[batching]
     if model_name == "mlp":
-        model, x = models.mlp().double(), torch.randn(n, 4, dtype=torch.float64)
+        model, x = toy_networks.mlp().double(), torch.randn(n, 4, dtype=torch.float64)
     elif model_name == "bn_mlp":
-        model, x = models.bn_mlp().double(), torch.randn(n, 4, dtype=torch.float64)
+        model, x = toy_networks.bn_mlp().double(), torch.randn(n, 4, dtype=torch.float64)
     else:
         raise ValueError(model_name)
     if loss_name == "ce":
@@ -73,7 +73,7 @@ def make_case(model_name: str, loss_name: str, batching: str) -> Case:
     return Case(f"{model_name}-{loss_name}-{batching}", model, loss_fn, split(x, y, sizes))
 
 
-_GRID = [(m, l, b) for m in ("mlp", "bn_mlp") for l in ("ce", "mse") for b in ("one", "equal", "uneven")]
+_GRID = [(m, loss, b) for m in ("mlp", "bn_mlp") for loss in ("ce", "mse") for b in ("one", "equal", "uneven")]
 
 
 @pytest.fixture(scope="session", params=_GRID, ids=["-".join(p) for p in _GRID])
@@ -85,7 +85,7 @@ def case(request) -> Case:
 def cifar_case() -> Case:
     """The 5,100-parameter CIFAR CNN on 6 random images in batches of 4 and 2 (dense Hessian: ~20 s)."""
     torch.manual_seed(0)
-    model = models.cifar_cnn_5k().double()
+    model = toy_networks.cifar_cnn_5k().double()
     x, y = torch.randn(6, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (6,))
     return Case("cifar-cnn-5k", model, nn.CrossEntropyLoss(), split(x, y, [4, 2]))
 
@@ -94,9 +94,13 @@ def cifar_case() -> Case:
 def mnist_case() -> Case:
     """The 1,710-parameter MNIST CNN (log-softmax + NLL) on 10 random images in batches of 4, 4, 2."""
     torch.manual_seed(0)
-    model = models.mnist_cnn_1710().double()
+    model = toy_networks.mnist_cnn_1710().double()
     x, y = torch.randn(10, 1, 28, 28, dtype=torch.float64), torch.randint(0, 10, (10,))
     return Case(
-        "mnist-cnn-1710", model, nn.NLLLoss(), split(x, y, [4, 4, 2]),
-        ggn_model=model[:-1], ggn_loss=nn.CrossEntropyLoss(),
+        "mnist-cnn-1710",
+        model,
+        nn.NLLLoss(),
+        split(x, y, [4, 4, 2]),
+        ggn_model=model[:-1],
+        ggn_loss=nn.CrossEntropyLoss(),
     )

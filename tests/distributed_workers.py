@@ -9,9 +9,9 @@ import traceback
 import torch
 import torch.distributed as dist
 from torch import nn
+from toy_networks import mlp
 
 import hessops
-from models import mlp
 
 N_EXAMPLES = 23
 
@@ -31,13 +31,17 @@ def uneven_shards(world: int) -> list[list[int]]:
 def single_process_results() -> dict:
     model, loss_fn, x, y = problem()
     data = [(x, y)]
-    V = torch.randn(sum(p.numel() for p in model.parameters()), 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    V = torch.randn(
+        sum(p.numel() for p in model.parameters()), 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5)
+    )
     H, G = hessops.Hessian(model, loss_fn, data), hessops.GGN(model, loss_fn, data)
     return {"HV": H @ V, "GV": G @ V, "top5": hessops.eigs(H, 5, "LM", tol=1e-10).values, "V": V}
 
 
 def _init(rank: int, world: int, store: str, timeout: float = 30.0) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout)
+    )
 
 
 def products(rank: int, world: int, store: str, out_dir: str) -> None:

@@ -7,7 +7,7 @@ batch weighting, chunking or vmapping.
 from __future__ import annotations
 
 import copy
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -43,7 +43,9 @@ def dense_hessian(model: nn.Module, loss_fn: Callable, data, params=None) -> Ten
     return autograd_hessian(model, loss_fn, x, y, chosen)
 
 
-def autograd_hessian(model: nn.Module, loss_fn: Callable, inputs, targets, names: Sequence[str] | None = None) -> Tensor:
+def autograd_hessian(
+    model: nn.Module, loss_fn: Callable, inputs, targets, names: Sequence[str] | None = None
+) -> Tensor:
     """∇²θ loss_fn(model(inputs), targets) by plain double backward on (a copy of) the module: no torch.func,
     no functional_call; row i is the gradient of (∇L)ᵢ. Parameters ``names`` in that order, default the
     trainable ones in ``model.parameters()`` order. Attention runs in torch's math kernel, the one with a
@@ -56,7 +58,9 @@ def autograd_hessian(model: nn.Module, loss_fn: Callable, inputs, targets, names
             outputs = model(**inputs)
         else:
             outputs = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
-        grads = torch.autograd.grad(loss_fn(outputs, targets), params, create_graph=True, allow_unused=True, materialize_grads=True)
+        grads = torch.autograd.grad(
+            loss_fn(outputs, targets), params, create_graph=True, allow_unused=True, materialize_grads=True
+        )
         g = torch.cat([t.reshape(-1) for t in grads])
         rows = []
         for i in range(g.numel()):

@@ -12,9 +12,9 @@ import cola
 import pytest
 import torch
 from torch import nn
+from toy_networks import mlp
 
 import hessops
-from models import mlp
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,9 @@ def H():
 def A():
     """A 20 × 20 symmetric positive definite dense operator, eigenvalues 1..20."""
     q, _ = torch.linalg.qr(torch.randn(20, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
-    return cola.PSD(cola.SelfAdjoint(cola.ops.Dense(q @ torch.diag(torch.arange(1.0, 21.0, dtype=torch.float64)) @ q.T)))
+    return cola.PSD(
+        cola.SelfAdjoint(cola.ops.Dense(q @ torch.diag(torch.arange(1.0, 21.0, dtype=torch.float64)) @ q.T))
+    )
 
 
 BAD = [
@@ -111,8 +113,14 @@ def test_operator_products_refuse_bad_vectors_by_name(H):
 
 def test_trackers_check_their_arguments(H):
     model, data = H.problem.model, H.problem.data
-    for kwargs, named in ((dict(every=0), "every=0"), (dict(k=1.5), "k=1.5"), (dict(tol=-1.0), "tol=-1"),
-                          (dict(max_iters=0), "max_iters=0"), (dict(seed=None), "seed=None"), (dict(unit=3), "unit=3")):
+    for kwargs, named in (
+        (dict(every=0), "every=0"),
+        (dict(k=1.5), "k=1.5"),
+        (dict(tol=-1.0), "tol=-1"),
+        (dict(max_iters=0), "max_iters=0"),
+        (dict(seed=None), "seed=None"),
+        (dict(unit=3), "unit=3"),
+    ):
         with pytest.raises(hessops.InvalidArgumentError, match=named.replace(".", r"\.")):
             hessops.SharpnessTracker(model, nn.CrossEntropyLoss(), data, **kwargs)
     with pytest.raises(hessops.InvalidArgumentError, match="model must be a torch.nn.Module"):
@@ -126,7 +134,9 @@ def test_trace_with_more_probes_than_dimensions_is_exact(A, H):
         assert result.method == "exact" and result.std_error == 0.0 and result.n_matvecs == 20
         assert result.estimate == pytest.approx(210.0, rel=1e-12)  # 1 + 2 + ... + 20
     result = hessops.trace(H)  # n = 27 < the default 100 probes
-    assert result.method == "exact" and result.estimate == pytest.approx(float(torch.diagonal(H.to_dense()).sum()), rel=1e-12)
+    assert result.method == "exact" and result.estimate == pytest.approx(
+        float(torch.diagonal(H.to_dense()).sum()), rel=1e-12
+    )
 
 
 def test_half_precision_operators_are_refused_with_the_fix():
@@ -136,9 +146,15 @@ def test_half_precision_operators_are_refused_with_the_fix():
     model = mlp(4, 3, 3).to(torch.bfloat16)
     x, y = torch.randn(12, 4, dtype=torch.bfloat16), torch.randint(0, 3, (12,))
     low = hessops.Hessian(model, nn.CrossEntropyLoss(), [(x, y)])
-    for call in (lambda: hessops.eigs(low, 1), lambda: hessops.spectral_density(low), lambda: hessops.trace(low),
-                 lambda: hessops.logdet(low)):
-        with pytest.raises(hessops.DtypeMismatchError, match=r"dtype=torch\.float32, which evaluates the model in float32"):
+    for call in (
+        lambda: hessops.eigs(low, 1),
+        lambda: hessops.spectral_density(low),
+        lambda: hessops.trace(low),
+        lambda: hessops.logdet(low),
+    ):
+        with pytest.raises(
+            hessops.DtypeMismatchError, match=r"dtype=torch\.float32, which evaluates the model in float32"
+        ):
             call()
     fixed = hessops.Hessian(model, nn.CrossEntropyLoss(), [(x, y)], dtype=torch.float32)
     assert hessops.eigs(fixed, 1, "LA", tol=1e-4).converged

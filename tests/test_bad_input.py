@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from toy_networks import bn_mlp, mlp
 
 import hessops
-from models import bn_mlp, mlp
 
 
 @pytest.fixture
@@ -25,7 +25,9 @@ ALL = [hessops.Hessian, hessops.GGN, hessops.EmpiricalFisher, hessops.MCFisher]
 def test_train_mode_is_refused_with_the_fix(problem, cls, module):
     _, loss_fn, data = problem
     model = nn.Sequential(nn.Linear(4, 6), module, nn.Tanh(), nn.Linear(6, 3)).train()
-    with pytest.raises(hessops.TrainModeError, match=r"module '1' \((BatchNorm1d|Dropout)\).*model.eval\(\).*allow_train_mode=True"):
+    with pytest.raises(
+        hessops.TrainModeError, match=r"module '1' \((BatchNorm1d|Dropout)\).*model.eval\(\).*allow_train_mode=True"
+    ):
         cls(model, loss_fn, data)
     cls(model.eval(), loss_fn, data)  # the fix works
 
@@ -66,7 +68,9 @@ def test_random_augmentation_is_caught_by_check_deterministic(problem):
         op.check_deterministic()
 
 
-@pytest.mark.parametrize("data", [[], [(torch.empty(0, 4), torch.empty(0, dtype=torch.long))]], ids=["no-batch", "empty-batch"])
+@pytest.mark.parametrize(
+    "data", [[], [(torch.empty(0, 4), torch.empty(0, dtype=torch.long))]], ids=["no-batch", "empty-batch"]
+)
 @pytest.mark.parametrize("cls", ALL)
 def test_empty_data(problem, cls, data):
     model, loss_fn, _ = problem
@@ -75,7 +79,9 @@ def test_empty_data(problem, cls, data):
         op @ torch.randn(op.shape[0])
 
 
-@pytest.mark.parametrize("data", [[], [(torch.empty(0, 4), torch.empty(0, dtype=torch.long))]], ids=["no-batch", "empty-batch"])
+@pytest.mark.parametrize(
+    "data", [[], [(torch.empty(0, 4), torch.empty(0, dtype=torch.long))]], ids=["no-batch", "empty-batch"]
+)
 def test_empty_data_for_the_dense_hessian(problem, data):
     model, loss_fn, _ = problem
     with pytest.raises(hessops.EmptyDataError, match="pass a non-empty DataLoader"):
@@ -124,7 +130,9 @@ def test_an_infinite_input_that_the_loss_hides_is_still_caught(problem):
 def test_inputs_on_another_device(problem):
     model, loss_fn, data = problem
     meta = [(x.to("meta"), y.to("meta")) for x, y in data]
-    with pytest.raises(hessops.DeviceMismatchError, match=r"batch 0 inputs are on meta but the parameters are on cpu.*move"):
+    with pytest.raises(
+        hessops.DeviceMismatchError, match=r"batch 0 inputs are on meta but the parameters are on cpu.*move"
+    ):
         hessops.Hessian(model, loss_fn, meta)
     op = hessops.Hessian(model, loss_fn, data + meta)  # caught in the loop too
     with pytest.raises(hessops.DeviceMismatchError, match="batch 2 inputs"):
@@ -149,7 +157,9 @@ def test_no_parameters(problem):
     model, loss_fn, data = problem
     with pytest.raises(hessops.NoParametersError, match="params is empty"):
         hessops.Hessian(model, loss_fn, data, params=[])
-    with pytest.raises(hessops.NoParametersError, match=r"params\[1\] \(shape \(3,\)\) is not a parameter of the model"):
+    with pytest.raises(
+        hessops.NoParametersError, match=r"params\[1\] \(shape \(3,\)\) is not a parameter of the model"
+    ):
         hessops.Hessian(model, loss_fn, data, params=[model[0].weight, torch.zeros(3, requires_grad=True)])
     with pytest.raises(hessops.NoParametersError, match="listed twice"):
         hessops.Hessian(model, loss_fn, data, params=[model[0].weight, model[0].weight])

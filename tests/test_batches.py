@@ -14,12 +14,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from reference import dense_empirical_fisher, dense_ggn, dense_hessian, relative_error
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 import hessops
 from hessops.data import LogitsOf, labels_from
-from reference import dense_empirical_fisher, dense_ggn, dense_hessian, relative_error
 
 RTOL64 = 1e-10
 OPERATORS = {"hessian": hessops.Hessian, "ggn": hessops.GGN, "ef": hessops.EmpiricalFisher}
@@ -83,7 +83,9 @@ def setup():
     x, z = torch.randn(n, 4, dtype=torch.float64), torch.randn(n, 2, dtype=torch.float64)
     y = torch.randint(0, 3, (n,))
     reference_data = [(torch.cat([x, z], 1), y)]
-    references = {kind: REFERENCES[kind](Concat(net, scale), nn.CrossEntropyLoss(), reference_data) for kind in OPERATORS}
+    references = {
+        kind: REFERENCES[kind](Concat(net, scale), nn.CrossEntropyLoss(), reference_data) for kind in OPERATORS
+    }
     return SimpleNamespace(net=net, scale=scale, x=x, z=z, y=y, references=references)
 
 
@@ -120,7 +122,10 @@ def test_every_input_form_gives_the_dense_operator(setup, kind, form, micro):
 
 def test_the_dense_hessian_counts_examples_the_same_way(setup):
     _, data, _ = batches(setup, "dict")
-    assert relative_error(hessops.dense_hessian(setup.net, nn.CrossEntropyLoss(), data), setup.references["hessian"]) < RTOL64
+    assert (
+        relative_error(hessops.dense_hessian(setup.net, nn.CrossEntropyLoss(), data), setup.references["hessian"])
+        < RTOL64
+    )
 
 
 class WithOffset(nn.Module):
@@ -151,7 +156,9 @@ def test_leaves_that_disagree_need_batch_size_fn(micro):
         def forward(self, x):
             return self.inner(x, offset)
 
-    op = hessops.Hessian(model, nn.CrossEntropyLoss(), data, batch_size_fn=lambda inputs: inputs["x"].shape[0], micro_batch_size=micro)
+    op = hessops.Hessian(
+        model, nn.CrossEntropyLoss(), data, batch_size_fn=lambda inputs: inputs["x"].shape[0], micro_batch_size=micro
+    )
     assert relative_error(op.to_dense(), dense_hessian(Fixed(), nn.CrossEntropyLoss(), [(x, y)])) < RTOL64
 
 
@@ -279,7 +286,9 @@ def test_huggingface_style_batches_through_the_adapter(kind):
     data = labels_from(loader)
     assert len(data) == len(loader) == 3
     op = OPERATORS[kind](LogitsOf(hf), nn.CrossEntropyLoss(), data)
-    expected = REFERENCES[kind](Packed(hf), nn.CrossEntropyLoss(), [(torch.cat([dataset.ids, dataset.mask], 1), dataset.labels)])
+    expected = REFERENCES[kind](
+        Packed(hf), nn.CrossEntropyLoss(), [(torch.cat([dataset.ids, dataset.mask], 1), dataset.labels)]
+    )
     assert relative_error(op.to_dense(), expected) < RTOL64  # to_dense: one pass per column, so re-iterable
 
 

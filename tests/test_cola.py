@@ -5,11 +5,11 @@ from __future__ import annotations
 import cola
 import pytest
 import torch
+from reference import relative_error
 from torch import nn
+from toy_networks import bn_mlp, mlp
 
 import hessops
-from models import bn_mlp, mlp
-from reference import relative_error
 
 
 @pytest.fixture(scope="module")

@@ -231,7 +231,7 @@ def test_download_calls_torchvision_with_download_true(tmp_path, monkeypatch):
     calls = []
 
     class Recorder:
-        base_folder = "cifar-10-batches-py"
+        base_folder, filename, resources = "cifar-10-batches-py", "cifar-10-python.tar.gz", [("a.gz", "md5")]
 
         def __init__(self, root, train, download):
             calls.append((type(self).__name__, Path(root), train, download))
@@ -246,7 +246,9 @@ def test_download_calls_torchvision_with_download_true(tmp_path, monkeypatch):
 
 def test_image_dataset_checks_shapes():
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
-        ImageDataset(torch.zeros(2, 8, 8, dtype=torch.uint8), torch.zeros(2), scale=16, mean=(0.0,), std=(1.0,), classes=[])
+        ImageDataset(
+            torch.zeros(2, 8, 8, dtype=torch.uint8), torch.zeros(2), scale=16, mean=(0.0,), std=(1.0,), classes=[]
+        )
 
 
 def test_on_device_moves_batches_and_is_reiterable():

@@ -10,13 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import dense_hessian, relative_error
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
+from toy_networks import mlp
 
 import hessops
 from hessops._determinism import batch_fingerprint, fingerprint_change
-from models import mlp
-from reference import dense_hessian, relative_error
 
 RTOL64 = 1e-10
 OPERATORS = [hessops.Hessian, hessops.GGN, hessops.EmpiricalFisher]
@@ -58,7 +58,9 @@ def test_random_augmentation_is_caught_at_the_second_product(problem, cls, flip)
     op = cls(model, nn.CrossEntropyLoss(), loader)
     v = torch.randn(op.shape[0], dtype=torch.float64)
     op @ v  # the first product keeps the data's fingerprint
-    with pytest.raises(hessops.NondeterministicOperatorError, match="data changed between two products.*random augmentation"):
+    with pytest.raises(
+        hessops.NondeterministicOperatorError, match="data changed between two products.*random augmentation"
+    ):
         op @ v
     unchecked = cls(model, nn.CrossEntropyLoss(), loader, check_determinism=False)
     first, second = unchecked @ v, unchecked @ v  # the opt-out: two products, no check
@@ -75,7 +77,9 @@ def test_eigs_on_randomly_augmented_data_fails_instead_of_converging(problem):
 
 def test_shuffle_with_drop_last_is_caught(problem):
     model, x, y = problem
-    loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        TensorDataset(x, y), batch_size=4, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(0)
+    )
     op = hessops.GGN(model, nn.CrossEntropyLoss(), loader)
     with pytest.raises(hessops.NondeterministicOperatorError, match="hold other values.*drop_last=False"):
         hessops.eigs(op, k=2)
@@ -130,7 +134,9 @@ class SamplingInForward(nn.Module):
 def test_a_random_model_is_refused_at_construction(problem, cls, model_cls):
     _, x, y = problem
     model = model_cls().double().eval()
-    with pytest.raises(hessops.NondeterministicOperatorError, match=r"the model is random.*training=True.*check_determinism=False"):
+    with pytest.raises(
+        hessops.NondeterministicOperatorError, match=r"the model is random.*training=True.*check_determinism=False"
+    ):
         cls(model, nn.CrossEntropyLoss(), pairs(x, y))
     cls(model, nn.CrossEntropyLoss(), pairs(x, y), check_determinism=False)  # the opt-out
 
@@ -167,7 +173,9 @@ def test_a_buffer_updated_in_forward_is_named_and_left_as_it_was(problem, cls, d
     cls(model, nn.CrossEntropyLoss(), data, dtype=dtype, check_determinism=False)
 
 
-@pytest.mark.parametrize("norm", [nn.BatchNorm1d(6, track_running_stats=False), nn.BatchNorm1d(6).eval()], ids=["no-stats", "stats-removed"])
+@pytest.mark.parametrize(
+    "norm", [nn.BatchNorm1d(6, track_running_stats=False), nn.BatchNorm1d(6).eval()], ids=["no-stats", "stats-removed"]
+)
 @pytest.mark.parametrize("cls", OPERATORS)
 def test_batch_statistics_in_eval_mode_are_treated_like_train_mode(problem, cls, norm):
     """BatchNorm without running statistics normalizes by the batch in eval mode: batches of 4, 4, 2 and one
@@ -176,7 +184,9 @@ def test_batch_statistics_in_eval_mode_are_treated_like_train_mode(problem, cls,
     if norm.track_running_stats:
         norm.running_mean = norm.running_var = None
     model = nn.Sequential(nn.Linear(4, 6), norm, nn.Tanh(), nn.Linear(6, 3)).double().eval()
-    with pytest.raises(hessops.TrainModeError, match=r"module '1' \(BatchNorm1d\) has no running statistics.*allow_train_mode=True"):
+    with pytest.raises(
+        hessops.TrainModeError, match=r"module '1' \(BatchNorm1d\) has no running statistics.*allow_train_mode=True"
+    ):
         cls(model, nn.CrossEntropyLoss(), pairs(x, y))
     with pytest.raises(hessops.TrainModeError, match="track_running_stats"):
         hessops.dense_hessian(model, nn.CrossEntropyLoss(), pairs(x, y))
@@ -186,8 +196,17 @@ def test_batch_statistics_in_eval_mode_are_treated_like_train_mode(problem, cls,
 def test_per_example_normalization_in_eval_mode_is_accepted(problem):
     """InstanceNorm (even without running statistics), GroupNorm and LayerNorm normalize each example alone."""
     _, x, y = problem
-    model = nn.Sequential(
-        nn.Unflatten(1, (2, 2)), nn.InstanceNorm1d(2, affine=True), nn.GroupNorm(1, 2), nn.Flatten(), nn.LayerNorm(4), nn.Linear(4, 3)
-    ).double().eval()
+    model = (
+        nn.Sequential(
+            nn.Unflatten(1, (2, 2)),
+            nn.InstanceNorm1d(2, affine=True),
+            nn.GroupNorm(1, 2),
+            nn.Flatten(),
+            nn.LayerNorm(4),
+            nn.Linear(4, 3),
+        )
+        .double()
+        .eval()
+    )
     op = hessops.GGN(model, nn.CrossEntropyLoss(), pairs(x, y))
     assert op.check_deterministic() == 0.0

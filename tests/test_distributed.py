@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import time
 
+import distributed_workers as workers
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-import distributed_workers as workers
 from reference import relative_error
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
@@ -71,7 +70,9 @@ def test_a_dead_rank_ends_the_others_within_the_timeout(tmp_path):
     """Rank 1 exits abruptly; rank 0 must end with a DistributedError, not wait forever (timeout 20 s)."""
     began = time.monotonic()
     context = mp.get_context("spawn")
-    processes = [context.Process(target=workers.dying, args=(r, 2, str(tmp_path / "store"), str(tmp_path))) for r in range(2)]
+    processes = [
+        context.Process(target=workers.dying, args=(r, 2, str(tmp_path / "store"), str(tmp_path))) for r in range(2)
+    ]
     for process in processes:
         process.start()
     for process in processes:
@@ -99,18 +100,39 @@ def test_torchrun_cli_matches_one_process(tmp_path):
     from pathlib import Path
 
     torchrun = Path(sys.executable).parent / "torchrun"
-    args = ["-m", "hessops", "eigs", "--num-examples", "200", "--k", "3", "--dtype", "float64", "--tol", "1e-10", "--no-progress"]
-    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one.json")], capture_output=True, text=True, timeout=300)
+    args = [
+        "-m",
+        "hessops",
+        "eigs",
+        "--num-examples",
+        "200",
+        "--k",
+        "3",
+        "--dtype",
+        "float64",
+        "--tol",
+        "1e-10",
+        "--no-progress",
+    ]
+    one = subprocess.run(
+        [sys.executable, *args, "--out", str(tmp_path / "one.json")], capture_output=True, text=True, timeout=300
+    )
     assert one.returncode == 0, one.stderr
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run(
         [str(torchrun), "--nproc_per_node=2", "--master_port=29547", *args, "--out", str(tmp_path / "two.json")],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
     )
     assert two.returncode == 0, two.stderr
     single, parallel = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert parallel["settings"]["world_size"] == 2 and parallel["settings"]["num_examples"] == 200
-    torch.testing.assert_close(torch.tensor(parallel["eigenvalues"]), torch.tensor(single["eigenvalues"]), rtol=1e-10, atol=0)
+    torch.testing.assert_close(
+        torch.tensor(parallel["eigenvalues"]), torch.tensor(single["eigenvalues"]), rtol=1e-10, atol=0
+    )
     assert two.stdout.count("wrote") == 1  # rank 0 alone prints and writes
 
 

@@ -11,15 +11,19 @@ import cola
 import pytest
 import torch
 from torch import nn
+from toy_networks import mlp
 
 import hessops
-from models import mlp
 
 
 @pytest.fixture(scope="module")
 def hessian():
     torch.manual_seed(0)
-    model, x, y = mlp(4, 16, 3).double(), torch.randn(40, 4, dtype=torch.float64), torch.randn(40, 3, dtype=torch.float64)
+    model, x, y = (
+        mlp(4, 16, 3).double(),
+        torch.randn(40, 4, dtype=torch.float64),
+        torch.randn(40, 3, dtype=torch.float64),
+    )
     data = [(x[:25], y[:25]), (x[25:], y[25:])]
     H = hessops.Hessian(model, nn.MSELoss(), data)
     dense = H.to_dense()
@@ -103,7 +107,9 @@ def test_basin_volume_matches_a_direct_dense_computation(hessian):
     direct = 0.5 * n * math.log(math.pi) - math.lgamma(n / 2 + 1) + 0.5 * n * math.log(2 * threshold) - half_logdet
     assert volume.log_volume == pytest.approx(direct, rel=1e-12)
     assert volume.half_logdet == pytest.approx(half_logdet, rel=1e-12)
-    assert volume.log_volume == pytest.approx(volume.log_unit_ball + volume.log_threshold_term - volume.half_logdet, rel=1e-14)
+    assert volume.log_volume == pytest.approx(
+        volume.log_unit_ball + volume.log_threshold_term - volume.half_logdet, rel=1e-14
+    )
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 10, 1710])
@@ -115,7 +121,9 @@ def test_basin_volume_of_a_multiple_of_the_identity(n):
     expected = 0.5 * n * math.log(math.pi) - math.lgamma(n / 2 + 1) + n * math.log(radius)
     assert hessops.basin_volume(H, threshold=threshold).log_volume == pytest.approx(expected, rel=1e-12, abs=1e-12)
     if n == 1:
-        assert math.exp(hessops.basin_volume(H, threshold=threshold).log_volume) == pytest.approx(2 * radius)  # a segment
+        assert math.exp(hessops.basin_volume(H, threshold=threshold).log_volume) == pytest.approx(
+            2 * radius
+        )  # a segment
     if n == 2:
         assert math.exp(hessops.basin_volume(H, threshold=threshold).log_volume) == pytest.approx(math.pi * radius**2)
 

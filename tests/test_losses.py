@@ -3,7 +3,8 @@ batchings: a mean over concatenated data is what the loss means over the whole d
 class weights included), and for reduction="sum" the concatenated sum is the dataset sum.
 
 Tolerance: 1e-10 relative (Frobenius of a block of 4 products), float64. Every path here is exact, so the
-operators and the references differ only by rounding in sums of a few hundred terms (measured: 4.6e-16 at worst over the whole grid);
+operators and the references differ only by rounding in sums of a few hundred terms (measured: 4.6e-16 at worst
+over the whole grid);
 1e-10 leaves room for other BLAS orders while any wrong weight (an ignored target counted: >= 1e-2) fails.
 """
 
@@ -11,9 +12,9 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -23,8 +24,9 @@ from torch.func import functional_call, grad
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import hessops  # noqa: E402
 from reference import _flat_function, dense_ggn, dense_hessian, relative_error  # noqa: E402
+
+import hessops  # noqa: E402
 
 RTOL64 = 1e-10
 N = 10
@@ -72,7 +74,14 @@ def make(name: str) -> LossCase:
     if name == "ce-weight":
         return LossCase(_mlp(), nn.CrossEntropyLoss(weight=w), x, torch.randint(0, 3, (N,)), class_weight=w)
     if name == "ce-partial-weight-ignore":
-        return LossCase(_mlp(), functools.partial(F.cross_entropy, weight=w, ignore_index=-100), x, y, ignore_index=-100, class_weight=w)
+        return LossCase(
+            _mlp(),
+            functools.partial(F.cross_entropy, weight=w, ignore_index=-100),
+            x,
+            y,
+            ignore_index=-100,
+            class_weight=w,
+        )
     if name == "ce-smoothing-weight-ignore":
         loss = nn.CrossEntropyLoss(weight=w, label_smoothing=0.1)
         return LossCase(_mlp(), loss, x, y, ignore_index=-100, class_weight=w)
@@ -84,8 +93,11 @@ def make(name: str) -> LossCase:
         ys[3, 1] = ys[5, 0] = -100
         return LossCase(model, nn.CrossEntropyLoss(weight=w), x, ys, ignore_index=-100, class_weight=w)
     if name in ("nll-module-ignore", "nll-functional", "nll-partial-weight-ignore"):
-        loss = {"nll-module-ignore": nn.NLLLoss(), "nll-functional": F.nll_loss,
-                "nll-partial-weight-ignore": functools.partial(F.nll_loss, weight=w)}[name]
+        loss = {
+            "nll-module-ignore": nn.NLLLoss(),
+            "nll-functional": F.nll_loss,
+            "nll-partial-weight-ignore": functools.partial(F.nll_loss, weight=w),
+        }[name]
         weighted = name.endswith("weight-ignore")
         model = _mlp(3, nn.LogSoftmax(dim=1))
         ce = functools.partial(F.cross_entropy, weight=w if weighted else None)
@@ -93,20 +105,43 @@ def make(name: str) -> LossCase:
     if name == "mse-module":
         return LossCase(_mlp(), nn.MSELoss(), x, torch.randn(N, 3, dtype=torch.float64))
     if name == "mse-partial-sum":
-        return LossCase(_mlp(), functools.partial(F.mse_loss, reduction="sum"), x, torch.randn(N, 3, dtype=torch.float64), reduction="sum")
+        return LossCase(
+            _mlp(),
+            functools.partial(F.mse_loss, reduction="sum"),
+            x,
+            torch.randn(N, 3, dtype=torch.float64),
+            reduction="sum",
+        )
     if name == "bce-logits":
         return LossCase(_mlp(), nn.BCEWithLogitsLoss(), x, torch.rand(N, 3, dtype=torch.float64).round())
     if name == "huber-sum":
-        return LossCase(_mlp(), nn.HuberLoss(reduction="sum", delta=0.5), x, torch.randn(N, 3, dtype=torch.float64), reduction="sum")
+        return LossCase(
+            _mlp(), nn.HuberLoss(reduction="sum", delta=0.5), x, torch.randn(N, 3, dtype=torch.float64), reduction="sum"
+        )
     if name == "lambda-mean":  # a callable hessops does not know, probed: a plain mean is accepted
-        return LossCase(_mlp(), lambda out, t: ((out - t) ** 2).sum(dim=1).mean(), x, torch.randn(N, 3, dtype=torch.float64))
+        return LossCase(
+            _mlp(), lambda out, t: ((out - t) ** 2).sum(dim=1).mean(), x, torch.randn(N, 3, dtype=torch.float64)
+        )
     raise ValueError(name)
 
 
 LOSSES = [
-    "ce-module", "ce-ignore", "ce-functional-ignore", "ce-weight", "ce-partial-weight-ignore",
-    "ce-smoothing-weight-ignore", "ce-sum-ignore", "ce-sequence-ignore", "nll-module-ignore", "nll-functional",
-    "nll-partial-weight-ignore", "mse-module", "mse-partial-sum", "bce-logits", "huber-sum", "lambda-mean",
+    "ce-module",
+    "ce-ignore",
+    "ce-functional-ignore",
+    "ce-weight",
+    "ce-partial-weight-ignore",
+    "ce-smoothing-weight-ignore",
+    "ce-sum-ignore",
+    "ce-sequence-ignore",
+    "nll-module-ignore",
+    "nll-functional",
+    "nll-partial-weight-ignore",
+    "mse-module",
+    "mse-partial-sum",
+    "bce-logits",
+    "huber-sum",
+    "lambda-mean",
 ]
 
 
@@ -166,7 +201,12 @@ OPERATORS = {
 def test_every_loss_form_is_the_curvature_of_the_dataset_loss(name, batching):
     case = make(name)
     data, micro = batched(case, batching)
-    V = torch.randn(sum(p.numel() for p in case.model.parameters()), 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    V = torch.randn(
+        sum(p.numel() for p in case.model.parameters()),
+        4,
+        dtype=torch.float64,
+        generator=torch.Generator().manual_seed(1),
+    )
     for kind, cls in OPERATORS.items():
         op = cls(case.model, case.loss_fn, data, micro_batch_size=micro)
         expected = reference(name, kind) @ V
@@ -211,10 +251,14 @@ def _classification():
     return case.model, [(case.x[:6], case.y[:6]), (case.x[6:], case.y[6:])]
 
 
-@pytest.mark.parametrize("loss", [
-    lambda out, y: F.cross_entropy(out, y, reduction="sum"),
-    lambda out, y: F.cross_entropy(out, y).sum() * out.shape[0] / 3,
-], ids=["sum", "scaled-by-batch"])
+@pytest.mark.parametrize(
+    "loss",
+    [
+        lambda out, y: F.cross_entropy(out, y, reduction="sum"),
+        lambda out, y: F.cross_entropy(out, y).sum() * out.shape[0] / 3,
+    ],
+    ids=["sum", "scaled-by-batch"],
+)
 def test_a_callable_that_is_not_a_mean_is_refused(loss):
     model, data = _classification()
     with pytest.raises(hessops.UnsupportedLossError, match="concatenated with itself.*reduction='sum'"):
@@ -234,7 +278,9 @@ def test_a_callable_with_hidden_weights_or_ignored_targets_is_refused():
     hessops.Hessian(model, nn.CrossEntropyLoss(), ignored)  # the fix: a form hessops knows
 
 
-@pytest.mark.parametrize("loss", [nn.CrossEntropyLoss(reduction="none"), functools.partial(F.cross_entropy, reduction="none")])
+@pytest.mark.parametrize(
+    "loss", [nn.CrossEntropyLoss(reduction="none"), functools.partial(F.cross_entropy, reduction="none")]
+)
 def test_reduction_none_is_refused(loss):
     model, data = _classification()
     with pytest.raises(hessops.UnsupportedLossError, match="reduction='none'.*reduction='mean'.*reduction='sum'"):
@@ -293,7 +339,11 @@ def test_curvatures_that_a_loss_cannot_define_are_refused():
     with pytest.raises(hessops.UnsupportedLossError, match="nll_loss.*CrossEntropyLoss"):
         hessops.GGN(model, F.nll_loss, data)  # no LogSoftmax to split before
     with pytest.raises(hessops.UnsupportedLossError, match="KLDivLoss.*probability targets"):
-        hessops.GGN(model, nn.KLDivLoss(reduction="batchmean"), [(x, torch.rand(len(x), 3, dtype=torch.float64)) for x, _ in data])
+        hessops.GGN(
+            model,
+            nn.KLDivLoss(reduction="batchmean"),
+            [(x, torch.rand(len(x), 3, dtype=torch.float64)) for x, _ in data],
+        )
 
 
 def test_an_unknown_module_with_reduction_sum_must_be_a_sum():

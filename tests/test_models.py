@@ -53,10 +53,26 @@ def test_every_model_builds_with_its_spec(name):
 
 
 def test_small_architectures_are_exact():
-    expected = [nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Linear, nn.ReLU, nn.Linear]
+    expected = [
+        nn.Conv2d,
+        nn.ReLU,
+        nn.MaxPool2d,
+        nn.Conv2d,
+        nn.ReLU,
+        nn.MaxPool2d,
+        nn.Flatten,
+        nn.Linear,
+        nn.ReLU,
+        nn.Linear,
+    ]
     assert [type(m) for m in build_model("cnn-cifar-5k")] == expected
     mnist = build_model("mlp-mnist")
-    assert [m.weight.shape for m in mnist if isinstance(m, nn.Linear)] == [(128, 784), (128, 128), (128, 128), (10, 128)]
+    assert [m.weight.shape for m in mnist if isinstance(m, nn.Linear)] == [
+        (128, 784),
+        (128, 128),
+        (128, 128),
+        (10, 128),
+    ]
     assert all(m.bias is None for m in mnist if isinstance(m, nn.Linear))
     cifar2 = build_model("mlp-cifar2")
     assert [m.out_features for m in cifar2 if isinstance(m, nn.Linear)] == [512, 128, 32, 2]
@@ -108,7 +124,12 @@ def test_timm_models_build_without_weights_and_spec_from_pretrained_cfg():
     timm = pytest.importorskip("timm")
     model, spec = build_model(TIMM_TEST_MODEL), model_spec(TIMM_TEST_MODEL)
     cfg = timm.models.get_pretrained_cfg("test_resnet")
-    assert (spec.input_shape, spec.mean, spec.std, spec.num_classes) == (cfg.input_size, cfg.mean, cfg.std, cfg.num_classes)
+    assert (spec.input_shape, spec.mean, spec.std, spec.num_classes) == (
+        cfg.input_size,
+        cfg.mean,
+        cfg.std,
+        cfg.num_classes,
+    )
     assert not model.training and spec.n_params is None
     assert same_parameters(model, build_model(TIMM_TEST_MODEL))
     with torch.no_grad():
@@ -165,7 +186,9 @@ def test_checkpoint_of_another_model_is_explained(tmp_path):
     assert "fc.weight: checkpoint (10, 512) vs model (1000, 512)" in message
 
     torch.save(build_model("cnn-cifar-5k").state_dict(), path)
-    with pytest.raises(CheckpointError, match=r"the checkpoint has 8; \d+ missing: conv1.weight, .*8 unexpected: 0.weight"):
+    with pytest.raises(
+        CheckpointError, match=r"the checkpoint has 8; \d+ missing: conv1.weight, .*8 unexpected: 0.weight"
+    ):
         load_checkpoint(build_model("resnet18_cifar10"), path)
 
 

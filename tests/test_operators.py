@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import hessops
-from models import cifar_cnn_5k, mlp
+from toy_networks import cifar_cnn_5k, mlp
 from reference import dense_ggn, dense_hessian, relative_error
 
 RTOL64 = 1e-10
@@ -90,7 +90,7 @@ def test_float64_operator_of_a_float32_model_evaluates_in_float64():
     """dtype=torch.float64 on a float32 model casts parameters, buffers and inputs on the fly: the result is
     the float64 curvature at the same point (float32 values are exact in float64), so it meets RTOL64."""
     torch.manual_seed(0)
-    from models import bn_mlp
+    from toy_networks import bn_mlp
 
     model32, x, y = bn_mlp().float(), torch.randn(12, 4), torch.randn(12, 3)
     data32 = [(x[:7], y[:7]), (x[7:], y[7:])]

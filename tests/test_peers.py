@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import relative_error
 from torch import nn
+from toy_networks import mlp
 
 import hessops
-from models import mlp
-from reference import relative_error
 
 curvlinops = pytest.importorskip("curvlinops")
 
@@ -46,7 +46,9 @@ def test_hessian_matches_pyhessian(problem):
     shapes = [p.shape for p in model.parameters()]
     v_list = [t.reshape(s) for t, s in zip(v.split([s.numel() for s in shapes]), shapes)]
     _, theirs = peer.dataloader_hv_product(v_list)
-    assert relative_error(H @ v, torch.cat([t.reshape(-1) for t in theirs]).double()) < 1e-6  # PyHessian accumulates in float32
+    assert (
+        relative_error(H @ v, torch.cat([t.reshape(-1) for t in theirs]).double()) < 1e-6
+    )  # PyHessian accumulates in float32
 
 
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True:UserWarning")
@@ -57,7 +59,11 @@ def test_benchmark_harness_smoke(tmp_path):
     report = main(["--smoke", "--out", str(tmp_path / "bench.json")])
     entry = report["workloads"]["tiny"]
     ratios = entry["products"]["ratios"]
-    assert ratios["hessops hvp / grad"] > 0 and ratios["hessops block8 / 8×hvp"] > 0 and ratios["hessops micro2 hvp / grad"] > 0
+    assert (
+        ratios["hessops hvp / grad"] > 0
+        and ratios["hessops block8 / 8×hvp"] > 0
+        and ratios["hessops micro2 hvp / grad"] > 0
+    )
     assert entry["top"]["hessops LA"]["criterion"] == {"value_tol": 1e-4, "verify": False}
     assert all(diff < 1e-5 for diff in entry["products"]["agreement"].values())
     assert entry["top"]["hessops LA"]["max rel. error"] < 1e-3 and entry["top"]["hessops LM"]["max rel. error"] < 1e-3
@@ -84,6 +90,8 @@ def test_memory_benchmark_smoke():
     """Not a measurement: the memory script runs, and micro-batches do not raise the HVP's peak."""
     from benchmarks.memory import main
 
-    peaks = main(["--workloads", "tiny", "--num-examples", "12", "--batch-size", "6", "--micro-batch-sizes", "3"])["tiny"]
+    peaks = main(["--workloads", "tiny", "--num-examples", "12", "--batch-size", "6", "--micro-batch-sizes", "3"])[
+        "tiny"
+    ]
     # a piece's own few scalars (its weight, its loss) may add bytes, not a batch's worth: 1 % room
     assert peaks["grad"] > 0 and peaks["hvp"] > 0 and 0 < peaks["hvp micro 3"] <= 1.01 * peaks["hvp"]

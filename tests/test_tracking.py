@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from toy_networks import bn_mlp, mlp
 
 import hessops
-from models import bn_mlp, mlp
 
 
 def blobs(n=200, seed=0):
@@ -41,7 +41,9 @@ def test_sharpness_and_grad_norms_over_a_training_run(tmp_path):
     # a record is the true top-2 of the Hessian at that moment: check the last one densely
     model.eval()
     exact = torch.linalg.eigvalsh(hessops.Hessian(model, loss_fn, fixed, dtype=torch.float64).to_dense()).flip(0)[:2]
-    torch.testing.assert_close(torch.tensor(sharpness.history[-1].values, dtype=torch.float64), exact, rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(sharpness.history[-1].values, dtype=torch.float64), exact, rtol=1e-3, atol=1e-6
+    )
     assert len(grads.history) == 6 and grads.history[0]["steps"] == 4
     assert set(grads.history[0]["norms"]) == {n for n, _ in model.named_parameters()}
     # the recorded means are the means of the per-step norms

@@ -1,23 +1,26 @@
 """The base class of every curvature operator: it owns the data loop, the dataset weights, the checks and
-the device; a subclass only says how one mini-batch's curvature multiplies a block of vectors."""
+the device; a subclass only says how one mini-batch's curvature multiplies blocks of vectors
+(:meth:`CurvatureOperator._matmat_batch`: a batch and blocks in, blocks out)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
-import cola
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from hessops._cola import cola
 from hessops._determinism import batch_fingerprint, check_model, data_changed_error, fingerprint_change
 from hessops._functional import (
     ParamTree,
     Problem,
     batch_size,
+    call_model,
     cast_floating,
     check_batch,
-    call_model,
     check_train_mode,
     first_batch,
     flat_to_tree,
@@ -28,11 +31,11 @@ from hessops._functional import (
     split_examples,
     tree_to_flat,
 )
-from hessops.distributed import resolve as resolve_distributed
 from hessops.distributed import fingerprint, synchronize
+from hessops.distributed import resolve as resolve_distributed
 from hessops.errors import (
-    DistributedError,
     DeviceMismatchError,
+    DistributedError,
     DtypeMismatchError,
     EmptyDataError,
     InvalidArgumentError,
@@ -44,6 +47,39 @@ from hessops.losses import check_counted, loss_spec, probe_mean
 DEFAULT_CHUNK_SIZE = 16
 
 
+@dataclass(frozen=True)
+class Batch:
+    """One mini-batch (or micro-batch) of the data, as the data loop hands it to
+    :meth:`CurvatureOperator._matmat_batch`.
+
+    ``inputs`` and ``targets`` are on the operator's device, floating tensors in its dtype; ``size`` is the
+    number of examples, ``index`` the batch's position in the data and ``part`` the micro-batch within it (0
+    for a whole batch). The point :math:`\theta` is ``params``, the differentiated parameters as a tuple of
+    tensors in the flat vector's order, with ``constants``, the rest of the model's state (frozen parameters,
+    buffers)."""
+
+    inputs: Any
+    targets: Any
+    size: int
+    index: int
+    part: int
+    params: ParamTree
+    constants: dict[str, Tensor] = field(repr=False)
+    problem: Problem = field(repr=False)
+
+    def outputs(self, params: ParamTree, model: nn.Module | None = None) -> Any:
+        """The model's outputs on this batch with its differentiated parameters set to ``params`` (a tuple
+        like ``self.params``), through ``torch.func.functional_call``, so differentiable in ``params`` by
+        ``torch.func``; ``model`` defaults to the operator's (a sub-network sharing its parameter names)."""
+        return call_model(
+            self.problem.model if model is None else model, self.problem.names, params, self.constants, self.inputs
+        )
+
+    def loss(self, outputs: Any) -> Tensor:
+        """The batch loss of ``outputs`` against ``targets``, reduced as ``loss_fn`` reduces it (mean or sum)."""
+        return self.problem.loss_fn(outputs, self.targets)
+
+
 class CurvatureOperator(cola.ops.LinearOperator):
     r"""Curvature of the dataset loss :math:`L(\theta) = \frac1W \sum_b W_b L_b(\theta)` (``reduction="mean"``;
     :math:`W = \sum_b W_b`) or :math:`\sum_b L_b(\theta)` (``reduction="sum"``), :math:`L_b` the loss of batch
@@ -53,7 +89,11 @@ class CurvatureOperator(cola.ops.LinearOperator):
     :math:`C_b V` (sum), where :math:`C_b` is the curvature of the batch loss and :math:`W_b` what the batch
     mean divides by (its examples, elements, counted targets, or their class weights); a mean is divided by
     :math:`W` at the end, so unequal batches give exactly the full-batch operator, and a batch whose targets
-    are all ignored (:math:`W_b = 0`) is skipped. Subclasses implement :meth:`_batch_matmat`.
+    are all ignored (:math:`W_b = 0`) is skipped.
+
+    A subclass implements :meth:`_matmat_batch` (one batch's curvature times blocks of vectors) and, if it
+    derives anything from the model or the loss or refuses some, :meth:`_setup`; a subclass with options of
+    its own lists them, with these, in its ``__init__`` (docs/extending.md).
 
     Args:
         model: the network; its current parameters are the point :math:`\theta`. Buffers are used as they are.
@@ -161,6 +201,7 @@ class CurvatureOperator(cola.ops.LinearOperator):
         self.device = device
         if first is not None:
             self._check_first_batch(first)
+        self._setup()
 
     def _check_first_batch(self, batch: Any) -> None:
         """Count batch 0's examples (an uncountable batch fails here, not in the first product), probe a loss
@@ -178,20 +219,22 @@ class CurvatureOperator(cola.ops.LinearOperator):
             check_model(problem, *model_state(problem, self.dtype), inputs, targets)
 
     # -- what a subclass says ------------------------------------------------------------------------------
-    def _batch_matmat(
-        self,
-        params: ParamTree,
-        constants: dict[str, Tensor],
-        inputs: Any,
-        targets: Any,
-        blocks: list[ParamTree],
-        index: int,
-        part: int = 0,
-    ) -> tuple[list[ParamTree], Tensor]:
-        """For one batch (piece ``part`` of batch ``index`` when batches are split into micro-batches): the
-        curvature of the batch loss (mean or sum, as the loss reduces) times each block of columns (each a
-        tuple of ``(c, *shape)`` tensors), and the batch loss (a scalar tensor, for the finiteness check)."""
-        raise NotImplementedError
+    def _setup(self) -> None:
+        """Called at the end of construction, after the checks of the model, the data and the loss (with
+        ``self.problem`` set): derive what the products need from the model or the loss, and refuse, with an
+        error that names the fix, what this operator cannot handle. Nothing by default."""
+
+    def _matmat_batch(self, batch: Batch, blocks: list[ParamTree]) -> tuple[list[ParamTree], Tensor]:
+        """The curvature :math:`C_b` of this batch's loss (reduced as ``loss_fn`` reduces it) times each block of
+        columns, and the batch loss.
+
+        Each block is a tuple of ``(c, *shape)`` tensors, ``c`` columns laid out like ``batch.params``;
+        return ``([C_b V for each V in blocks], loss)``, each product laid out the same way and ``loss`` a
+        scalar tensor (the data loop checks it is finite). All blocks of a batch come in one call, so one
+        forward pass can serve them all. Everything else is the data loop's: the weights :math:`W_b` and the
+        dataset divisor, micro-batches, chunking columns into blocks (``chunk_size``), devices, dtypes, and the
+        determinism and finiteness checks."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _matmat_batch(batch, blocks)")
 
     # -- the data loop ------------------------------------------------------------------------------------
     def _matmat(self, X: Tensor) -> Tensor:
@@ -221,8 +264,8 @@ class CurvatureOperator(cola.ops.LinearOperator):
         data_fingerprint = torch.zeros(5, dtype=torch.float64, device=self.device)
         try:
             with torch.no_grad():
-                for index, batch in enumerate(bar):
-                    inputs, targets = self._prepare(batch, index)
+                for index, raw in enumerate(bar):
+                    inputs, targets = self._prepare(raw, index)
                     n_b = batch_size(inputs, index, problem.batch_size_fn)
                     if n_b == 0:
                         continue
@@ -233,7 +276,8 @@ class CurvatureOperator(cola.ops.LinearOperator):
                         weight = spec.batch_weight(piece_targets, n_m)  # W_b; 0: every target ignored
                         if weight == 0:
                             continue
-                        products, loss = self._batch_matmat(params, constants, piece_inputs, piece_targets, blocks, index, part)
+                        batch = Batch(piece_inputs, piece_targets, n_m, index, part, params, constants, problem)
+                        products, loss = self._matmat_batch(batch, blocks)
                         for i, product in zip(range(0, k, chunk), products):
                             acc[i : i + chunk].add_(tree_to_flat(product), alpha=weight if spec.mean else 1.0)
                         losses.append(loss.detach().reshape(()))
@@ -305,7 +349,9 @@ class CurvatureOperator(cola.ops.LinearOperator):
                 f"or build the operator with dtype={X.dtype}"
             )
         if normalize_device(X.device) != self.device:
-            raise DeviceMismatchError(f"vector is on {X.device} but the operator is on {self.device}: v.to('{self.device}')")
+            raise DeviceMismatchError(
+                f"vector is on {X.device} but the operator is on {self.device}: v.to('{self.device}')"
+            )
         if not bool(torch.isfinite(X).all()):
             raise InvalidArgumentError(
                 f"the vector multiplied by {type(self).__name__} holds NaN or inf: the product would be NaN; check "
@@ -353,7 +399,9 @@ class CurvatureOperator(cola.ops.LinearOperator):
     def to(self, device, dtype=None):
         """Operators follow their model: move the model and build a new operator instead."""
         if dtype is not None and dtype != self.dtype:
-            raise DtypeMismatchError(f"{type(self).__name__}.to cannot change the dtype: build the operator with dtype={dtype}")
+            raise DtypeMismatchError(
+                f"{type(self).__name__}.to cannot change the dtype: build the operator with dtype={dtype}"
+            )
         if normalize_device(device) != self.device:
             raise DeviceMismatchError(
                 f"{type(self).__name__} lives where its model's parameters are ({self.device}): "

@@ -10,18 +10,19 @@ before trusting it (hessops/operators/hvp_tuning.py).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
 from hessops._functional import differentiable_kernels
+from hessops.constants import HVP_MODES
 
 ParamTree = tuple[Tensor, ...]
 
 REFERENCE = "autograd"  # plain double backward: what every other formulation is checked against
-FORMULATIONS = ("autograd", "autograd-loop", "forward-over-reverse", "reverse-over-forward", "reverse-over-reverse")
+FORMULATIONS = HVP_MODES[1:]  # every hvp_mode but "auto"
 
 
 def _batch_statistics(module: nn.Module) -> bool:
@@ -107,14 +108,25 @@ def autograd(batch_loss: Callable, params: ParamTree, blocks: list[ParamTree], b
                     per_column = []
                     for c in range(columns):
                         last_column = c == columns - 1
-                        per_column.append(torch.autograd.grad(
-                            outputs, p, [t[c] for t in cotangents], retain_graph=keep or not last_column,
-                            allow_unused=True, materialize_grads=True,
-                        ))
+                        per_column.append(
+                            torch.autograd.grad(
+                                outputs,
+                                p,
+                                [t[c] for t in cotangents],
+                                retain_graph=keep or not last_column,
+                                allow_unused=True,
+                                materialize_grads=True,
+                            )
+                        )
                     hv = [torch.stack(parts) for parts in zip(*per_column)]
                 else:
                     hv = torch.autograd.grad(
-                        outputs, p, cotangents, retain_graph=keep, allow_unused=True, is_grads_batched=True,
+                        outputs,
+                        p,
+                        cotangents,
+                        retain_graph=keep,
+                        allow_unused=True,
+                        is_grads_batched=True,
                     )  # not materialize_grads: its zeros for unused parameters lack the batch dimension
                     hv = [torch.zeros_like(t) if h is None else h for h, t in zip(hv, block)]
                 out = [h.detach() for h in hv]
@@ -135,6 +147,7 @@ def forward_over_reverse(batch_loss: Callable, params: ParamTree, blocks: list[P
 
 def reverse_over_forward(batch_loss: Callable, params: ParamTree, blocks: list[ParamTree], randomness: str):
     """``vmap(v ↦ grad(θ ↦ jvp(L_b, θ, v)))``: wrong through the layers in :data:`KNOWN_WRONG`."""
+
     def directional(p: ParamTree, v: ParamTree):
         _, derivative, loss = jvp(batch_loss, (p,), (v,), has_aux=True)
         return derivative, loss

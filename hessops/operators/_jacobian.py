@@ -2,47 +2,44 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
 
-import cola
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
-from hessops._functional import ParamTree, call_model, differentiable_kernels
-from hessops.operators._base import CurvatureOperator
+from hessops._cola import cola
+from hessops._functional import ParamTree, differentiable_kernels
+from hessops.operators._base import Batch, CurvatureOperator
 
 OutputMatmat = Callable[[Tensor], Tensor]
 
 
 class JacobianSandwich(CurvatureOperator):
-    r"""A PSD operator :math:`\frac1W \sum_b W_b J_b^\top M_b J_b` (``reduction="mean"``; :math:`\sum_b J_b^\top M_b J_b`
-    for ``"sum"``), with :math:`J_b` the Jacobian of batch :math:`b`'s outputs and :math:`M_b` a PSD matrix in
-    output space that each subclass defines (:meth:`_output_operator`); :math:`W_b` as in
-    :class:`CurvatureOperator`.
+    r"""A PSD operator :math:`\frac1W \sum_b W_b J_b^\top M_b J_b` (``reduction="mean"``;
+    :math:`\sum_b J_b^\top M_b J_b` for ``"sum"``), with :math:`J_b` the Jacobian of batch :math:`b`'s outputs
+    and :math:`M_b` a PSD matrix in output space that each subclass defines (:meth:`_output_operator`);
+    :math:`W_b` as in :class:`CurvatureOperator`.
 
     Per batch: one forward with its ``vjp``; for each block of columns a ``vmap``'d ``jvp`` (:math:`U = JV`),
     the output-space product :math:`W = MU`, and a ``vmap``'d ``vjp`` (:math:`J^\top W`). No per-example
     gradient is ever stored. The model must return a single tensor.
     """
 
-    def __init__(self, model: nn.Module, loss_fn, data, **kwargs):
-        super().__init__(model, loss_fn, data, **kwargs)
-        self.output_model = model
+    def _setup(self) -> None:
+        self.output_model = self.problem.model
         self.output_loss = self.problem.loss_fn  # a hessops.losses.LossSpec
         self.annotations = self.annotations | {cola.PSD}
 
-    def _output_operator(self, outputs: Tensor, targets: Any, index: int, part: int = 0) -> OutputMatmat:
+    def _output_operator(self, outputs: Tensor, batch: Batch) -> OutputMatmat:
         """``U ↦ M_b U`` for a block ``U`` of shape ``(c, *outputs.shape)``, where ``M_b`` belongs to the batch
-        loss as the loss reduces it (a mean: the data loop multiplies by :math:`W_b`); ``part`` numbers the
-        micro-batches of batch ``index``."""
+        loss as the loss reduces it (a mean: the data loop multiplies by :math:`W_b`)."""
         raise NotImplementedError
 
-    def _batch_matmat(self, params, constants, inputs, targets, blocks, index, part=0):
-        problem = self.problem
-        randomness = "same" if problem.allow_train_mode else "error"
+    def _matmat_batch(self, batch: Batch, blocks: list[ParamTree]) -> tuple[list[ParamTree], Tensor]:
+        randomness = "same" if self.problem.allow_train_mode else "error"
 
         def forward(p: ParamTree) -> Tensor:
-            outputs = call_model(self.output_model, problem.names, p, constants, inputs)
+            outputs = batch.outputs(p, self.output_model)
             if not isinstance(outputs, Tensor):
                 raise TypeError(
                     f"{type(self).__name__} needs a model that returns one tensor, got {type(outputs).__name__}"
@@ -50,12 +47,11 @@ class JacobianSandwich(CurvatureOperator):
             return outputs
 
         with differentiable_kernels():  # attention's fused kernels have no forward-mode derivative
-            outputs, pullback = vjp(forward, params)
-            loss = self.output_loss(outputs, targets)
-            output_matmat = self._output_operator(outputs, targets, index, part)
+            outputs, pullback = vjp(forward, batch.params)
+            loss = self.output_loss(outputs, batch.targets)
+            output_matmat = self._output_operator(outputs, batch)
             products = []
             for block in blocks:
-                jv = vmap(lambda v: jvp(forward, (params,), (v,))[1], randomness=randomness)(block)
+                jv = vmap(lambda v: jvp(forward, (batch.params,), (v,))[1], randomness=randomness)(block)
                 products.append(vmap(pullback, randomness=randomness)(output_matmat(jv))[0])
         return products, loss
-

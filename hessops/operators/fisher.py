@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -11,6 +12,7 @@ from torch.func import grad, vmap
 
 from hessops.errors import UnsupportedLossError
 from hessops.losses import LossSpec, loss_spec
+from hessops.operators._base import Batch
 from hessops.operators._jacobian import JacobianSandwich
 
 Sampler = Callable[[Tensor, Any, int, torch.Generator], Tensor]
@@ -51,15 +53,17 @@ class EmpiricalFisher(JacobianSandwich):
     Examples whose targets are all ignored contribute nothing.
 
     Computed as :math:`J^\top (s s^\top / w) J` with :math:`s_n = w_n \nabla_f \ell_n` the output gradient of
-    the batch's summed loss (no per-example parameter gradient is stored). Arguments as for
-    :class:`hessops.Hessian`.
+    the batch's summed loss (no per-example parameter gradient is stored). The arguments are
+    :class:`~hessops.CurvatureOperator`'s.
     """
 
-    def _output_operator(self, outputs: Tensor, targets, index: int, part: int = 0):
-        spec, n_b = self.output_loss, outputs.shape[0]
+    def _output_operator(self, outputs: Tensor, batch: Batch):
+        spec, n_b, targets = self.output_loss, outputs.shape[0], batch.targets
         weights = spec.example_weights(targets, n_b).to(outputs.device)
         if not spec.mean:
-            return _outer_matmat(_summed_gradients(spec, outputs, targets, 1.0).unsqueeze(0), torch.ones_like(weights), 1.0)
+            return _outer_matmat(
+                _summed_gradients(spec, outputs, targets, 1.0).unsqueeze(0), torch.ones_like(weights), 1.0
+            )
         total = float(weights.sum())
         coefficients = torch.where(weights > 0, 1 / weights.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
         return _outer_matmat(_summed_gradients(spec, outputs, targets, total).unsqueeze(0), coefficients, total)
@@ -84,16 +88,50 @@ class MCFisher(JacobianSandwich):
     ``partial``\ s. Class ``weight=``, ``pos_weight`` and ``label_smoothing`` define no likelihood and are
     refused (use :class:`GGN`, the expectation).
 
-    The labels of batch :math:`b` (micro-batch :math:`m`) are drawn from a generator seeded by ``(seed, rank, b, m)``, so the operator is a fixed
-    matrix as long as the data come in a fixed order (``shuffle=False``). Other arguments as for
-    :class:`hessops.Hessian`.
+    ``samples`` labels are drawn per target. The labels of batch :math:`b` (micro-batch :math:`m`) are drawn
+    from a generator seeded by ``(seed, rank, b, m)``, so the operator is a fixed matrix as long as the data
+    come in a fixed order (``shuffle=False``). The other arguments are :class:`~hessops.CurvatureOperator`'s.
     """
 
-    def __init__(self, model: nn.Module, loss_fn, data, *, samples: int = 1, seed: int = 0, **kwargs):
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, Any], Tensor],
+        data: Iterable,
+        *,
+        samples: int = 1,
+        seed: int = 0,
+        params: Sequence[Tensor] | None = None,
+        dtype: torch.dtype | None = None,
+        chunk_size: int | None = None,
+        micro_batch_size: int | None = None,
+        progress: bool = False,
+        allow_train_mode: bool = False,
+        batch_size_fn: Callable[[Any], int] | None = None,
+        unpack_inputs: bool = True,
+        check_determinism: bool = True,
+        distributed: bool | None = None,
+        group: Any = None,
+    ):
         if samples < 1:
             raise ValueError(f"samples must be at least 1, got {samples}")
         self._sampler_for(loss_spec(loss_fn))
-        super().__init__(model, loss_fn, data, **kwargs)
+        super().__init__(
+            model,
+            loss_fn,
+            data,
+            params=params,
+            dtype=dtype,
+            chunk_size=chunk_size,
+            micro_batch_size=micro_batch_size,
+            progress=progress,
+            allow_train_mode=allow_train_mode,
+            batch_size_fn=batch_size_fn,
+            unpack_inputs=unpack_inputs,
+            check_determinism=check_determinism,
+            distributed=distributed,
+            group=group,
+        )
         self.samples = samples
         self.seed = seed
 
@@ -124,14 +162,20 @@ class MCFisher(JacobianSandwich):
             return categorical
         if spec.kind in ("bce_logits", "bce"):
             if spec.options.get("pos_weight") is not None or spec.options.get("weight") is not None:
-                raise UnsupportedLossError(f"{spec.name} with weight or pos_weight has no Bernoulli likelihood: drop them")
+                raise UnsupportedLossError(
+                    f"{spec.name} with weight or pos_weight has no Bernoulli likelihood: drop them"
+                )
             to_probs = (lambda out: out.sigmoid()) if spec.kind == "bce_logits" else (lambda out: out.clamp(0, 1))
-            return lambda out, targets, s, gen: torch.bernoulli(_sanitized(to_probs(out)).expand(s, *out.shape), generator=gen)
+            return lambda out, targets, s, gen: torch.bernoulli(
+                _sanitized(to_probs(out)).expand(s, *out.shape), generator=gen
+            )
         if spec.kind == "mse":
+
             def gaussian(out: Tensor, targets: Any, s: int, gen: torch.Generator) -> Tensor:
                 # (f − y)² is exactly the NLL of N(f, 1/2), up to a constant, per element.
                 noise = torch.randn((s, *out.shape), generator=gen, dtype=out.dtype, device=out.device)
                 return out + math.sqrt(0.5) * noise
+
             return gaussian
         raise UnsupportedLossError(
             f"MCFisher samples labels from the likelihood the loss defines; it knows cross-entropy, NLL, BCE, "
@@ -139,9 +183,10 @@ class MCFisher(JacobianSandwich):
             "use GGN (its expectation) or EmpiricalFisher"
         )
 
-    def _output_operator(self, outputs: Tensor, targets, index: int, part: int = 0):
+    def _output_operator(self, outputs: Tensor, batch: Batch):
         # one stream per (seed, rank, batch, micro-batch); a whole batch (part 0) keeps its stream
-        stream = (self.seed * 1_000_003 + self.problem.rank) * 1_000_033 + index + (part << 40)
+        stream = (self.seed * 1_000_003 + self.problem.rank) * 1_000_033 + batch.index + (batch.part << 40)
+        targets = batch.targets
         generator = torch.Generator(device=outputs.device).manual_seed(stream % 2**63)
         spec = self.output_loss
         sampled = self._sampler_for(spec)(outputs.detach(), targets, self.samples, generator)

@@ -6,6 +6,7 @@ from torch import Tensor, nn
 from torch.func import grad, vjp, vmap
 
 from hessops.errors import UnsupportedLossError
+from hessops.operators._base import Batch
 from hessops.operators._jacobian import JacobianSandwich
 
 
@@ -26,12 +27,13 @@ class GGN(JacobianSandwich):
     it) is linear in log-probabilities, so its GGN would be zero. A ``nn.Sequential`` that ends in
     ``nn.LogSoftmax`` with an NLL loss is therefore split before the ``LogSoftmax`` (logits and
     cross-entropy with the same ``ignore_index``, ``weight`` and reduction: the same loss); any other NLL
-    model is refused, as is ``KLDivLoss`` (linear in its input too). Arguments as for :class:`hessops.Hessian`.
+    model is refused, as is ``KLDivLoss`` (linear in its input too). The arguments are
+    :class:`~hessops.CurvatureOperator`'s.
     """
 
-    def __init__(self, model: nn.Module, loss_fn, data, **kwargs):
-        super().__init__(model, loss_fn, data, **kwargs)
-        spec = self.problem.loss_fn
+    def _setup(self) -> None:
+        super()._setup()
+        model, spec = self.problem.model, self.problem.loss_fn
         if spec.kind == "kl_div":
             raise UnsupportedLossError(
                 f"{spec.name} is linear in the model's log-probabilities, so the GGN at that split is zero: return "
@@ -48,7 +50,7 @@ class GGN(JacobianSandwich):
             self.output_model = model[:-1]
             self.output_loss = spec.as_cross_entropy()
 
-    def _output_operator(self, outputs: Tensor, targets, index: int, part: int = 0):
+    def _output_operator(self, outputs: Tensor, batch: Batch):
         loss_fn = self.output_loss
-        _, hessian_vjp = vjp(grad(lambda o: loss_fn(o, targets)), outputs)
+        _, hessian_vjp = vjp(grad(lambda o: loss_fn(o, batch.targets)), outputs)
         return lambda u: vmap(hessian_vjp)(u)[0]

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable, Iterable, Sequence
 
-import cola
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
-from hessops._functional import ParamTree, batch_size, call_model, split_examples
+from hessops._cola import cola
+from hessops._functional import ParamTree, call_model, split_examples
+from hessops.constants import HVP_MODES
 from hessops.errors import HvpFormulationError
 from hessops.operators import _hvp, hvp_tuning
-from hessops.operators._base import CurvatureOperator
+from hessops.operators._base import Batch, CurvatureOperator
 from hessops.operators.hvp_tuning import CANDIDATES, _TUNED, Tuning  # noqa: F401 - where tests and users look
-
-HVP_MODES = ("auto", *_hvp.FORMULATIONS)
 
 
 class Hessian(CurvatureOperator):
@@ -42,10 +42,28 @@ class Hessian(CurvatureOperator):
 
     An explicit mode other than ``"autograd"`` is checked against double backward on its first product, and
     refused (:class:`~hessops.errors.HvpFormulationError`) if it disagrees. Attention runs in torch's math
-    kernel, the one with second derivatives. See :class:`CurvatureOperator` for the other arguments.
+    kernel, the one with second derivatives. The other arguments are :class:`CurvatureOperator`'s.
     """
 
-    def __init__(self, model, loss_fn, data, *, hvp_mode: str = "auto", **kwargs):
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, Any], Tensor],
+        data: Iterable,
+        *,
+        hvp_mode: str = "auto",
+        params: Sequence[Tensor] | None = None,
+        dtype: torch.dtype | None = None,
+        chunk_size: int | None = None,
+        micro_batch_size: int | None = None,
+        progress: bool = False,
+        allow_train_mode: bool = False,
+        batch_size_fn: Callable[[Any], int] | None = None,
+        unpack_inputs: bool = True,
+        check_determinism: bool = True,
+        distributed: bool | None = None,
+        group: Any = None,
+    ):
         if hvp_mode not in HVP_MODES:
             raise ValueError(f"hvp_mode={hvp_mode!r}: choose one of {HVP_MODES}")
         wrong = _hvp.known_wrong_on(hvp_mode, model)
@@ -54,7 +72,11 @@ class Hessian(CurvatureOperator):
                 f"hvp_mode={hvp_mode!r} is wrong through {', '.join(wrong)} in torch (its products are 10-100 % "
                 "off; docs/torch-pitfalls.md): use hvp_mode='auto' or another formulation"
             )
-        super().__init__(model, loss_fn, data, **kwargs)
+        super().__init__(
+            model, loss_fn, data, params=params, dtype=dtype, chunk_size=chunk_size, micro_batch_size=micro_batch_size,
+            progress=progress, allow_train_mode=allow_train_mode, batch_size_fn=batch_size_fn,
+            unpack_inputs=unpack_inputs, check_determinism=check_determinism, distributed=distributed, group=group,
+        )
         self.hvp_mode = hvp_mode
         self.annotations = self.annotations | {cola.SelfAdjoint}
 
@@ -64,13 +86,13 @@ class Hessian(CurvatureOperator):
         source, the seconds it cost, and each candidate's error and time on the slice."""
         return self.problem.memo.setdefault("hvp_tuning", {})
 
-    def _batch_matmat(self, params, constants, inputs, targets, blocks, index, part=0):
+    def _matmat_batch(self, batch: Batch, blocks: list[ParamTree]) -> tuple[list[ParamTree], Tensor]:
         problem = self.problem
         randomness = "same" if problem.allow_train_mode else "error"
 
         def loss_on(inputs: Any, targets: Any):
             def batch_loss(p: ParamTree) -> tuple[Tensor, Tensor]:
-                loss = problem.loss_fn(call_model(problem.model, problem.names, p, constants, inputs), targets)
+                loss = problem.loss_fn(call_model(problem.model, problem.names, p, batch.constants, inputs), targets)
                 if loss.dim() != 0:
                     raise _not_scalar(loss)
                 return loss, loss
@@ -79,13 +101,14 @@ class Hessian(CurvatureOperator):
 
         kind = _kind(blocks[0][0].shape[0] if len(blocks) == 1 else 2)
         if kind not in self.hvp_tuning and not self._tuning_deferred(kind):
-            self.hvp_tuning[kind] = self._tune(kind, loss_on, params, inputs, targets, blocks, index, randomness)
+            self.hvp_tuning[kind] = self._tune(kind, loss_on, batch, blocks, randomness)
+        whole = loss_on(batch.inputs, batch.targets)
         if kind not in self.hvp_tuning:  # "auto" before a run has shown tuning can pay: the reference
             return hvp_tuning.run_reference(
-                lambda: _hvp.run(_hvp.REFERENCE, loss_on(inputs, targets), params, blocks, randomness, problem.memo)
+                lambda: _hvp.run(_hvp.REFERENCE, whole, batch.params, blocks, randomness, problem.memo)
             )
         mode = self.hvp_tuning[kind].mode
-        return _hvp.run(mode, loss_on(inputs, targets), params, blocks, randomness, problem.memo)
+        return _hvp.run(mode, whole, batch.params, blocks, randomness, problem.memo)
 
     def _matmat(self, X: Tensor) -> Tensor:
         kind = _kind(X.shape[1])
@@ -112,12 +135,13 @@ class Hessian(CurvatureOperator):
     def _key(self, kind: str) -> tuple:
         return (str(self.device), self.dtype, self.problem.names, kind)
 
-    def _tune(self, kind, loss_on, params, inputs, targets, blocks, index, randomness) -> Tuning:
+    def _tune(self, kind, loss_on, batch: Batch, blocks, randomness) -> Tuning:
         """Validate (and for ``"auto"`` time) the formulations on a slice of this batch: the first
         ``TUNE_EXAMPLES`` examples and the first ``TUNE_COLUMNS`` columns of the first block."""
-        problem = self.problem
-        n_b = batch_size(inputs, index)
-        sliced_inputs, sliced_targets, examples = split_examples(inputs, targets, n_b, hvp_tuning.TUNE_EXAMPLES)[0]
+        problem, params = self.problem, batch.params
+        sliced_inputs, sliced_targets, examples = split_examples(
+            batch.inputs, batch.targets, batch.size, hvp_tuning.TUNE_EXAMPLES
+        )[0]
         columns = 1 if kind == "single" else min(hvp_tuning.TUNE_COLUMNS, blocks[0][0].shape[0])
         block = tuple(t[:columns] for t in blocks[0])
         sliced_loss = loss_on(sliced_inputs, sliced_targets)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import cola
 import torch
-from cola.ops import BlockDiag, Diagonal, Identity, Kronecker, Product, ScalarMul, Sum
 from torch import Tensor
 
 from hessops._arguments import real
+from hessops._cola import cola
 from hessops.errors import InvalidArgumentError
 
 
@@ -55,16 +54,16 @@ def is_psd(op: cola.ops.LinearOperator) -> bool:
     parts are; a ``Diagonal`` when its entries are real and ≥ 0; ``Identity`` always. Any other CoLA
     composite (it holds operators) is not trusted; any other operator (``Dense``, a hessops curvature
     operator, :class:`Regularized`) keeps its own annotation."""
-    if isinstance(op, Identity):
+    if isinstance(op, cola.ops.Identity):
         return True
-    if isinstance(op, ScalarMul):
+    if isinstance(op, cola.ops.ScalarMul):
         return _nonnegative(op.c)
-    if isinstance(op, Diagonal):
+    if isinstance(op, cola.ops.Diagonal):
         return _nonnegative(op.diag)
-    if isinstance(op, Product):
-        factors = [M for M in op.Ms if not isinstance(M, ScalarMul)]
+    if isinstance(op, cola.ops.Product):
+        factors = [M for M in op.Ms if not isinstance(M, cola.ops.ScalarMul)]
         return len(factors) <= 1 and all(is_psd(M) for M in op.Ms)
-    if isinstance(op, (Sum, Kronecker, BlockDiag)):
+    if isinstance(op, (cola.ops.Sum, cola.ops.Kronecker, cola.ops.BlockDiag)):
         return all(is_psd(M) for M in op.Ms)
     parts = [*getattr(op, "Ms", ()), getattr(op, "A", None)]
     if any(isinstance(part, cola.ops.LinearOperator) for part in parts):  # Transpose, Adjoint, Sliced, KronSum, ...

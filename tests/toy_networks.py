@@ -1,4 +1,4 @@
-"""The small networks the tests run on, the two of our users' studies among them."""
+"""Small networks for the tests (not the library's zoo, hessops.models): the two of our users' studies among them."""
 
 from __future__ import annotations
 

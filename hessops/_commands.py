@@ -1,0 +1,542 @@
+"""What each ``hessops`` command does, once :mod:`hessops.cli` has checked its command line.
+
+Torch-free at import, so that parsing a command line stays cheap: each command imports what it needs when it
+runs. Every command prints a short summary; ``--out`` gets the result's own ``to_dict()`` beside the
+settings and a record of the run, and ``--plot`` one figure, each written whole or not at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from hessops import __version__
+from hessops.errors import HessopsError
+from hessops.zoo import MODELS
+
+if TYPE_CHECKING:
+    import torch
+    from matplotlib.figure import Figure
+
+
+class CommandError(HessopsError):
+    """A command line that cannot run here (no CUDA, a model that does not take the data's inputs)."""
+
+
+class OutputError(Exception):
+    """A result or a figure could not be written."""
+
+
+# -- set-up shared by the commands that build an operator ------------------------------------------------------
+@dataclass
+class Setup:
+    """The model (checkpoint loaded, on the device), its loss, the dataset, its loader and the operator."""
+
+    model: torch.nn.Module
+    loss_fn: Any
+    dataset: torch.utils.data.Dataset
+    loader: Any
+    op: Any
+    settings: dict
+
+
+def _device(name: str) -> torch.device:
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CommandError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CommandError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def setup(args: argparse.Namespace) -> Setup:
+    """The data first (a missing dataset is reported before a large model is built), then the model, checked
+    to take the data's inputs, then the operator ``--operator`` names."""
+    import torch
+
+    from hessops.data import load_dataset, make_loader, on_device
+    from hessops.models import build_model, load_checkpoint, make_loss, model_spec
+    from hessops.operators import OPERATORS
+
+    device = _device(args.device)
+    if args.distributed or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = _start_distributed(args)
+    spec = model_spec(args.model)
+    data_name = args.data or spec.default_data
+    # The model's own normalization where it was trained on this data (resnet18_cifar10's checkpoint differs).
+    normalization = {"mean": spec.mean, "std": spec.std} if data_name == spec.default_data else {}
+    dataset = load_dataset(
+        data_name,
+        data_dir=args.data_dir,
+        train=not args.test_split,
+        num_examples=args.num_examples,
+        seed=args.seed,
+        **normalization,
+    )
+    model = build_model(args.model, seed=args.seed)
+    if args.checkpoint is not None:
+        load_checkpoint(model, args.checkpoint)
+    model = model.to(device).eval()
+    _check_fits(model, dataset, device, args.model, data_name)
+    total_examples = len(dataset)
+    if getattr(args, "rank", None) is not None:
+        from hessops.distributed import shard
+
+        dataset = shard(dataset)  # this rank's contiguous part; the operator sums over all ranks
+    loader = on_device(make_loader(dataset, batch_size=args.batch_size), device)
+    loss_fn = make_loss(spec)
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, args.dtype), "progress": not args.no_progress}
+    if args.operator == "mcfisher":
+        kwargs["seed"] = args.seed
+    if args.operator == "hessian":
+        kwargs["hvp_mode"] = args.hvp_mode
+    op = OPERATORS[args.operator](model, loss_fn, loader, **kwargs)
+    settings = {
+        "model": args.model,
+        "checkpoint": str(args.checkpoint) if args.checkpoint else None,
+        "data": data_name,
+        "split": "test" if args.test_split else "train",
+        "num_examples": total_examples,
+        "batch_size": args.batch_size,
+        "operator": args.operator,
+        "hvp_mode": args.hvp_mode if args.operator == "hessian" else None,
+        "device": str(op.device),
+        "dtype": args.dtype,
+        "seed": args.seed,
+        "n_params": op.shape[0],
+        "world_size": getattr(args, "world_size", 1),
+    }
+    return Setup(model, loss_fn, dataset, loader, op, settings)
+
+
+def _check_fits(model: torch.nn.Module, dataset: Any, device: torch.device, name: str, data: str) -> None:
+    """One example through the model: a model made for other inputs fails here in one line, not inside the
+    first product."""
+    import torch
+
+    x = dataset[0][0].unsqueeze(0).to(device)
+    try:
+        with torch.no_grad():
+            model(x)
+    except RuntimeError as error:
+        reason = str(error).strip().splitlines()[0]
+        raise CommandError(
+            f"--model {name} does not take {data}'s inputs of shape {tuple(x.shape[1:])} ({reason}): pass --data "
+            f"with the model's inputs ({MODELS[name].input_shape if name in MODELS else 'see its timm config'})"
+        ) from None
+
+
+def _start_distributed(args: argparse.Namespace) -> torch.device:
+    """Join the process group torchrun set up; only rank 0 prints, shows progress and writes files."""
+    from hessops.distributed import init_from_environment
+
+    args.rank, args.world_size, device = init_from_environment(args.device, args.timeout)
+    if args.rank != 0:
+        args.no_progress, args.out, args.plot = True, None, None
+        sys.stdout = io.StringIO()  # ranks other than 0 compute in silence
+    return device
+
+
+def end_distributed() -> None:
+    """Leave the process group, if one was joined."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# -- output: JSON and figures, each written whole or not at all ------------------------------------------------
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def replace_file(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` whole or not at all: ``write`` fills a temporary file beside it, which then replaces it
+    (``os.replace``, atomic on POSIX and Windows), so an interrupted or failed write leaves any old file as it
+    was. The folder is made if missing; the file gets the usual permissions (0666 less the umask)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    except OSError as error:
+        raise OutputError(f"cannot write {path}: {error.strerror or error}") from error
+    try:
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, 0o666 & ~_umask())
+        os.replace(temporary, path)
+    except BaseException as error:
+        Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise OutputError(f"cannot write {path}: {error.strerror or error}") from error
+        raise
+
+
+def write_json(path: Path, record: dict) -> None:
+    """``record`` as indented JSON, NaN and infinities written as ``null`` (JSON has neither)."""
+    text = json.dumps(_finite(record), indent=2, allow_nan=False) + "\n"
+    replace_file(path, lambda file: file.write(text.encode()))
+
+
+def save_figure(fig: Figure, path: Path) -> None:
+    """The figure in the format its extension names."""
+    replace_file(path, lambda file: fig.savefig(file, format=path.suffix[1:].lower(), dpi=120))
+    if "matplotlib.pyplot" in sys.modules:  # a figure pyplot made is kept open by pyplot until closed
+        sys.modules["matplotlib.pyplot"].close(fig)
+
+
+def new_figure(rows: int = 1, cols: int = 1, size: tuple[float, float] = (6.5, 4.5)) -> tuple[Figure, Any]:
+    """A figure of its own (no pyplot, so no backend is chosen or switched) and its axes."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, layout="constrained")
+    return fig, fig.subplots(rows, cols)
+
+
+def title(what: str, settings: dict) -> str:
+    """``what`` and the model, data and number of examples it is of."""
+    return f"{what}: {settings['model']} on {settings['data']}, N = {settings['num_examples']:,}"
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _describe(device: torch.device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device} ({platform.machine() or 'unknown machine'}, {torch.get_num_threads()} threads)"
+
+
+def run_record(args: argparse.Namespace, device: torch.device) -> dict:
+    """The command line, when it started (UTC) and how long it has run, the device and the versions."""
+    import torch
+
+    from hessops._cola import cola
+
+    return {
+        **args.run,
+        "wall_seconds": time.perf_counter() - args.began,
+        "device": _describe(device),
+        "versions": {"hessops": __version__, "torch": torch.__version__, "cola": cola.__version__},
+    }
+
+
+def emit(
+    args: argparse.Namespace,
+    settings: dict,
+    result: dict,
+    device: torch.device,
+    draw: Callable[[], Figure],
+) -> None:
+    """Write ``--out``, ``{"command", "run", "settings", **result}``, and draw ``--plot`` (``draw`` makes the
+    figure, only when asked)."""
+    if args.out is not None:  # first: a figure that fails to draw costs no result
+        write_json(args.out, {"command": args.command, "run": run_record(args, device), "settings": settings, **result})
+        print(f"wrote {args.out}")
+    if args.plot is not None:
+        save_figure(draw(), args.plot)
+        print(f"wrote {args.plot}")
+
+
+# -- the commands ------------------------------------------------------------------------------------------------
+def eigs(args: argparse.Namespace) -> None:
+    """``hessops eigs``: Lanczos on the operator; prints each eigenvalue with its residual and error bound."""
+    import hessops
+    from hessops.plot import plot_eigenvalues
+
+    s = setup(args)
+    spectrum = hessops.eigs(
+        s.op,
+        args.k,
+        args.which,
+        tol=args.tol,
+        value_tol=args.value_tol,
+        max_iters=args.max_iters,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    result = spectrum.to_dict()
+    for i, (value, residual, bound) in enumerate(
+        zip(result["eigenvalues"], result["residuals"], result["error_bounds"]), 1
+    ):
+        print(f"λ{i:<3d} = {value: .8g}   ‖Hv − λv‖ = {residual:.2g}   error ≤ {bound:.2g}")
+    print(
+        f"{result['n_matvecs']} products in {result['seconds']:.2f} s ({result['lanczos_steps']} Lanczos steps), "
+        f"converged: {result['converged']}"
+    )
+    name = type(s.op).__name__
+    what = (
+        f"{name} top-{args.k} eigenvalues" if args.which == "LM" else f"{name} eigenvalues ({args.which}, k = {args.k})"
+    )
+
+    def draw() -> Figure:
+        fig, ax = new_figure()
+        plot_eigenvalues(result["eigenvalues"], ax=ax, title=title(what, s.settings))
+        return fig
+
+    settings = s.settings | {
+        "k": args.k,
+        "which": args.which,
+        "tol": args.tol,
+        "value_tol": args.value_tol,
+        "max_iters": args.max_iters,
+    }
+    tuning = {kind: t.to_dict() for kind, t in getattr(s.op, "hvp_tuning", {}).items()}
+    emit(args, settings, result | {"hvp_tuning": tuning}, s.op.device, draw)
+
+
+def density(args: argparse.Namespace) -> None:
+    """``hessops density``: the SLQ spectral density, broadened on a grid."""
+    import hessops
+    from hessops.plot import plot_density
+
+    s = setup(args)
+    d = hessops.spectral_density(
+        s.op,
+        num_probes=args.num_probes,
+        lanczos_steps=args.lanczos_steps,
+        grid=args.grid,
+        sigma=args.sigma,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    result = d.to_dict()
+    grid = result["grid"]
+    print(
+        f"density on [{grid[0]:.4g}, {grid[-1]:.4g}], σ = {result['sigma']:.3g}; mean eigenvalue "
+        f"{result['moments']['mean']:.6g}; {result['n_matvecs']} products in {result['seconds']:.2f} s"
+    )
+    top = sum(max(nodes) for nodes in result["nodes"]) / len(result["nodes"])  # the largest Ritz value, on average
+
+    def draw() -> Figure:
+        fig, ax = new_figure()
+        plot_density(
+            grid,
+            result["density"],
+            ax=ax,
+            top=[top],
+            title=title(f"{type(s.op).__name__} spectral density", s.settings),
+        )
+        return fig
+
+    settings = s.settings | {
+        "num_probes": args.num_probes,
+        "lanczos_steps": args.lanczos_steps,
+        "grid": args.grid,
+        "sigma": args.sigma,
+    }
+    emit(args, settings, result, s.op.device, draw)
+
+
+def trace(args: argparse.Namespace) -> None:
+    """``hessops trace``: Hutch++ or Hutchinson."""
+    import hessops
+    from hessops.plot import plot_trace
+
+    s = setup(args)
+    estimate = hessops.trace(s.op, probes=args.probes, method=args.method, seed=args.seed)
+    result = estimate.to_dict()
+    print(
+        f"trace = {result['trace']:.8g} ± {result['std_error']:.2g} ({result['method']}, {result['n_matvecs']} "
+        f"products, {result['seconds']:.2f} s)"
+    )
+
+    def draw() -> Figure:
+        fig, ax = new_figure()
+        plot_trace(estimate, ax=ax, title=title(f"{type(s.op).__name__} trace against probes", s.settings))
+        return fig
+
+    emit(args, s.settings | {"probes": args.probes, "method": args.method}, result, s.op.device, draw)
+
+
+def logdet(args: argparse.Namespace) -> None:
+    """``hessops logdet``: log det(op + c·I), exact or by SLQ."""
+    import hessops
+    from hessops.plot import plot_log_volume
+
+    s = setup(args)
+    estimate = hessops.logdet(
+        hessops.Regularized(s.op, args.c),
+        method=args.method,
+        probes=args.probes,
+        lanczos_steps=args.lanczos_steps,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    result = estimate.to_dict()
+    print(
+        f"log det({args.operator} + {args.c:g}·I) = {result['logdet']:.8g} ± {result['std_error']:.2g} "
+        f"({result['method']}, {result['n_matvecs']} products, {result['seconds']:.2f} s)"
+    )
+
+    def draw() -> Figure:
+        return plot_log_volume(estimate, title=title(f"log det({type(s.op).__name__} + {args.c:g}·I)", s.settings))
+
+    settings = s.settings | {
+        "c": args.c,
+        "method": args.method,
+        "probes": args.probes,
+        "lanczos_steps": args.lanczos_steps,
+    }
+    emit(args, settings, result, s.op.device, draw)
+
+
+def basin(args: argparse.Namespace) -> None:
+    """``hessops basin``: the log volume of the quadratic basin."""
+    import hessops
+    from hessops.plot import plot_log_volume
+
+    s = setup(args)
+    volume = hessops.basin_volume(
+        s.op,
+        threshold=args.threshold,
+        c=args.c,
+        method=args.method,
+        probes=args.probes,
+        lanczos_steps=args.lanczos_steps,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    result = volume.to_dict()
+    print(
+        f"log V = {result['log_volume']:.6f}  (log unit ball {result['log_unit_ball']:.6f} + threshold term "
+        f"{result['log_threshold_term']:.6f} − ½ logdet {result['half_logdet']:.6f} ± "
+        f"{0.5 * result['logdet_std_error']:.2g}; n = {result['n']}, {result['method']})"
+    )
+
+    def draw() -> Figure:
+        return plot_log_volume(
+            volume, title=title(f"Log basin volume ({type(s.op).__name__}, c = {args.c:g})", s.settings)
+        )
+
+    settings = s.settings | {
+        "threshold": args.threshold,
+        "c": args.c,
+        "method": args.method,
+        "probes": args.probes,
+        "lanczos_steps": args.lanczos_steps,
+    }
+    emit(args, settings, result, s.op.device, draw)
+
+
+def track(args: argparse.Namespace) -> None:
+    """``hessops track``: SGD, measuring the sharpness every ``--every`` epochs and the gradient norms."""
+    import torch
+
+    from hessops.data import make_loader, on_device
+    from hessops.tracking import GradNormTracker, SharpnessTracker, train
+
+    s = setup(args)
+    subset = torch.utils.data.Subset(s.dataset, range(min(args.sharpness_examples, len(s.dataset))))
+    fixed = on_device(make_loader(subset, batch_size=args.batch_size), s.op.device)
+    sharpness = SharpnessTracker(s.model, s.loss_fn, fixed, unit="epoch", dtype=s.op.dtype)
+    grad_norms = GradNormTracker(s.model)
+    history = train(
+        s.model,
+        s.loss_fn,
+        s.loader,
+        epochs=args.epochs,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        sharpness=sharpness,
+        grad_norms=grad_norms,
+        every=args.every,
+        progress=not args.no_progress,
+    )
+    for record in sharpness.history:
+        print(f"epoch {record.step:3d}: sharpness {record.values[0]:.6g}")
+
+    def draw() -> Figure:
+        fig, (left, right) = new_figure(1, 2, (13, 4.5))
+        sharpness.plot(ax=left, title="Sharpness (top Hessian eigenvalue)")
+        grad_norms.plot(ax=right, title="Per-layer gradient norms")
+        fig.suptitle(title("Training with SGD", s.settings))
+        return fig
+
+    settings = s.settings | {
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "momentum": args.momentum,
+        "weight_decay": args.weight_decay,
+        "every": args.every,
+        "sharpness_examples": len(subset),
+    }
+    result = {
+        "training": history,
+        "sharpness": [asdict(r) for r in sharpness.history],
+        "grad_norms": grad_norms.history,
+    }
+    emit(args, settings, result, s.op.device, draw)
+
+
+def demo(args: argparse.Namespace) -> None:
+    """``hessops demo``: :func:`hessops.demo.run_demo`, its result at ``--out`` and its figure at ``--plot``."""
+    import torch
+
+    from hessops.demo import run_demo
+
+    result = run_demo(k=args.k, seed=args.seed, progress=not args.no_progress)
+    emit(args, result.settings, result.to_dict(), torch.device("cpu"), result.figure)
+
+
+def download(args: argparse.Namespace) -> None:
+    """``hessops download``: torchvision fetches the files (see :func:`hessops.data.download_dataset`)."""
+    from hessops.data import download_dataset
+
+    print(f"{args.name} is in {download_dataset(args.name, args.data_dir)}")
+
+
+def models(args: argparse.Namespace) -> None:
+    """``hessops models``: the zoo, from its registry (no model is built)."""
+    rows = [("model", "parameters", "input", "classes", "data", "description")]
+    for spec in MODELS.values():
+        size = f"{spec.n_params:,}" if spec.n_params is not None else "?"
+        rows.append(
+            (
+                spec.name,
+                size,
+                "×".join(map(str, spec.input_shape)),
+                str(spec.num_classes),
+                str(spec.default_data),
+                spec.description,
+            )
+        )
+    rows.append(("timm:NAME", "", "", "", "", "any timm model (pip install 'hessops[zoo]'); pass --data"))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    for row in rows:
+        cells = [
+            row[0].ljust(widths[0]),
+            row[1].rjust(widths[1]),
+            row[2].ljust(widths[2]),
+            row[3].rjust(widths[3]),
+            row[4].ljust(widths[4]),
+            row[5],
+        ]
+        print("  ".join(cells).rstrip())

@@ -1,0 +1,45 @@
+"""The names the library and the command line share, in one place: the library's modules check their
+arguments against these tuples and the CLI offers them as choices. Torch-free, so that parsing a command line
+imports nothing heavy."""
+
+from __future__ import annotations
+
+__all__ = [
+    "OPERATOR_NAMES",
+    "HVP_MODES",
+    "WHICH",
+    "TRACE_METHODS",
+    "LOGDET_METHODS",
+    "DATASETS",
+    "DOWNLOADABLE",
+    "DTYPES",
+]
+
+# The curvature operators by name (hessops.operators.OPERATORS maps each to its class).
+OPERATOR_NAMES: tuple[str, ...] = ("hessian", "ggn", "ef", "mcfisher")
+
+# Hessian(hvp_mode=...): "auto" or one of the exact formulations of hessops/operators/_hvp.py.
+HVP_MODES: tuple[str, ...] = (
+    "auto",
+    "autograd",
+    "autograd-loop",
+    "forward-over-reverse",
+    "reverse-over-forward",
+    "reverse-over-reverse",
+)
+
+# eigs(which=...): largest magnitude, largest algebraic, smallest algebraic, or both ends.
+WHICH: tuple[str, ...] = ("LM", "LA", "SA", "both")
+
+# trace(method=...).
+TRACE_METHODS: tuple[str, ...] = ("hutch++", "hutchinson")
+
+# logdet(method=...) and basin_volume(method=...).
+LOGDET_METHODS: tuple[str, ...] = ("auto", "dense", "slq")
+
+# hessops.data.load_dataset knows these; download_dataset fetches the last three (digits ship with scikit-learn).
+DATASETS: tuple[str, ...] = ("digits", "mnist", "cifar10", "cifar2")
+DOWNLOADABLE: tuple[str, ...] = ("mnist", "cifar10", "cifar2")
+
+# The operator dtypes the CLI offers (torch.float32, torch.float64).
+DTYPES: tuple[str, ...] = ("float32", "float64")

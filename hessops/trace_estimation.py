@@ -1,0 +1,131 @@
+"""Stochastic trace estimation, the function `hessops.trace`: Hutchinson (1989) and Hutch++ (Meyer, Musco, Musco
+& Woodruff, 2021)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+from hessops import constants
+from hessops._arguments import choice, integer, linear_operator
+from hessops._cola import cola
+from hessops.errors import InvalidArgumentError
+from hessops.lanczos import check_precision, rademacher
+
+METHODS = constants.TRACE_METHODS
+
+
+@dataclass(frozen=True)
+class TraceHistory:
+    """The running estimate against the products used: after ``probes[i]`` products the estimate was
+    ``estimate[i] ± std_error[i]`` (Hutchinson: the first ``probes[i]`` samples; Hutch++: the exact part of
+    the sketch and the first deflated samples; exact: one point)."""
+
+    probes: list[int]
+    estimate: list[float]
+    std_error: list[float]
+
+
+@dataclass
+class TraceEstimate:
+    """``estimate`` of ``tr A`` with its ``std_error`` (the sample standard deviation of the stochastic part
+    over √samples), the ``method`` (``"exact"`` when ``probes ≥ n`` made the exact trace, ``std_error`` 0, no
+    dearer than the estimate), the ``probes`` asked for, the running estimate in ``history``, the operator
+    products used (``n_matvecs``, columns) and the wall time in ``seconds``."""
+
+    estimate: float
+    std_error: float
+    method: str
+    probes: int
+    history: TraceHistory
+    n_matvecs: int
+    seconds: float
+
+    def __iter__(self):
+        return iter((self.estimate, self.std_error))
+
+    def to_dict(self) -> dict:
+        """The result as JSON-ready values: ``trace``, ``std_error``, ``method``, ``probes``, ``history``
+        (``probes``, ``estimate``, ``std_error`` lists), ``n_matvecs``, ``seconds``."""
+        return {
+            "trace": self.estimate,
+            "std_error": self.std_error,
+            "method": self.method,
+            "probes": self.probes,
+            "history": asdict(self.history),
+            "n_matvecs": self.n_matvecs,
+            "seconds": self.seconds,
+        }
+
+
+def _running(samples: Tensor, offset: float, products_before: int) -> TraceHistory:
+    """``offset + mean`` of the first ``i`` samples and its standard error, for ``i = 2, …, len(samples)``
+    (the first sample has no spread), against the products used: ``products_before + i``."""
+    shifted = samples - samples.mean()  # running sums of centred samples: no cancellation in the variance
+    count = torch.arange(1, len(samples) + 1, dtype=samples.dtype)
+    first, second = shifted.cumsum(0), (shifted**2).cumsum(0)
+    mean = samples.mean() + first / count
+    variance = (second - first**2 / count) / (count - 1).clamp_min(1)
+    error = (variance.clamp_min(0) / count).sqrt()
+    return TraceHistory(
+        probes=(products_before + count[1:].long()).tolist(),
+        estimate=(offset + mean[1:]).tolist(),
+        std_error=error[1:].tolist(),
+    )
+
+
+def trace(op: cola.ops.LinearOperator, *, probes: int = 100, method: str = "hutch++", seed: int = 0) -> TraceEstimate:
+    r"""Estimate :math:`\mathrm{tr}\,A` with ``probes`` products of ``A`` (all in one block: one data pass
+    for Hutchinson, two for Hutch++).
+
+    - ``"hutchinson"``: :math:`\frac1m \sum_i z_i^\top A z_i`, Rademacher :math:`z_i`; variance
+      :math:`2(\lVert A\rVert_F^2 - \sum_i A_{ii}^2)/m`.
+    - ``"hutch++"``: a third of the products find the dominant range :math:`Q` of :math:`AS`, whose trace
+      :math:`\mathrm{tr}(Q^\top A Q)` is exact, and Hutchinson on the deflated :math:`(I-QQ^\top)A(I-QQ^\top)`
+      takes the rest: error :math:`O(1/m)` instead of :math:`O(1/\sqrt m)` for the spiked spectra of Hessians.
+      ``std_error`` is the deflated part's.
+
+    When ``probes ≥ n`` the exact trace :math:`\sum_i e_i^\top A e_i` takes ``n ≤ probes`` products, no more
+    than the estimate: it is returned instead, with ``std_error`` 0 and ``method="exact"`` (so Hutch++'s
+    sketch of ``probes // 3`` columns never exceeds ``n``). Half-precision operators are refused.
+
+    ``history`` holds the running estimate as the samples accumulate (all products are computed in one
+    block, so it costs nothing): how the estimate converged, for :func:`hessops.plot.plot_trace`.
+    """
+    method = choice("method", method, METHODS)
+    probes = integer("probes", probes, minimum=2 if method == "hutchinson" else 4)
+    seed = integer("seed", seed)
+    if linear_operator("op", op).shape[0] != op.shape[1]:
+        raise InvalidArgumentError(f"op must be a square CoLA LinearOperator, got {op!r}")
+    check_precision(op, "trace")
+    n = op.shape[0]
+    began = time.perf_counter()
+    if probes >= n:
+        identity = torch.eye(n, dtype=op.dtype, device=op.device)
+        exact = float(torch.diagonal(op @ identity).double().sum())
+        history = TraceHistory([n], [exact], [0.0])
+        return TraceEstimate(exact, 0.0, "exact", probes, history, n, time.perf_counter() - began)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    if method == "hutchinson":
+        Z = rademacher(n, probes, generator, op)
+        samples = (Z * (op @ Z)).sum(0).double().cpu()
+        history = _running(samples, 0.0, 0)
+        return TraceEstimate(
+            history.estimate[-1], history.std_error[-1], method, probes, history, probes, time.perf_counter() - began
+        )
+    sketch = probes // 3
+    remaining = probes - 2 * sketch
+    Q, _ = torch.linalg.qr(op @ rademacher(n, sketch, generator, op))
+    Z = rademacher(n, remaining, generator, op)
+    Z = Z - Q @ (Q.T @ Z)
+    products = op @ torch.cat([Q, Z], dim=1)  # one pass over the data for both
+    exact_part = float(torch.einsum("nk,nk->", Q, products[:, :sketch]))
+    deflated = products[:, sketch:] - Q @ (Q.T @ products[:, sketch:])
+    samples = (Z * deflated).sum(0).double().cpu()
+    history = _running(samples, exact_part, 2 * sketch)
+    return TraceEstimate(
+        history.estimate[-1], history.std_error[-1], method, probes, history, probes, time.perf_counter() - began
+    )

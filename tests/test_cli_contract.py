@@ -1,0 +1,326 @@
+"""The command line's contract, each case its own test: a bad value is refused before anything is loaded, in
+one line on standard error with exit status 2; the run's own failures have their own status; outputs are
+checked before computing and written whole; parsing imports nothing heavy. Fast: nothing here computes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import hessops.demo
+from hessops import _commands, cli
+from hessops.errors import DistributedError, InvalidArgumentError
+from hessops.zoo import MODELS
+
+
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    """Any command that gets as far as loading a model or data fails the test."""
+
+    def loaded(args):
+        raise AssertionError(f"`hessops {args.command}` loaded a model or data before refusing its command line")
+
+    monkeypatch.setattr(_commands, "setup", loaded)
+    monkeypatch.setattr(hessops.demo, "run_demo", loaded)
+
+
+def one_line_error(capsys, status: int, expected: int = cli.EXIT_USAGE) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert status == expected and len(lines) == 1 and lines[0].startswith("hessops: "), err
+    return lines[0]
+
+
+BAD_VALUES = {
+    "k-zero": (["eigs", "--k", "0"], "argument --k: 0 is out of range"),
+    "k-negative": (["eigs", "--k", "-2"], "argument --k: -2 is out of range"),
+    "k-not-whole": (["eigs", "--k", "2.5"], "argument --k: '2.5' is not a whole number"),
+    "k-above-size": (["eigs", "--k", "2411"], "mlp-digits has 2,410 parameters"),
+    "max-iters-below-k": (["eigs", "--k", "5", "--max-iters", "4"], "--max-iters 4 is less than --k 5"),
+    "max-iters-zero": (["eigs", "--max-iters", "0"], "argument --max-iters: 0"),
+    "tol-zero": (["eigs", "--tol", "0"], "argument --tol: 0 is out of range: pass a finite number > 0"),
+    "tol-nan": (["eigs", "--tol", "nan"], "argument --tol: nan"),
+    "value-tol-negative": (["eigs", "--value-tol", "-1e-6"], "argument --value-tol"),
+    "which-unknown": (["eigs", "--which", "largest"], "argument --which: invalid choice"),
+    "num-examples-zero": (["eigs", "--num-examples", "0"], "argument --num-examples: 0 is out of range"),
+    "num-examples-above-train": (["eigs", "--num-examples", "1438"], "the digits train split has 1,437 examples"),
+    "num-examples-above-test": (["eigs", "--test-split", "--num-examples", "361"], "the digits test split has 360"),
+    "num-examples-above-mnist": (
+        ["eigs", "--data", "mnist", "--num-examples", "60001"],
+        "mnist train split has 60,000",
+    ),
+    "num-examples-above-cifar2": (
+        ["density", "--model", "mlp-cifar2", "--num-examples", "10001"],
+        "cifar2 train split",
+    ),
+    "batch-size-zero": (["eigs", "--batch-size", "0"], "argument --batch-size: 0"),
+    "seed-negative": (["eigs", "--seed", "-1"], "argument --seed: -1 is out of range"),
+    "seed-too-large": (["trace", "--seed", str(2**63)], "argument --seed"),
+    "num-probes-zero": (["density", "--num-probes", "0"], "argument --num-probes: 0"),
+    "lanczos-steps-zero": (["density", "--lanczos-steps", "0"], "argument --lanczos-steps: 0"),
+    "sigma-negative": (["density", "--sigma", "-1"], "argument --sigma: -1 is out of range"),
+    "sigma-zero": (["density", "--sigma", "0"], "argument --sigma: 0"),
+    "grid-one-point": (["density", "--grid", "1"], "argument --grid: 1 is out of range: pass a whole number ≥ 2"),
+    "trace-probes-zero": (["trace", "--probes", "0"], "argument --probes: 0"),
+    "hutchpp-probes-three": (["trace", "--probes", "3"], "hutch++ needs at least 4"),
+    "hutchinson-probes-one": (["trace", "--method", "hutchinson", "--probes", "1"], "argument --probes: 1"),
+    "trace-method-unknown": (["trace", "--method", "exact"], "argument --method: invalid choice"),
+    "logdet-c-nan": (["logdet", "--c", "nan"], "argument --c: nan is out of range: pass a finite number"),
+    "logdet-probes-zero": (["logdet", "--probes", "0"], "argument --probes: 0"),
+    "logdet-lanczos-steps-zero": (["logdet", "--lanczos-steps", "0"], "argument --lanczos-steps: 0"),
+    "basin-threshold-zero": (["basin", "--threshold", "0"], "argument --threshold: 0 is out of range"),
+    "basin-threshold-inf": (["basin", "--threshold", "inf"], "argument --threshold: inf"),
+    "basin-c-inf": (["basin", "--c=-inf"], "argument --c: -inf"),
+    "epochs-zero": (["track", "--epochs", "0"], "argument --epochs: 0"),
+    "every-zero": (["track", "--every", "0"], "argument --every: 0"),
+    "lr-zero": (["track", "--lr", "0"], "argument --lr: 0"),
+    "lr-text": (["track", "--lr", "fast"], "argument --lr: 'fast' is not a number"),
+    "momentum-one": (
+        ["track", "--momentum", "1"],
+        "argument --momentum: 1 is out of range: pass a finite number ≥ 0 and < 1",
+    ),
+    "weight-decay-negative": (["track", "--weight-decay", "-0.1"], "argument --weight-decay"),
+    "sharpness-examples-zero": (["track", "--sharpness-examples", "0"], "argument --sharpness-examples: 0"),
+    "timeout-zero": (["eigs", "--timeout", "0"], "argument --timeout: 0"),
+    "timeout-nan": (["eigs", "--timeout", "nan"], "argument --timeout: nan"),
+    "demo-k-zero": (["demo", "--k", "0"], "argument --k: 0"),
+    "demo-k-above-size": (["demo", "--k", "2411"], "mlp-digits has 2,410 parameters"),
+    "unknown-model": (["eigs", "--model", "mlp-digit"], "unknown model 'mlp-digit' (did you mean mlp-digits"),
+    "model-without-loadable-data": (["eigs", "--model", "resnet18"], "resnet18 was made for imagenet"),
+    "timm-without-data": (["eigs", "--model", "timm:resnet18"], "timm:resnet18 has no default dataset: pass --data"),
+    "unknown-data": (["eigs", "--data", "imagenet"], "argument --data: invalid choice"),
+    "missing-checkpoint": (["eigs", "--checkpoint", "no/such/model.pt"], "no/such/model.pt: no such file"),
+    "unknown-operator": (["eigs", "--operator", "fisher"], "argument --operator: invalid choice"),
+    "unknown-dtype": (["eigs", "--dtype", "float16"], "argument --dtype: invalid choice"),
+    "download-digits": (["download", "digits"], "invalid choice: 'digits'"),
+    "no-command": ([], "the following arguments are required: COMMAND"),
+    "unknown-option": (["eigs", "--kk", "3"], "unrecognized arguments: --kk 3"),
+}
+
+
+@pytest.mark.parametrize("args, message", list(BAD_VALUES.values()), ids=list(BAD_VALUES))
+def test_bad_value_is_refused_before_loading_in_one_line(capsys, nothing_loads, args, message):
+    line = one_line_error(capsys, cli.main(args))
+    assert line.startswith("hessops: error: ") and message in line, line
+    assert line.endswith("--help`)")  # where to read what the option takes
+
+
+OUTPUTS = {
+    "out-is-a-directory": (["eigs", "--out", "{tmp}"], "is a directory"),
+    "out-ends-with-a-slash": (["eigs", "--out", "{tmp}/new/"], "is a directory"),
+    "out-under-a-file": (["eigs", "--out", "{tmp}/file.txt/result.json"], "file.txt is not a directory"),
+    "plot-is-a-directory": (["density", "--plot", "{tmp}"], "is a directory"),
+    "plot-not-a-figure-format": (["trace", "--plot", "{tmp}/trace.jpg"], "the extension: .png, .pdf, .svg"),
+    "demo-plot-is-a-directory": (["demo", "--plot", "{tmp}"], "is a directory"),
+    "out-and-plot-the-same": (["basin", "--out", "{tmp}/x.png", "--plot", "{tmp}/x.png"], "the same file"),
+    "plot-on-models": (["models", "--plot", "{tmp}/zoo.png"], "`hessops models` has no figure to draw"),
+    "plot-on-download": (["download", "mnist", "--plot={tmp}/mnist.png"], "`hessops download` has no figure"),
+    "out-on-models": (["models", "--out", "{tmp}/zoo.json"], "`hessops models` has no result to write"),
+}
+
+
+@pytest.mark.parametrize("args, message", list(OUTPUTS.values()), ids=list(OUTPUTS))
+def test_unwritable_output_is_refused_before_computing(tmp_path, capsys, nothing_loads, args, message):
+    (tmp_path / "file.txt").write_text("")
+    line = one_line_error(capsys, cli.main([a.replace("{tmp}", str(tmp_path)) for a in args]))
+    assert message in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]  # nothing made
+
+
+def test_out_in_a_folder_without_write_permission_is_refused(tmp_path, monkeypatch, capsys, nothing_loads):
+    """(os.access is stubbed: the tests may run as root, whom permissions do not bind.)"""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked)
+    line = one_line_error(capsys, cli.main(["eigs", "--out", str(locked / "eigs.json")]))
+    assert f"no permission to write in {locked}" in line
+
+
+def test_an_output_folder_that_does_not_exist_yet_is_accepted():
+    args = cli.build_parser().parse_args(["eigs", "--out", "not/yet/there/eigs.json", "--plot", "figs/eigs.svg"])
+    assert cli.check(args) is None and args.out == Path("not/yet/there/eigs.json")
+
+
+@pytest.mark.parametrize(
+    "error, status",
+    [
+        (DistributedError("rank 1 stopped answering: check that every rank runs the same command"), cli.EXIT_FAILED),
+        (InvalidArgumentError("k=3 must be at most 2"), cli.EXIT_USAGE),
+        (ValueError("a reason\nspread over\nthree lines"), cli.EXIT_USAGE),
+        (_commands.OutputError("cannot write x.json: No space left on device"), cli.EXIT_FAILED),
+        (KeyboardInterrupt(), cli.EXIT_INTERRUPTED),
+    ],
+    ids=["distributed-error", "library-error", "multi-line-value-error", "output-error", "ctrl-c"],
+)
+def test_errors_from_deeper_down_are_one_line_with_their_status(monkeypatch, capsys, error, status):
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(_commands, "setup", fail)
+    line = one_line_error(capsys, cli.main(["eigs"]), status)
+    assert line == "hessops: interrupted" if status == cli.EXIT_INTERRUPTED else " ".join(str(error).split()) in line
+
+
+def test_every_option_has_help_and_shows_its_default():
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == {"eigs", "density", "trace", "logdet", "basin", "track", "demo", "download", "models"}
+    for name, command in commands.items():
+        text = " ".join(command.format_help().split())
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"hessops {name} {action.dest} has no help"
+            help_text = " ".join(action.help.split())
+            if not action.option_strings:  # a positional argument: always given
+                continue
+            if action.default is None:  # the help says in words what happens without it
+                assert "default" in help_text, f"hessops {name} {action.option_strings}: say what the default is"
+            elif action.default is not False:
+                assert f"(default: {action.default})" in text, f"hessops {name} {action.option_strings}"
+
+
+def test_choices_are_the_library_constants():
+    from hessops import constants
+
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    choices = {(name, a.dest): a.choices for name, p in commands.items() for a in p._actions if a.choices}
+    assert choices[("eigs", "which")] is constants.WHICH and choices[("eigs", "operator")] is constants.OPERATOR_NAMES
+    assert (
+        choices[("trace", "method")] is constants.TRACE_METHODS
+        and choices[("basin", "method")] is constants.LOGDET_METHODS
+    )
+    assert (
+        choices[("density", "data")] is constants.DATASETS and choices[("download", "name")] is constants.DOWNLOADABLE
+    )
+    assert choices[("track", "hvp_mode")] is constants.HVP_MODES and choices[("logdet", "dtype")] is constants.DTYPES
+
+
+def test_split_sizes_are_the_datasets():
+    """SPLIT_SIZES lets --num-examples be checked without loading; digits (embedded) is checked against the
+    data itself, the others are the published split sizes (cifar2: airplane and bird, 5,000 + 5,000 train)."""
+    from hessops.data import load_dataset
+
+    assert set(cli.SPLIT_SIZES) == set(cli.DATASETS)
+    assert cli.SPLIT_SIZES["digits"] == (
+        len(load_dataset("digits", train=True)),
+        len(load_dataset("digits", train=False)),
+    )
+
+
+def test_models_lists_sizes_and_inputs_from_the_registry(capsys, nothing_loads):
+    assert cli.main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for spec in MODELS.values():
+        row = next(line for line in lines if line.split()[0] == spec.name)
+        assert f"{spec.n_params:,}" in row and "×".join(map(str, spec.input_shape)) in row and spec.description in row
+    assert any(line.startswith("timm:NAME") for line in lines)
+
+
+def test_download_offline_says_where_to_put_the_files_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    def unreachable(*args, **kwargs):
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unreachable)
+    monkeypatch.setattr(socket.socket, "connect", unreachable)
+    data = tmp_path / "data"
+    line = one_line_error(capsys, cli.main(["download", "mnist", "--data-dir", str(data)]))
+    assert "could not download mnist" in line and "Network is unreachable" in line
+    assert f"put them in {data.resolve() / 'MNIST' / 'raw'}{os.sep}" in line
+    for name in (
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ):
+        assert name in line
+    assert not data.exists()  # torchvision had made data/MNIST/raw
+
+    data.mkdir()
+    line = one_line_error(capsys, cli.main(["download", "cifar2", "--data-dir", str(data)]))
+    assert "cifar-10-python.tar.gz" in line and f"put it in {data.resolve()}{os.sep}" in line
+    assert list(data.iterdir()) == []  # the folder was there before: kept, and left empty
+
+
+def test_replace_file_never_leaves_a_partial_file(tmp_path):
+    path = tmp_path / "result.json"
+    path.write_text('{"old": true}\n')
+
+    def interrupted(file):
+        file.write(b'{"new": tr')
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _commands.replace_file(path, interrupted)
+    assert path.read_text() == '{"old": true}\n' and [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+    _commands.write_json(path, {"value": float("nan"), "nested": [1.5, float("inf")]})
+    assert json.loads(path.read_text()) == {"value": None, "nested": [1.5, None]}
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~_umask()  # the usual permissions, not mkstemp's 0600
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+STARTUP = r"""
+import json, sys
+from hessops.cli import main
+cases = [["--version"], ["--help"], *[[c, "--help"] for c in sys.argv[1:]], ["eigs", "--k", "0"], ["models"]]
+statuses = [main(case) for case in cases]
+heavy = sorted(m for m in ("torch", "cola", "numpy", "matplotlib", "torchvision", "sklearn") if m in sys.modules)
+print(json.dumps({"statuses": statuses, "heavy": heavy}))
+"""
+
+
+def test_help_version_and_refusals_import_nothing_heavy():
+    """--version, --help, each command's --help, a refused value and `hessops models` in one fresh process:
+    none imports torch, CoLA, numpy or matplotlib (what made `hessops --version` take seconds)."""
+    commands = ["eigs", "density", "trace", "logdet", "basin", "track", "demo", "download", "models"]
+    run = subprocess.run([sys.executable, "-c", STARTUP, *commands], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["statuses"] == [0, 0, *[0] * len(commands), 2, 0] and report["heavy"] == []
+
+
+def _as_a_terminal_foreground_job() -> None:
+    # A job started with `&` by a non-interactive shell inherits SIGINT as ignored; a user's Ctrl-C reaches a
+    # foreground job, whose SIGINT is at its default: give the child that.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def test_ctrl_c_while_torch_loads_is_one_line():
+    """SIGINT while `hessops eigs` imports torch (seen in -X importtime's report on stderr): one line, 130."""
+    process = subprocess.Popen(
+        [sys.executable, "-X", "importtime", "-m", "hessops", "eigs", "--no-progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_as_a_terminal_foreground_job,
+    )
+    try:
+        deadline, cli_loaded = time.monotonic() + 300, False
+        for line in process.stderr:  # importtime reports each module when its import ends
+            module = line.split("|")[-1].strip()
+            cli_loaded = cli_loaded or module == "hessops.cli"
+            if cli_loaded and module.startswith("torch."):
+                break
+            assert time.monotonic() < deadline, "torch never started loading"
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    lines = [line for line in err.splitlines() if not line.startswith("import time:")]
+    assert process.returncode == cli.EXIT_INTERRUPTED and lines == ["hessops: interrupted"], err[-3000:]
