@@ -56,7 +56,11 @@ def two_digits(digits: ImageDataset) -> ImageDataset:
     keep = torch.isin(digits.labels, torch.tensor(QUICK_DIGITS))
     labels = (digits.labels[keep] == QUICK_DIGITS[1]).to(torch.int64)
     return ImageDataset(
-        digits.images[keep], labels, scale=digits.scale, mean=digits.mean, std=digits.std,
+        digits.images[keep],
+        labels,
+        scale=digits.scale,
+        mean=digits.mean,
+        std=digits.std,
         classes=[str(c) for c in QUICK_DIGITS],
     )
 
@@ -80,7 +84,13 @@ def make_model(args: argparse.Namespace) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         return nn.Sequential(
-            nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(64, 32),
+            nn.ReLU(),
+            nn.Linear(32, 16),
+            nn.ReLU(),
+            nn.Linear(16, 8),
+            nn.ReLU(),
             nn.Linear(8, 2),
         ).eval()
 
@@ -95,16 +105,24 @@ def curvature(model: nn.Module, loss_fn: nn.Module, loader, args: argparse.Names
     n = H.shape[0]
     result = {
         "n_params": n,
-        "top_eigenvalue": float(top.values[0]), "residual": float(top.residuals[0]), "converged": top.converged,
-        "lanczos_steps": top.steps, "eigs_n_matvecs": top.n_matvecs, "eigs_seconds": top.seconds,
-        "trace": tr.estimate, "trace_std_error": tr.std_error, "trace_n_matvecs": tr.n_matvecs,
+        "top_eigenvalue": float(top.values[0]),
+        "residual": float(top.residuals[0]),
+        "converged": top.converged,
+        "lanczos_steps": top.steps,
+        "eigs_n_matvecs": top.n_matvecs,
+        "eigs_seconds": top.seconds,
+        "trace": tr.estimate,
+        "trace_std_error": tr.std_error,
+        "trace_n_matvecs": tr.n_matvecs,
         "trace_seconds": tr.seconds,
     }
     if n <= DENSE_LIMIT:
         began = time.perf_counter()
         exact = torch.linalg.eigvalsh(hessops.dense_hessian(model, loss_fn, loader, dtype=torch.float64))
         result["dense"] = {
-            "top_eigenvalue": float(exact[-1]), "second_eigenvalue": float(exact[-2]), "trace": float(exact.sum()),
+            "top_eigenvalue": float(exact[-1]),
+            "second_eigenvalue": float(exact[-2]),
+            "trace": float(exact.sum()),
             "seconds": time.perf_counter() - began,
         }
     return result
@@ -114,17 +132,31 @@ def study(args: argparse.Namespace, momentum: float, weight_decay: float, data: 
     """Train from the seeded initialization with one (momentum, weight decay), then measure at the solution."""
     train_set, val_set, test_set = data
     model, loss_fn = make_model(args).to(args.device), make_loss(MODEL)
-    batches = DataLoader(train_set, batch_size=args.batch_size, shuffle=True,
-                         generator=torch.Generator().manual_seed(args.seed))  # the same order for every run
+    batches = DataLoader(
+        train_set, batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed)
+    )  # the same order for every run
     began = time.perf_counter()
-    history = hessops.train(model, loss_fn, on_device(batches, args.device), epochs=args.epochs, lr=LR,
-                            momentum=momentum, weight_decay=weight_decay, progress=False)
+    history = hessops.train(
+        model,
+        loss_fn,
+        on_device(batches, args.device),
+        epochs=args.epochs,
+        lr=LR,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        progress=False,
+    )
     train_seconds = time.perf_counter() - began
     model.eval()
-    fixed = {name: on_device(make_loader(d, batch_size=args.eval_batch_size), args.device)
-             for name, d in (("train", train_set), ("val", val_set), ("test", test_set))}
+    fixed = {
+        name: on_device(make_loader(d, batch_size=args.eval_batch_size), args.device)
+        for name, d in (("train", train_set), ("val", val_set), ("test", test_set))
+    }
     result = {
-        "momentum": momentum, "weight_decay": weight_decay, "history": history, "train_seconds": train_seconds,
+        "momentum": momentum,
+        "weight_decay": weight_decay,
+        "history": history,
+        "train_seconds": train_seconds,
         **{name: hessops.evaluate(model, loss_fn, loader) for name, loader in fixed.items()},
         **curvature(model, loss_fn, fixed["train"], args),
     }
@@ -141,8 +173,13 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
     x = torch.arange(len(runs)).numpy()
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for r, label in zip(runs, labels):
-        axes[0, 0].plot([h["epoch"] for h in r["history"]], [h["loss"] for h in r["history"]], "o-", ms=3,
-                        label=label.replace("\n", ", "))
+        axes[0, 0].plot(
+            [h["epoch"] for h in r["history"]],
+            [h["loss"] for h in r["history"]],
+            "o-",
+            ms=3,
+            label=label.replace("\n", ", "),
+        )
     axes[0, 0].set(xlabel="epoch", ylabel="training loss (mean over the epoch)", yscale="log", title="Training")
     axes[0, 0].legend(fontsize=8)
     for i, split in enumerate(("train", "val", "test")):
@@ -152,8 +189,9 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
     axes[0, 1].legend(fontsize=8, loc="lower right")
     axes[1, 0].bar(x, [r["top_eigenvalue"] for r in runs], color="tab:red")
     axes[1, 0].set(ylabel="λ_max of the Hessian", title="Top eigenvalue (Lanczos)")
-    axes[1, 1].bar(x, [r["trace"] for r in runs], yerr=[2 * r["trace_std_error"] for r in runs], capsize=4,
-                   color="tab:purple")
+    axes[1, 1].bar(
+        x, [r["trace"] for r in runs], yerr=[2 * r["trace_std_error"] for r in runs], capsize=4, color="tab:purple"
+    )
     axes[1, 1].set(ylabel="tr H", title="Trace (Hutch++, ± 2 standard errors)")
     for ax in axes.flat[1:]:
         ax.set_xticks(x, labels, fontsize=8)
@@ -168,8 +206,11 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
 def report(runs: list[dict]) -> None:
     print(f"{'momentum':>8} {'wd':>6} {'train':>6} {'val':>6} {'test':>6} {'λ_max':>10} {'trace':>22}")
     for r in runs:
-        print(f"{r['momentum']:8g} {r['weight_decay']:6g} {r['train']['accuracy']:6.3f} {r['val']['accuracy']:6.3f} "
-              f"{r['test']['accuracy']:6.3f} {r['top_eigenvalue']:10.4g} {r['trace']:12.5g} ± {r['trace_std_error']:<7.2g}")
+        print(
+            f"{r['momentum']:8g} {r['weight_decay']:6g} {r['train']['accuracy']:6.3f} {r['val']['accuracy']:6.3f} "
+            f"{r['test']['accuracy']:6.3f} {r['top_eigenvalue']:10.4g} "
+            f"{r['trace']:12.5g} ± {r['trace_std_error']:<7.2g}"
+        )
 
 
 def main() -> None:
@@ -193,13 +234,22 @@ def main() -> None:
     plot(runs, args.out / "curvature.png", f"SGD lr {LR:g}, {args.epochs} epochs: {what}")
     summary = {
         "mode": "quick" if args.quick else "full",
-        "data": "digits 3 vs 8" if args.quick else "cifar2", "model": "mlp 64-32-16-8-2" if args.quick else MODEL,
-        "n_train": len(data[0]), "n_val": len(data[1]), "n_test": len(data[2]),
+        "data": "digits 3 vs 8" if args.quick else "cifar2",
+        "model": "mlp 64-32-16-8-2" if args.quick else MODEL,
+        "n_train": len(data[0]),
+        "n_val": len(data[1]),
+        "n_test": len(data[2]),
         "split": {"fractions": list(SPLIT), "seed": SPLIT_SEED},
-        "lr": LR, "epochs": args.epochs, "batch_size": args.batch_size, "device": str(args.device), "seed": args.seed,
-        "curvature_data": "train", "eigs_settings": {"which": "LA", "tol": args.tol},
+        "lr": LR,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "device": str(args.device),
+        "seed": args.seed,
+        "curvature_data": "train",
+        "eigs_settings": {"which": "LA", "tol": args.tol},
         "trace_settings": {"method": "hutch++", "probes": args.probes},
-        "runs": runs, "seconds": time.perf_counter() - began,
+        "runs": runs,
+        "seconds": time.perf_counter() - began,
     }
     (args.out / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {args.out / 'result.json'} and {args.out / 'curvature.png'}")

@@ -101,8 +101,12 @@ def training_loader(data: Dataset, fill: list[float], args: argparse.Namespace) 
     """Augmented, shuffled batches (a seeded order) on ``args.device``: for training only."""
     workers = 4 if args.device.type == "cuda" else 0
     loader = DataLoader(
-        Augmented(data, fill), batch_size=args.batch_size, shuffle=True, num_workers=workers,
-        generator=torch.Generator().manual_seed(args.seed), pin_memory=args.device.type == "cuda",
+        Augmented(data, fill),
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(args.seed),
+        pin_memory=args.device.type == "cuda",
     )
     return on_device(loader, args.device)
 
@@ -126,13 +130,19 @@ def one_batch(model: nn.Module, batch: tuple[Tensor, Tensor], args: argparse.Nam
     tolerance = {"smallest": residuals[5:].flip(0) + rounding, "largest": residuals[:5] + rounding}
     difference = {end: (lanczos[end] - dense[end]).abs() for end in dense}
     return {
-        "examples": len(batch[1]), "params": args.batch_params, "n": H.shape[0], "dtype": str(dtype).split(".")[-1],
+        "examples": len(batch[1]),
+        "params": args.batch_params,
+        "n": H.shape[0],
+        "dtype": str(dtype).split(".")[-1],
         "dense": {**{end: v.tolist() for end, v in dense.items()}, "seconds": dense_seconds},
         "lanczos": {
             **{end: v.tolist() for end, v in lanczos.items()},
             "residuals": {"smallest": residuals[5:].flip(0).tolist(), "largest": residuals[:5].tolist()},
-            "tol": BATCH_TOL, "converged": spectrum.converged, "steps": spectrum.steps,
-            "n_matvecs": spectrum.n_matvecs, "seconds": spectrum.seconds,
+            "tol": BATCH_TOL,
+            "converged": spectrum.converged,
+            "steps": spectrum.steps,
+            "n_matvecs": spectrum.n_matvecs,
+            "seconds": spectrum.seconds,
         },
         "tolerance": {end: t.tolist() for end, t in tolerance.items()},
         "max_abs_difference": float(torch.cat(list(difference.values())).max()),
@@ -156,7 +166,7 @@ def power_iteration(
             quotients.append(v @ product)
             v = product / torch.linalg.vector_norm(product)
     quotients = torch.stack(quotients).tolist()
-    last_pass = quotients[-(len(quotients) // passes):]
+    last_pass = quotients[-(len(quotients) // passes) :]
     return sum(last_pass) / len(last_pass), v, quotients
 
 
@@ -174,15 +184,26 @@ def top_eigenvalue(model: nn.Module, data: Dataset, args: argparse.Namespace) ->
     rayleigh = float(v @ (H @ v))
     top = float(spectrum.values[0])
     return {
-        "examples": len(data), "batches": len(batches), "n": H.shape[0],
+        "examples": len(data),
+        "batches": len(batches),
+        "n": H.shape[0],
         "lanczos": {
-            "value": top, "residual": float(spectrum.residuals[0]), "tol": TOP_TOL, "converged": spectrum.converged,
-            "steps": spectrum.steps, "n_matvecs": spectrum.n_matvecs, "batch_hvps": spectrum.n_matvecs * len(batches),
+            "value": top,
+            "residual": float(spectrum.residuals[0]),
+            "tol": TOP_TOL,
+            "converged": spectrum.converged,
+            "steps": spectrum.steps,
+            "n_matvecs": spectrum.n_matvecs,
+            "batch_hvps": spectrum.n_matvecs * len(batches),
             "seconds": spectrum.seconds,
         },
         "power_iteration": {
-            "estimate": estimate, "passes": args.power_passes, "batch_hvps": len(quotients), "quotients": quotients,
-            "rayleigh_quotient": rayleigh, "seconds": power_seconds,
+            "estimate": estimate,
+            "passes": args.power_passes,
+            "batch_hvps": len(quotients),
+            "quotients": quotients,
+            "rayleigh_quotient": rayleigh,
+            "seconds": power_seconds,
         },
         "relative_difference": (estimate - top) / abs(top),
     }
@@ -201,16 +222,32 @@ def resnet_sharpness(data: Dataset, fill: list[float], args: argparse.Namespace)
         model, loss_fn, fixed, unit="epoch", tol=args.sharpness_tol, seed=args.seed, hvp_mode=args.hvp_mode
     )
     history = train(
-        model, loss_fn, training_loader(images, fill, args), epochs=args.resnet_epochs, lr=LR, momentum=MOMENTUM,
-        sharpness=tracker, every=args.sharpness_every, progress=not args.quick,
+        model,
+        loss_fn,
+        training_loader(images, fill, args),
+        epochs=args.resnet_epochs,
+        lr=LR,
+        momentum=MOMENTUM,
+        sharpness=tracker,
+        every=args.sharpness_every,
+        progress=not args.quick,
     )
     return {
-        "model": args.resnet, "n_params": sum(p.numel() for p in model.parameters()), "train_examples": len(images),
-        "sharpness_examples": args.sharpness_examples, "epochs": args.resnet_epochs, "tol": args.sharpness_tol,
+        "model": args.resnet,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "train_examples": len(images),
+        "sharpness_examples": args.sharpness_examples,
+        "epochs": args.resnet_epochs,
+        "tol": args.sharpness_tol,
         "train_loss": [h["loss"] for h in history],
         "history": [
-            {"epoch": r.step, "value": r.values[0], "residual": r.residuals[0], "n_matvecs": r.n_matvecs,
-             "seconds": r.seconds}
+            {
+                "epoch": r.step,
+                "value": r.values[0],
+                "residual": r.residuals[0],
+                "n_matvecs": r.n_matvecs,
+                "seconds": r.seconds,
+            }
             for r in tracker.history
         ],
     }
@@ -226,8 +263,10 @@ def plot_one_batch(result: dict, path: Path) -> None:
         ax.set(xlabel=f"i ({end} first)", ylabel="eigenvalue λ", title=f"the 5 {end}", xticks=list(index))
         ax.grid(True, alpha=0.3)
     axes[0].legend()
-    fig.suptitle(f"One batch of {result['examples']}: Hessian ({result['n']:,} parameters, "
-                 f"{result['dtype']}), max |Δλ| = {result['max_abs_difference']:.1e}")
+    fig.suptitle(
+        f"One batch of {result['examples']}: Hessian ({result['n']:,} parameters, "
+        f"{result['dtype']}), max |Δλ| = {result['max_abs_difference']:.1e}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -237,13 +276,26 @@ def plot_top(result: dict, path: Path) -> None:
     """The power iteration's Rayleigh quotients per batch HVP against Lanczos' λ_max over the whole set."""
     power, lanczos = result["power_iteration"], result["lanczos"]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(range(1, len(power["quotients"]) + 1), power["quotients"], ".-", ms=3, lw=0.8,
-            label="stochastic power iteration: vᵀH_b v")
+    ax.plot(
+        range(1, len(power["quotients"]) + 1),
+        power["quotients"],
+        ".-",
+        ms=3,
+        lw=0.8,
+        label="stochastic power iteration: vᵀH_b v",
+    )
     ax.axhline(power["estimate"], color="tab:blue", ls=":", label=f"its estimate (last pass) {power['estimate']:.4g}")
-    ax.axhline(lanczos["value"], color="tab:red", ls="--",
-               label=f"Lanczos λ_max {lanczos['value']:.4g} ({lanczos['batch_hvps']:,} batch HVPs)")
-    ax.set(xlabel="batch Hessian-vector products", ylabel="top eigenvalue estimate",
-           title=f"Top Hessian eigenvalue over {result['examples']:,} training examples")
+    ax.axhline(
+        lanczos["value"],
+        color="tab:red",
+        ls="--",
+        label=f"Lanczos λ_max {lanczos['value']:.4g} ({lanczos['batch_hvps']:,} batch HVPs)",
+    )
+    ax.set(
+        xlabel="batch Hessian-vector products",
+        ylabel="top eigenvalue estimate",
+        title=f"Top Hessian eigenvalue over {result['examples']:,} training examples",
+    )
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -255,8 +307,12 @@ def plot_resnet(result: dict, path: Path, quick: bool) -> None:
     """The ResNet's sharpness per epoch (hessops.plot.plot_sharpness), with the study's values in full mode."""
     name = {"resnet50": "ResNet-50", "resnet18": "ResNet-18"}[result["model"]]
     history = result["history"]
-    fig = plot_sharpness([h["epoch"] for h in history], [[h["value"]] for h in history], unit="epoch",
-                         title=f"Sharpness of torchvision {name} ({result['sharpness_examples']:,} images)")
+    fig = plot_sharpness(
+        [h["epoch"] for h in history],
+        [[h["value"]] for h in history],
+        unit="epoch",
+        title=f"Sharpness of torchvision {name} ({result['sharpness_examples']:,} images)",
+    )
     if not quick:
         ax = fig.axes[0]
         ax.plot(list(STUDY_SHARPNESS), list(STUDY_SHARPNESS.values()), "k*", ms=10, label="study")
@@ -270,25 +326,36 @@ def plot_resnet(result: dict, path: Path, quick: bool) -> None:
 
 def report(result: dict) -> None:
     batch, top, resnet = result["one_batch"], result["top_eigenvalue"], result["resnet"]
-    print(f"CNN ({result['cnn']['n_params']:,} parameters): train loss by epoch "
-          + ", ".join(f"{h['loss']:.4f}" for h in result["cnn"]["history"]))
-    print(f"one batch of {batch['examples']}, Hessian over {batch['n']:,} parameters ({batch['params']}), "
-          f"{batch['dtype']}:")
+    print(
+        f"CNN ({result['cnn']['n_params']:,} parameters): train loss by epoch "
+        + ", ".join(f"{h['loss']:.4f}" for h in result["cnn"]["history"])
+    )
+    print(
+        f"one batch of {batch['examples']}, Hessian over {batch['n']:,} parameters ({batch['params']}), "
+        f"{batch['dtype']}:"
+    )
     for end in ("smallest", "largest"):
         print(f"  {end:8s} dense   " + " ".join(f"{v:11.6g}" for v in batch["dense"][end]))
         print(f"  {'':8s} Lanczos " + " ".join(f"{v:11.6g}" for v in batch["lanczos"][end]))
-    print(f"  max |dense − Lanczos| = {batch['max_abs_difference']:.2e} (within tolerance: "
-          f"{batch['within_tolerance']}); dense {batch['dense']['seconds']:.1f} s, Lanczos "
-          f"{batch['lanczos']['n_matvecs']} HVPs in {batch['lanczos']['seconds']:.1f} s")
+    print(
+        f"  max |dense − Lanczos| = {batch['max_abs_difference']:.2e} (within tolerance: "
+        f"{batch['within_tolerance']}); dense {batch['dense']['seconds']:.1f} s, Lanczos "
+        f"{batch['lanczos']['n_matvecs']} HVPs in {batch['lanczos']['seconds']:.1f} s"
+    )
     lanczos, power = top["lanczos"], top["power_iteration"]
     print(f"top eigenvalue over {top['examples']:,} training examples ({top['batches']} batches):")
-    print(f"  Lanczos          {lanczos['value']:.6g} (residual {lanczos['residual']:.1e}), {lanczos['n_matvecs']} "
-          f"products = {lanczos['batch_hvps']} batch HVPs, {lanczos['seconds']:.1f} s")
-    print(f"  power iteration  {power['estimate']:.6g} ({power['batch_hvps']} batch HVPs, {power['seconds']:.1f} s; "
-          f"{top['relative_difference']:+.2%} from Lanczos); Rayleigh quotient of its vector "
-          f"{power['rayleigh_quotient']:.6g} ≤ λ_max")
-    print(f"sharpness of {resnet['model']} ({resnet['n_params']:,} parameters) on {resnet['sharpness_examples']} "
-          "images:")
+    print(
+        f"  Lanczos          {lanczos['value']:.6g} (residual {lanczos['residual']:.1e}), {lanczos['n_matvecs']} "
+        f"products = {lanczos['batch_hvps']} batch HVPs, {lanczos['seconds']:.1f} s"
+    )
+    print(
+        f"  power iteration  {power['estimate']:.6g} ({power['batch_hvps']} batch HVPs, {power['seconds']:.1f} s; "
+        f"{top['relative_difference']:+.2%} from Lanczos); Rayleigh quotient of its vector "
+        f"{power['rayleigh_quotient']:.6g} ≤ λ_max"
+    )
+    print(
+        f"sharpness of {resnet['model']} ({resnet['n_params']:,} parameters) on {resnet['sharpness_examples']} images:"
+    )
     for h in resnet["history"]:
         study = STUDY_SHARPNESS.get(h["epoch"]) if result["mode"] == "full" else None
         print(f"  epoch {h['epoch']:3d}: {h['value']:.5g}" + (f"   (study: {study:g})" if study else ""))
@@ -307,9 +374,22 @@ def main() -> None:
     # epochs between sharpness measurements, their Lanczos tolerance (residual / |θ|); the HVP formulation
     quick = (500, 100, 20, 50, "conv1+fc2", torch.float32, 10, "resnet18", 16, 4, 2, 2, 1e-2, "autograd")
     full = (None, 100, 2, 100, "all", torch.float64, 2, "resnet50", None, 1000, 100, 10, 1e-3, "auto")
-    (args.train_examples, args.batch_size, args.epochs, args.batch_examples, args.batch_params, args.batch_dtype,
-     args.power_passes, args.resnet, args.resnet_examples, args.sharpness_examples, args.resnet_epochs,
-     args.sharpness_every, args.sharpness_tol, args.hvp_mode) = quick if args.quick else full
+    (
+        args.train_examples,
+        args.batch_size,
+        args.epochs,
+        args.batch_examples,
+        args.batch_params,
+        args.batch_dtype,
+        args.power_passes,
+        args.resnet,
+        args.resnet_examples,
+        args.sharpness_examples,
+        args.resnet_epochs,
+        args.sharpness_every,
+        args.sharpness_tol,
+        args.hvp_mode,
+    ) = quick if args.quick else full
     args.device = torch.device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
@@ -320,15 +400,29 @@ def main() -> None:
         raise SystemExit(f"error: {error}") from error
 
     model = build_model(CNN, seed=args.seed).to(args.device)
-    history = train(model, nn.CrossEntropyLoss(), training_loader(data, fill, args), epochs=args.epochs, lr=LR,
-                    momentum=MOMENTUM, progress=not args.quick)
+    history = train(
+        model,
+        nn.CrossEntropyLoss(),
+        training_loader(data, fill, args),
+        epochs=args.epochs,
+        lr=LR,
+        momentum=MOMENTUM,
+        progress=not args.quick,
+    )
     batch = next(iter(on_device(make_loader(data, batch_size=args.batch_examples), args.device)))
     result = {
-        "mode": "quick" if args.quick else "full", "device": str(args.device), "seed": args.seed,
+        "mode": "quick" if args.quick else "full",
+        "device": str(args.device),
+        "seed": args.seed,
         "data": "digits upsampled to 3x32x32" if args.quick else "cifar10",
         "cnn": {
-            "model": CNN, "n_params": sum(p.numel() for p in model.parameters()), "train_examples": len(data),
-            "batch_size": args.batch_size, "epochs": args.epochs, "lr": LR, "momentum": MOMENTUM,
+            "model": CNN,
+            "n_params": sum(p.numel() for p in model.parameters()),
+            "train_examples": len(data),
+            "batch_size": args.batch_size,
+            "epochs": args.epochs,
+            "lr": LR,
+            "momentum": MOMENTUM,
             "augmentation": "random crop 32 of the 4-pixel padded image + horizontal flip, training only",
             "history": history,
         },

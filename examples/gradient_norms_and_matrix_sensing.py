@@ -88,11 +88,14 @@ def gradient_norms(args: argparse.Namespace) -> dict:
     loss evaluated after every epoch (and before the first)."""
     train_set, test_set = mnist_data(args)
     model, loss_fn = build_model(MODEL, seed=args.seed).to(args.device), make_loss(MODEL)
-    shuffled = DataLoader(train_set, batch_size=args.batch_size, shuffle=True,
-                          generator=torch.Generator().manual_seed(args.seed))  # reshuffled every epoch
+    shuffled = DataLoader(
+        train_set, batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed)
+    )  # reshuffled every epoch
     batches = on_device(shuffled, args.device)
-    fixed = {name: on_device(make_loader(d, batch_size=1000), args.device)
-             for name, d in (("train", train_set), ("test", test_set))}
+    fixed = {
+        name: on_device(make_loader(d, batch_size=1000), args.device)
+        for name, d in (("train", train_set), ("test", test_set))
+    }
     tracker = hessops.GradNormTracker(model)
     began = time.perf_counter()
 
@@ -101,12 +104,20 @@ def gradient_norms(args: argparse.Namespace) -> dict:
 
     curves: list[dict] = []
     losses(0)
-    hessops.train(model, loss_fn, batches, epochs=args.epochs, lr=LR, grad_norms=tracker, progress=False,
-                  on_epoch_end=losses)
+    hessops.train(
+        model, loss_fn, batches, epochs=args.epochs, lr=LR, grad_norms=tracker, progress=False, on_epoch_end=losses
+    )
     return {
-        "model": MODEL, "n_params": sum(p.numel() for p in model.parameters()), "n_train": len(train_set),
-        "n_test": len(test_set), "lr": LR, "batch_size": args.batch_size, "epochs": args.epochs,
-        "curves": curves, "grad_norms": tracker.history, "seconds": time.perf_counter() - began,
+        "model": MODEL,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "n_train": len(train_set),
+        "n_test": len(test_set),
+        "lr": LR,
+        "batch_size": args.batch_size,
+        "epochs": args.epochs,
+        "curves": curves,
+        "grad_norms": tracker.history,
+        "seconds": time.perf_counter() - began,
     }
 
 
@@ -116,12 +127,21 @@ def plot_gradient_norms(result: dict, path: Path, data: str) -> None:
     epochs = [h["epoch"] for h in result["grad_norms"]]
     for name in result["grad_norms"][0]["norms"]:
         left.plot(epochs, [h["norms"][name] for h in result["grad_norms"]], "o-", ms=3, label=name)
-    left.set(xlabel="epoch", ylabel=r"$\|\partial L_B / \partial W\|_F$, mean over the epoch's steps", yscale="log",
-             title="Per-layer gradient norms")
+    left.set(
+        xlabel="epoch",
+        ylabel=r"$\|\partial L_B / \partial W\|_F$, mean over the epoch's steps",
+        yscale="log",
+        title="Per-layer gradient norms",
+    )
     left.legend(title="weight", fontsize=8)
     for split in ("train", "test"):
-        right.plot([c["epoch"] for c in result["curves"]], [c[split]["loss"] for c in result["curves"]], "o-", ms=3,
-                   label=split)
+        right.plot(
+            [c["epoch"] for c in result["curves"]],
+            [c[split]["loss"] for c in result["curves"]],
+            "o-",
+            ms=3,
+            label=split,
+        )
     right.set(xlabel="epoch", ylabel="cross-entropy (after the epoch)", yscale="log", title="Loss")
     right.legend()
     for ax in (left, right):
@@ -207,9 +227,15 @@ def hessian_spectrum(model: Factorized, problem: Sensing) -> dict:
     n = H.shape[0]
     rank = int((values.abs() > RANK_RTOL * values.abs().max()).sum())
     return {
-        "n": n, "eigenvalues": values.tolist(), "rank": rank, "null_dim": n - rank,
+        "n": n,
+        "eigenvalues": values.tolist(),
+        "rank": rank,
+        "null_dim": n - rank,
         "predicted_rank": predicted_rank(problem.d, problem.r),
-        "predicted_null_dim": n - predicted_rank(problem.d, problem.r), "rank_rtol": RANK_RTOL, "n_matvecs": n, "seconds": time.perf_counter() - began,
+        "predicted_null_dim": n - predicted_rank(problem.d, problem.r),
+        "rank_rtol": RANK_RTOL,
+        "n_matvecs": n,
+        "seconds": time.perf_counter() - began,
     }
 
 
@@ -222,13 +248,26 @@ def matrix_sensing(args: argparse.Namespace) -> dict:
     for shape, alpha, U0 in starts:
         began = time.perf_counter()
         model, record = descend(problem, U0, steps=args.steps, record_every=args.record_every)
-        runs.append({"shape": shape, "alpha": alpha, **record, "seconds": time.perf_counter() - began,
-                     "hessian": hessian_spectrum(model, problem)})
+        runs.append(
+            {
+                "shape": shape,
+                "alpha": alpha,
+                **record,
+                "seconds": time.perf_counter() - began,
+                "hessian": hessian_spectrum(model, problem),
+            }
+        )
     eigenvalues = torch.linalg.eigvalsh(problem.x_star)[-args.r :].flip(0)
     return {
-        "d": args.d, "r": args.r, "m": problem.A.shape[0], "lr": SENSING_LR, "steps": args.steps,
-        "record_every": args.record_every, "x_star_norm": float(torch.linalg.matrix_norm(problem.x_star)),
-        "x_star_eigenvalues": eigenvalues.tolist(), "runs": runs,
+        "d": args.d,
+        "r": args.r,
+        "m": problem.A.shape[0],
+        "lr": SENSING_LR,
+        "steps": args.steps,
+        "record_every": args.record_every,
+        "x_star_norm": float(torch.linalg.matrix_norm(problem.x_star)),
+        "x_star_eigenvalues": eigenvalues.tolist(),
+        "runs": runs,
     }
 
 
@@ -244,6 +283,7 @@ def plot_sensing(result: dict, out: Path) -> list[Path]:
     def style(run: dict) -> dict:
         exact = run["shape"] == "d x r"
         return {"ls": "--" if exact else "-", "color": "k" if exact else colors[run["alpha"]], "label": label(run)}
+
     paths = [out / "sensing_error.png", out / "sensing_singular_values.png", out / "sensing_hessian.png"]
     what = f"d = {result['d']}, r = {result['r']}, m = {result['m']}"
 
@@ -276,13 +316,19 @@ def plot_sensing(result: dict, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for run in result["runs"]:
         values = np.sort(np.abs(run["hessian"]["eigenvalues"]))[::-1]
-        ax.semilogy(np.arange(1, len(values) + 1), np.maximum(values, 1e-20),
-                    **{**style(run), "label": f"{label(run)}: rank {run['hessian']['rank']}"})
+        ax.semilogy(
+            np.arange(1, len(values) + 1),
+            np.maximum(values, 1e-20),
+            **{**style(run), "label": f"{label(run)}: rank {run['hessian']['rank']}"},
+        )
     rank = result["runs"][0]["hessian"]["predicted_rank"]
     ax.axvline(rank, color="tab:red", lw=0.8, ls=":", label=f"dr − r(r−1)/2 = {rank}")
     ax.set_xscale("log")
-    ax.set(xlabel="index (by decreasing |λ|)", ylabel="|λ| of ∇²F(U) at the end",
-           title=f"Hessian spectrum at the end, {what}")
+    ax.set(
+        xlabel="index (by decreasing |λ|)",
+        ylabel="|λ| of ∇²F(U) at the end",
+        title=f"Hessian spectrum at the end, {what}",
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -310,28 +356,40 @@ def main() -> None:
     data = "digits upsampled to 28×28 (quick)" if args.quick else "MNIST"
     plot_gradient_norms(norms, args.out / "grad_norms_and_loss.png", data)
     last = norms["curves"][-1]
-    print(f"(a) {MODEL} on {data}, {args.epochs} epochs: train loss {last['train']['loss']:.4f}, "
-          f"test loss {last['test']['loss']:.4f}, test accuracy {last['test']['accuracy']:.3f}")
+    print(
+        f"(a) {MODEL} on {data}, {args.epochs} epochs: train loss {last['train']['loss']:.4f}, "
+        f"test loss {last['test']['loss']:.4f}, test accuracy {last['test']['accuracy']:.3f}"
+    )
     for name, value in norms["grad_norms"][-1]["norms"].items():
         print(f"    last epoch's mean ‖∂L/∂{name}‖_F = {value:.4g}")
 
     sensing = matrix_sensing(args)
     figures = plot_sensing(sensing, args.out)
-    print(f"(b) matrix sensing d = {args.d}, r = {args.r}, m = {sensing['m']}, {args.steps} steps; "
-          f"rank of ∇²F at a rank-r minimum: dr − r(r−1)/2 = {predicted_rank(args.d, args.r)}")
+    print(
+        f"(b) matrix sensing d = {args.d}, r = {args.r}, m = {sensing['m']}, {args.steps} steps; "
+        f"rank of ∇²F at a rank-r minimum: dr − r(r−1)/2 = {predicted_rank(args.d, args.r)}"
+    )
     for run in sensing["runs"]:
         s, h = run["singular_values"][-1], run["hessian"]
         gap = f", σ_{args.r + 1}/σ_{args.r} = {s[args.r] / s[args.r - 1]:.1e}" if len(s) > args.r else ""
-        print(f"    {label(run)}: ‖UUᵀ − X*‖_F = {run['error'][-1]:.2e}{gap}; "
-              f"Hessian n = {h['n']}, rank {h['rank']} (null space {h['null_dim']})")
+        print(
+            f"    {label(run)}: ‖UUᵀ − X*‖_F = {run['error'][-1]:.2e}{gap}; "
+            f"Hessian n = {h['n']}, rank {h['rank']} (null space {h['null_dim']})"
+        )
 
     summary = {
-        "mode": "quick" if args.quick else "full", "device": str(args.device), "seed": args.seed,
-        "grad_norms": norms, "matrix_sensing": sensing, "seconds": time.perf_counter() - began,
+        "mode": "quick" if args.quick else "full",
+        "device": str(args.device),
+        "seed": args.seed,
+        "grad_norms": norms,
+        "matrix_sensing": sensing,
+        "seconds": time.perf_counter() - began,
     }
     (args.out / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {args.out / 'result.json'}, {args.out / 'grad_norms_and_loss.png'} and "
-          f"{', '.join(p.name for p in figures)}")
+    print(
+        f"wrote {args.out / 'result.json'}, {args.out / 'grad_norms_and_loss.png'} and "
+        f"{', '.join(p.name for p in figures)}"
+    )
 
 
 if __name__ == "__main__":

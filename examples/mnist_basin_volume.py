@@ -85,41 +85,69 @@ def study(args: argparse.Namespace, weight_decay: float, loader, whole) -> dict:
     spectrum = torch.linalg.eigvalsh(dense.to_dense())
     try:
         exact = vars(hessops.basin_volume(dense, threshold=THRESHOLD, c=c, method="dense"))
-        slq = vars(hessops.basin_volume(  # matrix-free, on the operator
-            H, threshold=THRESHOLD, c=c, method="slq", probes=args.probes, lanczos_steps=args.lanczos_steps, seed=args.seed
-        ))
+        slq = vars(
+            hessops.basin_volume(  # matrix-free, on the operator
+                H,
+                threshold=THRESHOLD,
+                c=c,
+                method="slq",
+                probes=args.probes,
+                lanczos_steps=args.lanczos_steps,
+                seed=args.seed,
+            )
+        )
     except hessops.NotPositiveDefiniteError as error:  # not at a minimum: the quadratic basin is unbounded
         exact = slq = {"undefined": str(error)}
     density = hessops.spectral_density(dense, num_probes=10, lanczos_steps=args.lanczos_steps, seed=args.seed)
     tag = "wd" if weight_decay else "plain"
     plot_density(
-        density.grid.tolist(), density.density.tolist(), args.out / f"density_{tag}.png", top=spectrum[-3:].tolist(),
+        density.grid.tolist(),
+        density.density.tolist(),
+        args.out / f"density_{tag}.png",
+        top=spectrum[-3:].tolist(),
         title=f"Hessian density (SLQ), MNIST CNN ({H.shape[0]:,} parameters)\n"
-              f"{args.data}, N = {args.num_examples}, weight decay {weight_decay:g}",
+        f"{args.data}, N = {args.num_examples}, weight decay {weight_decay:g}",
     )
     return {
-        "weight_decay": weight_decay, "c": c, "train_loss": losses, "final": final,
-        "n_params": H.shape[0], "smallest_eigenvalue": float(spectrum[0]), "largest_eigenvalue": float(spectrum[-1]),
+        "weight_decay": weight_decay,
+        "c": c,
+        "train_loss": losses,
+        "final": final,
+        "n_params": H.shape[0],
+        "smallest_eigenvalue": float(spectrum[0]),
+        "largest_eigenvalue": float(spectrum[-1]),
         "negative_eigenvalues": int((spectrum < 0).sum()),
-        "exact": exact, "slq": slq, "seconds": time.perf_counter() - began,
+        "exact": exact,
+        "slq": slq,
+        "seconds": time.perf_counter() - began,
     }
 
 
 def report(result: dict) -> None:
     e, s = result["exact"], result["slq"]
-    print(f"weight decay {result['weight_decay']:g}: training loss {result['final']['loss']:.4f}, accuracy "
-          f"{result['final']['accuracy']:.3f} at the solution (chance: ln 10 = 2.3026)")
-    print(f"  spectrum: λmin = {result['smallest_eigenvalue']:.3e} ({result['negative_eigenvalues']} negative), "
-          f"λmax = {result['largest_eigenvalue']:.4g}")
+    print(
+        f"weight decay {result['weight_decay']:g}: training loss {result['final']['loss']:.4f}, accuracy "
+        f"{result['final']['accuracy']:.3f} at the solution (chance: ln 10 = 2.3026)"
+    )
+    print(
+        f"  spectrum: λmin = {result['smallest_eigenvalue']:.3e} ({result['negative_eigenvalues']} negative), "
+        f"λmax = {result['largest_eigenvalue']:.4g}"
+    )
     if "undefined" in e:
-        print(f"  no basin volume: λmin + c = {result['smallest_eigenvalue'] + result['c']:.3g} < 0, the model is not at a "
-              "minimum of the loss + prior (train longer)")
+        print(
+            f"  no basin volume: λmin + c = {result['smallest_eigenvalue'] + result['c']:.3g} < 0, the model is not "
+            "at a minimum of the loss + prior (train longer)"
+        )
         return
     print(f"  log unit ball   {e['log_unit_ball']:10.2f}   (study, by Stirling: {STUDY['log_unit_ball']})")
     print(f"  threshold term  {e['log_threshold_term']:10.2f}   (study: {STUDY['log_threshold_term']})")
-    print(f"  ½ logdet(H+cI)  {e['half_logdet']:10.2f}   exact; SLQ {s['half_logdet']:.2f} ± "
-          f"{0.5 * s['logdet_std_error']:.2f}   (study: {STUDY['half_logdet']})")
-    print(f"  log volume      {e['log_volume']:10.2f}   exact; SLQ {s['log_volume']:.2f}   (study: {STUDY['log_volume']})")
+    print(
+        f"  ½ logdet(H+cI)  {e['half_logdet']:10.2f}   exact; SLQ {s['half_logdet']:.2f} ± "
+        f"{0.5 * s['logdet_std_error']:.2f}   (study: {STUDY['half_logdet']})"
+    )
+    print(
+        f"  log volume      {e['log_volume']:10.2f}   exact; SLQ {s['log_volume']:.2f}   (study: {STUDY['log_volume']})"
+    )
 
 
 def main() -> None:
@@ -131,7 +159,9 @@ def main() -> None:
     args = parser.parse_args()
     # training examples, epochs, batch size, StepLR's γ per epoch; SLQ probes and Lanczos steps
     quick, full = (150, 30, 15, 1.0, 10, 30), (1500, 10, 100, 0.7, 30, 80)
-    args.num_examples, args.epochs, batch_size, args.gamma, args.probes, args.lanczos_steps = quick if args.quick else full
+    args.num_examples, args.epochs, batch_size, args.gamma, args.probes, args.lanczos_steps = (
+        quick if args.quick else full
+    )
     args.data = "digits upsampled to 28x28" if args.quick else "MNIST"
     args.out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
@@ -141,13 +171,23 @@ def main() -> None:
     for result in results:
         report(result)
     n = results[0]["n_params"]
-    print(f"The unit-ball term is exact here: log V_n = (n/2)·log π − lgamma(n/2 + 1) = "
-          f"{hessops.log_unit_ball_volume(n):.4f} for n = {n}; Stirling's series, which the study used, agrees "
-          f"to within its first correction 1/(6n) = {1 / (6 * n):.1e}.")
+    print(
+        f"The unit-ball term is exact here: log V_n = (n/2)·log π − lgamma(n/2 + 1) = "
+        f"{hessops.log_unit_ball_volume(n):.4f} for n = {n}; Stirling's series, which the study used, agrees "
+        f"to within its first correction 1/(6n) = {1 / (6 * n):.1e}."
+    )
     summary = {
-        "mode": "quick" if args.quick else "full", "data": args.data, "num_examples": args.num_examples,
-        "epochs": args.epochs, "batch_size": batch_size, "gamma": args.gamma, "probes": args.probes,
-        "lanczos_steps": args.lanczos_steps, "threshold": THRESHOLD, "study": STUDY, "runs": results,
+        "mode": "quick" if args.quick else "full",
+        "data": args.data,
+        "num_examples": args.num_examples,
+        "epochs": args.epochs,
+        "batch_size": batch_size,
+        "gamma": args.gamma,
+        "probes": args.probes,
+        "lanczos_steps": args.lanczos_steps,
+        "threshold": THRESHOLD,
+        "study": STUDY,
+        "runs": results,
         "seconds": time.perf_counter() - began,
     }
     (args.out / "result.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -113,13 +113,26 @@ def spectrum(model: nn.Module, batches: list[tuple[Tensor, Tensor]], args: argpa
     return {
         "n_params": H.shape[0],
         "eigs": {
-            "k": args.k, "which": "LM", "tol": TOL, "values": top.values.tolist(), "residuals": top.residuals.tolist(),
-            "converged": top.converged, "steps": top.steps, "n_matvecs": top.n_matvecs, "seconds": top.seconds,
+            "k": args.k,
+            "which": "LM",
+            "tol": TOL,
+            "values": top.values.tolist(),
+            "residuals": top.residuals.tolist(),
+            "converged": top.converged,
+            "steps": top.steps,
+            "n_matvecs": top.n_matvecs,
+            "seconds": top.seconds,
         },
         "density": {
-            "num_probes": args.probes, "lanczos_steps": args.lanczos_steps, "sigma": density.sigma,
-            "grid": density.grid.tolist(), "density": density.density.tolist(), "nodes": rule.nodes.tolist(),
-            "weights": rule.weights.tolist(), "n_matvecs": rule.n_matvecs, "seconds": density.seconds,
+            "num_probes": args.probes,
+            "lanczos_steps": args.lanczos_steps,
+            "sigma": density.sigma,
+            "grid": density.grid.tolist(),
+            "density": density.density.tolist(),
+            "nodes": rule.nodes.tolist(),
+            "weights": rule.weights.tolist(),
+            "n_matvecs": rule.n_matvecs,
+            "seconds": density.seconds,
         },
     }
 
@@ -159,33 +172,54 @@ def main() -> None:
         raise SystemExit(f"error: {error}") from error
     batches = list(on_device(make_loader(data, batch_size=args.batch_size), args.device))  # moved once
     test = hessops.evaluate(model, nn.CrossEntropyLoss(), batches)
-    print(f"{MODEL} from {checkpoint} ({source}): test accuracy {test['accuracy']:.4f}, loss {test['loss']:.4f} "
-          f"on {len(data):,} images")
+    print(
+        f"{MODEL} from {checkpoint} ({source}): test accuracy {test['accuracy']:.4f}, loss {test['loss']:.4f} "
+        f"on {len(data):,} images"
+    )
 
     result = spectrum(model, batches, args)
     eigs, density = result["eigs"], result["density"]
     products = eigs["n_matvecs"] + density["n_matvecs"]
     print(f"top-{args.k} Hessian eigenvalues (largest magnitude; residuals ≤ {TOL:g}·max|θ|: {eigs['converged']}):")
     print("  " + ", ".join(f"{v:.5g}" for v in eigs["values"]))
-    print(f"eigs: {eigs['steps']} Lanczos steps, {eigs['n_matvecs']} HVPs, {eigs['seconds']:.1f} s; density: "
-          f"{density['lanczos_steps']} steps × {density['num_probes']} probe = {density['n_matvecs']} HVPs, "
-          f"{density['seconds']:.1f} s; in all {products} HVPs over the {len(data):,} test images in "
-          f"{eigs['seconds'] + density['seconds']:.1f} s on {args.device} (the study: about "
-          f"{STUDY['seconds'] // 60} minutes on {STUDY['device']} for {STUDY['lanczos_steps']} Lanczos steps)")
+    print(
+        f"eigs: {eigs['steps']} Lanczos steps, {eigs['n_matvecs']} HVPs, {eigs['seconds']:.1f} s; density: "
+        f"{density['lanczos_steps']} steps × {density['num_probes']} probe = {density['n_matvecs']} HVPs, "
+        f"{density['seconds']:.1f} s; in all {products} HVPs over the {len(data):,} test images in "
+        f"{eigs['seconds'] + density['seconds']:.1f} s on {args.device} (the study: about "
+        f"{STUDY['seconds'] // 60} minutes on {STUDY['device']} for {STUDY['lanczos_steps']} Lanczos steps)"
+    )
 
     what = f"{len(data)} random images (quick)" if args.quick else f"CIFAR-10 test set, {len(data):,} images"
-    plot_eigenvalues(eigs["values"], args.out / "eigenvalues.png",
-                     title=f"Top-{args.k} Hessian eigenvalues (largest |λ|), {MODEL}\n{what}")
-    plot_density(density["grid"], density["density"], args.out / "density.png", top=eigs["values"],
-                 title=f"Hessian spectral density (SLQ, {density['lanczos_steps']} steps), {MODEL}\n{what}")
+    plot_eigenvalues(
+        eigs["values"],
+        args.out / "eigenvalues.png",
+        title=f"Top-{args.k} Hessian eigenvalues (largest |λ|), {MODEL}\n{what}",
+    )
+    plot_density(
+        density["grid"],
+        density["density"],
+        args.out / "density.png",
+        top=eigs["values"],
+        title=f"Hessian spectral density (SLQ, {density['lanczos_steps']} steps), {MODEL}\n{what}",
+    )
     spec = model_spec(MODEL)
     summary = {
-        "mode": "quick" if args.quick else "full", "model": MODEL, "device": str(args.device), "seed": args.seed,
+        "mode": "quick" if args.quick else "full",
+        "model": MODEL,
+        "device": str(args.device),
+        "seed": args.seed,
         "checkpoint": {"path": str(checkpoint), "source": source},
         "data": "random images" if args.quick else "cifar10 test",
         "normalization": None if args.quick else {"mean": list(spec.mean), "std": list(spec.std)},
-        "test_examples": len(data), "batch_size": args.batch_size, "test": test, "hvp_mode": args.hvp_mode,
-        **result, "n_matvecs": products, "study": STUDY, "seconds": time.perf_counter() - began,
+        "test_examples": len(data),
+        "batch_size": args.batch_size,
+        "test": test,
+        "hvp_mode": args.hvp_mode,
+        **result,
+        "n_matvecs": products,
+        "study": STUDY,
+        "seconds": time.perf_counter() - began,
     }
     (args.out / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {args.out / 'result.json'}, eigenvalues.png and density.png in {summary['seconds']:.0f} s")

@@ -31,7 +31,9 @@ def load_example(name: str) -> ModuleType:
 def run_quick(name: str, out: Path) -> tuple[dict, Path]:
     """``python examples/NAME.py --quick --out OUT``; its ``result.json`` and ``out``."""
     run = subprocess.run(
-        [sys.executable, str(EXAMPLES / f"{name}.py"), "--quick", "--out", str(out)], capture_output=True, text=True,
+        [sys.executable, str(EXAMPLES / f"{name}.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
         timeout=HANG_SECONDS,
     )
     assert run.returncode == 0, run.stderr

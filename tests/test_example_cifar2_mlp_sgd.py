@@ -9,12 +9,12 @@ import functools
 from pathlib import Path
 from types import ModuleType
 
+import examples_runner
 import pytest
 import torch
+from test_data import write_cifar
 
 import hessops.data
-import examples_runner
-from test_data import write_cifar
 
 GRID = [[0.0, 0.0], [0.0, 0.01], [0.9, 0.001], [0.8, 0.01]]
 
@@ -73,7 +73,14 @@ def test_full_mode_path_on_cifar_format_files(tmp_path, monkeypatch):
     # the files are not the published ones, so their MD5 sums differ: read them unverified
     monkeypatch.setattr(example, "load_dataset", functools.partial(hessops.data.load_dataset, verify=False))
     args = argparse.Namespace(
-        quick=False, data_dir=tmp_path, seed=0, epochs=1, batch_size=8, eval_batch_size=64, probes=6, tol=1e-2,
+        quick=False,
+        data_dir=tmp_path,
+        seed=0,
+        epochs=1,
+        batch_size=8,
+        eval_batch_size=64,
+        probes=6,
+        tol=1e-2,
         device=torch.device("cpu"),
     )
     train, val, test = example.datasets(args)

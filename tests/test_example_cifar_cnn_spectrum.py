@@ -9,13 +9,13 @@ import functools
 from pathlib import Path
 from types import ModuleType
 
+import examples_runner
 import pytest
 import torch
+from test_data import write_cifar
 
 import hessops.data
 from hessops.data import CIFAR10_MEAN, CIFAR10_STD
-import examples_runner
-from test_data import write_cifar
 
 FLOAT32_EPS = torch.finfo(torch.float32).eps
 
@@ -102,8 +102,9 @@ def test_full_mode_data_path_on_cifar_format_files(tmp_path, monkeypatch):
     example = load_example()
     # the files are not the published ones, so their MD5 sums differ: read them unverified
     monkeypatch.setattr(example, "load_dataset", functools.partial(hessops.data.load_dataset, verify=False))
-    args = argparse.Namespace(quick=False, data_dir=tmp_path, train_examples=None, seed=0, batch_size=10,
-                              device=torch.device("cpu"))
+    args = argparse.Namespace(
+        quick=False, data_dir=tmp_path, train_examples=None, seed=0, batch_size=10, device=torch.device("cpu")
+    )
     data, fill = example.training_set(args)
     reference = hessops.data.load_dataset("cifar10", data_dir=tmp_path, verify=False)
     assert len(data) == 100 and torch.equal(data[7][0], reference[7][0]) and torch.equal(data[7][0], data[7][0])
@@ -118,7 +119,7 @@ def test_full_mode_data_path_on_cifar_format_files(tmp_path, monkeypatch):
     crops = {}
     for top in range(9):
         for left in range(9):
-            crop = padded[:, top:top + 32, left:left + 32]
+            crop = padded[:, top : top + 32, left : left + 32]
             crops[top, left, False], crops[top, left, True] = crop, crop.flip(-1)
     seen = set()
     torch.manual_seed(0)

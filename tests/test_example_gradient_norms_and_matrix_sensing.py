@@ -9,15 +9,15 @@ import math
 from pathlib import Path
 from types import ModuleType
 
+import examples_runner
 import pytest
 import torch
+from test_data import mnist_dir  # noqa: F401 - a fixture: MNIST's idx files with 20 training and 10 test images
 from torch import nn
 from torch.utils.data import DataLoader
 
 import hessops
 from hessops.models import build_model
-import examples_runner
-from test_data import mnist_dir  # noqa: F401 - a fixture: MNIST's idx files with 20 training and 10 test images
 
 WEIGHTS = ["1.weight", "3.weight", "5.weight", "7.weight"]  # mlp-mnist's four bias-free Linear layers
 
@@ -28,7 +28,9 @@ def load_example() -> ModuleType:
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory) -> tuple[dict, Path]:
-    return examples_runner.run_quick("gradient_norms_and_matrix_sensing", tmp_path_factory.mktemp("gradient_norms_quick"))
+    return examples_runner.run_quick(
+        "gradient_norms_and_matrix_sensing", tmp_path_factory.mktemp("gradient_norms_quick")
+    )
 
 
 def test_quick_gradient_norms_and_losses(quick):
@@ -58,8 +60,9 @@ def test_gradient_norms_match_a_recomputation(quick):
     args = argparse.Namespace(quick=True, seed=result["seed"])
     train_set, _ = example.mnist_data(args)
     model, loss_fn = build_model("mlp-mnist", seed=result["seed"]), nn.CrossEntropyLoss()
-    loader = DataLoader(train_set, batch_size=a["batch_size"], shuffle=True,
-                        generator=torch.Generator().manual_seed(result["seed"]))
+    loader = DataLoader(
+        train_set, batch_size=a["batch_size"], shuffle=True, generator=torch.Generator().manual_seed(result["seed"])
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=a["lr"])
     for record in a["grad_norms"]:
         model.train()
@@ -82,7 +85,9 @@ def test_gradient_norms_match_a_recomputation(quick):
 def test_full_mode_path_on_mnist_format_files(mnist_dir):  # noqa: F811
     """The real MNIST loader and the zoo's mlp-mnist, one epoch on the 20 images of small idx files."""
     example = load_example()
-    args = argparse.Namespace(quick=False, data_dir=mnist_dir, seed=0, epochs=1, batch_size=8, device=torch.device("cpu"))
+    args = argparse.Namespace(
+        quick=False, data_dir=mnist_dir, seed=0, epochs=1, batch_size=8, device=torch.device("cpu")
+    )
     a = example.gradient_norms(args)
     assert (a["n_train"], a["n_test"], a["n_params"]) == (20, 10, 134_400)
     assert a["grad_norms"][0]["steps"] == 3 and list(a["grad_norms"][0]["norms"]) == WEIGHTS

@@ -10,15 +10,15 @@ import functools
 from pathlib import Path
 from types import ModuleType
 
+import examples_runner
 import pytest
 import torch
+from test_data import write_cifar
 from torch import nn
 
 import hessops
 import hessops.data
 from hessops.models import build_model, load_checkpoint, model_spec
-import examples_runner
-from test_data import write_cifar
 
 MODEL = "resnet18_cifar10"
 
@@ -103,7 +103,9 @@ def test_full_mode_test_set_uses_the_checkpoints_normalization(tmp_path, monkeyp
 # The full mode's refusals, in-process (a subprocess would add only its start-up): the exit status and the
 # message a user sees.
 def test_full_mode_needs_weights(tmp_path):
-    status, stderr = examples_runner.exit_of(load_example(), "--data-dir", str(tmp_path), "--out", str(tmp_path / "out"))
+    status, stderr = examples_runner.exit_of(
+        load_example(), "--data-dir", str(tmp_path), "--out", str(tmp_path / "out")
+    )
     assert status == 2 and "--checkpoint FILE, or --pretrained" in stderr
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import math
 
+import examples_runner
 import pytest
 
-import examples_runner
 import hessops
 
 CHANCE = math.log(10)  # the loss of a uniform guess over the 10 classes
@@ -37,9 +37,15 @@ def test_mnist_basin_volume_quick_terms(quick):
         assert r["n_params"] == 1710 and r["c"] == pytest.approx(r["weight_decay"] + 4.0)
         exact, slq = r["exact"], r["slq"]
         assert exact["method"] == "dense" and slq["method"] == "slq"
-        assert exact["log_unit_ball"] == pytest.approx(hessops.log_unit_ball_volume(1710)) == pytest.approx(-3942.7423, abs=1e-4)
+        assert (
+            exact["log_unit_ball"]
+            == pytest.approx(hessops.log_unit_ball_volume(1710))
+            == pytest.approx(-3942.7423, abs=1e-4)
+        )
         assert exact["log_threshold_term"] == pytest.approx(855 * math.log(4))
-        assert exact["log_volume"] == pytest.approx(exact["log_unit_ball"] + exact["log_threshold_term"] - exact["half_logdet"])
+        assert exact["log_volume"] == pytest.approx(
+            exact["log_unit_ball"] + exact["log_threshold_term"] - exact["half_logdet"]
+        )
         # ½ logdet(H + cI) ≥ ½ n log(c + λ_min) and ≤ ½ n log(c + λ_max): every eigenvalue lies between
         low, high = (855 * math.log(r["c"] + r[end]) for end in ("smallest_eigenvalue", "largest_eigenvalue"))
         assert low <= exact["half_logdet"] <= high

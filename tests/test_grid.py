@@ -16,14 +16,14 @@ a forward and two derivative passes, times the conditioning of these nets.
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
+from reference import autograd_hessian, relative_error
 from torch import Tensor, nn
 
 import hessops
-from reference import autograd_hessian, relative_error
 
 RTOL64 = 1e-10
 RTOL32 = 2e-4
@@ -96,7 +96,10 @@ def _affine_norm(model: nn.Module) -> nn.Module:
     """Norm layers' affine parameters moved off (1, 0), so that their second derivatives are not trivial."""
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)) and module.weight is not None:
+            if (
+                isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm))
+                and module.weight is not None
+            ):
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.uniform_(-0.5, 0.5)
     return model
@@ -116,14 +119,24 @@ ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], Callable[[int, torch.Gen
     ),
     "batchnorm-eval": (lambda: _bn(False), _vector, False),
     "batchnorm-train": (lambda: _bn(True), _vector, True),
-    "layernorm": (lambda: _affine_norm(nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, CLASSES))), _vector, False),
+    "layernorm": (
+        lambda: _affine_norm(nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, CLASSES))),
+        _vector,
+        False,
+    ),
     "instancenorm": (
-        lambda: _affine_norm(nn.Sequential(nn.Conv1d(2, 3, 2), nn.InstanceNorm1d(3, affine=True), nn.Tanh(), nn.Flatten(), nn.Linear(12, CLASSES))),
+        lambda: _affine_norm(
+            nn.Sequential(
+                nn.Conv1d(2, 3, 2), nn.InstanceNorm1d(3, affine=True), nn.Tanh(), nn.Flatten(), nn.Linear(12, CLASSES)
+            )
+        ),
         lambda n, g: torch.randn(n, 2, 5, dtype=torch.float64, generator=g),
         False,
     ),
     "groupnorm": (
-        lambda: _affine_norm(nn.Sequential(nn.Conv1d(2, 4, 2), nn.GroupNorm(2, 4), nn.Tanh(), nn.Flatten(), nn.Linear(16, CLASSES))),
+        lambda: _affine_norm(
+            nn.Sequential(nn.Conv1d(2, 4, 2), nn.GroupNorm(2, 4), nn.Tanh(), nn.Flatten(), nn.Linear(16, CLASSES))
+        ),
         lambda n, g: torch.randn(n, 2, 5, dtype=torch.float64, generator=g),
         False,
     ),
@@ -239,7 +252,10 @@ def test_float32_operators_match_the_float64_truth(arch, kind):
     model32 = copy.deepcopy(model64).float()
     model64 = copy.deepcopy(model32).double()  # the float32 weights, exactly, in float64
     x32 = x.float() if x.is_floating_point() else x
-    data32, data64 = batches(x32, y, BATCHINGS["uneven"]), batches(x32.double() if x.is_floating_point() else x, y, BATCHINGS["uneven"])
+    data32, data64 = (
+        batches(x32, y, BATCHINGS["uneven"]),
+        batches(x32.double() if x.is_floating_point() else x, y, BATCHINGS["uneven"]),
+    )
     op = OPERATORS[kind](model32, nn.CrossEntropyLoss(), data32)
     truth = reference(kind, model64, nn.CrossEntropyLoss(), data64, per_batch=False)
     assert relative_error(dense_of(op).double(), truth) < RTOL32
@@ -279,7 +295,17 @@ def test_curvlinops_agrees(arch):
     assert relative_error(ours, theirs) < RTOL64
 
 
-PYHESSIAN_ARCHITECTURES = ["mlp", "cnn", "batchnorm-eval", "layernorm", "instancenorm", "groupnorm", "attention", "embedding", "tied"]
+PYHESSIAN_ARCHITECTURES = [
+    "mlp",
+    "cnn",
+    "batchnorm-eval",
+    "layernorm",
+    "instancenorm",
+    "groupnorm",
+    "attention",
+    "embedding",
+    "tied",
+]
 
 
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True:UserWarning")  # PyHessian's own call

@@ -75,7 +75,10 @@ def plain_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
 
 def _rows(model: nn.Module, params: list, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(F.cross_entropy(model(x), y), params, create_graph=True)])
-    rows = [torch.autograd.grad(g[i], params, retain_graph=True, allow_unused=True, materialize_grads=True) for i in range(g.numel())]
+    rows = [
+        torch.autograd.grad(g[i], params, retain_graph=True, allow_unused=True, materialize_grads=True)
+        for i in range(g.numel())
+    ]
     return torch.stack([torch.cat([t.reshape(-1) for t in row]) for row in rows])
 
 
@@ -157,7 +160,11 @@ def test_the_users_own_errors_arrive_as_themselves(mode):
     """A shape error in the model, or a loss that raises, reaches the user as itself: at construction, from
     the determinism check's forward, or (with that check off) from the first product, whatever the mode."""
     torch.manual_seed(0)
-    model, x, y = nn.Sequential(nn.Linear(5, 3)).double(), torch.randn(4, 4, dtype=torch.float64), torch.randint(0, 3, (4,))
+    model, x, y = (
+        nn.Sequential(nn.Linear(5, 3)).double(),
+        torch.randn(4, 4, dtype=torch.float64),
+        torch.randint(0, 3, (4,)),
+    )
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied") as caught:
         hessops.Hessian(model, nn.CrossEntropyLoss(), [(x, y)], hvp_mode=mode)
     assert not isinstance(caught.value, HvpFormulationError)
@@ -253,7 +260,9 @@ def test_disk_cache_round_trip_and_key(fresh_cache):
 def test_a_cached_choice_known_wrong_is_ignored(fresh_cache):
     model, x, y, data, _ = problem("layernorm")
     names = tuple(n for n, _ in model.named_parameters())
-    key = hvp_tuning.cache_key(model, names, tuple(p.shape for p in model.parameters()), torch.device("cpu"), torch.float64, "single")
+    key = hvp_tuning.cache_key(
+        model, names, tuple(p.shape for p in model.parameters()), torch.device("cpu"), torch.float64, "single"
+    )
     (fresh_cache / hvp_tuning.CACHE_FILE).write_text(json.dumps({key: "reverse-over-forward"}))
     op = hessops.Hessian(model, nn.CrossEntropyLoss(), data)
     v = torch.randn(op.shape[0], dtype=torch.float64)
@@ -370,4 +379,9 @@ def test_float32_validation_keeps_the_correct_formulations(name):
 def test_dense_hessian_is_right_through_normalization_layers(name):
     model, x, y, data, _ = problem(name)
     # 1e-12: two double-backward computations, one batched over rows, of a ~50x50 float64 Hessian
-    assert relative_error(hessops.dense_hessian(model, nn.CrossEntropyLoss(), data, chunk_size=7), plain_hessian(model, x, y)) < 1e-12
+    assert (
+        relative_error(
+            hessops.dense_hessian(model, nn.CrossEntropyLoss(), data, chunk_size=7), plain_hessian(model, x, y)
+        )
+        < 1e-12
+    )

@@ -11,11 +11,11 @@ import gc
 
 import pytest
 import torch
+from reference import dense_ggn, dense_hessian, relative_error
 from torch import nn
+from toy_networks import cifar_cnn_5k, mlp
 
 import hessops
-from toy_networks import cifar_cnn_5k, mlp
-from reference import dense_ggn, dense_hessian, relative_error
 
 RTOL64 = 1e-10
 OPERATORS = {"hessian": hessops.Hessian, "ggn": hessops.GGN, "ef": hessops.EmpiricalFisher}
@@ -65,7 +65,9 @@ def test_frozen_parameters_are_left_out_by_default():
     model[0].weight.requires_grad_(False)
     op = hessops.Hessian(model, nn.CrossEntropyLoss(), [(x, y)])
     assert op.shape[0] == sum(p.numel() for p in model.parameters()) - model[0].weight.numel()
-    expected = dense_hessian(model, nn.CrossEntropyLoss(), [(x, y)], params=[model[0].bias, model[2].weight, model[2].bias])
+    expected = dense_hessian(
+        model, nn.CrossEntropyLoss(), [(x, y)], params=[model[0].bias, model[2].weight, model[2].bias]
+    )
     assert relative_error(op.to_dense(), expected) < RTOL64
 
 
@@ -265,7 +267,8 @@ def test_inputs_as_a_tuple_or_a_dict():
 
 
 def test_auto_mode_picks_a_measured_formulation_once_per_kind(monkeypatch):
-    from hessops.operators import hessian as hessian_module, hvp_tuning
+    from hessops.operators import hessian as hessian_module
+    from hessops.operators import hvp_tuning
 
     monkeypatch.setattr(hvp_tuning, "TUNE_AFTER_PRODUCTS", 0)  # tune at the first product, however cheap
     monkeypatch.setattr(hvp_tuning, "MIN_PRODUCT_SECONDS", 0.0)
@@ -282,7 +285,9 @@ def test_auto_mode_picks_a_measured_formulation_once_per_kind(monkeypatch):
     assert relative_error(op @ v, dense @ v) < RTOL64  # the timed first batch's result is used as is
     assert relative_error(op @ V, dense @ V) < RTOL64
     tuned = {key[-1]: mode for key, mode in hessian_module._TUNED[model].items()}
-    assert tuned["single"] in hessian_module.CANDIDATES["single"] and tuned["block"] in hessian_module.CANDIDATES["block"]
+    assert (
+        tuned["single"] in hessian_module.CANDIDATES["single"] and tuned["block"] in hessian_module.CANDIDATES["block"]
+    )
     assert relative_error(op @ V, dense @ V) < RTOL64  # later products reuse the choice
     assert len(hessian_module._TUNED[model]) == 2
     del op, model  # the choice dies with its model: a later model at the same address tunes afresh
@@ -332,7 +337,7 @@ def test_ctrl_c_while_tuning_is_not_taken_for_a_failed_candidate(monkeypatch):
         try:
             raise KeyboardInterrupt
         except KeyboardInterrupt:
-            raise RuntimeError("KeyboardInterrupt: raised in a vmapped function")
+            raise RuntimeError("KeyboardInterrupt: raised in a vmapped function")  # noqa: B904 - as torch does
 
     torch.manual_seed(0)
     model, x, y = mlp().double(), torch.randn(9, 4, dtype=torch.float64), torch.randint(0, 3, (9,))

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -14,7 +15,7 @@ from hessops.constants import HVP_MODES
 from hessops.errors import HvpFormulationError
 from hessops.operators import _hvp, hvp_tuning
 from hessops.operators._base import Batch, CurvatureOperator
-from hessops.operators.hvp_tuning import CANDIDATES, _TUNED, Tuning  # noqa: F401 - where tests and users look
+from hessops.operators.hvp_tuning import _TUNED, CANDIDATES, Tuning  # noqa: F401 - where tests and users look
 
 
 class Hessian(CurvatureOperator):
@@ -73,9 +74,20 @@ class Hessian(CurvatureOperator):
                 "off; docs/torch-pitfalls.md): use hvp_mode='auto' or another formulation"
             )
         super().__init__(
-            model, loss_fn, data, params=params, dtype=dtype, chunk_size=chunk_size, micro_batch_size=micro_batch_size,
-            progress=progress, allow_train_mode=allow_train_mode, batch_size_fn=batch_size_fn,
-            unpack_inputs=unpack_inputs, check_determinism=check_determinism, distributed=distributed, group=group,
+            model,
+            loss_fn,
+            data,
+            params=params,
+            dtype=dtype,
+            chunk_size=chunk_size,
+            micro_batch_size=micro_batch_size,
+            progress=progress,
+            allow_train_mode=allow_train_mode,
+            batch_size_fn=batch_size_fn,
+            unpack_inputs=unpack_inputs,
+            check_determinism=check_determinism,
+            distributed=distributed,
+            group=group,
         )
         self.hvp_mode = hvp_mode
         self.annotations = self.annotations | {cola.SelfAdjoint}
@@ -124,7 +136,11 @@ class Hessian(CurvatureOperator):
     def _tuning_deferred(self, kind: str) -> bool:
         """``"auto"`` with tuning on runs double backward until :func:`hvp_tuning.worth_tuning` says (from
         this operator's products so far) whether to tune; a cheap product is then recorded as such."""
-        if self.hvp_mode != "auto" or not hvp_tuning.enabled() or hvp_tuning.in_process(self.problem.model, self._key(kind)):
+        if (
+            self.hvp_mode != "auto"
+            or not hvp_tuning.enabled()
+            or hvp_tuning.in_process(self.problem.model, self._key(kind))
+        ):
             return False
         products, seconds = self.problem.memo.get("hvp_usage", {}).get(kind, (0, 0.0))
         worth = hvp_tuning.worth_tuning(products, seconds)

@@ -16,10 +16,11 @@ tracker) pays at most a few slice products after twenty full ones. Then ``"auto"
 
 1. runs the reference on a *slice*: the first :data:`TUNE_EXAMPLES` examples of the batch at hand and its
    first :data:`TUNE_COLUMNS` columns (one for single products);
-2. runs each candidate of that kind not known to be wrong on the model's modules (:data:`~hessops.operators._hvp.KNOWN_WRONG`)
-   on the same slice and sets aside, with one :class:`~hessops.errors.HvpFormulationWarning`, any whose
-   relative Frobenius error exceeds :func:`tolerance`; one that torch cannot run is set aside too; one
-   that agrees is timed once more on the slice (its first run paid torch.func's first-call costs);
+2. runs each candidate of that kind not known to be wrong on the model's modules
+   (:data:`~hessops.operators._hvp.KNOWN_WRONG`) on the same slice and sets aside, with one
+   :class:`~hessops.errors.HvpFormulationWarning`, any whose relative Frobenius error exceeds
+   :func:`tolerance`; one that torch cannot run is set aside too; one that agrees is timed once more on
+   the slice (its first run paid torch.func's first-call costs);
 3. keeps the fastest of those timed.
 
 **The tuner's cost is bounded by what the run has spent** (:func:`budget`): it starts a step (the
@@ -50,9 +51,9 @@ import os
 import time
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -88,13 +89,13 @@ class Tuning:
 
     ``source``: ``"timed"`` (validated and timed here), ``"disk cache"`` (read from disk, validated here),
     ``"in-process"`` (chosen earlier in this process for the same model), ``"cheap product"`` (the first
-    :data:`TUNE_AFTER_PRODUCTS` products took under :data:`MIN_PRODUCT_SECONDS` each: double backward, untuned), ``"explicit"`` (an ``hvp_mode``
-    validated here), ``"reference"`` (double backward: nothing to check), ``"disabled"``
-    (``HESSOPS_HVP_TUNING=0``) or ``"low precision"`` (a half-precision dtype, where rounding hides wrong
-    formulations: double backward). ``seconds``: the tuner's whole cost. ``examples`` and ``columns``: the
-    slice it ran on; ``runs``: slice products it computed. ``errors``: each candidate's relative error
-    against double backward on the slice; ``times``: its timed slice run (s); ``excluded``: why a
-    formulation was not a candidate, or was not tried (the tuning budget, :func:`budget`, was spent)."""
+    :data:`TUNE_AFTER_PRODUCTS` products took under :data:`MIN_PRODUCT_SECONDS` each: double backward, untuned),
+    ``"explicit"`` (an ``hvp_mode`` validated here), ``"reference"`` (double backward: nothing to check),
+    ``"disabled"`` (``HESSOPS_HVP_TUNING=0``) or ``"low precision"`` (a half-precision dtype, where rounding hides
+    wrong formulations: double backward). ``seconds``: the tuner's whole cost. ``examples`` and ``columns``: the
+    slice it ran on; ``runs``: slice products it computed. ``errors``: each candidate's relative error against
+    double backward on the slice; ``times``: its timed slice run (s); ``excluded``: why a formulation was not a
+    candidate, or was not tried (the tuning budget, :func:`budget`, was spent)."""
 
     kind: str
     mode: str
@@ -109,6 +110,7 @@ class Tuning:
     excluded: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
+        """The fields as a JSON-ready dict."""
         return asdict(self)
 
 
@@ -131,12 +133,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HESSOPS_CACHE_DIR") or Path.home() / ".cache" / "hessops")
 
 
-def cache_key(model: nn.Module, names: tuple[str, ...], shapes, device: torch.device, dtype: torch.dtype, kind: str) -> str:
+def cache_key(
+    model: nn.Module, names: tuple[str, ...], shapes, device: torch.device, dtype: torch.dtype, kind: str
+) -> str:
     """A digest of what decides the fastest formulation: module types (and train/eval), parameter names and
     shapes, the device (its name for a GPU, the thread count on the CPU), dtype, torch version and kind."""
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
     payload = {
-        "modules": [[name, f"{type(m).__module__}.{type(m).__qualname__}", m.training] for name, m in model.named_modules()],
+        "modules": [
+            [name, f"{type(m).__module__}.{type(m).__qualname__}", m.training] for name, m in model.named_modules()
+        ],
         "params": [[n, list(s)] for n, s in zip(names, shapes)],
         "device": hardware,
         "dtype": str(dtype),
@@ -199,8 +205,11 @@ def _cannot_differentiate(error: BaseException) -> bool:
     """torch's words for an operation without the derivative a formulation needs."""
     text = str(error)
     return isinstance(error, (RuntimeError, NotImplementedError)) and (
-        ("derivative for" in text and "not implemented" in text) or "forward AD" in text or "does not support" in text
-        or "once_differentiable" in text or "functorch transforms" in text
+        ("derivative for" in text and "not implemented" in text)
+        or "forward AD" in text
+        or "does not support" in text
+        or "once_differentiable" in text
+        or "functorch transforms" in text
     )
 
 
@@ -279,7 +288,9 @@ def _select(requested, kind, model, key, disk_key, probe: Slice, dtype, spent: f
         return Tuning(kind, _hvp.REFERENCE, "low precision")
     if requested == "auto" and key in _TUNED.get(model, {}):
         return Tuning(kind, _TUNED[model][key], "in-process")
-    tuning = Tuning(kind, _hvp.REFERENCE, "timed", examples=probe.examples, columns=probe.columns, tolerance=tolerance(dtype))
+    tuning = Tuning(
+        kind, _hvp.REFERENCE, "timed", examples=probe.examples, columns=probe.columns, tolerance=tolerance(dtype)
+    )
     allowance = budget(spent) if requested == "auto" else float("inf")  # an explicit mode is always checked
     cost = 0.0  # the tuner's slice runs so far (s)
 
