@@ -318,8 +318,7 @@ def plot_resnet(result: dict, path: Path, quick: bool) -> None:
         ax.plot(list(STUDY_SHARPNESS), list(STUDY_SHARPNESS.values()), "k*", ms=10, label="study")
         if all(h["value"] > 0 for h in history):  # with the study's four decades, log scale
             ax.set_yscale("log")
-        ax.legend()
-        fig.tight_layout()
+        ax.legend()  # the figure's constrained layout (hessops.plot) makes room for it
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
