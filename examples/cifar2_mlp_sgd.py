@@ -35,6 +35,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, random_split  # noqa: E402
 
@@ -181,6 +182,7 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
             label=label.replace("\n", ", "),
         )
     axes[0, 0].set(xlabel="epoch", ylabel="training loss (mean over the epoch)", yscale="log", title="Training")
+    axes[0, 0].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0, 0].legend(fontsize=8)
     for i, split in enumerate(("train", "val", "test")):
         axes[0, 1].bar(x + (i - 1) * 0.27, [r[split]["accuracy"] for r in runs], 0.27, label=split)
@@ -188,11 +190,11 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
     axes[0, 1].set(ylabel="accuracy", title="Accuracy at the solution", ylim=(min(0.5, lowest - 0.05), 1.0))
     axes[0, 1].legend(fontsize=8, loc="lower right")
     axes[1, 0].bar(x, [r["top_eigenvalue"] for r in runs], color="tab:red")
-    axes[1, 0].set(ylabel="λ_max of the Hessian", title="Top eigenvalue (Lanczos)")
+    axes[1, 0].set(ylabel=r"$\lambda_{\max}$ of the Hessian", title="Top eigenvalue (Lanczos)")
     axes[1, 1].bar(
         x, [r["trace"] for r in runs], yerr=[2 * r["trace_std_error"] for r in runs], capsize=4, color="tab:purple"
     )
-    axes[1, 1].set(ylabel="tr H", title="Trace (Hutch++, ± 2 standard errors)")
+    axes[1, 1].set(ylabel=r"$\mathrm{tr}\,H$", title="Trace (Hutch++, ± 2 standard errors)")
     for ax in axes.flat[1:]:
         ax.set_xticks(x, labels, fontsize=8)
     for ax in axes.flat:
@@ -231,6 +233,7 @@ def main() -> None:
     runs = [study(args, momentum, weight_decay, data) for momentum, weight_decay in GRID]
     report(runs)
     what = "MLP 64-32-16-8-2 on digits 3 vs 8 (quick)" if args.quick else "MLP 3072-512-128-32-2 on CIFAR airplane/bird"
+    what += f", N = {len(data[0]):,}"
     plot(runs, args.out / "curvature.png", f"SGD lr {LR:g}, {args.epochs} epochs: {what}")
     summary = {
         "mode": "quick" if args.quick else "full",

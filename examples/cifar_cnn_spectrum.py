@@ -264,7 +264,7 @@ def plot_one_batch(result: dict, path: Path) -> None:
         ax.grid(True, alpha=0.3)
     axes[0].legend()
     fig.suptitle(
-        f"One batch of {result['examples']}: Hessian ({result['n']:,} parameters, "
+        f"{CNN}, one batch of {result['examples']}: Hessian ({result['n']:,} parameters, "
         f"{result['dtype']}), max |Δλ| = {result['max_abs_difference']:.1e}"
     )
     fig.tight_layout()
@@ -282,19 +282,19 @@ def plot_top(result: dict, path: Path) -> None:
         ".-",
         ms=3,
         lw=0.8,
-        label="stochastic power iteration: vᵀH_b v",
+        label=r"stochastic power iteration: $v^\top H_b v$",
     )
     ax.axhline(power["estimate"], color="tab:blue", ls=":", label=f"its estimate (last pass) {power['estimate']:.4g}")
     ax.axhline(
         lanczos["value"],
         color="tab:red",
         ls="--",
-        label=f"Lanczos λ_max {lanczos['value']:.4g} ({lanczos['batch_hvps']:,} batch HVPs)",
+        label=rf"Lanczos $\lambda_{{\max}}$ {lanczos['value']:.4g} ({lanczos['batch_hvps']:,} batch HVPs)",
     )
     ax.set(
         xlabel="batch Hessian-vector products",
         ylabel="top eigenvalue estimate",
-        title=f"Top Hessian eigenvalue over {result['examples']:,} training examples",
+        title=f"{CNN}: top Hessian eigenvalue over {result['examples']:,} training examples",
     )
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
@@ -318,8 +318,7 @@ def plot_resnet(result: dict, path: Path, quick: bool) -> None:
         ax.plot(list(STUDY_SHARPNESS), list(STUDY_SHARPNESS.values()), "k*", ms=10, label="study")
         if all(h["value"] > 0 for h in history):  # with the study's four decades, log scale
             ax.set_yscale("log")
-        ax.legend()
-        fig.tight_layout()
+        ax.legend()  # the figure's constrained layout (hessops.plot) makes room for it
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

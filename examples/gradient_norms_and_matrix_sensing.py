@@ -50,6 +50,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, TensorDataset  # noqa: E402
 
@@ -146,7 +147,8 @@ def plot_gradient_norms(result: dict, path: Path, data: str) -> None:
     right.legend()
     for ax in (left, right):
         ax.grid(True, which="both", alpha=0.3)
-    fig.suptitle(f"{MODEL} (bias-free 784-128-128-128-10) on {data}, SGD lr {LR:g}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(f"{MODEL} (bias-free 784-128-128-128-10) on {data}, N = {result['n_train']:,}, SGD lr {LR:g}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -307,8 +309,10 @@ def plot_sensing(result: dict, out: Path) -> list[Path]:
     for ax in axes[1]:
         ax.set_xlabel("gradient step t")
     for ax in axes[:, 0]:
-        ax.set_ylabel(f"top-{TOP_SINGULAR} singular values of U_t")
-    fig.suptitle(f"Singular values of U_t ({what}; dotted: √λ_i(X*), the values of a factor of X*)")
+        ax.set_ylabel(f"top-{TOP_SINGULAR} singular values of $U_t$")
+    fig.suptitle(
+        rf"Singular values of $U_t$ ({what}; dotted: $\sqrt{{\lambda_i(X^*)}}$, the values of a factor of $X^*$)"
+    )
     fig.tight_layout()
     fig.savefig(paths[1], dpi=120)
     plt.close(fig)
@@ -326,7 +330,7 @@ def plot_sensing(result: dict, out: Path) -> list[Path]:
     ax.set_xscale("log")
     ax.set(
         xlabel="index (by decreasing |λ|)",
-        ylabel="|λ| of ∇²F(U) at the end",
+        ylabel=r"$|\lambda|$ of $\nabla^2 F(U)$ at the end",
         title=f"Hessian spectrum at the end, {what}",
     )
     ax.grid(True, which="both", alpha=0.3)
