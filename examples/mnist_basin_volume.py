@@ -84,18 +84,16 @@ def study(args: argparse.Namespace, weight_decay: float, loader, whole) -> dict:
     dense = cola.SelfAdjoint(cola.ops.Dense(H.to_dense()))  # n = 1,710: the exact Hessian, once
     spectrum = torch.linalg.eigvalsh(dense.to_dense())
     try:
-        exact = vars(hessops.basin_volume(dense, threshold=THRESHOLD, c=c, method="dense"))
-        slq = vars(
-            hessops.basin_volume(  # matrix-free, on the operator
-                H,
-                threshold=THRESHOLD,
-                c=c,
-                method="slq",
-                probes=args.probes,
-                lanczos_steps=args.lanczos_steps,
-                seed=args.seed,
-            )
-        )
+        exact = hessops.basin_volume(dense, threshold=THRESHOLD, c=c, method="dense").to_dict()
+        slq = hessops.basin_volume(  # matrix-free, on the operator
+            H,
+            threshold=THRESHOLD,
+            c=c,
+            method="slq",
+            probes=args.probes,
+            lanczos_steps=args.lanczos_steps,
+            seed=args.seed,
+        ).to_dict()
     except hessops.NotPositiveDefiniteError as error:  # not at a minimum: the quadratic basin is unbounded
         exact = slq = {"undefined": str(error)}
     density = hessops.spectral_density(dense, num_probes=10, lanczos_steps=args.lanczos_steps, seed=args.seed)
