@@ -70,3 +70,30 @@ def test_the_names_type_checkers_see_are_the_lazy_ones():
     )
     seen = {alias.name: node.module.removeprefix("hessops.") for node in block.body for alias in node.names}
     assert seen == hessops._LAZY
+
+
+# A user's first products: each operator's single-column product, on a fresh interpreter, must not import
+# torch._dynamo (1.5-3 s on 2 cores, through torch.func.grad/vjp) nor sympy (0.8 s, through a tensor
+# grad_outputs); hessops/_autograd.py says why. Checked by the modules imported, not by time.
+_FIRST_PRODUCTS = textwrap.dedent(
+    """
+    import sys, torch
+    from torch import nn
+    import hessops
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).eval()
+    data = [(torch.randn(6, 3), torch.arange(6) % 2), (torch.randn(5, 3), torch.arange(5) % 2)]
+    for name in ("Hessian", "GGN", "EmpiricalFisher", "MCFisher"):
+        op = getattr(hessops, name)(model, nn.CrossEntropyLoss(), data)
+        hessops.Regularized(op, 0.1) @ torch.ones(op.shape[0])
+        hessops.eigs(op, 1, "LA", max_iters=8)
+        heavy = [m for m in ("torch._dynamo", "sympy") if m in sys.modules]
+        assert not heavy, f"{name}'s first products imported {heavy}"
+    print("ok")
+    """
+)
+
+
+def test_first_products_import_neither_dynamo_nor_sympy():
+    run = subprocess.run([sys.executable, "-c", _FIRST_PRODUCTS], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]

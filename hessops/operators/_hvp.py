@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
+from hessops._autograd import block_vjp, column_vjp
 from hessops._functional import differentiable_kernels
 from hessops.constants import HVP_MODES
 
@@ -90,7 +91,8 @@ def run(mode: str, batch_loss: Callable, params: ParamTree, blocks: list[ParamTr
 
 def autograd(batch_loss: Callable, params: ParamTree, blocks: list[ParamTree], batched: bool = True):
     """Double backward: one graph of the gradient per batch, differentiated for every column (all columns of
-    a block at once with ``is_grads_batched`` when ``batched``, else one after the other)."""
+    a block at once with ``is_grads_batched`` when ``batched``, else one after the other, each as the gradient
+    of ``<∇L_b, v>``)."""
     with torch.enable_grad():
         p = tuple(t.detach().requires_grad_() for t in params)
         loss, _ = batch_loss(p)
@@ -105,30 +107,13 @@ def autograd(batch_loss: Callable, params: ParamTree, blocks: list[ParamTree], b
                 outputs = [g[i] for i in live]
                 cotangents = [block[i] for i in live]
                 if columns == 1 or not batched:
-                    per_column = []
-                    for c in range(columns):
-                        last_column = c == columns - 1
-                        per_column.append(
-                            torch.autograd.grad(
-                                outputs,
-                                p,
-                                [t[c] for t in cotangents],
-                                retain_graph=keep or not last_column,
-                                allow_unused=True,
-                                materialize_grads=True,
-                            )
-                        )
+                    per_column = [
+                        column_vjp(outputs, p, [t[c] for t in cotangents], retain_graph=keep or c < columns - 1)
+                        for c in range(columns)
+                    ]
                     hv = [torch.stack(parts) for parts in zip(*per_column)]
                 else:
-                    hv = torch.autograd.grad(
-                        outputs,
-                        p,
-                        cotangents,
-                        retain_graph=keep,
-                        allow_unused=True,
-                        is_grads_batched=True,
-                    )  # not materialize_grads: its zeros for unused parameters lack the batch dimension
-                    hv = [torch.zeros_like(t) if h is None else h for h, t in zip(hv, block)]
+                    hv = block_vjp(outputs, p, cotangents, retain_graph=keep)
                 out = [h.detach() for h in hv]
             products.append(tuple(out))
     return products, loss.detach()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
-from torch.func import jvp, vjp, vmap
+from torch.func import jvp, vmap
 
+from hessops._autograd import block_vjp
 from hessops._cola import cola
 from hessops._functional import ParamTree, differentiable_kernels
 from hessops.operators._base import Batch, CurvatureOperator
@@ -20,8 +22,8 @@ class JacobianSandwich(CurvatureOperator):
     and :math:`M_b` a PSD matrix in output space that each subclass defines (:meth:`_output_operator`);
     :math:`W_b` as in :class:`CurvatureOperator`.
 
-    Per batch: one forward with its ``vjp``; for each block of columns a ``vmap``'d ``jvp`` (:math:`U = JV`),
-    the output-space product :math:`W = MU`, and a ``vmap``'d ``vjp`` (:math:`J^\top W`). No per-example
+    Per batch: one forward with its autograd graph; for each block of columns a ``vmap``'d ``jvp``
+    (:math:`U = JV`), the output-space product :math:`W = MU`, and a batched backward (:math:`J^\top W`). No per-example
     gradient is ever stored. The model must return a single tensor.
     """
 
@@ -46,12 +48,15 @@ class JacobianSandwich(CurvatureOperator):
                 )
             return outputs
 
-        with differentiable_kernels():  # attention's fused kernels have no forward-mode derivative
-            outputs, pullback = vjp(forward, batch.params)
-            loss = self.output_loss(outputs, batch.targets)
-            output_matmat = self._output_operator(outputs, batch)
+        with differentiable_kernels(), torch.enable_grad():  # attention's fused kernels: no forward-mode rule
+            params = tuple(t.detach().requires_grad_() for t in batch.params)
+            outputs = forward(params)
+            loss = self.output_loss(outputs.detach(), batch.targets)
+            output_matmat = self._output_operator(outputs.detach(), batch)
             products = []
-            for block in blocks:
+            for b, block in enumerate(blocks):
                 jv = vmap(lambda v: jvp(forward, (batch.params,), (v,))[1], randomness=randomness)(block)
-                products.append(vmap(pullback, randomness=randomness)(output_matmat(jv))[0])
+                products.append(
+                    tuple(block_vjp([outputs], params, [output_matmat(jv)], retain_graph=b < len(blocks) - 1))
+                )
         return products, loss

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, vmap
 
+from hessops._autograd import gradient
 from hessops.errors import UnsupportedLossError
 from hessops.losses import LossSpec, loss_spec
 from hessops.operators._base import Batch
@@ -22,7 +22,9 @@ def _summed_gradients(spec: LossSpec, outputs: Tensor, targets: Any, scale: floa
     r""":math:`s_n = \nabla_{f_n} (\mathrm{scale} \cdot L_b)`, stacked like ``outputs``: with ``scale`` the batch's
     :math:`W_b` for a mean (1 for a sum), the gradient of the batch's summed (weighted) per-target losses
     that belong to example :math:`n`."""
-    return grad(lambda o: scale * spec(o, targets))(outputs)
+    with torch.enable_grad():
+        o = outputs.detach().requires_grad_()
+        return gradient(scale * spec(o, targets), [o])[0]
 
 
 def _outer_matmat(s: Tensor, coefficients: Tensor, divisor: float) -> Callable[[Tensor], Tensor]:
@@ -191,7 +193,7 @@ class MCFisher(JacobianSandwich):
         spec = self.output_loss
         sampled = self._sampler_for(spec)(outputs.detach(), targets, self.samples, generator)
         total = spec.batch_weight(targets, outputs.shape[0]) if spec.mean else 1.0
-        s = vmap(lambda y: _summed_gradients(spec, outputs, y, total))(sampled)
+        s = torch.stack([_summed_gradients(spec, outputs, y, total) for y in sampled])
         return _outer_matmat(s, torch.ones(outputs.shape[0], device=outputs.device), total * self.samples)
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
-from torch.func import grad, vjp, vmap
 
+from hessops._autograd import block_vjp, gradient
 from hessops.errors import UnsupportedLossError
 from hessops.operators._base import Batch
 from hessops.operators._jacobian import JacobianSandwich
@@ -51,6 +52,13 @@ class GGN(JacobianSandwich):
             self.output_loss = spec.as_cross_entropy()
 
     def _output_operator(self, outputs: Tensor, batch: Batch):
-        loss_fn = self.output_loss
-        _, hessian_vjp = vjp(grad(lambda o: loss_fn(o, batch.targets)), outputs)
-        return lambda u: vmap(hessian_vjp)(u)[0]
+        loss_fn, targets = self.output_loss, batch.targets
+        with torch.enable_grad():
+            o = outputs.detach().requires_grad_()
+            (g,) = gradient(loss_fn(o, targets), [o], create_graph=True)
+
+        def matmat(u: Tensor) -> Tensor:
+            with torch.enable_grad():
+                return block_vjp([g], [o], [u], retain_graph=True)[0].detach()
+
+        return matmat
