@@ -251,6 +251,18 @@ def test_image_dataset_checks_shapes():
         )
 
 
+@pytest.mark.parametrize("name", ["digits", "cifar2"])
+def test_batched_fetch_is_the_per_item_path_bit_for_bit(name, cifar_dir):
+    """A DataLoader fetches a batch through ``__getitems__`` (through ``Subset`` too): the same float32 numbers
+    as ``__getitem__`` item by item, in the same order."""
+    ds = load_dataset(name, data_dir=cifar_dir, num_examples=13, verify=False)
+    assert isinstance(ds, Subset) and callable(ds.dataset.__getitems__)
+    for (x, y), start in zip(make_loader(ds, batch_size=5), range(0, 13, 5)):
+        items = [ds[i] for i in range(start, min(start + 5, 13))]
+        assert torch.equal(x, torch.stack([item[0] for item in items]))
+        assert torch.equal(y, torch.stack([item[1] for item in items]))
+
+
 def test_on_device_moves_batches_and_is_reiterable():
     ds = load_dataset("digits", train=False, num_examples=10)
     moved = on_device(make_loader(ds, batch_size=4), "cpu")

@@ -129,3 +129,32 @@ def test_train_calls_the_epoch_hook_in_eval_mode_with_the_epochs_record():
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert history[-1]["val"]["loss"] < history[0]["val"]["loss"]  # it trained
     assert history[-1]["val"] == hessops.evaluate(model, loss_fn, loader)  # recorded at the end of its epoch
+
+
+@pytest.mark.parametrize(
+    ("momentum", "weight_decay", "dtype"),
+    [(0.0, 0.0, torch.float32), (0.9, 0.0, torch.float32), (0.9, 5e-4, torch.float32), (0.5, 1e-2, torch.float64)],
+)
+def test_train_is_torch_optim_sgd_bit_for_bit(momentum, weight_decay, dtype):
+    """hessops.train's own SGD update against torch.optim.SGD's, on BatchNorm (buffers, parameters) and a
+    frozen layer (no gradient: skipped by both)."""
+    x, y = blobs(60)
+    x = x.to(dtype)
+    loader = [(x[i : i + 20], y[i : i + 20]) for i in range(0, 60, 20)]
+    loss_fn = nn.CrossEntropyLoss()
+    torch.manual_seed(0)
+    ours = bn_mlp().to(dtype)
+    ours[0].bias.requires_grad_(False)
+    theirs = bn_mlp().to(dtype)
+    theirs.load_state_dict(ours.state_dict())
+    theirs[0].bias.requires_grad_(False)
+    hessops.train(ours, loss_fn, loader, epochs=3, lr=0.1, momentum=momentum, weight_decay=weight_decay, progress=False)
+    optimizer = torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=momentum, weight_decay=weight_decay)
+    theirs.train()
+    for _ in range(3):
+        for xb, yb in loader:
+            optimizer.zero_grad()
+            loss_fn(theirs(xb), yb).backward()
+            optimizer.step()
+    for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        assert torch.equal(a, b), name
