@@ -1,0 +1,227 @@
+"""Transformers against the peers, side by side in one process: a GPT-style language model and a ViT.
+
+    python -m benchmarks.transformers --workloads gpt2-small --batch-size 2 --seq-len 128 --top 0
+    python -m benchmarks.transformers --workloads vit-tiny gpt-bytes-mini --top 2
+    python -m benchmarks.transformers --smoke                      # seconds: checks the harness
+
+For each workload, with random weights (seeded) and random tokens or images (seeded), float32, eval mode:
+
+- ``products``: medians over ``--repeats`` interleaved rounds of one dataset gradient (torch's default, fused
+  attention kernel), hessops' HVP, PyHessian's and curvlinops' (after one warm-up each, timed on its own line), the ratios HVP / gradient, and each peer's relative difference from
+  hessops' product (curvlinops 3.0.1 is wrong through LayerNorm: docs/torch-pitfalls.md);
+- ``memory``: the peak tensor memory of one HVP against one gradient (benchmarks/memory.py; exact counts, CPU or
+  CUDA), for hessops and PyHessian;
+- ``top`` (``--top k``, 0 to skip): wall time and HVPs to the top-k eigenvalues, hessops'
+  ``eigs(H, k, "LM", value_tol=1e-3)`` with its verified error bounds against PyHessian's power iteration
+  (tolerance 1e-3), and how far apart their values are.
+
+The peers cannot differentiate the fused attention kernels twice ("derivative for
+aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"), so they run inside
+``sdpa_kernel(SDPBackend.MATH)``, as their users must write; hessops switches by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import hessops
+from benchmarks.memory import peak_bytes
+from benchmarks.peers import CurvlinopsPeer, PyHessianPeer, dataset_gradient, timer
+from benchmarks.workloads import Workload
+
+SIZES = ("gpt2-small", "gpt-bytes-mini", "gpt-bytes-tiny")
+
+
+def language_workload(name: str, *, num_examples: int, batch_size: int, seq_len: int, seed: int) -> Workload:
+    """hessops.lm's GPT of size ``name`` (block size ``seq_len``) on random tokens; labels are the inputs
+    (the next-token loss shifts them), no padding."""
+    from hessops.lm import GPT, gpt_config
+    from hessops.losses import NextTokenCrossEntropy
+
+    torch.manual_seed(seed)
+    config = gpt_config(name, block_size=seq_len)
+    model = GPT(config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, config.vocab_size, (num_examples, seq_len), generator=generator)
+    data = [(tokens[i : i + batch_size], tokens[i : i + batch_size]) for i in range(0, num_examples, batch_size)]
+    return Workload(name, model, NextTokenCrossEntropy(), data)
+
+
+def vit_workload(*, num_examples: int, batch_size: int, seed: int, tiny: bool = False) -> Workload:
+    """timm's ViT-Tiny at CIFAR's 32×32 (patch 4, 10 classes; two blocks of width 48 for ``tiny``) on random
+    images and labels."""
+    import timm
+
+    torch.manual_seed(seed)
+    options = {"depth": 2, "embed_dim": 48, "num_heads": 3} if tiny else {}
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, num_classes=10, **options
+    ).eval()
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_examples, 3, 32, 32, generator=generator)
+    y = torch.randint(0, 10, (num_examples,), generator=generator)
+    data = [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, num_examples, batch_size)]
+    return Workload("vit-tiny" + ("-smoke" if tiny else ""), model, nn.CrossEntropyLoss(), data)
+
+
+def _math_attention(f):
+    """``f`` run with scaled_dot_product_attention's math kernel, which has a double backward (for the peers)."""
+
+    def run(*args, **kwargs):
+        with sdpa_kernel(SDPBackend.MATH):
+            return f(*args, **kwargs)
+
+    return run
+
+
+def bench_products(w: Workload, device: torch.device, repeats: int, peers: dict) -> dict:
+    """Interleaved medians of the gradient and each method's HVP, their ratios, and the peers' agreement."""
+    now = timer(device)
+    H = hessops.Hessian(w.model, w.loss_fn, w.data)
+    v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(0), dtype=H.dtype).to(device)
+    shapes = [p.shape for p in w.model.parameters()]
+    v_list = [t.reshape(s) for t, s in zip(v.split([s.numel() for s in shapes]), shapes)]
+    methods = {"grad": lambda: dataset_gradient(w), "hessops hvp": lambda: H @ v}
+    if "pyhessian" in peers:
+        methods["pyhessian hvp"] = lambda: peers["pyhessian"].hvp(v_list)
+    if "curvlinops" in peers:
+        methods["curvlinops hvp"] = lambda: peers["curvlinops"].matmat(v[:, None])
+    first = {}
+    for name, f in methods.items():  # warm-up, timed on its own: a fresh process's first product
+        start = now()
+        f()
+        first[name] = now() - start
+    times: dict[str, list[float]] = {k: [] for k in methods}
+    for _ in range(repeats):
+        for name, f in methods.items():
+            start = now()
+            f()
+            times[name].append(now() - start)
+    medians = {k: statistics.median(t) for k, t in times.items()}
+    ratios = {f"{k} / grad": medians[k] / medians["grad"] for k in medians if k != "grad"}
+    reference = H @ v
+    agreement = {}
+    if "pyhessian" in peers:
+        theirs = torch.cat([t.detach().reshape(-1) for t in peers["pyhessian"].hvp(v_list)]).to(reference)
+        agreement["pyhessian rel. diff"] = float((theirs - reference).norm() / reference.norm())
+    if "curvlinops" in peers:
+        theirs = peers["curvlinops"].matmat(v[:, None])[:, 0].detach().to(reference)
+        agreement["curvlinops rel. diff"] = float((theirs - reference).norm() / reference.norm())
+    return {"first call seconds": first, "seconds": medians, "ratios": ratios, "agreement": agreement}
+
+
+def bench_memory(w: Workload, device: torch.device, peers: dict) -> dict:
+    """Peak tensor memory of one gradient and one HVP (hessops, PyHessian), in bytes, and the ratios."""
+    H = hessops.Hessian(w.model, w.loss_fn, w.data)
+    v = torch.randn(H.shape[0], dtype=H.dtype, device=device)
+    H @ v  # the first product's one-off work (formulation check, determinism) is not one HVP's memory
+    work = {"grad": lambda: dataset_gradient(w), "hessops hvp": lambda: H @ v}
+    if "pyhessian" in peers:
+        shapes = [p.shape for p in w.model.parameters()]
+        v_list = [t.reshape(s) for t, s in zip(v.split([s.numel() for s in shapes]), shapes)]
+        work["pyhessian hvp"] = lambda: peers["pyhessian"].hvp(v_list)
+    peaks = {name: peak_bytes(f, device) for name, f in work.items()}
+    return {"peak_bytes": peaks, "ratios": {f"{k} / grad": peaks[k] / peaks["grad"] for k in peaks if k != "grad"}}
+
+
+def bench_top(w: Workload, device: torch.device, k: int, peers: dict) -> dict:
+    """Time and HVPs to the top-k (largest magnitude) eigenvalues: hessops at ``value_tol=1e-3`` with verified
+    error bounds, PyHessian's power iteration at its tolerance 1e-3."""
+    now = timer(device)
+    start = now()
+    H = hessops.Hessian(w.model, w.loss_fn, w.data)
+    ours = hessops.eigs(H, k, "LM", value_tol=1e-3)
+    out = {
+        "hessops": {
+            "seconds": now() - start,
+            "hvps": ours.n_matvecs,
+            "values": ours.values.tolist(),
+            "error_bounds": ours.error_bounds.tolist(),
+            "converged": bool(ours.converged),
+        }
+    }
+    if "pyhessian" in peers:
+        peers["pyhessian"].hvps = 0
+        start = now()
+        values = peers["pyhessian"].top(k)
+        out["pyhessian"] = {"seconds": now() - start, "hvps": peers["pyhessian"].hvps, "values": values}
+        ours_sorted = sorted(ours.values.tolist(), key=abs, reverse=True)
+        theirs_sorted = sorted(values, key=abs, reverse=True)
+        scale = max(abs(x) for x in ours_sorted)
+        out["max rel. difference"] = max(abs(a - b) for a, b in zip(ours_sorted, theirs_sorted)) / scale
+        out["pyhessian / hessops time"] = out["pyhessian"]["seconds"] / out["hessops"]["seconds"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", nargs="+", default=["vit-tiny", "gpt-bytes-mini"], choices=(*SIZES, "vit-tiny"))
+    parser.add_argument("--num-examples", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (language models)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--top", type=int, default=2, help="top-k eigenvalues to time (0: skip)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory counts")
+    parser.add_argument("--peers", nargs="*", default=["pyhessian", "curvlinops"], choices=("pyhessian", "curvlinops"))
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks the harness")
+    parser.add_argument("--out", type=Path, help="write the JSON report here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    report: dict = {
+        "date": str(date.today()),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "args": vars(args) | {"out": str(args.out)},
+        "workloads": {},
+    }
+    for name in args.workloads:
+        began = time.perf_counter()
+        if args.smoke:
+            w = (
+                vit_workload(num_examples=4, batch_size=2, seed=0, tiny=True)
+                if name == "vit-tiny"
+                else language_workload("gpt-bytes-tiny", num_examples=4, batch_size=2, seq_len=16, seed=0)
+            )
+        elif name == "vit-tiny":
+            w = vit_workload(num_examples=args.num_examples, batch_size=args.batch_size, seed=0)
+        else:
+            w = language_workload(
+                name, num_examples=args.num_examples, batch_size=args.batch_size, seq_len=args.seq_len, seed=0
+            )
+        peers = {}
+        if "pyhessian" in args.peers:
+            peers["pyhessian"] = PyHessianPeer(w)
+            peers["pyhessian"].hvp = _math_attention(peers["pyhessian"].hvp)
+            peers["pyhessian"].top = _math_attention(peers["pyhessian"].top)
+        if "curvlinops" in args.peers:
+            peers["curvlinops"] = CurvlinopsPeer(w)
+            peers["curvlinops"].matmat = _math_attention(peers["curvlinops"].matmat)
+        entry: dict = {"n_params": w.n_params, "num_examples": w.num_examples}
+        entry["products"] = bench_products(w, device, 1 if args.smoke else args.repeats, peers)
+        if not args.no_memory:
+            entry["memory"] = bench_memory(w, device, peers)
+        if args.top:
+            entry["top"] = bench_top(w, device, args.top, peers)
+        entry["seconds"] = time.perf_counter() - began
+        report["workloads"][w.name] = entry
+        print(json.dumps({w.name: entry}, indent=2), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
