@@ -86,8 +86,9 @@ class MCFisher(JacobianSandwich):
 
     The likelihood follows the loss: cross-entropy (categorical on softmax logits), NLL (categorical on
     log-probabilities), the next-token cross-entropy (each counted label :math:`t+1` drawn from the softmax of
-    position :math:`t`'s logits, :func:`hessops.losses.next_token_cross_entropy`), BCE with logits and BCE (Bernoulli), MSE (Gaussian of variance 1/2 per element, at
-    which the summed squared error is the negative log-likelihood), as modules, functional forms or
+    position :math:`t`'s logits, :func:`hessops.losses.next_token_cross_entropy`), BCE with logits and BCE
+    (Bernoulli), MSE (Gaussian of variance 1/2 per element, at which the summed squared error is the negative
+    log-likelihood), as modules, functional forms or
     ``partial``\ s. Class ``weight=``, ``pos_weight`` and ``label_smoothing`` define no likelihood and are
     refused (use :class:`GGN`, the expectation).
 
