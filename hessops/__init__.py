@@ -21,8 +21,11 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers, IDEs and linter
     from hessops.data import on_device
     from hessops.dense import dense_hessian
     from hessops.density import SpectralDensity, spectral_density
+    from hessops.lm import GPT, GPTConfig, gpt_config, load_hf_model
+    from hessops.losses import next_token_cross_entropy
     from hessops.operators import GGN, CurvatureOperator, EmpiricalFisher, Hessian, MCFisher, Regularized
     from hessops.spectrum import Spectrum, eigs
+    from hessops.text import load_text
     from hessops.trace_estimation import TraceEstimate, trace
     from hessops.tracking import GradNormTracker, SharpnessTracker, evaluate, train
     from hessops.volume import BasinVolume, LogdetEstimate, basin_volume, log_unit_ball_volume, logdet
@@ -38,6 +41,9 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(("logdet", "LogdetEstimate", "basin_volume", "BasinVolume", "log_unit_ball_volume"), "volume"),
     "dense_hessian": "dense",
     "on_device": "data",
+    "next_token_cross_entropy": "losses",
+    **dict.fromkeys(("GPT", "GPTConfig", "gpt_config", "load_hf_model"), "lm"),
+    "load_text": "text",
     **dict.fromkeys(("SharpnessTracker", "GradNormTracker", "train", "evaluate"), "tracking"),
 }
 
@@ -64,6 +70,13 @@ __all__ = [
     "dense_hessian",
     # data
     "on_device",
+    # language models
+    "next_token_cross_entropy",
+    "GPT",
+    "GPTConfig",
+    "gpt_config",
+    "load_hf_model",
+    "load_text",
     # training
     "SharpnessTracker",
     "GradNormTracker",

@@ -147,12 +147,16 @@ def check_train_mode(model: nn.Module, allow: bool) -> None:
 
 def split_batch(batch: Any, index: int) -> tuple[Any, Any]:
     """A batch is ``(inputs, targets)``; inputs are a tensor, a tuple of positional tensors or a mapping of
-    keyword tensors (any ``collections.abc.Mapping``, returned as a plain ``dict``)."""
+    keyword tensors (any ``collections.abc.Mapping``, returned as a plain ``dict``). A mapping that holds
+    ``"labels"`` (a HuggingFace batch) is ``(the other entries as a dict, batch["labels"])``."""
     if isinstance(batch, Mapping):
-        raise TypeError(
-            f"batch {index} is a {type(batch).__name__} (a HuggingFace-style batch that holds its labels?): data "
-            "must yield (inputs, targets) pairs; wrap the loader, hessops.data.labels_from(loader, key='labels')"
-        )
+        if "labels" not in batch:
+            raise TypeError(
+                f"batch {index} is a mapping with keys {list(batch)} but no 'labels': a HuggingFace-style batch "
+                "holds its targets under 'labels'; for another key, wrap the loader, "
+                "hessops.data.labels_from(loader, key='labels')"
+            )
+        return {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise TypeError(f"batch {index} is a {type(batch).__name__}: data must yield (inputs, targets) pairs")
     inputs = dict(batch[0]) if isinstance(batch[0], Mapping) and not isinstance(batch[0], dict) else batch[0]
@@ -267,14 +271,18 @@ def call_model(
     model: nn.Module, names: Sequence[str], params: ParamTree, constants: dict[str, Tensor], inputs: Any
 ) -> Any:
     """``model(inputs)`` with the given parameter values, through ``torch.func.functional_call``:
-    ``model(**inputs)`` for a mapping, ``model(*inputs)`` for a tuple or list, else ``model(inputs)``."""
+    ``model(**inputs)`` for a mapping, ``model(*inputs)`` for a tuple or list, else ``model(inputs)``. An
+    output object with a tensor ``.logits`` (HuggingFace's ``ModelOutput``) is taken as its logits."""
     state = dict(constants)
     state.update(zip(names, params))
     if isinstance(inputs, Mapping):
-        return functional_call(model, state, (), dict(inputs))
-    if isinstance(inputs, (tuple, list)):
-        return functional_call(model, state, tuple(inputs))
-    return functional_call(model, state, (inputs,))
+        outputs = functional_call(model, state, (), dict(inputs))
+    elif isinstance(inputs, (tuple, list)):
+        outputs = functional_call(model, state, tuple(inputs))
+    else:
+        outputs = functional_call(model, state, (inputs,))
+    logits = None if isinstance(outputs, Tensor) else getattr(outputs, "logits", None)
+    return logits if isinstance(logits, Tensor) else outputs
 
 
 def flat_to_tree(rows: Tensor, shapes: Sequence[torch.Size]) -> ParamTree:

@@ -13,6 +13,7 @@ from hessops._functional import (
     call_model,
     cast_floating,
     check_train_mode,
+    differentiable_kernels,
     first_batch,
     flat_to_tree,
     select_parameters,
@@ -67,7 +68,8 @@ def dense_hessian(
             params = tuple(t[0] for t in flat_to_tree(flat[None], shapes))
             return spec(call_model(model, names, params, constants, inputs), targets)
 
-        result += (weight if spec.mean else 1.0) * _double_backward(loss, theta, chunk_size or theta.numel())
+        with differentiable_kernels():  # attention's fused kernels have no double backward
+            result += (weight if spec.mean else 1.0) * _double_backward(loss, theta, chunk_size or theta.numel())
         total += weight
     if examples == 0:
         raise EmptyDataError(EmptyDataError.NO_EXAMPLES)

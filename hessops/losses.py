@@ -14,6 +14,11 @@ under any batching, micro-batching and sharding over ranks. For ``reduction="sum
 :math:`L = \sum_b L_b` (the dataset sum, as curvlinops defines it): its eigenvalues grow with the dataset.
 ``reduction="none"`` is refused.
 
+For language models, :func:`next_token_cross_entropy` (or its module :class:`NextTokenCrossEntropy`) is the
+mean token cross-entropy of ``logits[:, :-1]`` against ``labels[:, 1:]``; :math:`W_b` is the number of counted
+shifted labels (not ``ignore_index``), so the dataset loss is the mean over every counted token of the
+dataset, whatever the batching, the padding and the micro-batching.
+
 A loss is recognized as a module (``nn.CrossEntropyLoss(...)``), its functional form
 (``F.cross_entropy``) or a ``functools.partial`` of the functional form with keyword arguments. Anything
 else (a lambda, a function, another module) is probed once on the first batch's outputs and accepted only
@@ -35,6 +40,58 @@ from torch import Tensor, nn
 from hessops._functional import _leaves, map_examples
 from hessops.errors import EmptyDataError, TargetShapeError, UnsupportedLossError
 
+DEFAULT_IGNORE_INDEX = -100
+
+
+def next_token_cross_entropy(
+    logits: Tensor, labels: Tensor, *, ignore_index: int = DEFAULT_IGNORE_INDEX, reduction: str = "mean"
+) -> Tensor:
+    r"""The next-token cross-entropy of a causal language model: position :math:`t` predicts label :math:`t+1`,
+
+    .. math:: L = \frac1{|C|} \sum_{(n,t) \in C} -\log \operatorname{softmax}(z_{n,t})_{y_{n,t+1}}, \qquad
+              C = \{(n, t) : t < T-1,\ y_{n,t+1} \ne \texttt{ignore\_index}\},
+
+    for ``logits`` :math:`z` of shape ``(B, T, V)`` and integer ``labels`` :math:`y` of shape ``(B, T)`` (the
+    sum over :math:`C` for ``reduction="sum"``). The shift is HuggingFace's (labels are the input ids, -100 at
+    padding): the same loss as its causal LMs compute from ``labels``. Operators weight a batch by
+    :math:`|C|`, its counted tokens (:class:`LossSpec`)."""
+    _check_next_token(logits, labels)
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]),
+        labels[:, 1:].reshape(-1),
+        ignore_index=ignore_index,
+        reduction=reduction,
+    )
+
+
+class NextTokenCrossEntropy(nn.Module):
+    """:func:`next_token_cross_entropy` as a module, like ``nn.CrossEntropyLoss``."""
+
+    def __init__(self, ignore_index: int = DEFAULT_IGNORE_INDEX, reduction: str = "mean") -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+
+    def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """The loss of ``logits`` ``(B, T, V)`` against ``labels`` ``(B, T)``."""
+        return next_token_cross_entropy(logits, labels, ignore_index=self.ignore_index, reduction=self.reduction)
+
+
+def _check_next_token(logits: Any, labels: Any) -> None:
+    """Logits ``(B, T, V)`` and integer labels ``(B, T)`` of the same ``B`` and ``T``."""
+    if not isinstance(logits, Tensor) or not isinstance(labels, Tensor):
+        raise TargetShapeError(
+            f"next_token_cross_entropy takes logits and labels as tensors, got {type(logits).__name__} and "
+            f"{type(labels).__name__}: return the logits from the model (an output with .logits is taken as them)"
+        )
+    if logits.dim() != 3 or labels.shape != logits.shape[:2] or labels.is_floating_point():
+        raise TargetShapeError(
+            f"next_token_cross_entropy needs logits (B, T, V) and integer labels (B, T) of the same B and T; got "
+            f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} ({labels.dtype}): pass the token ids "
+            "(-100 where nothing is to be predicted) as labels, and the model's logits for every position"
+        )
+
+
 # kind -> (module class, functional form, keyword arguments that a partial may bind)
 KINDS: dict[str, tuple[type, Callable, frozenset[str]]] = {
     "cross_entropy": (
@@ -54,9 +111,9 @@ KINDS: dict[str, tuple[type, Callable, frozenset[str]]] = {
         frozenset({"weight", "reduction", "pos_weight"}),
     ),
     "kl_div": (nn.KLDivLoss, F.kl_div, frozenset({"reduction", "log_target"})),
+    "next_token": (NextTokenCrossEntropy, next_token_cross_entropy, frozenset({"ignore_index", "reduction"})),
 }
 CLASSIFICATION = ("cross_entropy", "nll")  # targets are class indices (or, for cross-entropy, probabilities)
-DEFAULT_IGNORE_INDEX = -100
 
 NO_COUNTED_TARGETS = (
     "every target in the data equals ignore_index (or has class weight 0), so the mean loss has nothing to "
@@ -89,7 +146,8 @@ class LossSpec:
     @property
     def ignore_index(self) -> int | None:
         """The target value that is left out of the loss (classification losses; else ``None``)."""
-        return self.options.get("ignore_index", DEFAULT_IGNORE_INDEX) if self.kind in CLASSIFICATION else None
+        counted = self.kind in CLASSIFICATION or self.kind == "next_token"
+        return self.options.get("ignore_index", DEFAULT_IGNORE_INDEX) if counted else None
 
     @property
     def weight(self) -> Tensor | None:
@@ -102,7 +160,11 @@ class LossSpec:
         return self.fn(outputs, targets)
 
     def check_shapes(self, outputs: Any, targets: Any) -> None:
-        """Element-wise losses must get targets of the outputs' shape: torch would broadcast them."""
+        """Element-wise losses must get targets of the outputs' shape: torch would broadcast them; the
+        next-token loss logits ``(B, T, V)`` and labels ``(B, T)``."""
+        if self.kind == "next_token":
+            _check_next_token(outputs, targets)
+            return
         if self.kind in CLASSIFICATION or self.kind is None:
             return
         if isinstance(outputs, Tensor) and isinstance(targets, Tensor) and outputs.shape != targets.shape:
@@ -114,7 +176,10 @@ class LossSpec:
 
     def example_weights(self, targets: Any, n: int) -> Tensor:
         r"""``(n,)`` float64: :math:`w_n`, what example :math:`n` contributes to the batch's divisor (its
-        counted targets, the class weights of those, its elements, or 1). :math:`W_b = \sum_n w_n`."""
+        counted targets, the class weights of those, its elements, or 1; for the next-token loss its counted
+        shifted labels ``labels[n, 1:]``). :math:`W_b = \sum_n w_n`."""
+        if self.kind == "next_token":
+            return (targets[:, 1:] != self.ignore_index).to(torch.float64).reshape(n, -1).sum(dim=1)
         if self.kind in CLASSIFICATION and isinstance(targets, Tensor) and not targets.is_floating_point():
             counted = targets != self.ignore_index
             weights = counted.to(torch.float64)

@@ -225,11 +225,14 @@ def test_one_shot_iterables_are_refused_before_anything_is_consumed(setup):
     assert next(generator)[0] is data[0][0]
 
 
-def test_a_dict_batch_holding_its_labels_points_to_the_adapter(setup):
-    _, data, _ = batches(setup, "dict")
+def test_a_dict_batch_holding_its_labels_works_directly(setup):
+    model, data, _ = batches(setup, "dict")
     hf_style = [{**inputs, "labels": y} for inputs, y in data]
-    with pytest.raises(TypeError, match=r"labels_from\(loader, key='labels'\)"):
-        hessops.Hessian(setup.net, nn.CrossEntropyLoss(), hf_style)
+    op = hessops.Hessian(model, nn.CrossEntropyLoss(), hf_style)
+    assert relative_error(op.to_dense(), setup.references["hessian"]) < RTOL64
+    other_key = [{**inputs, "label": y} for inputs, y in data]
+    with pytest.raises(TypeError, match=r"no 'labels'.*labels_from\(loader, key='labels'\)"):
+        hessops.Hessian(model, nn.CrossEntropyLoss(), other_key)
 
 
 # -- HuggingFace-style: one dict holding the labels in, an output object with .logits out -----------------

@@ -103,7 +103,8 @@ class CurvatureOperator(cola.ops.LinearOperator):
         data: a re-iterable of ``(inputs, targets)`` batches (a DataLoader, a list of tuples; a one-shot
             iterator is refused). ``inputs`` is a tensor, a tuple of positional tensors or a mapping of keyword
             tensors; the examples in a batch are counted from the first dimension its input tensors share
-            (0-d tensors are constants). For one dict that holds the labels, use ``hessops.data.labels_from``.
+            (0-d tensors are constants). A dict holding ``"labels"`` (a HuggingFace batch) is ``(the rest, labels)``;
+            for labels under another key, use ``hessops.data.labels_from``.
         params: parameters to differentiate, in the flat vector's order; default the trainable ones.
         dtype: the operator's dtype; default the parameters'. A wider dtype than the model's evaluates the
             model in that dtype (parameters, buffers and floating inputs are cast on the fly).

@@ -85,8 +85,10 @@ class MCFisher(JacobianSandwich):
     expectation and :math:`\mathbb E\hat F` is the true Fisher, which for these losses equals the GGN.
 
     The likelihood follows the loss: cross-entropy (categorical on softmax logits), NLL (categorical on
-    log-probabilities), BCE with logits and BCE (Bernoulli), MSE (Gaussian of variance 1/2 per element, at
-    which the summed squared error is the negative log-likelihood), as modules, functional forms or
+    log-probabilities), the next-token cross-entropy (each counted label :math:`t+1` drawn from the softmax of
+    position :math:`t`'s logits, :func:`hessops.losses.next_token_cross_entropy`), BCE with logits and BCE
+    (Bernoulli), MSE (Gaussian of variance 1/2 per element, at which the summed squared error is the negative
+    log-likelihood), as modules, functional forms or
     ``partial``\ s. Class ``weight=``, ``pos_weight`` and ``label_smoothing`` define no likelihood and are
     refused (use :class:`GGN`, the expectation).
 
@@ -162,6 +164,16 @@ class MCFisher(JacobianSandwich):
                 return drawn
 
             return categorical
+        if spec.kind == "next_token":
+
+            def next_tokens(out: Tensor, targets: Tensor, s: int, gen: torch.Generator) -> Tensor:
+                # position t's logits draw label t+1; position 0 and ignored labels stay ignored
+                drawn = _sample_categorical(out[:, :-1].movedim(-1, 1).softmax(dim=1), s, gen)
+                ignored = torch.full_like(drawn[..., :1], spec.ignore_index)
+                drawn = torch.cat([ignored, drawn], dim=-1)
+                return torch.where(targets == spec.ignore_index, targets, drawn)
+
+            return next_tokens
         if spec.kind in ("bce_logits", "bce"):
             if spec.options.get("pos_weight") is not None or spec.options.get("weight") is not None:
                 raise UnsupportedLossError(
@@ -180,8 +192,8 @@ class MCFisher(JacobianSandwich):
 
             return gaussian
         raise UnsupportedLossError(
-            f"MCFisher samples labels from the likelihood the loss defines; it knows cross-entropy, NLL, BCE, "
-            f"BCE with logits and MSE (modules, functional forms or partials), not {spec.name}: "
+            f"MCFisher samples labels from the likelihood the loss defines; it knows cross-entropy, NLL, next-token "
+            f"cross-entropy, BCE, BCE with logits and MSE (modules, functional forms or partials), not {spec.name}: "
             "use GGN (its expectation) or EmpiricalFisher"
         )
 

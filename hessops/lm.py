@@ -1,0 +1,217 @@
+"""Causal language models: a plain ``torch.nn`` GPT for users without HuggingFace, and HuggingFace causal LMs
+built offline (:func:`load_hf_model`). Both return logits ``(B, T, V)`` for
+:func:`hessops.losses.next_token_cross_entropy`.
+
+:class:`GPT` is GPT-2's architecture (Radford et al. 2019): learned token and position embeddings,
+pre-LayerNorm blocks of causal multi-head self-attention (``F.scaled_dot_product_attention``) and a GELU MLP
+of width ``4·n_embd``, a final LayerNorm, and an output layer **tied** to the token embedding (its weight is
+``wte.weight``, counted once in ``parameters()``), as in GPT-2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hessops.errors import CheckpointError, MissingDependencyError, UnknownModelError
+
+__all__ = ["GPTConfig", "GPT", "gpt_config", "GPT_CONFIGS", "load_hf_model"]
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """The sizes of a :class:`GPT`: ``vocab_size`` tokens, at most ``block_size`` positions, ``n_layer`` blocks
+    of ``n_head`` heads over ``n_embd`` features (``n_embd`` divisible by ``n_head``); ``dropout`` on the
+    embeddings, attention and residual branches (0 for curvature); ``bias`` in the linear layers and norms."""
+
+    vocab_size: int
+    block_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    dropout: float = 0.0
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}: each head gets "
+                "n_embd / n_head features; choose sizes that divide"
+            )
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+
+
+# Named sizes. GPT-2's are its published ones (124M: 124,439,808 parameters with the tied output layer);
+# gpt-bytes-* read byte-level tokens (vocab 256, hessops.text).
+GPT_CONFIGS: dict[str, GPTConfig] = {
+    "gpt2-small": GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": GPTConfig(vocab_size=50257, block_size=1024, n_layer=24, n_head=16, n_embd=1024),
+    "gpt-bytes-mini": GPTConfig(vocab_size=256, block_size=128, n_layer=4, n_head=4, n_embd=128),
+    "gpt-bytes-tiny": GPTConfig(vocab_size=256, block_size=64, n_layer=2, n_head=2, n_embd=16),
+}
+
+
+def gpt_config(name: str, **changes: Any) -> GPTConfig:
+    """The named size ``name`` (a key of :data:`GPT_CONFIGS`), with ``changes`` to its fields, e.g.
+    ``gpt_config("gpt2-small", block_size=128)``."""
+    if name not in GPT_CONFIGS:
+        raise UnknownModelError(f"unknown GPT size {name!r}: the named sizes are {', '.join(GPT_CONFIGS)}")
+    return replace(GPT_CONFIGS[name], **changes)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with one fused query/key/value projection."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """``x`` ``(B, T, C)``; ``mask`` ``(B, 1, T, T)`` boolean (True: may attend), or ``None``: causal."""
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, 2))
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class Block(nn.Module):
+    """A pre-LayerNorm transformer block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = nn.Sequential(
+            nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias),
+            nn.GELU(),
+            nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias),
+            nn.Dropout(config.dropout),
+        )
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """One block on ``x`` ``(B, T, C)``."""
+        x = x + self.attn(self.ln_1(x), mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """A GPT-2-style causal language model (module docstring): ``model(input_ids, attention_mask=None)`` with
+    ``input_ids`` ``(B, T)``, ``T <= block_size``, returns logits ``(B, T, vocab_size)``.
+
+    ``attention_mask`` ``(B, T)`` (1: token, 0: padding, HuggingFace's convention) keeps every position from
+    attending to padding; a position still attends to itself, so a padded position's logits stay finite
+    (label it -100). Weights are initialized as GPT-2's: normal with std 0.02 (residual projections
+    ``0.02 / sqrt(2·n_layer)``), biases zero."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() > 1:
+                std = 0.02 / (2 * config.n_layer) ** 0.5 if name.endswith(("c_proj.weight", "mlp.2.weight")) else 0.02
+                nn.init.normal_(p, std=std)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Logits ``(B, T, vocab_size)`` of the next token at every position."""
+        B, T = input_ids.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
+        positions = torch.arange(T, device=input_ids.device)
+        x = self.drop(self.wte(input_ids) + self.wpe(positions))
+        mask = None
+        if attention_mask is not None:
+            causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+            itself = torch.eye(T, dtype=torch.bool, device=input_ids.device)
+            mask = (causal & (attention_mask.bool()[:, None, None, :] | itself)).expand(B, 1, T, T)
+        for block in self.h:
+            x = block(x, mask)
+        return self.lm_head(self.ln_f(x))
+
+
+def load_hf_model(
+    source: str | os.PathLike,
+    *,
+    overrides: dict[str, Any] | None = None,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """A HuggingFace causal LM (``AutoModelForCausalLM``), in eval mode, without the network:
+
+    - a local checkpoint folder (``config.json`` and weights): ``from_pretrained(source,
+      local_files_only=True)``;
+    - a config JSON file, or a folder with only ``config.json``: that config, random weights;
+    - a model type that transformers knows (``"gpt2"``, ``"llama"``, ...): the default config of that type as
+      the installed transformers defines it (for ``"gpt2"``: GPT-2 small, 124M), random weights.
+
+    ``overrides`` changes config fields first (``{"n_layer": 2, "n_embd": 32}``). Random weights are the
+    model's own initialization under ``torch.manual_seed(seed)``, drawn without touching the global random
+    state. ``use_cache`` is turned off (no key/value cache is needed for the loss). Needs the ``hf`` extra
+    (``pip install hessops[hf]``)."""
+    try:
+        import transformers
+    except ImportError as error:
+        raise MissingDependencyError("load_hf_model needs transformers: pip install 'hessops[hf]'") from error
+
+    path = Path(source)
+    weights = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+    changes = {**(overrides or {}), "use_cache": False}
+    if path.is_dir() and any((path / name).is_file() for name in weights):
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **changes, **kwargs)
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"could not load the HuggingFace checkpoint in {path}: {error}") from error
+        return model.eval()
+    if path.is_dir() or path.suffix == ".json":
+        file = path / "config.json" if path.is_dir() else path
+        if not file.is_file():
+            raise CheckpointError(
+                f"{file} does not exist: pass a checkpoint folder (config.json and weights), a config JSON file, "
+                "or a model type such as 'gpt2'"
+            )
+        values = json.loads(file.read_text())
+        if "model_type" not in values:
+            raise CheckpointError(f"{file} has no 'model_type': it is not a HuggingFace config")
+        config = transformers.AutoConfig.for_model(**values)
+    elif str(source) in transformers.CONFIG_MAPPING:
+        config = transformers.AutoConfig.for_model(str(source))
+    else:
+        raise UnknownModelError(
+            f"{source!r} is neither a local folder, a config JSON file, nor a model type transformers knows "
+            f"(e.g. gpt2, llama); nothing is downloaded: put a checkpoint in a folder and pass its path"
+        )
+    for key, value in changes.items():
+        setattr(config, key, value)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()

@@ -1,0 +1,279 @@
+"""Language models: the next-token loss, the plain GPT and HuggingFace causal LMs, exact in float64 against
+dense references that see the whole dataset at once (tests/reference.py's double backward for the Hessian;
+here, explicit Jᵀ M J for the GGN with M the per-token softmax Hessian, and per-sequence gradients for the
+empirical Fisher)."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import pytest
+import torch
+from reference import autograd_hessian, relative_error
+from torch import Tensor, nn
+
+import hessops
+from hessops.errors import CheckpointError, EmptyDataError, TargetShapeError, UnknownModelError
+from hessops.lm import GPT, GPTConfig, gpt_config, load_hf_model
+from hessops.losses import NextTokenCrossEntropy, loss_spec, next_token_cross_entropy
+
+RTOL64 = 1e-10  # float64 sums in another order: ~1e-15 relative, room for the conditioning of tiny models
+B, T, V = 6, 6, 8
+ALL = 400  # columns in one vmap: every column of the tiny models' (308) in one block
+LENGTHS = [6, 3, 5, 2, 6, 4]  # right-padded to T: 20 counted shifted labels of 30
+
+
+def tiny_gpt() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=V, block_size=T, n_layer=1, n_head=2, n_embd=4)).double().eval()
+
+
+def tiny_hf() -> nn.Module:
+    pytest.importorskip("transformers")
+    overrides = {"n_layer": 1, "n_embd": 4, "n_head": 2, "vocab_size": V, "n_positions": T}
+    return load_hf_model("gpt2", overrides=overrides, seed=0, dtype=torch.float64)
+
+
+def tokens() -> tuple[Tensor, Tensor, Tensor]:
+    """input_ids, attention_mask and labels (-100 at padding) of B right-padded sequences."""
+    ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(1))
+    mask = (torch.arange(T) < torch.tensor(LENGTHS)[:, None]).long()
+    return ids, mask, torch.where(mask.bool(), ids, -100)
+
+
+def dict_batches(sizes: list[int]) -> list[dict[str, Tensor]]:
+    ids, mask, labels = tokens()
+    batches, start = [], 0
+    for size in sizes:
+        part = slice(start, start + size)
+        batches.append({"input_ids": ids[part], "attention_mask": mask[part], "labels": labels[part]})
+        start += size
+    return batches
+
+
+def unpadded_batches() -> list[tuple[Tensor, Tensor]]:
+    """Each sequence alone at its own length, as a plain (input_ids, labels) pair: no padding at all."""
+    ids, _, _ = tokens()
+    return [(ids[i : i + 1, :n], ids[i : i + 1, :n]) for i, n in enumerate(LENGTHS)]
+
+
+def dense(operator) -> Tensor:
+    """One product with the identity: one pass over the data (``to_dense`` makes one per column)."""
+    return operator @ torch.eye(operator.shape[0], dtype=operator.dtype)
+
+
+def logits_of(outputs):
+    return outputs if isinstance(outputs, Tensor) else outputs.logits
+
+
+# -- dense references on the whole dataset ---------------------------------------------------------------
+def reference_hessian(model: nn.Module) -> Tensor:
+    """hessops.dense's double backward on the whole dataset as one batch."""
+    return hessops.dense_hessian(model, next_token_cross_entropy, dict_batches([B]))
+
+
+def output_jacobian(model: nn.Module) -> tuple[Tensor, Tensor]:
+    """Logits (B, T, V) and their Jacobian (B·T·V, n) by reverse mode, one row per logit."""
+    ids, mask, _ = tokens()
+    params = list(model.parameters())
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        logits = logits_of(model(input_ids=ids, attention_mask=mask)).reshape(-1)
+        eye = torch.eye(logits.numel(), dtype=logits.dtype)
+        rows = torch.autograd.grad(
+            logits, params, eye, is_grads_batched=True, allow_unused=True, materialize_grads=True
+        )
+    jacobian = torch.cat([r.reshape(logits.numel(), -1) for r in rows], dim=1)
+    return logits.detach().reshape(B, T, V), jacobian
+
+
+def reference_ggn(model: nn.Module) -> Tensor:
+    """(1/W) Σ over counted (n, t) of J_ntᵀ (diag p − p pᵀ) J_nt, p = softmax(logits[n, t]), t predicting t+1."""
+    _, _, labels = tokens()
+    logits, jacobian = output_jacobian(model)
+    jacobian = jacobian.reshape(B, T, V, -1)
+    counted = [(n, t) for n in range(B) for t in range(T - 1) if labels[n, t + 1] != -100]
+    total = torch.zeros(jacobian.shape[-1], jacobian.shape[-1], dtype=torch.float64)
+    for n, t in counted:
+        p = logits[n, t].softmax(-1)
+        total += jacobian[n, t].T @ (torch.diag(p) - torch.outer(p, p)) @ jacobian[n, t]
+    return total / len(counted)
+
+
+def reference_empirical_fisher(model: nn.Module) -> Tensor:
+    """(1/W) Σ_n w_n g_n g_nᵀ, g_n the gradient of sequence n's own mean token loss, w_n its counted labels."""
+    ids, mask, labels = tokens()
+    params = list(model.parameters())
+    total, weight = 0, 0
+    for n in range(B):
+        w = int((labels[n, 1:] != -100).sum())
+        out = logits_of(model(input_ids=ids[n : n + 1], attention_mask=mask[n : n + 1]))
+        g = torch.cat(
+            [t.reshape(-1) for t in torch.autograd.grad(next_token_cross_entropy(out, labels[n : n + 1]), params)]
+        )
+        total, weight = total + w * torch.outer(g, g), weight + w
+    return total / weight
+
+
+REFERENCES = {"hessian": reference_hessian, "ggn": reference_ggn, "ef": reference_empirical_fisher}
+OPERATORS = {"hessian": hessops.Hessian, "ggn": hessops.GGN, "ef": hessops.EmpiricalFisher}
+
+
+@pytest.fixture(scope="module")
+def gpt_references():
+    model = tiny_gpt()
+    return model, {kind: reference(model) for kind, reference in REFERENCES.items()}
+
+
+# -- the loss --------------------------------------------------------------------------------------------
+def test_the_loss_is_the_mean_over_counted_shifted_tokens():
+    logits = torch.randn(2, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([[0, 1, 2, -100], [2, -100, -100, -100]])
+    pairs = [(0, 0, 1), (0, 1, 2), (1, 0, -100)]  # (n, t, label t+1); the -100 is not counted
+    expected = torch.stack([-logits[n, t].log_softmax(-1)[y] for n, t, y in pairs if y != -100]).mean()
+    assert torch.allclose(next_token_cross_entropy(logits, labels), expected, rtol=1e-14, atol=0)
+    for form in (next_token_cross_entropy, NextTokenCrossEntropy(), functools.partial(next_token_cross_entropy)):
+        spec = loss_spec(form)
+        assert spec.kind == "next_token" and spec.ignore_index == -100
+        assert spec.example_weights(labels, 2).tolist() == [2.0, 0.0]
+    assert loss_spec(NextTokenCrossEntropy(reduction="sum")).mean is False
+
+
+@pytest.mark.parametrize(
+    "logits_shape, labels",
+    [((2, 4, 3), torch.zeros(2, 5, dtype=torch.long)), ((2, 4, 3), torch.zeros(2, 4)), ((8, 3), torch.zeros(8).long())],
+)
+def test_the_loss_refuses_shapes_that_do_not_match(logits_shape, labels):
+    with pytest.raises(TargetShapeError, match=r"logits \(B, T, V\) and integer labels \(B, T\)"):
+        next_token_cross_entropy(torch.zeros(logits_shape), labels)
+
+
+# -- the plain GPT ---------------------------------------------------------------------------------------
+def test_gpt_sizes_and_shapes():
+    small = gpt_config("gpt2-small")
+    assert (small.n_layer, small.n_head, small.n_embd, small.vocab_size, small.block_size) == (12, 12, 768, 50257, 1024)
+    with torch.device("meta"):  # GPT-2 small's published count, 124,439,808, with its tied output layer
+        assert sum(p.numel() for p in GPT(small).parameters()) == 124_439_808
+    model = tiny_gpt()
+    assert model.lm_head.weight is model.wte.weight
+    assert model(torch.zeros(2, T, dtype=torch.long)).shape == (2, T, V)
+    with pytest.raises(UnknownModelError, match="gpt2-small"):
+        gpt_config("gpt-9")
+    with pytest.raises(ValueError, match="not divisible by n_head"):
+        GPTConfig(vocab_size=8, block_size=4, n_layer=1, n_head=3, n_embd=4)
+
+
+def test_padding_is_invisible_to_the_tokens_before_it():
+    model = tiny_gpt()
+    ids, mask, _ = tokens()
+    padded = model(ids, mask)
+    for i, n in enumerate(LENGTHS):
+        alone = model(ids[i : i + 1, :n])
+        assert torch.allclose(padded[i, :n], alone[0], rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("kind", OPERATORS)
+def test_gpt_operators_are_exact_under_any_batching_and_padding(gpt_references, kind):
+    model, references = gpt_references
+    for data, micro in ((dict_batches([2, 4]), None), (dict_batches([6]), 1), (unpadded_batches(), None)):
+        operator = OPERATORS[kind](model, next_token_cross_entropy, data, micro_batch_size=micro, chunk_size=ALL)
+        assert relative_error(dense(operator), references[kind]) < RTOL64, (kind, micro, len(data))
+
+
+def test_the_dense_hessian_agrees_with_plain_double_backward(gpt_references):
+    """The reference itself, batched and padded, against row-by-row double backward on the module."""
+    model, references = gpt_references
+    ids, mask, labels = tokens()
+    plain = autograd_hessian(model, next_token_cross_entropy, {"input_ids": ids, "attention_mask": mask}, labels)
+    result = hessops.dense_hessian(model, next_token_cross_entropy, dict_batches([1, 5]))
+    assert relative_error(result, plain) < RTOL64
+    assert relative_error(references["hessian"], plain) < RTOL64
+
+
+def test_mc_fisher_samples_each_shifted_token_from_its_own_position(gpt_references):
+    """E[MCFisher] = GGN (categorical likelihood): with S samples the error is a Monte-Carlo one, ~1/√S. A
+    sample drawn from the wrong position (no shift) would be off by O(1), not by this."""
+    model, references = gpt_references
+    samples = 1000
+    data = dict_batches([2, 4])
+    fisher = hessops.MCFisher(model, next_token_cross_entropy, data, samples=samples, seed=0, chunk_size=ALL)
+    error = relative_error(dense(fisher), references["ggn"])
+    assert error < 4 / samples**0.5  # measured 0.028-0.041 at S=1000 over seeds 0-3; 0.126 bounds 3× that
+
+
+# -- HuggingFace models and batches ----------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_hf_model_with_dict_batches_is_exact(kind):
+    model = tiny_hf()
+    reference = REFERENCES[kind](model)
+    operator = OPERATORS[kind](model, next_token_cross_entropy, dict_batches([4, 2]), chunk_size=ALL)
+    assert relative_error(dense(operator), reference) < RTOL64
+
+
+def test_load_hf_model_from_a_config_file_and_a_folder(tmp_path):
+    model = tiny_hf()
+    assert not model.training and model.config.use_cache is False
+    model.save_pretrained(tmp_path / "checkpoint")
+    loaded = load_hf_model(tmp_path / "checkpoint", dtype=torch.float64)
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**model.config.to_dict(), "n_layer": 2}))
+    assert len(load_hf_model(config).transformer.h) == 2
+    again = load_hf_model(config)
+    assert all(torch.equal(a, b) for a, b in zip(again.parameters(), load_hf_model(config).parameters()))
+    with pytest.raises(UnknownModelError, match="nothing is downloaded"):
+        load_hf_model("no-such-model/on-the-hub")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_hf_model(tmp_path / "missing.json")
+
+
+# -- bad input -------------------------------------------------------------------------------------------
+def test_data_without_counted_tokens_or_labels_is_refused():
+    model = tiny_gpt()
+    data = dict_batches([6])
+    data[0]["labels"] = torch.full((B, T), -100)
+    with pytest.raises(EmptyDataError, match="every target in the data equals ignore_index"):
+        hessops.Hessian(model, next_token_cross_entropy, data) @ torch.ones(
+            sum(p.numel() for p in model.parameters()), dtype=torch.float64
+        )
+    unlabeled = [{k: v for k, v in dict_batches([6])[0].items() if k != "labels"}]
+    with pytest.raises(TypeError, match="no 'labels'"):
+        hessops.GGN(model, next_token_cross_entropy, unlabeled)
+    wrong = [(tokens()[0], tokens()[0][:, :-1])]
+    with pytest.raises(TargetShapeError, match=r"labels \(6, 5\)"):
+        hessops.Hessian(model, next_token_cross_entropy, wrong) @ torch.ones(
+            sum(p.numel() for p in model.parameters()), dtype=torch.float64
+        )
+
+
+# -- the offline corpus ----------------------------------------------------------------------------------
+def test_text_blocks_count_every_byte_of_the_corpus_once():
+    from hessops.text import corpus_documents, load_text
+
+    documents = corpus_documents()
+    blocks = load_text(block_size=64)
+    assert blocks.vocab_size == 256 and len(documents) >= 10
+    assert int(blocks.attention_mask.sum()) == sum(len(d.encode("utf-8")) for d in documents)
+    kept = blocks.labels[blocks.labels != -100]
+    assert bytes(kept.tolist()).decode("utf-8") == "".join(documents)
+    item = load_text(block_size=16, num_blocks=3)[2]
+    assert set(item) == {"input_ids", "attention_mask", "labels"} and item["input_ids"].shape == (16,)
+    with pytest.raises(ValueError, match="block_size must be an int >= 2"):
+        load_text(block_size=1)
+
+
+def test_a_gpt_on_text_blocks_through_a_loader():
+    from hessops.data import make_loader
+    from hessops.text import load_text
+
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=256, block_size=16, n_layer=1, n_head=2, n_embd=4)
+    model = GPT(config).eval()
+    data = load_text(block_size=16)
+    last = int(data.attention_mask.sum(1).lt(16).nonzero()[0])  # a padded block, and the ones before it
+    loader = make_loader(torch.utils.data.Subset(data, range(last - 2, last + 1)), batch_size=2)
+    v = torch.randn(sum(p.numel() for p in model.parameters()))
+    hv = hessops.Hessian(model, next_token_cross_entropy, loader) @ v
+    whole = hessops.Hessian(model, next_token_cross_entropy, [data[last - 2 : last + 1]]) @ v
+    assert torch.allclose(hv, whole, rtol=1e-4, atol=1e-6)  # float32: batches of 2 + 1 against one of 3
