@@ -1,0 +1,201 @@
+"""Per-block spectra (hessops.blocks): the automatic groups of transformers and ResNets, and each block's top
+eigenvalues against the eigenvalues of the dense float64 Hessian's (or GGN's) diagonal block."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from reference import dense_ggn
+from torch import nn
+
+import hessops
+from hessops._functional import differentiable_kernels
+from hessops.blocks import block_name, find_blocks, resolve_groups
+from hessops.dense import dense_hessian
+from hessops.errors import InvalidArgumentError, NoParametersError
+
+
+class TinyEncoder(nn.Module):
+    """A transformer classifier: a linear embedding, two ``nn.TransformerEncoder`` layers (post-norm, ReLU),
+    mean pooling and a linear head; 2 classes, 398 parameters."""
+
+    def __init__(self, d_in: int = 3, d_model: int = 4, classes: int = 2):
+        super().__init__()
+        self.embed = nn.Linear(d_in, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, nhead=2, dim_feedforward=8, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, classes)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x)).mean(dim=1))
+
+
+class Basic(nn.Module):
+    """A ResNet basic block: conv-BN-ReLU-conv-BN plus the identity."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+class TinyResNet(nn.Module):
+    """A ResNet's layout at 2 channels: stem conv and BN, ``layer1`` of two basic blocks, ``layer2`` of one,
+    global pooling and a linear head (``fc``); 221 parameters."""
+
+    def __init__(self, channels: int = 2, classes: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.layer1 = nn.Sequential(Basic(channels), Basic(channels))
+        self.layer2 = nn.Sequential(Basic(channels))
+        self.fc = nn.Linear(channels, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        return self.fc(self.layer2(self.layer1(x)).mean(dim=(2, 3)))
+
+
+def encoder_problem():
+    torch.manual_seed(0)
+    model = TinyEncoder().double().eval()
+    x, y = torch.randn(10, 5, 3, dtype=torch.float64), torch.randint(0, 2, (10,))
+    return model, nn.CrossEntropyLoss(), [(x[:6], y[:6]), (x[6:], y[6:])]
+
+
+def resnet_problem():
+    torch.manual_seed(1)
+    model = TinyResNet().double()
+    for module in model.modules():  # running statistics away from (0, 1), so eval-mode BN matters
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    x, y = torch.randn(8, 1, 4, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    return model, nn.CrossEntropyLoss(), [(x[:5], y[:5]), (x[5:], y[5:])]
+
+
+def block_slices(model: nn.Module, parameters: tuple[str, ...]) -> torch.Tensor:
+    """The indices of a group's entries in the full flat parameter vector (model.parameters() order)."""
+    offsets, start = {}, 0
+    for name, p in model.named_parameters():
+        offsets[name] = torch.arange(start, start + p.numel())
+        start += p.numel()
+    return torch.cat([offsets[name] for name in parameters])
+
+
+@pytest.mark.parametrize(
+    "name, group",
+    [
+        ("blocks.3.attn.qkv.weight", "blocks.3"),  # timm ViT
+        ("transformer.h.11.mlp.c_fc.bias", "transformer.h.11"),  # HuggingFace GPT-2
+        ("encoder.layers.0.self_attn.in_proj_weight", "encoder.layers.0"),  # nn.TransformerEncoder
+        ("layer2.1.conv1.weight", "layer2.1"),  # torchvision ResNet
+        ("0.weight", "0"),  # nn.Sequential
+        ("transformer.wte.weight", "transformer.wte"),  # an embedding: its module
+        ("head.bias", "head"),
+        ("cls_token", "cls_token"),  # a parameter of the root module
+    ],
+)
+def test_block_name_cuts_at_the_first_integer_index(name, group):
+    assert block_name(name) == group
+
+
+def test_automatic_groups_of_a_transformer_and_a_resnet():
+    encoder = find_blocks(encoder_problem()[0])
+    assert list(encoder) == ["embed", "encoder.layers.0", "encoder.layers.1", "head"]
+    assert len(encoder["encoder.layers.1"]) == 12  # in_proj, out_proj, linear1, linear2, norm1, norm2: weight, bias
+    resnet = find_blocks(resnet_problem()[0])
+    assert list(resnet) == ["conv1", "bn1", "layer1.0", "layer1.1", "layer2.0", "fc"]
+    assert resnet["layer1.0"] == tuple(f"layer1.0.{m}" for m in ("conv1.weight", "bn1.weight", "bn1.bias")) + tuple(
+        f"layer1.0.{m}" for m in ("conv2.weight", "bn2.weight", "bn2.bias")
+    )
+
+
+@pytest.mark.parametrize("problem", [encoder_problem, resnet_problem], ids=["transformer", "resnet"])
+def test_each_block_matches_the_dense_hessians_diagonal_block(problem):
+    """Tolerance 1e-8 relative to the block's largest |λ|: float64 products, and eigs stops at residuals below
+    1e-10·max|λ| (tol), so each value is within residual²/gap of an eigenvalue, far below this."""
+    model, loss_fn, data = problem()
+    with differentiable_kernels():  # hessops.dense runs attention as called: here in the twice-differentiable kernel
+        full = dense_hessian(model, loss_fn, data)
+    result = hessops.block_spectra(model, loss_fn, data, k=3, which="LA", tol=1e-10)
+    assert list(result) == list(find_blocks(model))
+    for name in result:
+        index = block_slices(model, result.parameters[name])
+        exact = torch.linalg.eigvalsh(full[index][:, index]).flip(0)
+        found = result[name].values
+        assert result.sizes[name] == index.numel() and found.shape == (min(3, index.numel()),)
+        scale = exact.abs().max()
+        assert torch.allclose(found, exact[: found.numel()], rtol=0, atol=1e-8 * float(scale)), (name, found, exact)
+        assert result[name].converged and result[name].verified
+    assert result.n_matvecs == sum(result[name].n_matvecs for name in result)
+
+
+def test_explicit_groups_of_tensors_and_prefixes_and_the_ggn():
+    """The GGN's blocks against the dense GGN's (tests/reference.py); a group mixing a module prefix and a
+    tensor, overlapping another group. Tolerance as above."""
+    model, loss_fn, data = encoder_problem()
+    groups = {
+        "attention": ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn"],
+        "mlp of layer 1 and head bias": ["encoder.layers.1.linear1", model.head.bias],
+        "head": model.head.weight,
+    }
+    resolved = resolve_groups(model, groups)
+    assert resolved["mlp of layer 1 and head bias"] == (
+        "encoder.layers.1.linear1.weight",
+        "encoder.layers.1.linear1.bias",
+        "head.bias",
+    )
+    full = dense_ggn(model, loss_fn, data)
+    result = hessops.block_spectra(model, loss_fn, data, groups=groups, k=2, operator="ggn", tol=1e-10)
+    for name in groups:
+        index = block_slices(model, resolved[name])
+        exact = torch.linalg.eigvalsh(full[index][:, index]).flip(0)
+        assert torch.allclose(result[name].values, exact[:2], rtol=0, atol=1e-8 * float(exact.abs().max()))
+    record = json.loads(json.dumps(result.to_dict()))
+    assert [b["name"] for b in record["blocks"]] == list(groups) and record["operator"] == "ggn"
+    assert record["blocks"][2]["n_params"] == 8 and len(record["blocks"][0]["eigenvalues"]) == 2
+    assert record["n_matvecs"] == result.n_matvecs > 0 and record["seconds"] > 0
+
+
+def test_a_block_smaller_than_k_gets_all_its_eigenvalues():
+    model, loss_fn, data = encoder_problem()
+    result = hessops.block_spectra(model, loss_fn, data, groups={"head bias": [model.head.bias]}, k=5)
+    assert result["head bias"].values.shape == (2,)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"groups": {"g": ["decoder"]}}, InvalidArgumentError, "'decoder' names no parameter or module"),
+        ({"groups": {"g": [torch.zeros(3)]}}, InvalidArgumentError, "is not a parameter of the model"),
+        ({"groups": {"g": []}}, InvalidArgumentError, "groups['g'] is empty"),
+        ({"groups": {}}, InvalidArgumentError, "pass a non-empty dict"),
+        ({"groups": {1: ["head"]}}, InvalidArgumentError, "is not a string"),
+        ({"k": 0}, InvalidArgumentError, "k=0 must be at least 1"),
+        ({"which": "largest"}, InvalidArgumentError, "which='largest': choose one of"),
+        ({"operator": "fisher"}, InvalidArgumentError, "operator='fisher': choose one of"),
+        ({"max_iters": 1, "k": 2}, InvalidArgumentError, "max_iters=1 must be at least 2"),
+        ({"operator_options": {"params": []}}, InvalidArgumentError, "use groups="),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_product(kwargs, error, message):
+    model, loss_fn, data = encoder_problem()
+    with pytest.raises(error) as caught:
+        hessops.block_spectra(model, loss_fn, data, **kwargs)
+    assert message in str(caught.value)
+
+
+def test_a_frozen_model_is_refused():
+    model, loss_fn, data = encoder_problem()
+    model.requires_grad_(False)
+    with pytest.raises(NoParametersError, match="no trainable parameters"):
+        hessops.block_spectra(model, loss_fn, data)
