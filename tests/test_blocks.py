@@ -199,3 +199,67 @@ def test_a_frozen_model_is_refused():
     model.requires_grad_(False)
     with pytest.raises(NoParametersError, match="no trainable parameters"):
         hessops.block_spectra(model, loss_fn, data)
+
+
+def test_the_command_writes_each_blocks_exact_values_and_a_figure(tmp_path, capsys):
+    """`hessops blocks` in float64 on mlp-digits (Linear layers "1" and "3") with two explicit groups, the
+    output layer and the hidden biases: each block's values against the dense Hessian of that group's
+    parameters, read back from --out (tolerance 1e-8 relative: as above); --plot draws a figure. In-process
+    (tests/test_cli.py says why)."""
+    from hessops.cli import main
+    from hessops.data import load_dataset, make_loader
+    from hessops.models import build_model, make_loss, model_spec
+
+    out, plot = tmp_path / "blocks.json", tmp_path / "blocks.png"
+    args = ["blocks", "--num-examples", "64", "--k", "2", "--dtype", "float64", "--tol", "1e-10", "--no-progress"]
+    assert main([*args, "--group", "output=3", "--group", "biases=1.bias", "--out", str(out), "--plot", str(plot)]) == 0
+    record = json.loads(out.read_text())
+    assert record["command"] == "blocks" and record["settings"]["groups"] == {"output": ["3"], "biases": ["1.bias"]}
+    assert plot.stat().st_size > 10_000  # a drawn figure; an empty canvas is about 3 kB
+    model = build_model("mlp-digits", seed=0).double()
+    data = make_loader(load_dataset("digits", num_examples=64, seed=0), batch_size=128)
+    tensors = dict(model.named_parameters())
+    assert [b["name"] for b in record["blocks"]] == ["output", "biases"]
+    for block in record["blocks"]:
+        params = [tensors[name] for name in block["parameters"]]
+        full = dense_hessian(model, make_loss(model_spec("mlp-digits")), data, params=params, dtype=torch.float64)
+        exact = torch.linalg.eigvalsh(full).flip(0)[:2]
+        found = torch.tensor(block["eigenvalues"], dtype=torch.float64)
+        assert block["n_params"] == full.shape[0] and block["converged"]
+        assert torch.allclose(found, exact, rtol=0, atol=1e-8 * float(exact.abs().max())), (block["name"], exact)
+    assert "biases" in capsys.readouterr().out
+
+
+def test_the_command_refuses_a_group_the_model_lacks_in_one_line(capsys):
+    from hessops.cli import EXIT_USAGE, main
+
+    status = main(["blocks", "--num-examples", "8", "--group", "attention=encoder", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == EXIT_USAGE and len(err) == 1 and "'encoder' names no parameter or module" in err[0], err
+
+
+def test_plot_block_spectra_puts_the_blocks_on_the_x_axis(tmp_path):
+    """One line per eigenvalue index across the blocks, the blocks named in order on the x-axis, a gap where a
+    block has fewer values, a log scale when all are positive over more than a decade; a result draws as its
+    values do."""
+    from matplotlib.figure import Figure
+
+    from hessops.plot import plot_block_spectra
+
+    values = {"embed": [5.0, 1.0], "layers.0": [40.0, 3.0], "layers.1": [30.0, 2.0], "head": [0.5]}
+    ax = Figure().subplots()
+    plot_block_spectra(values, tmp_path / "blocks.png", ax=ax)
+    assert [t.get_text() for t in ax.get_xticklabels()] == list(values)
+    first, second = (line.get_ydata() for line in ax.get_lines())
+    assert list(first) == [5.0, 40.0, 30.0, 0.5] and list(second[:3]) == [1.0, 3.0, 2.0] and second[3] != second[3]
+    assert ax.get_yscale() == "log" and (tmp_path / "blocks.png").stat().st_size > 10_000
+    signed = Figure().subplots()
+    plot_block_spectra({"a": [2.0, -1.0], "b": [3.0, 1.0]}, ax=signed)
+    assert signed.get_yscale() == "linear"
+    model, loss_fn, data = encoder_problem()
+    result = hessops.block_spectra(model, loss_fn, data, groups={"head": ["head"], "embed": ["embed"]}, k=2)
+    drawn = Figure().subplots()
+    plot_block_spectra(result, ax=drawn)
+    assert list(drawn.get_lines()[0].get_ydata()) == [float(result[name].values[0]) for name in ("head", "embed")]
+    with pytest.raises(ValueError, match="no blocks to draw"):
+        plot_block_spectra({})
