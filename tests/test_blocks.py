@@ -139,6 +139,36 @@ def test_each_block_matches_the_dense_hessians_diagonal_block(problem):
     assert result.n_matvecs == sum(result[name].n_matvecs for name in result)
 
 
+def test_a_timm_vits_blocks_match_the_dense_hessian_of_each_group():
+    """A one-block timm ViT at 8×8 pixels (fused attention, LayerNorm, class token) in float64: its automatic
+    groups, and each group's top eigenvalues against the dense Hessian of that group's parameters (tolerance
+    1e-8 relative, as above)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(2)
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        img_size=8,
+        patch_size=4,
+        embed_dim=8,
+        depth=1,
+        num_heads=2,
+        mlp_ratio=1.0,
+        num_classes=3,
+    )
+    model = model.double().eval()
+    data = [(torch.randn(6, 3, 8, 8, dtype=torch.float64), torch.randint(0, 3, (6,)))]
+    loss_fn = nn.CrossEntropyLoss()
+    assert list(find_blocks(model)) == ["cls_token", "pos_embed", "patch_embed.proj", "blocks.0", "norm", "head"]
+    groups = {name: [name] for name in ("pos_embed", "blocks.0", "head")}
+    result = hessops.block_spectra(model, loss_fn, data, groups=groups, k=2, tol=1e-10)
+    tensors = dict(model.named_parameters())
+    for name in groups:
+        with differentiable_kernels():
+            block = dense_hessian(model, loss_fn, data, params=[tensors[p] for p in result.parameters[name]])
+        exact = torch.linalg.eigvalsh(block).flip(0)[:2]
+        assert torch.allclose(result[name].values, exact, rtol=0, atol=1e-8 * float(exact.abs().max())), name
+
+
 def test_explicit_groups_of_tensors_and_prefixes_and_the_ggn():
     """The GGN's blocks against the dense GGN's (tests/reference.py); a group mixing a module prefix and a
     tensor, overlapping another group. Tolerance as above."""
