@@ -8,6 +8,7 @@ spectra across layers (e.g. Zhang et al., *Why Transformers Need Adam: A Hessian
 
 from __future__ import annotations
 
+import inspect
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -190,6 +191,13 @@ def block_spectra(
         raise InvalidArgumentError(
             f"operator_options holds {', '.join(clashing)}: block_spectra sets params per group (use groups=) "
             "and takes dtype= itself"
+        )
+    accepted = set(inspect.signature(OPERATORS[operator]).parameters) - {"self", "model", "loss_fn", "data"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise InvalidArgumentError(
+            f"operator_options: {OPERATORS[operator].__name__} takes no {', '.join(map(repr, unknown))}: pass some of "
+            f"{', '.join(sorted(accepted - {'params', 'dtype'}))}"
         )
     resolved = resolve_groups(model, groups)
     tensors = dict(model.named_parameters())

@@ -215,6 +215,7 @@ def test_a_block_smaller_than_k_gets_all_its_eigenvalues():
         ({"operator": "fisher"}, InvalidArgumentError, "operator='fisher': choose one of"),
         ({"max_iters": 1, "k": 2}, InvalidArgumentError, "max_iters=1 must be at least 2"),
         ({"operator_options": {"params": []}}, InvalidArgumentError, "use groups="),
+        ({"operator_options": {"hvp": "autograd"}}, InvalidArgumentError, "Hessian takes no 'hvp': pass some of"),
     ],
 )
 def test_bad_arguments_are_refused_before_any_product(kwargs, error, message):

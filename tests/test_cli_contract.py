@@ -220,6 +220,9 @@ def test_choices_are_the_library_constants():
     choices = {(name, a.dest): a.choices for name, p in commands.items() for a in p._actions if a.choices}
     assert choices[("eigs", "which")] is constants.WHICH and choices[("eigs", "operator")] is constants.OPERATOR_NAMES
     assert (
+        choices[("blocks", "which")] is constants.WHICH and choices[("blocks", "operator")] is constants.OPERATOR_NAMES
+    )
+    assert (
         choices[("trace", "method")] is constants.TRACE_METHODS
         and choices[("basin", "method")] is constants.LOGDET_METHODS
     )
