@@ -18,6 +18,7 @@ from hessops import errors
 from hessops.errors import *  # noqa: F403 - every exception is public
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers, IDEs and linters (tests/test_imports.py: = _LAZY)
+    from hessops.blocks import BlockSpectra, block_spectra
     from hessops.data import on_device
     from hessops.dense import dense_hessian
     from hessops.density import SpectralDensity, spectral_density
@@ -36,6 +37,7 @@ __version__ = "0.1.0"
 _LAZY: dict[str, str] = {
     **dict.fromkeys(("Hessian", "GGN", "EmpiricalFisher", "MCFisher", "Regularized", "CurvatureOperator"), "operators"),
     **dict.fromkeys(("eigs", "Spectrum"), "spectrum"),
+    **dict.fromkeys(("block_spectra", "BlockSpectra"), "blocks"),
     **dict.fromkeys(("spectral_density", "SpectralDensity"), "density"),
     **dict.fromkeys(("trace", "TraceEstimate"), "trace_estimation"),
     **dict.fromkeys(("logdet", "LogdetEstimate", "basin_volume", "BasinVolume", "log_unit_ball_volume"), "volume"),
@@ -58,6 +60,8 @@ __all__ = [
     # analysis
     "eigs",
     "Spectrum",
+    "block_spectra",
+    "BlockSpectra",
     "spectral_density",
     "SpectralDensity",
     "trace",

@@ -311,6 +311,62 @@ def eigs(args: argparse.Namespace) -> None:
     emit(args, settings, result | {"hvp_tuning": tuning}, s.op.device, draw)
 
 
+def blocks(args: argparse.Namespace) -> None:
+    """``hessops blocks``: :func:`hessops.block_spectra` on each parameter group; prints each block's values."""
+    import hessops
+    from hessops.plot import plot_block_spectra
+
+    s = setup(args)
+    options: dict[str, Any] = {"progress": not args.no_progress}
+    if args.operator == "mcfisher":
+        options["seed"] = args.seed
+    if args.operator == "hessian":
+        options["hvp_mode"] = args.hvp_mode
+    spectra = hessops.block_spectra(
+        s.model,
+        s.loss_fn,
+        s.loader,
+        groups=None if args.group is None else dict(args.group),
+        k=args.k,
+        operator=args.operator,
+        which=args.which,
+        tol=args.tol,
+        value_tol=args.value_tol,
+        max_iters=args.max_iters,
+        seed=args.seed,
+        dtype=s.op.dtype,
+        operator_options=options,
+        progress=not args.no_progress,
+    )
+    result = spectra.to_dict()
+    width = max(len(block["name"]) for block in result["blocks"])
+    for block in result["blocks"]:
+        values = "  ".join(f"{v: .6g}" for v in block["eigenvalues"])
+        print(
+            f"{block['name']:<{width}}  {block['n_params']:>10,} params   λ = {values}   "
+            f"max ‖Hv − λv‖ = {max(block['residuals']):.2g}"
+        )
+    print(f"{len(result['blocks'])} blocks: {result['n_matvecs']} products in {result['seconds']:.2f} s")
+
+    def draw() -> Figure:
+        fig, ax = new_figure(size=(max(6.5, 0.45 * len(result["blocks"]) + 2), 4.5))
+        values = {block["name"]: block["eigenvalues"] for block in result["blocks"]}
+        plot_block_spectra(
+            values, ax=ax, title=title(f"{type(s.op).__name__} blocks ({args.which}, k = {args.k})", s.settings)
+        )
+        return fig
+
+    settings = s.settings | {
+        "k": args.k,
+        "which": args.which,
+        "groups": None if args.group is None else dict(args.group),
+        "tol": args.tol,
+        "value_tol": args.value_tol,
+        "max_iters": args.max_iters,
+    }
+    emit(args, settings, result, s.op.device, draw)
+
+
 def density(args: argparse.Namespace) -> None:
     """``hessops density``: the SLQ spectral density, broadened on a grid."""
     import hessops

@@ -1,4 +1,4 @@
-"""The ``hessops`` command line: ``hessops eigs|density|trace|logdet|basin|track|demo|download|models``.
+"""The ``hessops`` command line: ``hessops eigs|blocks|density|trace|logdet|basin|track|demo|download|models``.
 
 This module is the command line's grammar and its contract, and imports nothing heavy: ``hessops --help``
 and ``--version`` answer without torch. Every value is checked here, before any model or data is loaded;
@@ -109,6 +109,18 @@ def model_name(text: str) -> str:
     raise argparse.ArgumentTypeError(
         f"unknown model {text!r}{hint}: pass one of {', '.join(MODELS)} (`hessops models` lists them), or timm:NAME"
     )
+
+
+def group_spec(text: str) -> tuple[str, list[str]]:
+    """``NAME=PREFIX[,PREFIX...]``: a parameter group of ``hessops blocks``, its module-name prefixes."""
+    name, sep, prefixes = text.partition("=")
+    members = [p.strip() for p in prefixes.split(",")]
+    if not sep or not name.strip() or not all(members):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: pass NAME=PREFIX[,PREFIX...], e.g. attention=encoder.layers.0.self_attn (module names as in "
+            "model.named_parameters())"
+        )
+    return name.strip(), members
 
 
 def existing_file(text: str) -> Path:
@@ -278,6 +290,37 @@ def build_parser() -> Parser:
         "--max-iters", type=count(), help="at most this many Lanczos steps (default: max(300, 20·k), at most the size)"
     )
 
+    p = _subparser(
+        sub, "blocks", "top eigenvalues of each parameter group's block (each transformer block, ...)", _commands.blocks
+    )
+    _common(p)
+    p.add_argument("--k", type=count(), default=1, help="how many eigenvalues of each block")
+    p.add_argument("--which", choices=WHICH, default="LA", help="largest magnitude, largest, smallest, or both ends")
+    p.add_argument(
+        "--group",
+        type=group_spec,
+        action="append",
+        metavar="NAME=PREFIX[,PREFIX...]",
+        help="a parameter group by module names (repeat for more; default: the repeated blocks found automatically, "
+        "each other module its own group)",
+    )
+    p.add_argument(
+        "--tol",
+        type=number(above=0),
+        default=1e-5,
+        help="stop when each residual ‖Hv − λv‖ is below this times max |λ|",
+    )
+    p.add_argument(
+        "--value-tol",
+        type=number(above=0),
+        help="stop on the eigenvalues' error bounds instead, relative to max |λ| (default: off)",
+    )
+    p.add_argument(
+        "--max-iters",
+        type=count(),
+        help="at most this many Lanczos steps per block (default: max(300, 20·k), at most the block's size)",
+    )
+
     p = _subparser(sub, "density", "spectral density by stochastic Lanczos quadrature", _commands.density)
     _common(p)
     p.add_argument("--num-probes", type=count(), default=10, help="random start vectors (one Lanczos run each)")
@@ -391,6 +434,15 @@ def check(args: argparse.Namespace) -> str | None:
             return f"--k {args.k}: {args.model} has {n:,} parameters, so at most {n} eigenvalues"
         if args.max_iters is not None and args.max_iters < args.k:
             return f"--max-iters {args.max_iters} is less than --k {args.k}: Lanczos needs at least k steps"
+    if args.command == "blocks":
+        if n is not None and args.k > n:
+            return f"--k {args.k}: {args.model} has {n:,} parameters, so at most {n} eigenvalues"
+        if args.max_iters is not None and args.max_iters < args.k:
+            return f"--max-iters {args.max_iters} is less than --k {args.k}: Lanczos needs at least k steps"
+        names = [name for name, _ in args.group or []]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            return f"--group {twice[0]} is given twice: give each group its own name"
     if args.command == "trace" and args.method == "hutch++" and args.probes < 4:
         return (
             f"--probes {args.probes}: hutch++ needs at least 4 (a third sketch the range, the rest probe the remainder)"

@@ -21,10 +21,19 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 if TYPE_CHECKING:
+    from hessops.blocks import BlockSpectra
     from hessops.trace_estimation import TraceEstimate
     from hessops.volume import BasinVolume, LogdetEstimate
 
-__all__ = ["plot_eigenvalues", "plot_density", "plot_trace", "plot_log_volume", "plot_sharpness", "plot_grad_norms"]
+__all__ = [
+    "plot_eigenvalues",
+    "plot_density",
+    "plot_trace",
+    "plot_log_volume",
+    "plot_sharpness",
+    "plot_grad_norms",
+    "plot_block_spectra",
+]
 
 _LEGEND_INSIDE = 6  # more legend entries than this go outside the axes, beside the data
 
@@ -295,3 +304,44 @@ def plot_grad_norms(
     ax.grid(True, which="both", alpha=0.3)
     _legend(ax)
     return _finish(fig, path, own)
+
+
+def plot_block_spectra(
+    blocks: BlockSpectra | Mapping[str, Sequence[float]],
+    path: str | Path | None = None,
+    *,
+    title: str | None = None,
+    ax: Axes | None = None,
+) -> Figure:
+    """Each parameter group's top eigenvalues (:func:`hessops.block_spectra`, or ``{name: values}`` as in its
+    ``to_dict()``) against the group, in order, named on the x-axis: ``λ_1`` of every block joined by a line,
+    then ``λ_2``, ...; log scale when all are positive and span a decade. A block with fewer values than the
+    others (smaller than ``k``) has gaps."""
+    values = {name: np.asarray(v, dtype=float).ravel() for name, v in _block_values(blocks).items()}
+    if not values:
+        raise ValueError("plot_block_spectra: no blocks to draw; pass block_spectra's result or {name: values}")
+    names, k = list(values), max(v.size for v in values.values())
+    table = np.full((len(names), k), np.nan)
+    for row, name in enumerate(names):
+        table[row, : values[name].size] = values[name]
+    fig, ax, own = _axes(ax, (max(6.0, 0.45 * len(names) + 2), 4.5))
+    position = np.arange(len(names))
+    for i in range(k):
+        ax.plot(position, table[:, i], "o-", ms=4, label=rf"$\lambda_{{{i + 1}}}$")
+    finite = table[np.isfinite(table)]
+    if (finite > 0).all() and finite.max() > 10 * finite.min():
+        ax.set_yscale("log")
+    ax.set_xticks(position, names, rotation=45 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center")
+    ax.set_xlabel("parameter group (block)")
+    ax.set_ylabel(r"eigenvalue $\lambda_i$ of the block")
+    ax.set_title(title or f"Top {k} eigenvalues of each block")
+    ax.grid(True, which="both", alpha=0.3)
+    _legend(ax)
+    return _finish(fig, path, own)
+
+
+def _block_values(blocks: BlockSpectra | Mapping[str, Sequence[float]]) -> Mapping[str, Sequence[float]]:
+    """Each block's eigenvalues by name, from a ``BlockSpectra`` (on the CPU) or a mapping of them."""
+    if hasattr(blocks, "spectra"):
+        return {name: spectrum.values.cpu() for name, spectrum in blocks.spectra.items()}
+    return blocks

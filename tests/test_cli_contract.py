@@ -102,6 +102,16 @@ BAD_VALUES = {
     "unknown-operator": (["eigs", "--operator", "fisher"], "argument --operator: invalid choice"),
     "unknown-dtype": (["eigs", "--dtype", "float16"], "argument --dtype: invalid choice"),
     "download-digits": (["download", "digits"], "invalid choice: 'digits'"),
+    "blocks-k-zero": (["blocks", "--k", "0"], "argument --k: 0 is out of range"),
+    "blocks-k-above-size": (["blocks", "--k", "2411"], "mlp-digits has 2,410 parameters"),
+    "blocks-max-iters-below-k": (["blocks", "--k", "3", "--max-iters", "2"], "--max-iters 2 is less than --k 3"),
+    "blocks-which-unknown": (["blocks", "--which", "top"], "argument --which: invalid choice"),
+    "blocks-tol-zero": (["blocks", "--tol", "0"], "argument --tol: 0 is out of range"),
+    "blocks-operator-unknown": (["blocks", "--operator", "fisher"], "argument --operator: invalid choice"),
+    "blocks-group-without-name": (["blocks", "--group", "=1"], "argument --group: '=1': pass NAME=PREFIX"),
+    "blocks-group-without-prefix": (["blocks", "--group", "first"], "argument --group: 'first': pass NAME=PREFIX"),
+    "blocks-group-empty-prefix": (["blocks", "--group", "a=1,"], "argument --group: 'a=1,': pass NAME=PREFIX"),
+    "blocks-group-twice": (["blocks", "--group", "a=1", "--group", "a=3"], "--group a is given twice"),
     "no-command": ([], "the following arguments are required: COMMAND"),
     "unknown-option": (["eigs", "--kk", "3"], "unrecognized arguments: --kk 3"),
 }
@@ -125,6 +135,8 @@ OUTPUTS = {
     "plot-on-models": (["models", "--plot", "{tmp}/zoo.png"], "`hessops models` has no figure to draw"),
     "plot-on-download": (["download", "mnist", "--plot={tmp}/mnist.png"], "`hessops download` has no figure"),
     "out-on-models": (["models", "--out", "{tmp}/zoo.json"], "`hessops models` has no result to write"),
+    "blocks-plot-not-a-figure-format": (["blocks", "--plot", "{tmp}/blocks.jpg"], "the extension: .png, .pdf, .svg"),
+    "blocks-out-and-plot-the-same": (["blocks", "--out", "{tmp}/b.png", "--plot", "{tmp}/b.png"], "the same file"),
 }
 
 
@@ -173,7 +185,18 @@ def test_errors_from_deeper_down_are_one_line_with_their_status(monkeypatch, cap
 def test_every_option_has_help_and_shows_its_default():
     parser = cli.build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert set(commands) == {"eigs", "density", "trace", "logdet", "basin", "track", "demo", "download", "models"}
+    assert set(commands) == {
+        "eigs",
+        "blocks",
+        "density",
+        "trace",
+        "logdet",
+        "basin",
+        "track",
+        "demo",
+        "download",
+        "models",
+    }
     for name, command in commands.items():
         text = " ".join(command.format_help().split())
         for action in command._actions:
@@ -196,6 +219,9 @@ def test_choices_are_the_library_constants():
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     choices = {(name, a.dest): a.choices for name, p in commands.items() for a in p._actions if a.choices}
     assert choices[("eigs", "which")] is constants.WHICH and choices[("eigs", "operator")] is constants.OPERATOR_NAMES
+    assert (
+        choices[("blocks", "which")] is constants.WHICH and choices[("blocks", "operator")] is constants.OPERATOR_NAMES
+    )
     assert (
         choices[("trace", "method")] is constants.TRACE_METHODS
         and choices[("basin", "method")] is constants.LOGDET_METHODS

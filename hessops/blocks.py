@@ -1,0 +1,227 @@
+r"""Per-block spectra: the extreme eigenvalues of each parameter group's curvature block.
+
+The block of a group ``g`` is the square sub-matrix :math:`H_{gg} = \nabla^2_{\theta_g} L(\theta)` of the
+full curvature matrix (Hessian, GGN or Fisher of the dataset loss), the other parameters held at their values:
+the operator built with ``params=`` the group's tensors. Block-wise studies of transformers compare these
+spectra across layers (e.g. Zhang et al., *Why Transformers Need Adam: A Hessian Perspective*, 2024).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hessops._arguments import boolean, choice, integer, real
+from hessops.constants import OPERATOR_NAMES, WHICH
+from hessops.errors import InvalidArgumentError, NoParametersError
+from hessops.spectrum import Spectrum, eigs
+
+_INDEX = re.compile(r"^\d+$")
+
+
+@dataclass
+class BlockSpectra:
+    """The spectra of :func:`block_spectra`, one per group, in the groups' order.
+
+    ``spectra`` maps each group's name to its :class:`~hessops.spectrum.Spectrum` (values, residuals and
+    error bounds of that block alone), ``parameters`` each group's parameter names (the block's flat order),
+    ``sizes`` its number of parameters; ``operator`` and ``which`` are what was computed, ``n_matvecs`` the
+    block products used by all groups together (columns) and ``seconds`` the wall time, operator set-up
+    included. ``result[name]`` is a group's spectrum; iterating gives the group names."""
+
+    spectra: dict[str, Spectrum]
+    parameters: dict[str, tuple[str, ...]]
+    sizes: dict[str, int]
+    operator: str
+    which: str
+    n_matvecs: int
+    seconds: float
+
+    def __getitem__(self, name: str) -> Spectrum:
+        return self.spectra[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.spectra)
+
+    def __len__(self) -> int:
+        return len(self.spectra)
+
+    def to_dict(self) -> dict:
+        """The result as JSON-ready values: ``blocks``, a list (in order) of ``{"name", "parameters",
+        "n_params", **Spectrum.to_dict()}``, and ``operator``, ``which``, ``n_matvecs``, ``seconds``."""
+        return {
+            "blocks": [
+                {"name": name, "parameters": list(self.parameters[name]), "n_params": self.sizes[name]}
+                | spectrum.to_dict()
+                for name, spectrum in self.spectra.items()
+            ],
+            "operator": self.operator,
+            "which": self.which,
+            "n_matvecs": self.n_matvecs,
+            "seconds": self.seconds,
+        }
+
+
+def block_name(parameter: str) -> str:
+    """The automatic group of a parameter name: its module path up to and including the first integer index
+    (``layers.3.linear1.weight`` → ``layers.3``, ``transformer.h.3.attn.c_attn.weight`` → ``transformer.h.3``,
+    ``layer2.1.conv1.weight`` → ``layer2.1``, ``0.weight`` → ``0``); without an index, its module
+    (``head.weight`` → ``head``), or the name itself for a parameter of the root module (``cls_token``)."""
+    parts = parameter.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if _INDEX.match(part):
+            return ".".join(parts[: i + 1])
+    return ".".join(parts[:-1]) or parameter
+
+
+def find_blocks(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """The automatic groups of ``model``'s trainable parameters (:func:`block_name`), in the order of their
+    first parameter in ``model.named_parameters()``: the repeated blocks of a transformer or a ResNet each a
+    group, every other module (embeddings, norms, the head) a group of its own."""
+    groups: dict[str, list[str]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(block_name(name), []).append(name)
+    if not groups:
+        raise NoParametersError(
+            "the model has no trainable parameters (every parameter has requires_grad=False): unfreeze some, or "
+            "pass groups={name: [parameters]} explicitly"
+        )
+    return {name: tuple(members) for name, members in groups.items()}
+
+
+def resolve_groups(
+    model: nn.Module, groups: Mapping[str, Sequence[Tensor | str] | str] | None
+) -> dict[str, tuple[str, ...]]:
+    """Each group's parameter names, in ``model.named_parameters()`` order: the automatic groups
+    (:func:`find_blocks`) when ``groups`` is ``None``, else each entry's members, a parameter tensor of the
+    model or a module-name prefix (``"encoder.layers.0"`` takes every parameter under that module; a full
+    parameter name takes that parameter). Groups may overlap; each is one block."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if groups is None:
+        return find_blocks(model)
+    if not isinstance(groups, Mapping) or not groups:
+        raise InvalidArgumentError(
+            f"groups={groups!r}: pass a non-empty dict {{name: [parameters or module-name prefixes]}}, or None for "
+            "the automatic blocks"
+        )
+    named = list(model.named_parameters())
+    by_id = {id(p): name for name, p in named}
+    resolved = {}
+    for group, members in groups.items():
+        if not isinstance(group, str):
+            raise InvalidArgumentError(f"groups: the group name {group!r} is not a string: name each group")
+        members = [members] if isinstance(members, (str, Tensor)) else list(members)
+        chosen: set[str] = set()
+        for member in members:
+            if isinstance(member, str):
+                found = {n for n, _ in named if n == member or n.startswith(member + ".")}
+                if not found:
+                    raise InvalidArgumentError(
+                        f"groups[{group!r}]: {member!r} names no parameter or module of the model: pass a module "
+                        f"name such as {named[0][0].rsplit('.', 1)[0]!r} or a parameter name (model.named_parameters())"
+                    )
+                chosen |= found
+            elif isinstance(member, Tensor) and id(member) in by_id:
+                chosen.add(by_id[id(member)])
+            else:
+                raise InvalidArgumentError(
+                    f"groups[{group!r}]: a {type(member).__name__} of shape {tuple(getattr(member, 'shape', ()))} "
+                    "is not a parameter of the model: pass tensors from model.parameters() (not copies) or "
+                    "module-name prefixes"
+                )
+        if not chosen:
+            raise InvalidArgumentError(f"groups[{group!r}] is empty: give it at least one parameter or module name")
+        resolved[group] = tuple(n for n, _ in named if n in chosen)
+    return resolved
+
+
+def block_spectra(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], Tensor],
+    data: Iterable,
+    *,
+    groups: Mapping[str, Sequence[Tensor | str] | str] | None = None,
+    k: int = 1,
+    operator: str = "hessian",
+    which: str = "LA",
+    tol: float = 1e-5,
+    value_tol: float | None = None,
+    max_iters: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    operator_options: Mapping[str, Any] | None = None,
+    progress: bool = False,
+) -> BlockSpectra:
+    """The ``k`` extreme eigenvalues (``which``, as in :func:`hessops.eigs`; default the largest) of each
+    parameter group's block :math:`H_{gg}` of the curvature matrix ``operator`` (``"hessian"``, ``"ggn"``,
+    ``"ef"``, ``"mcfisher"``) of the dataset loss, each with verified residuals and error bounds.
+
+    ``groups=None`` finds the repeated blocks (:func:`find_blocks`: ``blocks.3`` of a timm ViT,
+    ``transformer.h.3`` of GPT-2, ``layers.3`` of ``nn.TransformerEncoder``, ``layer2.1`` of a ResNet, each
+    other module its own group); or pass ``{name: [parameters or module-name prefixes]}``
+    (:func:`resolve_groups`). A group smaller than ``k`` gets all its eigenvalues. Each group is one operator
+    built with ``params=`` its tensors, ``dtype`` and ``operator_options`` (the operator's other keyword
+    arguments: ``hvp_mode``, ``micro_batch_size``, ``chunk_size``, ``seed`` of ``"mcfisher"``, ...), and one
+    :func:`~hessops.eigs` run with ``tol``, ``value_tol``, ``max_iters`` and ``seed``: a block's product
+    costs about as much as the full operator's (one pass over ``data``), so ``G`` groups cost about ``G``
+    times one ``eigs`` of the same ``k``."""
+    from hessops.operators import OPERATORS
+
+    began = time.perf_counter()
+    operator = choice("operator", operator, OPERATOR_NAMES)
+    which = choice("which", which, WHICH)
+    k = integer("k", k, minimum=1)
+    tol = real("tol", tol, positive=True)
+    value_tol = None if value_tol is None else real("value_tol", value_tol, positive=True)
+    max_iters = None if max_iters is None else integer("max_iters", max_iters, minimum=k)
+    seed = integer("seed", seed)
+    progress = boolean("progress", progress)
+    options = dict(operator_options or {})
+    clashing = sorted({"params", "dtype"} & set(options))
+    if clashing:
+        raise InvalidArgumentError(
+            f"operator_options holds {', '.join(clashing)}: block_spectra sets params per group (use groups=) "
+            "and takes dtype= itself"
+        )
+    accepted = set(inspect.signature(OPERATORS[operator]).parameters) - {"self", "model", "loss_fn", "data"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise InvalidArgumentError(
+            f"operator_options: {OPERATORS[operator].__name__} takes no {', '.join(map(repr, unknown))}: pass some of "
+            f"{', '.join(sorted(accepted - {'params', 'dtype'}))}"
+        )
+    resolved = resolve_groups(model, groups)
+    tensors = dict(model.named_parameters())
+    spectra, sizes = {}, {}
+    for name, members in resolved.items():
+        params = [tensors[m] for m in members]
+        op = OPERATORS[operator](model, loss_fn, data, params=params, dtype=dtype, **options)
+        sizes[name] = op.shape[0]
+        spectra[name] = eigs(
+            op,
+            min(k, sizes[name]),
+            which,
+            tol=tol,
+            value_tol=value_tol,
+            max_iters=max_iters,
+            seed=seed,
+            progress=progress,
+        )
+    return BlockSpectra(
+        spectra=spectra,
+        parameters=resolved,
+        sizes=sizes,
+        operator=operator,
+        which=which,
+        n_matvecs=sum(s.n_matvecs for s in spectra.values()),
+        seconds=time.perf_counter() - began,
+    )
