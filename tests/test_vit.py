@@ -9,6 +9,7 @@ expectation, the GGN, on these models; 5 % is the bound.
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -179,3 +180,49 @@ def test_the_users_kernel_settings_are_restored(user):
     finally:
         for name, setter in SETTERS.items():
             setter(saved[name])
+
+
+@pytest.mark.parametrize("name", ["vit-tiny-cifar", "vit-micro-cifar"])
+def test_zoo_vits_have_fused_attention(name):
+    """Sizes and inputs are tests/test_models.py's; here: products on them switch kernels (and say so)."""
+    from hessops.models import build_model
+
+    assert _functional.fused_attention(build_model(name))
+
+
+def test_timm_sizes_reach_create_model_and_the_spec():
+    from hessops.models import build_model, model_spec
+
+    options = {"img_size": 32, "patch_size": 4, "num_classes": 10}
+    spec = model_spec("timm:vit_tiny_patch16_224", options=options)
+    assert (spec.input_shape, spec.num_classes) == ((3, 32, 32), 10)
+    model = build_model("timm:vit_tiny_patch16_224", options=options)
+    reference = build_model("vit-tiny-cifar")  # the zoo entry is these sizes, drawn from the same seed
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+
+
+@pytest.mark.parametrize(
+    "name, options, message",
+    [
+        ("vit-tiny-cifar", {"patch_size": 8}, "are for timm:NAME models"),
+        ("timm:vit_tiny_patch16_224", {"depth": 2}, "not sizes hessops passes to timm"),
+        ("timm:vit_tiny_patch16_224", {"img_size": 0}, "must be a positive int"),
+        ("timm:resnet18", {"patch_size": 4}, "timm cannot build resnet18 with {'patch_size': 4}"),
+    ],
+)
+def test_bad_timm_sizes_are_refused(name, options, message):
+    from hessops.errors import InvalidArgumentError
+    from hessops.models import build_model
+
+    with pytest.raises(InvalidArgumentError, match=re.escape(message)):
+        build_model(name, options=options)
+
+
+def test_cli_passes_timm_sizes():
+    from hessops import cli
+
+    args = cli.build_parser().parse_args(
+        ["eigs", "--model", "timm:vit_tiny_patch16_224", "--data", "cifar10", "--img-size", "32", "--patch-size", "4"]
+    )
+    assert cli.check(args) is None
+    assert cli.timm_options(args) == {"img_size": 32, "patch_size": 4}
