@@ -3,8 +3,8 @@ the switch to differentiable attention kernels said once, and the user's kernel 
 
 Tolerance: relative error 1e-10 in float64, as in tests/test_operators.py (operator and reference sum the
 same terms in other orders, ~1e-15; a kernel without second derivatives fails outright, and a wrong term is
-off by far more). The Monte-Carlo Fisher is a sample mean: 4096 labels per example put it within ~1 % of its
-expectation, the GGN, on these models; 5 % is the bound.
+off by far more). The Monte-Carlo Fisher is a sample mean: 2048 labels per example put it within ~2 % of its
+expectation, the GGN, on these models (measured with 1024: 0.1-2.9 % over four seeds); 5 % is the bound.
 """
 
 from __future__ import annotations
@@ -104,11 +104,12 @@ def test_hessian_is_exact(case, hvp_mode):
 def test_ggn_and_fishers_are_exact(case):
     model, loss, data, hessian = case
     V = probes(hessian.shape[0])
-    ggn = dense_ggn(model, loss, data)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):  # its jacrev's vmap: no fast rule
+        ggn = dense_ggn(model, loss, data)  # for the fused kernel's backward, and slow on it
     assert relative_error(hessops.GGN(model, loss, data) @ V, ggn @ V) < RTOL64
     ef = dense_empirical_fisher(model, loss, data)
     assert relative_error(hessops.EmpiricalFisher(model, loss, data) @ V, ef @ V) < RTOL64
-    assert relative_error(hessops.MCFisher(model, loss, data, samples=4096) @ V, ggn @ V) < 0.05
+    assert relative_error(hessops.MCFisher(model, loss, data, samples=2048) @ V, ggn @ V) < 0.05
 
 
 def test_the_switch_is_said_once_per_process(monkeypatch):
