@@ -68,6 +68,7 @@ def setup(args: argparse.Namespace) -> Setup:
     to take the data's inputs, then the operator ``--operator`` names."""
     import torch
 
+    from hessops.cli import timm_options
     from hessops.data import load_dataset, make_loader, on_device
     from hessops.models import build_model, load_checkpoint, make_loss, model_spec
     from hessops.operators import OPERATORS
@@ -75,7 +76,8 @@ def setup(args: argparse.Namespace) -> Setup:
     device = _device(args.device)
     if args.distributed or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = _start_distributed(args)
-    spec = model_spec(args.model)
+    options = timm_options(args)
+    spec = model_spec(args.model, options=options)
     data_name = args.data or spec.default_data
     # The model's own normalization where it was trained on this data (resnet18_cifar10's checkpoint differs).
     normalization = {"mean": spec.mean, "std": spec.std} if data_name == spec.default_data else {}
@@ -87,7 +89,7 @@ def setup(args: argparse.Namespace) -> Setup:
         seed=args.seed,
         **normalization,
     )
-    model = build_model(args.model, seed=args.seed)
+    model = build_model(args.model, seed=args.seed, options=options)
     if args.checkpoint is not None:
         load_checkpoint(model, args.checkpoint)
     model = model.to(device).eval()

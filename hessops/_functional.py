@@ -7,6 +7,7 @@ parameters, in the order given (default: ``model.parameters()`` with ``requires_
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from hessops.errors import (
+    AttentionKernelWarning,
     BatchSizeError,
     DeviceMismatchError,
     DtypeMismatchError,
@@ -333,3 +335,38 @@ def differentiable_kernels() -> Iterator[None]:
             yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+_ATTENTION_SAID: list[str] = []  # the fused-attention modules named in this process's one message
+
+
+def fused_attention(model: nn.Module) -> list[str]:
+    """The modules of ``model`` that run attention in a fused kernel when left alone: timm's attention layers
+    with ``fused_attn`` (``scaled_dot_product_attention``), ``nn.MultiheadAttention`` (its inference fast
+    path, and the SDPA inside), and HuggingFace models configured with ``attn_implementation="sdpa"``."""
+    found = []
+    for name, module in model.named_modules():
+        hf = getattr(getattr(module, "config", None), "_attn_implementation", None) == "sdpa" and not name
+        if getattr(module, "fused_attn", False) is True or isinstance(module, nn.MultiheadAttention) or hf:
+            found.append(f"'{name or type(model).__name__}' ({type(module).__name__})")
+    return found
+
+
+def announce_attention_kernels(model: nn.Module) -> None:
+    """Say once per process, with an :class:`~hessops.errors.AttentionKernelWarning`, that products run the
+    attention of ``model`` in torch's math kernel (:func:`differentiable_kernels`), when it has fused attention."""
+    if _ATTENTION_SAID:
+        return
+    found = fused_attention(model)
+    if not found:
+        return
+    _ATTENTION_SAID.extend(found)
+    more = f" and {len(found) - 2} more" if len(found) > 2 else ""
+    warnings.warn(
+        f"the model runs attention in fused kernels ({', '.join(found[:2])}{more}: scaled_dot_product_attention's "
+        "flash and memory-efficient kernels, MultiheadAttention's fast path), which have no second derivatives: "
+        "hessops runs each product in torch's math attention kernel with the fast path off, and restores your kernel "
+        "settings after it (outputs agree with the fused kernels' to rounding). Said once per process",
+        AttentionKernelWarning,
+        stacklevel=4,
+    )

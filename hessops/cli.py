@@ -193,6 +193,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--model", type=model_name, default="mlp-digits", help="a zoo model (`hessops models` lists them), or timm:NAME"
     )
+    sizes = "(timm:NAME only; default: timm's)"
+    group.add_argument("--img-size", type=count(1, 8193), help=f"the model's input height and width {sizes}")
+    group.add_argument("--patch-size", type=count(1, 8193), help=f"a vision transformer's patch size {sizes}")
+    group.add_argument("--num-classes", type=count(1, 1_000_001), help=f"the model's number of outputs {sizes}")
     group.add_argument(
         "--checkpoint",
         type=existing_file,
@@ -413,6 +417,9 @@ def check(args: argparse.Namespace) -> str | None:
         return f"--k {args.k}: the demo's {DEMO_MODEL} has {n:,} parameters, so at most {n} eigenvalues"
     if not hasattr(args, "model"):
         return _check_outputs(args)
+    problem = _check_timm_sizes(args)
+    if problem is not None:
+        return problem
     spec = MODELS.get(args.model)
     data = args.data or (spec.default_data if spec else None)
     if data not in DATASETS:
@@ -448,6 +455,26 @@ def check(args: argparse.Namespace) -> str | None:
             f"--probes {args.probes}: hutch++ needs at least 4 (a third sketch the range, the rest probe the remainder)"
         )
     return _check_outputs(args)
+
+
+def timm_options(args: argparse.Namespace) -> dict[str, int]:
+    """The sizes given for a ``timm:NAME`` model (``--img-size``, ``--patch-size``, ``--num-classes``), as
+    ``timm.create_model`` keywords."""
+    given = {"img_size": args.img_size, "patch_size": args.patch_size, "num_classes": args.num_classes}
+    return {key: value for key, value in given.items() if value is not None}
+
+
+def _check_timm_sizes(args: argparse.Namespace) -> str | None:
+    options = timm_options(args)
+    if options and not args.model.startswith(TIMM_PREFIX):
+        flags = " ".join(f"--{key.replace('_', '-')}" for key in options)
+        return f"{flags}: {args.model} is built at its own sizes; these options are for --model timm:NAME"
+    if args.patch_size is not None and args.img_size is not None and args.img_size % args.patch_size:
+        return (
+            f"--patch-size {args.patch_size} does not divide --img-size {args.img_size}: pass a patch size that "
+            f"tiles the image (e.g. {max(d for d in range(1, args.patch_size + 1) if args.img_size % d == 0)})"
+        )
+    return None
 
 
 def _check_outputs(args: argparse.Namespace) -> str | None:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from hessops._functional import (
+    announce_attention_kernels,
     batch_size,
     call_model,
     cast_floating,
@@ -39,6 +40,7 @@ def dense_hessian(
     LayerNorm, InstanceNorm and train-mode BatchNorm in torch 2.14 (docs/torch-pitfalls.md). Same parameter
     order as the operators. Memory ``n²``: for models up to a few thousand parameters."""
     check_train_mode(model, False)
+    announce_attention_kernels(model)
     spec = loss_spec(loss_fn)
     first_batch(data)
     names, tensors = select_parameters(model, params)
@@ -79,9 +81,9 @@ def dense_hessian(
 
 def _double_backward(loss: Callable[[Tensor], Tensor], theta: Tensor, chunk_size: int) -> Tensor:
     """The ``(n, n)`` Hessian of ``loss`` at ``theta``: rows ``e_i^T ∇²loss`` by ``torch.autograd.grad`` of
-    the gradient, ``chunk_size`` rows at a time."""
+    the gradient, ``chunk_size`` rows at a time, attention in kernels with a double backward."""
     n = theta.numel()
-    with torch.enable_grad():
+    with differentiable_kernels(), torch.enable_grad():
         flat = theta.detach().requires_grad_()
         (gradient,) = torch.autograd.grad(loss(flat), flat, create_graph=True)
         if not gradient.requires_grad:  # the loss is linear in theta

@@ -25,6 +25,7 @@ __all__ = [
     "TargetShapeError",
     "HvpFormulationError",
     "HvpFormulationWarning",
+    "AttentionKernelWarning",
 ]
 
 
@@ -119,3 +120,8 @@ class HvpFormulationError(HessopsError):
 
 class HvpFormulationWarning(UserWarning):
     """A fast Hessian-vector product formulation disagreed with double backward and was set aside."""
+
+
+class AttentionKernelWarning(UserWarning):
+    """The model runs attention in fused kernels without second derivatives, so products run it in torch's
+    math kernel instead (said once per process)."""

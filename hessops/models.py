@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hessops.errors import CheckpointError, MissingDependencyError, UnknownModelError
+from hessops.errors import CheckpointError, InvalidArgumentError, MissingDependencyError, UnknownModelError
 from hessops.zoo import MODELS, TIMM_PREFIX, ModelSpec
 
-__all__ = ["MODEL_NAMES", "ModelSpec", "model_spec", "build_model", "make_loss", "load_checkpoint"]
+__all__ = ["MODEL_NAMES", "TIMM_OPTIONS", "ModelSpec", "model_spec", "build_model", "make_loss", "load_checkpoint"]
 
 MODEL_NAMES: tuple[str, ...] = tuple(MODELS)
 
@@ -57,22 +57,40 @@ def _unknown(name: str) -> UnknownModelError:
     )
 
 
-def model_spec(name: str) -> ModelSpec:
+TIMM_OPTIONS = ("img_size", "patch_size", "num_classes")  # the sizes a timm:NAME model may be built with
+
+
+def model_spec(name: str, *, options: Mapping[str, int] | None = None) -> ModelSpec:
     """The ``ModelSpec`` of zoo model ``name`` (its entry in :data:`hessops.zoo.MODELS`); for ``timm:NAME``,
     input size, mean, std and number of classes come from timm's pretrained config of NAME (without building
-    it), ``n_params`` is ``None``."""
-    if name in MODELS:
+    it), ``n_params`` is ``None``. ``options`` (``timm:NAME`` only): sizes among :data:`TIMM_OPTIONS` passed to
+    ``timm.create_model``, e.g. ``{"img_size": 32, "patch_size": 4, "num_classes": 10}`` for a ViT on CIFAR."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(TIMM_OPTIONS))
+    if unknown:
+        raise InvalidArgumentError(f"options {unknown} are not sizes hessops passes to timm: use {TIMM_OPTIONS}")
+    bad = {k: v for k, v in options.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+    if bad:
+        raise InvalidArgumentError(f"options {bad}: each size must be a positive int")
+    if name in MODELS and not options:
         return MODELS[name]
     if not name.startswith(TIMM_PREFIX):
+        if name in MODELS:
+            raise InvalidArgumentError(
+                f"options {options} are for timm:NAME models; {name} is built at its own sizes: leave them out"
+            )
         raise _unknown(name)
     timm, arch = _timm_name(name)
     cfg = timm.models.get_pretrained_cfg(arch)
     data = timm.data.resolve_data_config({}, pretrained_cfg=cfg.to_dict() if cfg else None)
+    input_shape = tuple(data["input_size"])
+    if "img_size" in options:
+        input_shape = (input_shape[0], options["img_size"], options["img_size"])
     return ModelSpec(
         name=name,
-        build=lambda: timm.create_model(arch, pretrained=False),
-        input_shape=tuple(data["input_size"]),
-        num_classes=(cfg.num_classes if cfg and cfg.num_classes else 1000),
+        build=lambda: _create_timm(timm, arch, options),
+        input_shape=input_shape,
+        num_classes=options.get("num_classes") or (cfg.num_classes if cfg and cfg.num_classes else 1000),
         mean=tuple(data["mean"]),
         std=tuple(data["std"]),
         default_data=None,
@@ -82,10 +100,25 @@ def model_spec(name: str) -> ModelSpec:
     )
 
 
-def build_model(name: str, *, seed: int = 0) -> nn.Module:
-    """Zoo model ``name`` (one of ``MODEL_NAMES``, or ``timm:NAME``), on the CPU, in eval mode, with
-    parameters initialized from ``seed`` (never downloaded: load weights with ``load_checkpoint``)."""
-    spec = model_spec(name)
+def _create_timm(timm: ModuleType, arch: str, options: dict[str, int]) -> nn.Module:
+    """``timm.create_model(arch, **options)`` with random weights; sizes the architecture does not take, or
+    cannot be built with, are reported as such."""
+    try:
+        return timm.create_model(arch, pretrained=False, **options)
+    except (TypeError, AssertionError, ValueError, RuntimeError) as error:
+        if not options:
+            raise
+        raise InvalidArgumentError(
+            f"timm cannot build {arch} with {options} ({type(error).__name__}: {error}): pass sizes the "
+            "architecture takes (a ViT takes img_size, patch_size with img_size divisible by it, num_classes)"
+        ) from error
+
+
+def build_model(name: str, *, seed: int = 0, options: Mapping[str, int] | None = None) -> nn.Module:
+    """Zoo model ``name`` (one of ``MODEL_NAMES``, or ``timm:NAME`` with size ``options``, see
+    :func:`model_spec`), on the CPU, in eval mode, with parameters initialized from ``seed`` (never
+    downloaded: load weights with ``load_checkpoint``)."""
+    spec = model_spec(name, options=options)
     with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         torch.default_generator.manual_seed(seed)
         model = spec.build()

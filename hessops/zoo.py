@@ -128,6 +128,20 @@ def _resnet18_cifar10() -> torch.nn.Module:
     return model
 
 
+def _timm_vit(**options: int) -> Callable[[], torch.nn.Module]:
+    """timm's ``vit_tiny_patch16_224`` architecture rebuilt for CIFAR's 32×32 inputs and 10 classes, with
+    ``options`` (patch size, width, depth, heads) passed to ``timm.create_model``."""
+
+    def build() -> torch.nn.Module:
+        from hessops.models import _import_timm
+
+        return _import_timm().create_model(
+            "vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=10, **options
+        )
+
+    return build
+
+
 _CE = "cross_entropy"
 _CIFAR, _MNIST, _IMAGENET = NORMALIZATION["cifar10"], NORMALIZATION["mnist"], (IMAGENET_MEAN, IMAGENET_STD)
 
@@ -222,6 +236,28 @@ MODELS: dict[str, ModelSpec] = {
             _CE,
             11_173_962,
             "ResNet-18 with a 3×3 stem for 32×32 inputs (fits the published weights)",
+        ),
+        ModelSpec(
+            "vit-tiny-cifar",
+            _timm_vit(patch_size=4),
+            (3, 32, 32),
+            10,
+            *_CIFAR,
+            "cifar10",
+            _CE,
+            5_362_762,
+            "timm's ViT-Tiny (12 blocks, width 192, 3 heads) for 32×32 inputs, 4×4 patches (64 tokens); needs timm",
+        ),
+        ModelSpec(
+            "vit-micro-cifar",
+            _timm_vit(patch_size=8, embed_dim=32, depth=2, num_heads=2),
+            (3, 32, 32),
+            10,
+            *_CIFAR,
+            "cifar10",
+            _CE,
+            32_554,
+            "timm's ViT, 2 blocks of width 32 and 2 heads, for 32×32 inputs, 8×8 patches (16 tokens); needs timm",
         ),
     )
 }

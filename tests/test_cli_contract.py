@@ -97,6 +97,17 @@ BAD_VALUES = {
     "unknown-model": (["eigs", "--model", "mlp-digit"], "unknown model 'mlp-digit' (did you mean mlp-digits"),
     "model-without-loadable-data": (["eigs", "--model", "resnet18"], "resnet18 was made for imagenet"),
     "timm-without-data": (["eigs", "--model", "timm:resnet18"], "timm:resnet18 has no default dataset: pass --data"),
+    "img-size-zero": (["eigs", "--model", "timm:vit_tiny_patch16_224", "--img-size", "0"], "argument --img-size: 0"),
+    "patch-size-not-whole": (["eigs", "--patch-size", "2.5"], "argument --patch-size: '2.5' is not a whole number"),
+    "num-classes-negative": (["eigs", "--num-classes", "-1"], "argument --num-classes: -1 is out of range"),
+    "timm-sizes-on-zoo-model": (
+        ["eigs", "--model", "vit-tiny-cifar", "--patch-size", "8"],
+        "--patch-size: vit-tiny-cifar is built at its own sizes; these options are for --model timm:NAME",
+    ),
+    "patch-size-not-dividing": (
+        ["eigs", "--model", "timm:vit_tiny_patch16_224", "--data", "cifar10", "--img-size", "32", "--patch-size", "5"],
+        "--patch-size 5 does not divide --img-size 32: pass a patch size that tiles the image (e.g. 4)",
+    ),
     "unknown-data": (["eigs", "--data", "imagenet"], "argument --data: invalid choice"),
     "missing-checkpoint": (["eigs", "--checkpoint", "no/such/model.pt"], "no/such/model.pt: no such file"),
     "unknown-operator": (["eigs", "--operator", "fisher"], "argument --operator: invalid choice"),

@@ -20,6 +20,8 @@ N_PARAMS = {
     "resnet18": 11_689_512,
     "resnet50": 25_557_032,
     "resnet18_cifar10": 11_173_962,
+    "vit-tiny-cifar": 5_362_762,
+    "vit-micro-cifar": 32_554,
 }
 TIMM_TEST_MODEL = "timm:test_resnet"  # a 470k-parameter timm ResNet that builds in milliseconds
 

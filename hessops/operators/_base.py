@@ -17,6 +17,7 @@ from hessops._determinism import batch_fingerprint, check_model, data_changed_er
 from hessops._functional import (
     ParamTree,
     Problem,
+    announce_attention_kernels,
     batch_size,
     call_model,
     cast_floating,
@@ -171,6 +172,7 @@ class CurvatureOperator(cola.ops.LinearOperator):
         if batch_size_fn is not None and not callable(batch_size_fn):
             raise TypeError(f"batch_size_fn must be a function of a batch's inputs, got {type(batch_size_fn).__name__}")
         check_train_mode(model, allow_train_mode)
+        announce_attention_kernels(model)
         spec = loss_spec(loss_fn)
         first = None
         try:
