@@ -171,17 +171,17 @@ def _language_setup(args: argparse.Namespace, device: torch.device) -> Setup:
             )
         dataset = _subset(dataset, args.num_examples, args.seed, data_name, True)
     if args.model.startswith(GPT_PREFIX):
-        config = gpt_config(args.model[len(GPT_PREFIX) :])
-        if args.seq_len > config.block_size:
-            raise CommandError(
-                f"--seq-len {args.seq_len}: {args.model} reads at most {config.block_size} tokens; pass --seq-len "
-                f"{config.block_size} or less"
-            )
         with torch.random.fork_rng(devices=[]), torch.device("cpu"):
             torch.manual_seed(args.seed)
-            model = GPT(config)
+            model = GPT(gpt_config(args.model[len(GPT_PREFIX) :]))
+        context = model.config.block_size
     else:
         model = load_hf_model(args.model[len(HF_PREFIX) :], overrides=dict(args.hf_override or []), seed=args.seed)
+        context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and args.seq_len > context:
+        raise CommandError(
+            f"--seq-len {args.seq_len}: {args.model} reads at most {context} tokens; pass --seq-len {context} or less"
+        )
     vocab = model.config.vocab_size
     if vocab_needed > vocab:
         raise CommandError(
