@@ -254,9 +254,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--model",
         type=model_name,
         default="mlp-digits",
-        help="a zoo model (`hessops models` lists them), timm:NAME, or a language model: gpt:SIZE ("
+        help="a zoo model (`hessops models` lists them), timm:NAME, or a language model: gpt:SIZE, SIZE one of "
         + ", ".join(GPT_SIZES)
-        + ") or hf:SOURCE (a HuggingFace checkpoint folder, a config JSON, or a model type such as gpt2)",
+        + ", or hf:SOURCE, a HuggingFace checkpoint folder, config JSON or model type (hf:gpt2)",
     )
     group.add_argument(
         "--checkpoint",
