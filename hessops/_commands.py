@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from hessops import __version__
+from hessops.constants import GPT_PREFIX, HF_PREFIX, TEXT_DATA, is_language_model, is_text
 from hessops.errors import HessopsError
 from hessops.zoo import MODELS
 
@@ -66,16 +67,15 @@ def _device(name: str) -> torch.device:
 def setup(args: argparse.Namespace) -> Setup:
     """The data first (a missing dataset is reported before a large model is built), then the model, checked
     to take the data's inputs, then the operator ``--operator`` names."""
-    import torch
-
     from hessops.cli import timm_options
-    from hessops.data import load_dataset, make_loader, on_device
+    from hessops.data import load_dataset
     from hessops.models import build_model, load_checkpoint, make_loss, model_spec
-    from hessops.operators import OPERATORS
 
     device = _device(args.device)
     if args.distributed or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = _start_distributed(args)
+    if is_language_model(args.model):
+        return _language_setup(args, device)
     options = timm_options(args)
     spec = model_spec(args.model, options=options)
     data_name = args.data or spec.default_data
@@ -94,13 +94,29 @@ def setup(args: argparse.Namespace) -> Setup:
         load_checkpoint(model, args.checkpoint)
     model = model.to(device).eval()
     _check_fits(model, dataset, device, args.model, data_name)
+    return _operator_setup(args, model, make_loss(spec), dataset, data_name, device)
+
+
+def _operator_setup(
+    args: argparse.Namespace,
+    model: torch.nn.Module,
+    loss_fn: Any,
+    dataset: Any,
+    data_name: str,
+    device: torch.device,
+) -> Setup:
+    """The loader (this rank's shard), the operator and the settings, for a model and dataset checked to fit."""
+    import torch
+
+    from hessops.data import make_loader, on_device
+    from hessops.operators import OPERATORS
+
     total_examples = len(dataset)
     if getattr(args, "rank", None) is not None:
         from hessops.distributed import shard
 
         dataset = shard(dataset)  # this rank's contiguous part; the operator sums over all ranks
     loader = on_device(make_loader(dataset, batch_size=args.batch_size), device)
-    loss_fn = make_loss(spec)
     kwargs: dict[str, Any] = {"dtype": getattr(torch, args.dtype), "progress": not args.no_progress}
     if args.operator == "mcfisher":
         kwargs["seed"] = args.seed
@@ -122,7 +138,61 @@ def setup(args: argparse.Namespace) -> Setup:
         "n_params": op.shape[0],
         "world_size": getattr(args, "world_size", 1),
     }
+    if is_text(data_name):  # text has no split; its examples are blocks of seq_len tokens
+        settings |= {
+            "split": None,
+            "seq_len": args.seq_len,
+            "tokenizer": str(args.tokenizer) if args.tokenizer else None,
+            "hf_overrides": dict(args.hf_override or []),
+        }
     return Setup(model, loss_fn, dataset, loader, op, settings)
+
+
+def _language_setup(args: argparse.Namespace, device: torch.device) -> Setup:
+    """A language model (``gpt:SIZE`` or ``hf:SOURCE``) on text, cut into blocks of ``--seq-len`` tokens, with
+    the next-token cross-entropy; the vocabulary and the context length are checked to fit first."""
+    import torch
+
+    from hessops.data import _subset
+    from hessops.lm import GPT, gpt_config, load_hf_model
+    from hessops.losses import next_token_cross_entropy
+    from hessops.models import load_checkpoint
+    from hessops.text import load_text
+
+    data_name = args.data or TEXT_DATA
+    source = data_name[len(TEXT_DATA) + 1 :] or None
+    dataset = load_text(source, block_size=args.seq_len, tokenizer=args.tokenizer)
+    vocab_needed = int(dataset.input_ids.max()) + 1
+    if args.num_examples is not None:
+        n = len(dataset)
+        if args.num_examples > n:
+            raise CommandError(
+                f"--num-examples {args.num_examples}: {data_name} has {n:,} blocks of {args.seq_len} tokens; pass at "
+                f"most {n} (or a smaller --seq-len for more blocks)"
+            )
+        dataset = _subset(dataset, args.num_examples, args.seed, data_name, True)
+    if args.model.startswith(GPT_PREFIX):
+        with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+            torch.manual_seed(args.seed)
+            model = GPT(gpt_config(args.model[len(GPT_PREFIX) :]))
+        context = model.config.block_size
+    else:
+        model = load_hf_model(args.model[len(HF_PREFIX) :], overrides=dict(args.hf_override or []), seed=args.seed)
+        context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and args.seq_len > context:
+        raise CommandError(
+            f"--seq-len {args.seq_len}: {args.model} reads at most {context} tokens; pass --seq-len {context} or less"
+        )
+    vocab = model.config.vocab_size
+    if vocab_needed > vocab:
+        raise CommandError(
+            f"--model {args.model} has a vocabulary of {vocab:,} tokens, but {data_name}'s token ids go up to "
+            f"{vocab_needed - 1:,}: pass a model with a vocabulary of at least {vocab_needed:,} (or the tokenizer "
+            "it was trained with, --tokenizer)"
+        )
+    if args.checkpoint is not None:
+        load_checkpoint(model, args.checkpoint)
+    return _operator_setup(args, model.to(device).eval(), next_token_cross_entropy, dataset, data_name, device)
 
 
 def _check_fits(model: torch.nn.Module, dataset: Any, device: torch.device, name: str, data: str) -> None:

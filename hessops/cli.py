@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import math
 import os
 import sys
@@ -26,11 +27,17 @@ from hessops.constants import (
     DATASETS,
     DOWNLOADABLE,
     DTYPES,
+    GPT_PREFIX,
+    GPT_SIZES,
+    HF_PREFIX,
     HVP_MODES,
     LOGDET_METHODS,
     OPERATOR_NAMES,
+    TEXT_DATA,
     TRACE_METHODS,
     WHICH,
+    is_language_model,
+    is_text,
 )
 from hessops.demo import DEMO_MODEL
 from hessops.errors import DistributedError, HessopsError
@@ -101,14 +108,67 @@ def number(
 
 
 def model_name(text: str) -> str:
-    """A zoo model (``zoo.MODELS``) or ``timm:NAME``."""
+    """A zoo model (``zoo.MODELS``), ``timm:NAME``, or a language model: ``gpt:SIZE`` or ``hf:SOURCE``."""
     if text in MODELS or (text.startswith(TIMM_PREFIX) and len(text) > len(TIMM_PREFIX)):
         return text
+    if text.startswith(GPT_PREFIX):
+        size = text[len(GPT_PREFIX) :]
+        if size in GPT_SIZES:
+            return text
+        close = difflib.get_close_matches(size, GPT_SIZES, n=1)
+        hint = f" (did you mean {GPT_PREFIX}{close[0]}?)" if close else ""
+        raise argparse.ArgumentTypeError(
+            f"unknown GPT size {size!r}{hint}: pass gpt:SIZE, SIZE one of {', '.join(GPT_SIZES)}"
+        )
+    if text.startswith(HF_PREFIX):
+        if text[len(HF_PREFIX) :].strip():
+            return text
+        raise argparse.ArgumentTypeError(
+            "hf: needs a source: hf:FOLDER (a checkpoint), hf:CONFIG.json, or hf:TYPE (e.g. hf:gpt2, random weights)"
+        )
     close = difflib.get_close_matches(text, MODELS, n=2)
     hint = f" (did you mean {' or '.join(close)}?)" if close else ""
     raise argparse.ArgumentTypeError(
-        f"unknown model {text!r}{hint}: pass one of {', '.join(MODELS)} (`hessops models` lists them), or timm:NAME"
+        f"unknown model {text!r}{hint}: pass one of {', '.join(MODELS)} (`hessops models` lists them), timm:NAME, "
+        "gpt:SIZE or hf:SOURCE"
     )
+
+
+def data_name(text: str) -> str:
+    """A dataset of ``DATASETS``, ``text`` (the bundled corpus) or ``text:PATH`` (a .txt file or a folder of them)."""
+    if text in DATASETS or text == TEXT_DATA:
+        return text
+    if text.startswith(TEXT_DATA + ":"):
+        path = Path(text[len(TEXT_DATA) + 1 :])
+        if path.is_file() or path.is_dir():
+            return text
+        raise argparse.ArgumentTypeError(
+            f"{text}: no such file or folder: pass text:PATH, a UTF-8 .txt file or a folder of them"
+        )
+    close = difflib.get_close_matches(text, (*DATASETS, TEXT_DATA), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise argparse.ArgumentTypeError(
+        f"unknown data {text!r}{hint}: pass one of {', '.join(DATASETS)}, {TEXT_DATA} or {TEXT_DATA}:PATH"
+    )
+
+
+def config_override(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` for a HuggingFace config: VALUE read as JSON (``2``, ``0.1``, ``true``), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip().isidentifier() or not value.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: pass KEY=VALUE, a field of the model's config, e.g. n_layer=2")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value.strip()
+
+
+def existing_folder(text: str) -> Path:
+    """A path to a folder that exists."""
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: {'is a file, not a folder' if path.is_file() else 'no such folder'}")
+    return path
 
 
 def group_spec(text: str) -> tuple[str, list[str]]:
@@ -191,7 +251,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
     """The options of the commands that build an operator from a model and a dataset."""
     group = parser.add_argument_group("model and data")
     group.add_argument(
-        "--model", type=model_name, default="mlp-digits", help="a zoo model (`hessops models` lists them), or timm:NAME"
+        "--model",
+        type=model_name,
+        default="mlp-digits",
+        help="a zoo model (`hessops models` lists them), timm:NAME, or a language model: gpt:SIZE, SIZE one of "
+        + ", ".join(GPT_SIZES)
+        + ", or hf:SOURCE, a HuggingFace checkpoint folder, config JSON or model type (hf:gpt2)",
     )
     sizes = "(timm:NAME only; default: timm's)"
     group.add_argument("--img-size", type=count(1, 8193), help=f"the model's input height and width {sizes}")
@@ -204,11 +269,28 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--data",
-        choices=DATASETS,
-        help="the dataset (default: the model's; digits are embedded, the others need `hessops download`)",
+        type=data_name,
+        metavar="{" + ",".join((*DATASETS, TEXT_DATA, TEXT_DATA + ":PATH")) + "}",
+        help="the dataset (default: the model's; digits are embedded, the others need `hessops download`; text: a "
+        "corpus bundled with scikit-learn, text:PATH a UTF-8 .txt file or a folder of them, for language models)",
     )
     group.add_argument("--data-dir", type=Path, default=Path("data"), help="where the downloaded datasets are")
     group.add_argument("--test-split", action="store_true", help="use the test split instead of the training split")
+    group.add_argument(
+        "--seq-len", type=count(2), default=64, help="text: tokens per block (sequence), each block one example"
+    )
+    group.add_argument(
+        "--tokenizer",
+        type=existing_folder,
+        help="text: a HuggingFace tokenizer in a local folder (default: UTF-8 bytes, vocabulary 256)",
+    )
+    group.add_argument(
+        "--hf-override",
+        type=config_override,
+        action="append",
+        metavar="KEY=VALUE",
+        help="hf: models: change a config field before building, e.g. n_layer=2 (repeat for more; default: none)",
+    )
     group.add_argument(
         "--num-examples",
         type=count(),
@@ -417,12 +499,12 @@ def check(args: argparse.Namespace) -> str | None:
         return f"--k {args.k}: the demo's {DEMO_MODEL} has {n:,} parameters, so at most {n} eigenvalues"
     if not hasattr(args, "model"):
         return _check_outputs(args)
-    problem = _check_timm_sizes(args)
+    problem = _check_timm_sizes(args) or _check_text(args)
     if problem is not None:
         return problem
     spec = MODELS.get(args.model)
-    data = args.data or (spec.default_data if spec else None)
-    if data not in DATASETS:
+    data = args.data or (spec.default_data if spec else TEXT_DATA if is_language_model(args.model) else None)
+    if data not in DATASETS and not is_text(data):
         made_for = (
             f"was made for {spec.default_data}, which hessops cannot load"
             if spec and spec.default_data
@@ -430,8 +512,8 @@ def check(args: argparse.Namespace) -> str | None:
         )
         return f"--model {args.model} {made_for}: pass --data ({', '.join(DATASETS)})"
     split = "test" if args.test_split else "train"
-    size = SPLIT_SIZES[data][int(args.test_split)]
-    if args.num_examples is not None and args.num_examples > size:
+    size = SPLIT_SIZES[data][int(args.test_split)] if data in SPLIT_SIZES else None  # text: counted when loaded
+    if args.num_examples is not None and size is not None and args.num_examples > size:
         return (
             f"--num-examples {args.num_examples}: the {data} {split} split has {size:,} examples; pass at most {size}"
         )
@@ -474,6 +556,26 @@ def _check_timm_sizes(args: argparse.Namespace) -> str | None:
             f"--patch-size {args.patch_size} does not divide --img-size {args.img_size}: pass a patch size that "
             f"tiles the image (e.g. {max(d for d in range(1, args.patch_size + 1) if args.img_size % d == 0)})"
         )
+    return None
+
+
+def _check_text(args: argparse.Namespace) -> str | None:
+    """Language models on text, image models on images, and the options that only text or hf: models take."""
+    lm, data = is_language_model(args.model), args.data
+    if lm and data is not None and not is_text(data):
+        return f"--model {args.model} is a language model: it reads text, not {data}; pass --data text or text:PATH"
+    if not lm and is_text(data):
+        return (
+            f"--data {data} is text, for language models: pass --model gpt:SIZE ({', '.join(GPT_SIZES)}) or hf:SOURCE"
+        )
+    if lm and args.command == "track":
+        return f"`hessops track` trains image classifiers; --model {args.model} is a language model"
+    if lm and args.test_split:
+        return "--test-split: text has no test split; pass the held-out text as --data text:PATH instead"
+    if not lm and args.tokenizer is not None:
+        return f"--tokenizer tokenizes text, for language models; --model {args.model} reads images: leave it out"
+    if args.hf_override and not args.model.startswith(HF_PREFIX):
+        return f"--hf-override changes a HuggingFace config: it needs --model hf:SOURCE, not {args.model}"
     return None
 
 

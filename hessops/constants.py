@@ -13,6 +13,12 @@ __all__ = [
     "DATASETS",
     "DOWNLOADABLE",
     "DTYPES",
+    "GPT_SIZES",
+    "GPT_PREFIX",
+    "HF_PREFIX",
+    "TEXT_DATA",
+    "is_language_model",
+    "is_text",
 ]
 
 # The curvature operators by name (hessops.operators.OPERATORS maps each to its class).
@@ -43,3 +49,18 @@ DOWNLOADABLE: tuple[str, ...] = ("mnist", "cifar10", "cifar2")
 
 # The operator dtypes the CLI offers (torch.float32, torch.float64).
 DTYPES: tuple[str, ...] = ("float32", "float64")
+
+# The command line's language models: gpt:SIZE (SIZE a named size, the keys of hessops.lm.GPT_CONFIGS) and
+# hf:SOURCE (hessops.lm.load_hf_model); their data is text (hessops.text's corpus) or text:PATH (a user's).
+GPT_PREFIX, HF_PREFIX, TEXT_DATA = "gpt:", "hf:", "text"
+GPT_SIZES: tuple[str, ...] = ("gpt2-small", "gpt2-medium", "gpt-bytes-mini", "gpt-bytes-tiny")
+
+
+def is_language_model(model: str) -> bool:
+    """Whether the CLI's ``--model`` value ``model`` is a language model (``gpt:SIZE``, ``hf:SOURCE``)."""
+    return model.startswith((GPT_PREFIX, HF_PREFIX))
+
+
+def is_text(data: str | None) -> bool:
+    """Whether the CLI's ``--data`` value ``data`` is text (``text``, ``text:PATH``)."""
+    return data is not None and (data == TEXT_DATA or data.startswith(TEXT_DATA + ":"))

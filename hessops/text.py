@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from hessops.errors import MissingDependencyError
+from hessops.errors import CorruptDatasetError, DatasetNotFoundError, EmptyDataError, MissingDependencyError
 from hessops.losses import DEFAULT_IGNORE_INDEX
 
 __all__ = ["BYTE_VOCAB_SIZE", "TextBlocks", "corpus_documents", "load_text"]
@@ -30,8 +30,12 @@ __all__ = ["BYTE_VOCAB_SIZE", "TextBlocks", "corpus_documents", "load_text"]
 BYTE_VOCAB_SIZE = 256
 
 
-def corpus_documents() -> list[str]:
-    """scikit-learn's dataset descriptions, one string per file, in file-name order."""
+def corpus_documents(source: str | os.PathLike | None = None) -> list[str]:
+    """The documents of ``source``, one string per file, in file-name order: a UTF-8 ``.txt`` file, or a folder
+    of them (its ``*.txt`` files, not its subfolders'); ``None``: scikit-learn's dataset descriptions, the
+    bundled corpus."""
+    if source is not None:
+        return [_read_text(f) for f in _text_files(Path(source))]
     folder = resources.files("sklearn.datasets") / "descr"
     files = sorted((f for f in folder.iterdir() if f.name.endswith(".rst")), key=lambda f: f.name)
     return [f.read_text(encoding="utf-8") for f in files]
@@ -60,13 +64,15 @@ class TextBlocks(Dataset):
 
 
 def load_text(
+    source: str | os.PathLike | None = None,
     *,
     block_size: int = 64,
     num_blocks: int | None = None,
     tokenizer: str | os.PathLike | None = None,
     pad_id: int = 0,
 ) -> TextBlocks:
-    """The corpus as :class:`TextBlocks` of ``block_size`` tokens, in corpus order; ``num_blocks`` keeps the
+    """The corpus (``source``: a ``.txt`` file or a folder of them, :func:`corpus_documents`; ``None``: the
+    bundled one) as :class:`TextBlocks` of ``block_size`` tokens, in corpus order; ``num_blocks`` keeps the
     first ones. Tokens are UTF-8 bytes (``vocab_size`` 256), or, with ``tokenizer`` a local folder, that
     HuggingFace tokenizer's ids (``local_files_only``: nothing is downloaded). Padding holds ``pad_id``
     (ignored by the loss and masked)."""
@@ -74,7 +80,7 @@ def load_text(
         raise ValueError(f"block_size must be an int >= 2 (one token predicts the next), got {block_size!r}")
     if num_blocks is not None and (isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1):
         raise ValueError(f"num_blocks must be a positive int or None (all), got {num_blocks!r}")
-    documents = corpus_documents()
+    documents = corpus_documents(source)
     if tokenizer is None:
         encoded, vocab_size = [list(d.encode("utf-8")) for d in documents], BYTE_VOCAB_SIZE
     else:
@@ -86,6 +92,10 @@ def load_text(
             pad = block_size - len(piece)
             ids.append(piece + [pad_id] * pad)
             masks.append([1] * len(piece) + [0] * pad)
+    if not ids:
+        raise EmptyDataError(
+            f"{source} holds no text: give a .txt file (or a folder of them) with at least one character"
+        )
     if num_blocks is not None:
         ids, masks = ids[:num_blocks], masks[:num_blocks]
     return TextBlocks(torch.tensor(ids, dtype=torch.int64), torch.tensor(masks, dtype=torch.int64), vocab_size)
@@ -98,3 +108,23 @@ def _tokenize(documents: list[str], folder: Path) -> tuple[list[list[int]], int]
         raise MissingDependencyError("a tokenizer needs transformers: pip install 'hessops[hf]'") from error
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     return [tokenizer(d)["input_ids"] for d in documents], len(tokenizer)
+
+
+def _text_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(f for f in path.glob("*.txt") if f.is_file())
+        if not files:
+            raise EmptyDataError(f"{path} has no .txt files: put the text in UTF-8 .txt files there, or pass one file")
+        return files
+    raise DatasetNotFoundError(f"{path} does not exist: pass a UTF-8 .txt file or a folder of .txt files")
+
+
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise CorruptDatasetError(
+            f"{file} is not UTF-8 text (byte {error.start}: {error.reason}): convert it to UTF-8"
+        ) from None

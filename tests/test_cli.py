@@ -327,3 +327,91 @@ def test_hvp_mode_is_validated_and_recorded(tmp_path):
     assert explicit["hvp_tuning"]["single"]["errors"]["forward-over-reverse"] < 3.5e-3
     for ours, reference in zip(explicit["eigenvalues"], results["autograd"]["eigenvalues"]):
         assert abs(ours - reference) <= 1e-5 * abs(reference)
+
+
+def test_eigs_of_a_gpt_on_text_is_hessops_eigs_on_the_same_model_and_blocks(tmp_path):
+    """`hessops eigs --model gpt:... --data text` against hessops.eigs in Python on the model and blocks the
+    documented recipe builds (GPT under the seed, the first k of the seeded permutation): the same operator, so
+    the same eigenvalues up to Lanczos' tolerance (rtol 1e-4, float32 products)."""
+    from hessops.lm import GPT, gpt_config
+    from hessops.losses import next_token_cross_entropy
+    from hessops.text import load_text
+
+    out = tmp_path / "eigs.json"
+    args = ["--model", "gpt:gpt-bytes-tiny", "--data", "text", "--seq-len", "16", "--num-examples", "8", "--k", "2"]
+    assert main(["eigs", *args, "--no-progress", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert {k: record["settings"][k] for k in ("model", "data", "seq_len", "num_examples", "split")} == {
+        "model": "gpt:gpt-bytes-tiny",
+        "data": "text",
+        "seq_len": 16,
+        "num_examples": 8,
+        "split": None,
+    }
+    torch.manual_seed(0)
+    model = GPT(gpt_config("gpt-bytes-tiny")).eval()
+    blocks = load_text(block_size=16)
+    keep = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(0))[:8].tolist()
+    data = make_loader(torch.utils.data.Subset(blocks, keep), batch_size=128)
+    expected = hessops.eigs(hessops.Hessian(model, next_token_cross_entropy, data), 2, seed=0).values
+    assert record["settings"]["n_params"] == sum(p.numel() for p in model.parameters())
+    torch.testing.assert_close(
+        torch.tensor(record["eigenvalues"], dtype=torch.float64), expected.cpu().double(), rtol=1e-4, atol=0
+    )
+
+
+def test_hf_model_from_a_config_file_on_a_users_text_file(tmp_path):
+    """hf:CONFIG.json (random weights from --seed) on text:PATH, through `hessops blocks`: one block per
+    transformer layer and the embeddings, and the token count of the user's file in the settings."""
+    pytest.importorskip("transformers")
+    config = tmp_path / "config.json"
+    sizes = {"n_embd": 8, "n_head": 2, "n_layer": 2, "n_positions": 16, "vocab_size": 256}
+    config.write_text(json.dumps({"model_type": "gpt2", **sizes}))
+    text = tmp_path / "story.txt"
+    text.write_text("Once upon a time, a small model read a short story about curvature. ✓\n", encoding="utf-8")
+    out = tmp_path / "blocks.json"
+    args = [
+        "blocks",
+        "--model",
+        f"hf:{config}",
+        "--data",
+        f"text:{text}",
+        "--seq-len",
+        "16",
+        "--k",
+        "1",
+        "--value-tol",
+        "1e-3",
+    ]
+    assert main([*args, "--hf-override", "n_layer=1", "--no-progress", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    n_bytes = len(text.read_text(encoding="utf-8").encode())
+    assert record["settings"]["num_examples"] == -(-n_bytes // 16)  # blocks of 16 bytes, the last one padded
+    assert record["settings"]["hf_overrides"] == {"n_layer": 1}
+    names = [block["name"] for block in record["blocks"]]
+    assert "transformer.h.0" in names and "transformer.h.1" not in names  # the override took
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--num-examples", "9"), "text:{tmp}/a.txt has 8 blocks of 16 tokens; pass at most 8"),
+        (("--seq-len", "65"), "gpt:gpt-bytes-tiny reads at most 64 tokens"),
+    ],
+    ids=["num-examples-above-blocks", "seq-len-above-context"],
+)
+def test_text_that_does_not_fit_is_one_line_when_loaded(tmp_path, capsys, args, message):
+    (tmp_path / "a.txt").write_text("x" * 128)
+    common = ["eigs", "--model", "gpt:gpt-bytes-tiny", "--data", f"text:{tmp_path}/a.txt", "--seq-len", "16"]
+    status = main([*common, *args, "--no-progress"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and message.replace("{tmp}", str(tmp_path)) in lines[0], lines
+
+
+def test_vocabulary_that_does_not_cover_the_tokens_is_one_line(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    overrides = ["n_layer=1", "n_embd=8", "n_head=2", "vocab_size=100"]
+    args = ["eigs", "--model", "hf:gpt2", *(x for o in overrides for x in ("--hf-override", o)), "--seq-len", "8"]
+    assert main([*args, "--no-progress"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert "hf:gpt2 has a vocabulary of 100 tokens, but text's token ids go up to" in line and "\n" not in line

@@ -108,7 +108,7 @@ BAD_VALUES = {
         ["eigs", "--model", "timm:vit_tiny_patch16_224", "--data", "cifar10", "--img-size", "32", "--patch-size", "5"],
         "--patch-size 5 does not divide --img-size 32: pass a patch size that tiles the image (e.g. 4)",
     ),
-    "unknown-data": (["eigs", "--data", "imagenet"], "argument --data: invalid choice"),
+    "unknown-data": (["eigs", "--data", "imagenet"], "argument --data: unknown data 'imagenet'"),
     "missing-checkpoint": (["eigs", "--checkpoint", "no/such/model.pt"], "no/such/model.pt: no such file"),
     "unknown-operator": (["eigs", "--operator", "fisher"], "argument --operator: invalid choice"),
     "unknown-dtype": (["eigs", "--dtype", "float16"], "argument --dtype: invalid choice"),
@@ -123,6 +123,33 @@ BAD_VALUES = {
     "blocks-group-without-prefix": (["blocks", "--group", "first"], "argument --group: 'first': pass NAME=PREFIX"),
     "blocks-group-empty-prefix": (["blocks", "--group", "a=1,"], "argument --group: 'a=1,': pass NAME=PREFIX"),
     "blocks-group-twice": (["blocks", "--group", "a=1", "--group", "a=3"], "--group a is given twice"),
+    "gpt-unknown-size": (["eigs", "--model", "gpt:gpt3"], "unknown GPT size 'gpt3'"),
+    "gpt-size-misspelt": (["eigs", "--model", "gpt:gpt-bytes-tiney"], "did you mean gpt:gpt-bytes-tiny?"),
+    "hf-without-source": (["eigs", "--model", "hf:"], "argument --model: hf: needs a source"),
+    "text-path-missing": (["eigs", "--model", "gpt:gpt-bytes-tiny", "--data", "text:no/such.txt"], "no such file"),
+    "data-misspelt-text": (["eigs", "--data", "txt"], "did you mean text?"),
+    "language-model-on-images": (
+        ["eigs", "--model", "gpt:gpt-bytes-tiny", "--data", "digits"],
+        "is a language model: it reads text, not digits",
+    ),
+    "hf-model-on-images": (["density", "--model", "hf:gpt2", "--data", "mnist"], "hf:gpt2 is a language model"),
+    "image-model-on-text": (["eigs", "--data", "text"], "--data text is text, for language models"),
+    "timm-model-on-text": (["eigs", "--model", "timm:resnet18", "--data", "text"], "is text, for language models"),
+    "text-test-split": (["eigs", "--model", "gpt:gpt-bytes-tiny", "--test-split"], "text has no test split"),
+    "seq-len-one": (
+        ["eigs", "--model", "gpt:gpt-bytes-tiny", "--seq-len", "1"],
+        "argument --seq-len: 1 is out of range",
+    ),
+    "seq-len-not-whole": (["eigs", "--seq-len", "8.5"], "argument --seq-len: '8.5' is not a whole number"),
+    "tokenizer-missing": (["eigs", "--model", "hf:gpt2", "--tokenizer", "no/such/folder"], "no such folder"),
+    "tokenizer-on-images": (["eigs", "--tokenizer", "."], "--tokenizer tokenizes text"),
+    "hf-override-without-value": (["eigs", "--model", "hf:gpt2", "--hf-override", "n_layer"], "pass KEY=VALUE"),
+    "hf-override-bad-key": (["eigs", "--model", "hf:gpt2", "--hf-override", "n layer=2"], "pass KEY=VALUE"),
+    "hf-override-on-gpt": (
+        ["eigs", "--model", "gpt:gpt-bytes-tiny", "--hf-override", "n_layer=2"],
+        "--hf-override changes a HuggingFace config: it needs --model hf:SOURCE",
+    ),
+    "track-language-model": (["track", "--model", "gpt:gpt-bytes-tiny"], "`hessops track` trains image classifiers"),
     "no-command": ([], "the following arguments are required: COMMAND"),
     "unknown-option": (["eigs", "--kk", "3"], "unrecognized arguments: --kk 3"),
 }
@@ -237,10 +264,28 @@ def test_choices_are_the_library_constants():
         choices[("trace", "method")] is constants.TRACE_METHODS
         and choices[("basin", "method")] is constants.LOGDET_METHODS
     )
-    assert (
-        choices[("density", "data")] is constants.DATASETS and choices[("download", "name")] is constants.DOWNLOADABLE
-    )
+    assert choices[("download", "name")] is constants.DOWNLOADABLE
+    for name in (*constants.DATASETS, constants.TEXT_DATA):  # --data also takes text:PATH, so it has no choices
+        assert cli.data_name(name) == name
     assert choices[("track", "hvp_mode")] is constants.HVP_MODES and choices[("logdet", "dtype")] is constants.DTYPES
+
+
+def test_gpt_sizes_are_the_named_configs():
+    """The CLI's torch-free tuple of gpt:SIZE names is hessops.lm's table."""
+    from hessops import constants
+    from hessops.lm import GPT_CONFIGS
+
+    assert constants.GPT_SIZES == tuple(GPT_CONFIGS)
+
+
+def test_hf_override_values_are_read_as_json_else_text():
+    parse = cli.config_override
+    assert [parse("n_layer=2"), parse("resid_pdrop=0.0"), parse("tie_word_embeddings=false")] == [
+        ("n_layer", 2),
+        ("resid_pdrop", 0.0),
+        ("tie_word_embeddings", False),
+    ]
+    assert parse("activation_function=gelu_new") == ("activation_function", "gelu_new")
 
 
 def test_split_sizes_are_the_datasets():

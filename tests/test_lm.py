@@ -286,3 +286,28 @@ def test_a_gpt_on_text_blocks_through_a_loader():
     hv = hessops.Hessian(model, next_token_cross_entropy, loader) @ v
     whole = hessops.Hessian(model, next_token_cross_entropy, [data[last - 2 : last + 1]]) @ v
     assert torch.allclose(hv, whole, rtol=1e-4, atol=1e-6)  # float32: batches of 2 + 1 against one of 3
+
+
+def test_load_text_reads_a_users_file_or_folder_of_txt_files(tmp_path):
+    from hessops.errors import CorruptDatasetError, DatasetNotFoundError, EmptyDataError
+    from hessops.text import corpus_documents, load_text
+
+    (tmp_path / "b.txt").write_text("second é", encoding="utf-8")
+    (tmp_path / "a.txt").write_text("first", encoding="utf-8")
+    (tmp_path / "notes.md").write_text("not read")
+    assert corpus_documents(tmp_path) == ["first", "second é"]  # .txt files in name order
+    blocks = load_text(tmp_path, block_size=4)
+    assert len(blocks) == 2 + 3  # 5 bytes, then 9 ("é" is two): each document's blocks, the last padded
+    assert bytes(blocks[2]["input_ids"].tolist()).decode() == "seco" and blocks[4]["attention_mask"].sum() == 1
+    assert load_text(tmp_path / "a.txt", block_size=4).input_ids.shape == (2, 4)
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(CorruptDatasetError, match="latin1.txt is not UTF-8"):
+        load_text(tmp_path)
+    with pytest.raises(DatasetNotFoundError, match="does not exist"):
+        load_text(tmp_path / "missing.txt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EmptyDataError, match="has no .txt files"):
+        load_text(tmp_path / "empty")
+    (tmp_path / "empty" / "blank.txt").write_text("")
+    with pytest.raises(EmptyDataError, match="holds no text"):
+        load_text(tmp_path / "empty")
