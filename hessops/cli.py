@@ -247,6 +247,27 @@ def _subparser(sub: Any, name: str, help_text: str, func: Callable[[argparse.Nam
     return parser
 
 
+def _stopping(parser: argparse.ArgumentParser, per: str) -> None:
+    """When eigs' Lanczos stops: ``--tol``, ``--value-tol``, ``--max-iters`` (``per``: " per block", or "")."""
+    parser.add_argument(
+        "--tol",
+        type=number(above=0),
+        default=1e-5,
+        help="stop when each residual ‖Hv − λv‖ is below this times max |λ|",
+    )
+    parser.add_argument(
+        "--value-tol",
+        type=number(above=0),
+        help="stop on the eigenvalues' error bounds instead, relative to max |λ| (default: off)",
+    )
+    size = "the block's size" if per else "the size"
+    parser.add_argument(
+        "--max-iters",
+        type=count(),
+        help=f"at most this many Lanczos steps{per} (default: max(300, 20·k), at most {size})",
+    )
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     """The options of the commands that build an operator from a model and a dataset."""
     group = parser.add_argument_group("model and data")
@@ -361,20 +382,7 @@ def build_parser() -> Parser:
     p.add_argument(
         "--which", choices=WHICH, default=WHICH[0], help="largest magnitude, largest, smallest, or both ends"
     )
-    p.add_argument(
-        "--tol",
-        type=number(above=0),
-        default=1e-5,
-        help="stop when each residual ‖Hv − λv‖ is below this times max |λ|",
-    )
-    p.add_argument(
-        "--value-tol",
-        type=number(above=0),
-        help="stop on the eigenvalues' error bounds instead, relative to max |λ| (default: off)",
-    )
-    p.add_argument(
-        "--max-iters", type=count(), help="at most this many Lanczos steps (default: max(300, 20·k), at most the size)"
-    )
+    _stopping(p, "")
 
     p = _subparser(
         sub, "blocks", "top eigenvalues of each parameter group's block (each transformer block, ...)", _commands.blocks
@@ -390,22 +398,7 @@ def build_parser() -> Parser:
         help="a parameter group by module names (repeat for more; default: the repeated blocks found automatically, "
         "each other module its own group)",
     )
-    p.add_argument(
-        "--tol",
-        type=number(above=0),
-        default=1e-5,
-        help="stop when each residual ‖Hv − λv‖ is below this times max |λ|",
-    )
-    p.add_argument(
-        "--value-tol",
-        type=number(above=0),
-        help="stop on the eigenvalues' error bounds instead, relative to max |λ| (default: off)",
-    )
-    p.add_argument(
-        "--max-iters",
-        type=count(),
-        help="at most this many Lanczos steps per block (default: max(300, 20·k), at most the block's size)",
-    )
+    _stopping(p, " per block")
 
     p = _subparser(sub, "density", "spectral density by stochastic Lanczos quadrature", _commands.density)
     _common(p)
