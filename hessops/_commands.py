@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from hessops import __version__
-from hessops.constants import GPT_PREFIX, HF_PREFIX, TEXT_DATA, is_language_model, is_text
+from hessops.constants import GPT_PREFIX, GPT_SIZES, HF_PREFIX, TEXT_DATA, is_language_model, is_text
 from hessops.errors import HessopsError
 from hessops.zoo import MODELS
 
@@ -657,6 +657,17 @@ def models(args: argparse.Namespace) -> None:
             )
         )
     rows.append(("timm:NAME", "", "", "", "", "any timm model (pip install 'hessops[zoo]'); pass --data"))
+    rows.append(("gpt:SIZE", "", "tokens", "", "text", f"hessops.GPT, a causal LM; SIZE one of {', '.join(GPT_SIZES)}"))
+    rows.append(
+        (
+            "hf:SOURCE",
+            "",
+            "tokens",
+            "",
+            "text",
+            "a HuggingFace causal LM: checkpoint folder, config JSON or model type (pip install 'hessops[hf]')",
+        )
+    )
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     for row in rows:
         cells = [

@@ -301,12 +301,16 @@ def test_split_sizes_are_the_datasets():
 
 
 def test_models_lists_sizes_and_inputs_from_the_registry(capsys, nothing_loads):
+    from hessops.constants import GPT_SIZES
+
     assert cli.main(["models"]) == 0
     lines = capsys.readouterr().out.splitlines()
     for spec in MODELS.values():
         row = next(line for line in lines if line.split()[0] == spec.name)
         assert f"{spec.n_params:,}" in row and "×".join(map(str, spec.input_shape)) in row and spec.description in row
     assert any(line.startswith("timm:NAME") for line in lines)
+    gpt = next(line for line in lines if line.startswith("gpt:SIZE"))
+    assert all(size in gpt for size in GPT_SIZES) and any(line.startswith("hf:SOURCE") for line in lines)
 
 
 def test_download_offline_says_where_to_put_the_files_and_leaves_nothing(tmp_path, monkeypatch, capsys):
