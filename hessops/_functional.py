@@ -298,6 +298,23 @@ def tree_to_flat(tree: ParamTree) -> Tensor:
     return torch.cat([t.reshape(t.shape[0], -1) for t in tree], dim=1)
 
 
+def add_tree_(flat: Tensor, tree: ParamTree, alpha: float = 1.0) -> None:
+    """``flat += alpha · tree_to_flat(tree)`` for ``flat`` of shape (c, n), in place, without the concatenated
+    copy (one copy of the parameters, 0.5 GB for GPT-2 small)."""
+    start = 0
+    for t in tree:
+        size = t[0].numel()
+        flat[:, start : start + size].add_(t.reshape(t.shape[0], size), alpha=alpha)
+        start += size
+
+
+def all_finite(t: Tensor) -> bool:
+    """Whether every element of ``t`` is finite. A sum is non-finite whenever an element is (NaN and ±inf
+    propagate), so a finite sum settles it without a boolean copy of ``t``; a non-finite sum (that, or an
+    overflow of finite values) is decided element by element."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def first_batch(data: Iterable) -> Any:
     """The first batch of ``data``, after checking that ``data`` can be iterated again (each product is one
     pass): a generator, or an object whose ``__iter__`` hands out one stored iterator, is refused before

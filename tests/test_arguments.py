@@ -15,6 +15,7 @@ from torch import nn
 from toy_networks import mlp
 
 import hessops
+from hessops._functional import all_finite
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +107,12 @@ def test_operator_products_refuse_bad_vectors_by_name(H):
         H @ torch.full((n,), float("nan"), dtype=torch.float64)
     with pytest.raises(hessops.InvalidArgumentError, match="holds NaN or inf"):
         H @ torch.tensor([math.inf] + [0.0] * (n - 1), dtype=torch.float64)
+    inf_and_minus_inf = torch.zeros(n, dtype=torch.float64)
+    inf_and_minus_inf[:2] = torch.tensor([math.inf, -math.inf])  # a sum of NaN, not of inf
+    with pytest.raises(hessops.InvalidArgumentError, match="holds NaN or inf"):
+        H @ inf_and_minus_inf
+    huge = torch.full((n,), torch.finfo(torch.float64).max / 2, dtype=torch.float64)
+    assert all_finite(huge) and not all_finite(inf_and_minus_inf)  # a finite vector whose sum overflows
     for shape in ((n, 1, 1), (n + 1,), (n - 1, 2)):
         with pytest.raises(hessops.InvalidArgumentError, match=r"got shape \(" + ", ".join(map(str, shape))):
             H @ torch.ones(shape, dtype=torch.float64)

@@ -17,6 +17,8 @@ from hessops._determinism import batch_fingerprint, check_model, data_changed_er
 from hessops._functional import (
     ParamTree,
     Problem,
+    add_tree_,
+    all_finite,
     announce_attention_kernels,
     batch_size,
     call_model,
@@ -30,7 +32,6 @@ from hessops._functional import (
     select_parameters,
     split_batch,
     split_examples,
-    tree_to_flat,
 )
 from hessops.distributed import fingerprint, synchronize
 from hessops.distributed import resolve as resolve_distributed
@@ -282,7 +283,7 @@ class CurvatureOperator(cola.ops.LinearOperator):
                         batch = Batch(piece_inputs, piece_targets, n_m, index, part, params, constants, problem)
                         products, loss = self._matmat_batch(batch, blocks)
                         for i, product in zip(range(0, k, chunk), products):
-                            acc[i : i + chunk].add_(tree_to_flat(product), alpha=weight if spec.mean else 1.0)
+                            add_tree_(acc[i : i + chunk], product, alpha=weight if spec.mean else 1.0)
                         losses.append(loss.detach().reshape(()))
                         loss_batches.append(index)
                         total += weight
@@ -355,7 +356,7 @@ class CurvatureOperator(cola.ops.LinearOperator):
             raise DeviceMismatchError(
                 f"vector is on {X.device} but the operator is on {self.device}: v.to('{self.device}')"
             )
-        if not bool(torch.isfinite(X).all()):
+        if not all_finite(X):
             raise InvalidArgumentError(
                 f"the vector multiplied by {type(self).__name__} holds NaN or inf: the product would be NaN; check "
                 "where the vector came from (an earlier product of a diverged model, a division by a zero norm)"
@@ -369,7 +370,7 @@ class CurvatureOperator(cola.ops.LinearOperator):
                 "NaN/inf, and the model for overflow (a smaller learning rate, float64, or a checkpoint from "
                 "before divergence)"
             )
-        if not bool(torch.isfinite(acc).all()):
+        if not all_finite(acc):
             raise NonFiniteLossError(
                 "every batch loss is finite but the curvature product is not: the data hold an inf or NaN that "
                 f"the loss does not show (check the inputs), or the product overflows in {self.dtype} "

@@ -101,21 +101,23 @@ def autograd(batch_loss: Callable, params: ParamTree, blocks: list[ParamTree], b
         products = []
         for b, block in enumerate(blocks):
             columns = block[0].shape[0]
-            out = [torch.zeros_like(t) for t in block]
-            if live:
-                keep = b < len(blocks) - 1
-                outputs = [g[i] for i in live]
-                cotangents = [block[i] for i in live]
-                if columns == 1 or not batched:
-                    per_column = [
-                        column_vjp(outputs, p, [t[c] for t in cotangents], retain_graph=keep or c < columns - 1)
-                        for c in range(columns)
-                    ]
-                    hv = [torch.stack(parts) for parts in zip(*per_column)]
-                else:
-                    hv = block_vjp(outputs, p, cotangents, retain_graph=keep)
-                out = [h.detach() for h in hv]
-            products.append(tuple(out))
+            if not live:
+                products.append(tuple(torch.zeros_like(t) for t in block))
+                continue
+            keep = b < len(blocks) - 1
+            outputs = [g[i] for i in live]
+            cotangents = [block[i] for i in live]
+            if columns == 1:  # a view, not a stacked copy
+                hv = [h.unsqueeze(0) for h in column_vjp(outputs, p, [t[0] for t in cotangents], retain_graph=keep)]
+            elif not batched:
+                per_column = [
+                    column_vjp(outputs, p, [t[c] for t in cotangents], retain_graph=keep or c < columns - 1)
+                    for c in range(columns)
+                ]
+                hv = [torch.stack(parts) for parts in zip(*per_column)]
+            else:
+                hv = block_vjp(outputs, p, cotangents, retain_graph=keep)
+            products.append(tuple(h.detach() for h in hv))
     return products, loss.detach()
 
 
