@@ -109,6 +109,18 @@ def cola_top(op: ColaPerBatch, k: int, steps: int) -> list[float]:
     return sorted(values.real.tolist(), reverse=True)
 
 
+def interleaved_times(methods: dict[str, Callable[[], object]], repeats: int, now: Callable[[], float]) -> dict:
+    """``{name: [seconds of each round]}``: ``repeats`` rounds in which the methods take turns, so that a
+    change in the machine's speed falls on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, f in methods.items():
+            start = now()
+            f()
+            times[name].append(now() - start)
+    return times
+
+
 def timer(device: torch.device) -> Callable[[], float]:
     """A clock that waits for the device's queued work first."""
     import time

@@ -32,7 +32,15 @@ import torch
 
 import hessops
 from benchmarks.memory import peak_bytes
-from benchmarks.peers import ColaPerBatch, CurvlinopsPeer, PyHessianPeer, cola_top, dataset_gradient, timer
+from benchmarks.peers import (
+    ColaPerBatch,
+    CurvlinopsPeer,
+    PyHessianPeer,
+    cola_top,
+    dataset_gradient,
+    interleaved_times,
+    timer,
+)
 from benchmarks.workloads import make_workload
 
 
@@ -68,12 +76,7 @@ def bench_products(w, device, repeats: int, peers: dict, micro_batch_size: int |
         methods["cola-per-batch hvp"] = lambda: peers["cola"] @ v
     for f in methods.values():  # warm-up: first-call costs are not what we compare
         f()
-    times: dict[str, list[float]] = {k: [] for k in methods}
-    for _ in range(repeats):
-        for name, f in methods.items():
-            start = now()
-            f()
-            times[name].append(now() - start)
+    times = interleaved_times(methods, repeats, now)
     medians = {k: _median(t) for k, t in times.items()}
     grad = medians["grad"]
     ratios = {f"{k} / grad": medians[k] / grad for k in medians if k.endswith("hvp")}

@@ -36,7 +36,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import hessops
 from benchmarks.memory import peak_bytes
-from benchmarks.peers import CurvlinopsPeer, PyHessianPeer, dataset_gradient, timer
+from benchmarks.peers import CurvlinopsPeer, PyHessianPeer, dataset_gradient, interleaved_times, timer
 from benchmarks.workloads import Workload
 
 SIZES = ("gpt2-small", "gpt-bytes-mini", "gpt-bytes-tiny")
@@ -101,12 +101,7 @@ def bench_products(w: Workload, device: torch.device, repeats: int, peers: dict)
         start = now()
         f()
         first[name] = now() - start
-    times: dict[str, list[float]] = {k: [] for k in methods}
-    for _ in range(repeats):
-        for name, f in methods.items():
-            start = now()
-            f()
-            times[name].append(now() - start)
+    times = interleaved_times(methods, repeats, now)
     medians = {k: statistics.median(t) for k, t in times.items()}
     ratios = {f"{k} / grad": medians[k] / medians["grad"] for k in medians if k != "grad"}
     reference = H @ v

@@ -71,6 +71,22 @@ def test_benchmark_harness_smoke(tmp_path):
     assert (tmp_path / "bench.json").exists()
 
 
+def test_transformer_harness_smoke(tmp_path):
+    """Not a timing test: benchmarks/transformers.py runs hessops and both peers on a 2-layer GPT in the math
+    attention kernel the peers need, and the three products agree (curvlinops is wrong through LayerNorm, so
+    it is held to 1e-2 only)."""
+    from benchmarks.transformers import main
+
+    report = main(
+        ["--smoke", "--workloads", "gpt-bytes-tiny", "--top", "0", "--no-memory", "--out", str(tmp_path / "t.json")]
+    )
+    entry = report["workloads"]["gpt-bytes-tiny"]
+    assert entry["n_params"] > 0 and all(r > 0 for r in entry["products"]["ratios"].values())
+    assert entry["products"]["agreement"]["pyhessian rel. diff"] < 1e-5
+    assert entry["products"]["agreement"]["curvlinops rel. diff"] < 1e-2
+    assert (tmp_path / "t.json").exists()
+
+
 def test_tensor_memory_tracker_counts_storages_exactly():
     """The CPU peak-memory meter of benchmarks/memory.py: known allocations, views not counted twice,
     frees subtracted, the peak kept."""
