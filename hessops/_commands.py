@@ -97,6 +97,16 @@ def setup(args: argparse.Namespace) -> Setup:
     return _operator_setup(args, model, make_loss(spec), dataset, data_name, device)
 
 
+def operator_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--operator``'s own keyword arguments from the command line (``dtype`` aside)."""
+    options: dict[str, Any] = {"progress": not args.no_progress}
+    if args.operator == "mcfisher":
+        options["seed"] = args.seed
+    if args.operator == "hessian":
+        options["hvp_mode"] = args.hvp_mode
+    return options
+
+
 def _operator_setup(
     args: argparse.Namespace,
     model: torch.nn.Module,
@@ -117,12 +127,7 @@ def _operator_setup(
 
         dataset = shard(dataset)  # this rank's contiguous part; the operator sums over all ranks
     loader = on_device(make_loader(dataset, batch_size=args.batch_size), device)
-    kwargs: dict[str, Any] = {"dtype": getattr(torch, args.dtype), "progress": not args.no_progress}
-    if args.operator == "mcfisher":
-        kwargs["seed"] = args.seed
-    if args.operator == "hessian":
-        kwargs["hvp_mode"] = args.hvp_mode
-    op = OPERATORS[args.operator](model, loss_fn, loader, **kwargs)
+    op = OPERATORS[args.operator](model, loss_fn, loader, dtype=getattr(torch, args.dtype), **operator_options(args))
     settings = {
         "model": args.model,
         "checkpoint": str(args.checkpoint) if args.checkpoint else None,
@@ -389,11 +394,6 @@ def blocks(args: argparse.Namespace) -> None:
     from hessops.plot import plot_block_spectra
 
     s = setup(args)
-    options: dict[str, Any] = {"progress": not args.no_progress}
-    if args.operator == "mcfisher":
-        options["seed"] = args.seed
-    if args.operator == "hessian":
-        options["hvp_mode"] = args.hvp_mode
     spectra = hessops.block_spectra(
         s.model,
         s.loss_fn,
@@ -407,7 +407,7 @@ def blocks(args: argparse.Namespace) -> None:
         max_iters=args.max_iters,
         seed=args.seed,
         dtype=s.op.dtype,
-        operator_options=options,
+        operator_options=operator_options(args),
         progress=not args.no_progress,
     )
     result = spectra.to_dict()

@@ -293,14 +293,9 @@ def flat_to_tree(rows: Tensor, shapes: Sequence[torch.Size]) -> ParamTree:
     return tuple(part.reshape(rows.shape[0], *shape) for part, shape in zip(rows.split(sizes, dim=1), shapes))
 
 
-def tree_to_flat(tree: ParamTree) -> Tensor:
-    """tuple of (c, *shape) tensors -> (c, n)."""
-    return torch.cat([t.reshape(t.shape[0], -1) for t in tree], dim=1)
-
-
 def add_tree_(flat: Tensor, tree: ParamTree, alpha: float = 1.0) -> None:
-    """``flat += alpha · tree_to_flat(tree)`` for ``flat`` of shape (c, n), in place, without the concatenated
-    copy (one copy of the parameters, 0.5 GB for GPT-2 small)."""
+    """``flat += alpha · tree`` for ``flat`` of shape (c, n) and ``tree`` a tuple of (c, *shape) tensors in the
+    flat order, in place, without concatenating the tree (one copy of the parameters, 0.5 GB for GPT-2 small)."""
     start = 0
     for t in tree:
         size = t[0].numel()
