@@ -115,18 +115,32 @@ def bench_products(w: Workload, device: torch.device, repeats: int, peers: dict)
     return {"first call seconds": first, "seconds": medians, "ratios": ratios, "agreement": agreement}
 
 
-def bench_memory(w: Workload, device: torch.device, peers: dict) -> dict:
-    """Peak tensor memory of one gradient and one HVP (hessops, PyHessian), in bytes, and the ratios."""
+def bench_memory(w: Workload, device: torch.device, peers: dict, micro_batch_size: int | None = None) -> dict:
+    """Peak tensor memory of one gradient and one HVP (hessops, PyHessian), in bytes, and the ratios; with
+    ``micro_batch_size``, also hessops' HVP over the same batches cut into micro-batches of that size, and its
+    median time over three products against the whole batches' (same data, same result to rounding)."""
     H = hessops.Hessian(w.model, w.loss_fn, w.data)
     v = torch.randn(H.shape[0], dtype=H.dtype, device=device)
     H @ v  # the first product's one-off work (formulation check, determinism) is not one HVP's memory
     work = {"grad": lambda: dataset_gradient(w), "hessops hvp": lambda: H @ v}
+    extra = {}
+    if micro_batch_size:
+        H_micro = hessops.Hessian(w.model, w.loss_fn, w.data, micro_batch_size=micro_batch_size)
+        whole, micro = H @ v, H_micro @ v
+        extra["micro-batch rel. diff"] = float((micro - whole).norm() / whole.norm())
+        label = f"hessops hvp (micro-batches of {micro_batch_size})"
+        work[label] = lambda: H_micro @ v
+        now = timer(device)
+        times = interleaved_times({"whole": lambda: H @ v, "micro": lambda: H_micro @ v}, 3, now)
+        extra["seconds (median of 3)"] = {"whole batches": statistics.median(times["whole"]),
+                                          label: statistics.median(times["micro"])}
     if "pyhessian" in peers:
         shapes = [p.shape for p in w.model.parameters()]
         v_list = [t.reshape(s) for t, s in zip(v.split([s.numel() for s in shapes]), shapes)]
         work["pyhessian hvp"] = lambda: peers["pyhessian"].hvp(v_list)
     peaks = {name: peak_bytes(f, device) for name, f in work.items()}
-    return {"peak_bytes": peaks, "ratios": {f"{k} / grad": peaks[k] / peaks["grad"] for k in peaks if k != "grad"}}
+    ratios = {f"{k} / grad": peaks[k] / peaks["grad"] for k in peaks if k != "grad"}
+    return {"peak_bytes": peaks, "ratios": ratios, **extra}
 
 
 def bench_top(w: Workload, device: torch.device, k: int, peers: dict) -> dict:
@@ -167,6 +181,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--top", type=int, default=2, help="top-k eigenvalues to time (0: skip)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory counts")
+    parser.add_argument(
+        "--micro-batch-size", type=int, help="also count (and time) hessops' HVP in micro-batches of this size"
+    )
     parser.add_argument("--peers", nargs="*", default=["pyhessian", "curvlinops"], choices=("pyhessian", "curvlinops"))
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks the harness")
@@ -207,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
         entry: dict = {"n_params": w.n_params, "num_examples": w.num_examples}
         entry["products"] = bench_products(w, device, 1 if args.smoke else args.repeats, peers)
         if not args.no_memory:
-            entry["memory"] = bench_memory(w, device, peers)
+            entry["memory"] = bench_memory(w, device, peers, args.micro_batch_size)
         if args.top:
             entry["top"] = bench_top(w, device, args.top, peers)
         entry["seconds"] = time.perf_counter() - began

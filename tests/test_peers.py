@@ -87,6 +87,18 @@ def test_transformer_harness_smoke(tmp_path):
     assert (tmp_path / "t.json").exists()
 
 
+def test_transformer_harness_memory_with_micro_batches():
+    """Not a measurement: the transformer harness's memory counts run, with micro-batches as well; the
+    micro-batched HVP agrees with the whole batches' and holds no more memory."""
+    from benchmarks.transformers import main
+
+    report = main(["--smoke", "--workloads", "gpt-bytes-tiny", "--top", "0", "--peers", "--micro-batch-size", "1"])
+    memory = report["workloads"]["gpt-bytes-tiny"]["memory"]
+    peaks = memory["peak_bytes"]
+    assert memory["micro-batch rel. diff"] < 1e-5
+    assert 0 < peaks["hessops hvp (micro-batches of 1)"] <= 1.01 * peaks["hessops hvp"]
+
+
 def test_tensor_memory_tracker_counts_storages_exactly():
     """The CPU peak-memory meter of benchmarks/memory.py: known allocations, views not counted twice,
     frees subtracted, the peak kept."""
