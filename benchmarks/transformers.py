@@ -132,8 +132,10 @@ def bench_memory(w: Workload, device: torch.device, peers: dict, micro_batch_siz
         work[label] = lambda: H_micro @ v
         now = timer(device)
         times = interleaved_times({"whole": lambda: H @ v, "micro": lambda: H_micro @ v}, 3, now)
-        extra["seconds (median of 3)"] = {"whole batches": statistics.median(times["whole"]),
-                                          label: statistics.median(times["micro"])}
+        extra["seconds (median of 3)"] = {
+            "whole batches": statistics.median(times["whole"]),
+            label: statistics.median(times["micro"]),
+        }
     if "pyhessian" in peers:
         shapes = [p.shape for p in w.model.parameters()]
         v_list = [t.reshape(s) for t, s in zip(v.split([s.numel() for s in shapes]), shapes)]
@@ -222,16 +224,18 @@ def main(argv: list[str] | None = None) -> dict:
             peers["curvlinops"] = CurvlinopsPeer(w)
             peers["curvlinops"].matmat = _math_attention(peers["curvlinops"].matmat)
         entry: dict = {"n_params": w.n_params, "num_examples": w.num_examples}
-        entry["products"] = bench_products(w, device, 1 if args.smoke else args.repeats, peers)
-        if not args.no_memory:
-            entry["memory"] = bench_memory(w, device, peers, args.micro_batch_size)
-        if args.top:
-            entry["top"] = bench_top(w, device, args.top, peers)
-        entry["seconds"] = time.perf_counter() - began
         report["workloads"][w.name] = entry
-        print(json.dumps({w.name: entry}, indent=2), flush=True)
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        sections = {"products": lambda: bench_products(w, device, 1 if args.smoke else args.repeats, peers)}
+        if not args.no_memory:
+            sections["memory"] = lambda: bench_memory(w, device, peers, args.micro_batch_size)
+        if args.top:
+            sections["top"] = lambda: bench_top(w, device, args.top, peers)
+        for section, run in sections.items():  # each printed (and written) as it ends: a late failure keeps them
+            entry[section] = run()
+            entry["seconds"] = time.perf_counter() - began
+            print(json.dumps({w.name: {section: entry[section]}}, indent=2), flush=True)
+            if args.out:
+                args.out.write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -6,6 +6,8 @@ Tolerance 1e-10 relative in float64: independent implementations of the same sum
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from reference import relative_error
@@ -123,3 +125,20 @@ def test_memory_benchmark_smoke():
     ]
     # a piece's own few scalars (its weight, its loss) may add bytes, not a batch's worth: 1 % room
     assert peaks["grad"] > 0 and peaks["hvp"] > 0 and 0 < peaks["hvp micro 3"] <= 1.01 * peaks["hvp"]
+
+
+def test_gpu_check_smoke(tmp_path):
+    """Not a measurement: benchmarks/gpu_check.py's sections run at toy sizes on the CPU (random images, as
+    CIFAR-10 is not in the folder, and the report says so); compiling is left to a device run (a minute of
+    inductor on 2 cores), and its section is not asked for here."""
+    from benchmarks.gpu_check import main
+
+    out = tmp_path / "gpu.json"
+    report = main(
+        ["--smoke", "--device", "cpu", "--data-dir", str(tmp_path), "--sections", "top", "products", "--out", str(out)]
+    )
+    assert report["data"].startswith("synthetic") and json.loads(out.read_text())["model"] == "cnn-cifar-5k"
+    top, products = report["top"], report["products"]
+    assert "error" not in top and "error" not in products, (top.get("traceback"), products.get("traceback"))
+    assert len(top["eigenvalues"]) == 2 and top["hvps"] >= 2 and top["converged"]
+    assert products["hvp / grad"] > 0 and products["peak bytes"]["hessops hvp"] > 0
