@@ -104,7 +104,9 @@ def test_along_eigenvectors_of_a_quadratic_loss_the_slice_is_the_exact_parabola(
     grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss0, theta)])
     slopes = grad @ loaded.flat()[:, :dims]
     grids = torch.meshgrid(*s.coordinates, indexing="ij")
-    parabola = float(loss0.detach()) + sum(slopes[i] * grids[i] + 0.5 * loaded.values[i] * grids[i] ** 2 for i in range(dims))
+    parabola = float(loss0.detach()) + sum(
+        slopes[i] * grids[i] + 0.5 * loaded.values[i] * grids[i] ** 2 for i in range(dims)
+    )
     assert s.directions == "eigen" and s.eigenvalues == loaded.values[:dims].tolist()
     assert s.direction_norms == pytest.approx([1.0] * dims, rel=1e-12)  # unit eigenvectors
     assert torch.allclose(s.loss, parabola, rtol=1e-9, atol=0)
