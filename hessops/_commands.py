@@ -611,7 +611,7 @@ def landscape(args: argparse.Namespace) -> None:
     )
 
     def draw() -> Figure:
-        fig, ax = new_figure(size=(6.5, 4.5) if args.dims == 1 else (6.5, 5.5))
+        fig, ax = new_figure(size=(7.5, 4.5) if args.dims == 1 else (8, 6))
         plot_landscape(surface, ax=ax, title=title(f"Loss landscape ({args.directions} directions)", s.settings))
         return fig
 

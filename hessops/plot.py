@@ -391,7 +391,7 @@ def plot_landscape(
         filled = ax.contourf(a, b, masked, levels=levels, cmap="viridis", norm=LogNorm() if logarithmic else None)
         ax.contour(a, b, masked, levels=levels[::3], colors="white", linewidths=0.5, alpha=0.6)
         ax.plot([0.0], [0.0], "*", ms=14, color="tab:red", label=f"the parameters (loss {center:.4g})")
-        fig.colorbar(filled, ax=ax, label="loss")
+        fig.colorbar(filled, ax=ax, label="loss", ticks=levels[::4], format="%.3g")
         ax.set_xlabel(labels[0])
         ax.set_ylabel(labels[1])
         ax.legend(loc="upper right", fontsize="small")
