@@ -607,7 +607,7 @@ def landscape(args: argparse.Namespace) -> None:
     print(
         f"loss at the parameters {surface.center_loss:.6g}{accuracy}; on the {args.dims}-D slice (span ±{args.span:g}) "
         f"from {float(finite.min()):.6g} to {float(finite.max()):.6g}; {surface.n_points} points × "
-        f"{surface.n_examples:,} examples in {surface.seconds:.2f} s"
+        f"{surface.n_examples:,} examples ({surface.n_passes} passes over the data) in {surface.seconds:.2f} s"
     )
 
     def draw() -> Figure:

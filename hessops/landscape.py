@@ -37,6 +37,7 @@ from hessops.errors import EmptyDataError, InvalidArgumentError, NonFiniteLossEr
 from hessops.losses import CLASSIFICATION, LossSpec, check_counted, loss_spec, probe_mean
 
 RANDOM = LANDSCAPE_DIRECTIONS[0]  # random filter-normalized directions
+PASS_BYTES = 2**30  # the parameter copies of the points one pass over the data evaluates, at most (by default)
 
 
 @dataclass
@@ -50,7 +51,7 @@ class LandscapeSlice:
     ``center_accuracy`` at ``θ`` itself; ``directions`` ``"eigen"``, ``"random"`` or ``"given"``;
     ``labels`` one per axis; ``eigenvalues`` the directions' eigenvalues (eigenvectors only); ``direction_norms``
     the directions' Euclidean norms; ``n_examples`` the examples of one pass; ``n_points`` the points evaluated
-    (passes over the data) and ``seconds`` the wall time."""
+    (θ once), ``n_passes`` the passes over the data they took and ``seconds`` the wall time."""
 
     coordinates: list[Tensor]
     loss: Tensor
@@ -63,6 +64,7 @@ class LandscapeSlice:
     direction_norms: list[float]
     n_examples: int
     n_points: int
+    n_passes: int
     seconds: float
 
     @property
@@ -73,7 +75,7 @@ class LandscapeSlice:
     def to_dict(self) -> dict:
         """The slice as JSON-ready values: ``dims``, ``coordinates`` (one list per axis), ``loss`` and ``accuracy``
         (nested lists, or ``null``), ``center_loss``, ``center_accuracy``, ``directions``, ``labels``,
-        ``eigenvalues``, ``direction_norms``, ``n_examples``, ``n_points``, ``seconds``."""
+        ``eigenvalues``, ``direction_norms``, ``n_examples``, ``n_points``, ``n_passes``, ``seconds``."""
         return {
             "dims": self.dims,
             "coordinates": [c.tolist() for c in self.coordinates],
@@ -87,6 +89,7 @@ class LandscapeSlice:
             "direction_norms": self.direction_norms,
             "n_examples": self.n_examples,
             "n_points": self.n_points,
+            "n_passes": self.n_passes,
             "seconds": self.seconds,
         }
 
@@ -125,6 +128,7 @@ def loss_landscape(
     points: int | tuple[int, int] = 21,
     seed: int = 0,
     params: Sequence[Tensor] | None = None,
+    points_per_pass: int | None = None,
     progress: bool = False,
 ) -> LandscapeSlice:
     """The dataset loss (and, for a classifier, the accuracy) on a line or a plane through the parameters.
@@ -142,10 +146,12 @@ def loss_landscape(
       (or a list of one or two such dicts, with the same names), used as they are.
 
     The grid is ``points`` (an int, or one per axis) coordinates from ``-span`` to ``span`` (a float, or one per
-    axis) on each axis. Each point is one pass over ``data``, under ``torch.no_grad``, in the model's dtype; the
-    loss is the operators' dataset loss (each batch's mean weighted by what it averages over: examples, counted
-    targets or their class weights; a sum for ``reduction="sum"``), the accuracy is over counted targets where
-    the outputs are class scores ``(B, C)`` and the targets class indices. The model is checked as the operators
+    axis) on each axis. Each point costs a forward pass over ``data``, under ``torch.no_grad``, in the model's
+    dtype; one pass over the data serves ``points_per_pass`` points (each batch evaluated at all of them while it
+    is at hand; default: as many as 1 GiB of parameter copies hold), after a pass at θ alone. The loss is the
+    operators' dataset loss (each batch's mean weighted by what it averages over: examples, counted targets or
+    their class weights; a sum for ``reduction="sum"``), the accuracy is over counted targets where the outputs
+    are class scores ``(B, C)`` and the targets class indices. The model is checked as the operators
     check it: eval mode (no Dropout or BatchNorm in training mode), a finite loss at ``θ``, data with examples.
     Points away from ``θ`` whose loss overflows are kept as inf or NaN, with a ``RuntimeWarning``."""
     began = time.perf_counter()
@@ -156,6 +162,8 @@ def loss_landscape(
     dims = len(axes)
     spans = _pair("span", span, dims, lambda name, v: real(name, v, positive=True))
     counts = _pair("points", points, dims, lambda name, v: integer(name, v, minimum=2))
+    if points_per_pass is not None:
+        points_per_pass = integer("points_per_pass", points_per_pass, minimum=1)
     coordinates = [s * (2 * torch.arange(p, dtype=torch.float64) - (p - 1)) / (p - 1) for s, p in zip(spans, counts)]
     first_batch(data)  # refuses a one-shot iterator before anything is computed: each point is a pass over data
 
@@ -170,22 +178,31 @@ def loss_landscape(
     loss = torch.empty(grid.shape[0], dtype=torch.float64)
     accuracy = torch.empty(grid.shape[0], dtype=torch.float64)
     evaluate = _Evaluator(model, spec, data, names, device, dtype)
-    center_loss, center_accuracy, examples = evaluate(center, probe=True)
+    losses, accuracies, examples = evaluate([center], probe=True)
+    center_loss, center_accuracy = losses[0], accuracies[0]
     if not torch.isfinite(center_loss):
         raise NonFiniteLossError(
             f"the loss at the model's parameters is {float(center_loss)}: check the data for NaN/inf, and the model "
             "for overflow (float64, or a checkpoint from before divergence)"
         )
-    with torch.no_grad():
-        bar = tqdm(grid, desc=f"loss landscape ({dims}-D)", disable=not progress, leave=False, unit="point")
-        for i, point in enumerate(bar):
-            if not bool(point.any()):  # θ itself: already evaluated
-                loss[i], accuracy[i] = center_loss, center_accuracy
-                continue
-            moved = tuple(
-                _moved(p, [(float(c), axis[j]) for c, axis in zip(point, axes)]) for j, p in enumerate(center)
-            )
-            loss[i], accuracy[i], _ = evaluate(moved)
+    origin = ~grid.bool().any(dim=1)  # θ itself, a grid point when every axis has an odd number of points
+    loss[origin], accuracy[origin] = center_loss, center_accuracy
+    todo = (~origin).nonzero().flatten().tolist()
+    if points_per_pass is None:  # as many as PASS_BYTES of parameter copies hold
+        points_per_pass = max(1, PASS_BYTES // (sum(t.numel() for t in center) * center[0].element_size()))
+    passes = 1
+    with tqdm(
+        total=len(todo), desc=f"loss landscape ({dims}-D)", disable=not progress, leave=False, unit="point"
+    ) as bar:
+        for start in range(0, len(todo), points_per_pass):
+            chunk = todo[start : start + points_per_pass]
+            moved = [
+                tuple(_moved(p, [(float(c), axis[j]) for c, axis in zip(grid[i], axes)]) for j, p in enumerate(center))
+                for i in chunk
+            ]
+            loss[chunk], accuracy[chunk], _ = evaluate(moved)
+            passes += 1
+            bar.update(len(chunk))
     bad = int((~torch.isfinite(loss)).sum())
     if bad:
         warnings.warn(
@@ -206,25 +223,27 @@ def loss_landscape(
         eigenvalues=eigenvalues,
         direction_norms=norms,
         n_examples=examples,
-        n_points=grid.shape[0] + int(not bool((grid == 0).all(dim=1).any())),  # θ is evaluated once, on the grid or not
+        n_points=len(todo) + 1,
+        n_passes=passes,
         seconds=time.perf_counter() - began,
     )
 
 
 class _Evaluator:
-    """The dataset loss and accuracy at given parameter values: one pass over the data, without gradients."""
+    """The dataset loss and accuracy at several parameter values: one pass over the data, without gradients,
+    each batch evaluated at every point while it is at hand."""
 
     def __init__(self, model: nn.Module, spec: LossSpec, data: Iterable, names: tuple[str, ...], device, dtype) -> None:
         self.model, self.spec, self.data, self.names, self.device, self.dtype = model, spec, data, names, device, dtype
 
     @torch.no_grad()
-    def __call__(self, params: ParamTree, probe: bool = False) -> tuple[Tensor, Tensor, int]:
-        """``(loss, accuracy, examples)``: the loss as a float64 scalar, the accuracy NaN when the outputs are
-        not class scores with class-index targets. ``probe``: verify a loss hessops does not know on the first
+    def __call__(self, points: list[ParamTree], probe: bool = False) -> tuple[Tensor, Tensor, int]:
+        """``(loss, accuracy, examples)``: float64 ``(len(points),)`` on the CPU, the accuracy NaN when the outputs
+        are not class scores with class-index targets. ``probe``: verify a loss hessops does not know on the first
         batch (:func:`hessops.losses.probe_mean`)."""
         spec = self.spec
-        total_loss = torch.zeros((), dtype=torch.float64, device=self.device)
-        hits = torch.zeros((), dtype=torch.float64, device=self.device)
+        total_loss = torch.zeros(len(points), dtype=torch.float64, device=self.device)
+        hits = torch.zeros(len(points), dtype=torch.float64, device=self.device)
         counted = torch.zeros((), dtype=torch.float64, device=self.device)
         total, examples, classifier = 0.0, 0, True
         for index, raw in enumerate(self.data):
@@ -234,25 +253,27 @@ class _Evaluator:
             if n_b == 0:
                 continue
             examples += n_b
-            weight = spec.batch_weight(targets, n_b)
+            weight = spec.batch_weight(targets, n_b)  # W_b, the same at every point
             if weight == 0:  # every target ignored
                 continue
-            outputs = call_model(self.model, self.names, params, {}, inputs)
-            if probe and total == 0 and spec.kind is None:
-                probe_mean(spec, outputs, targets, n_b)
-            batch_loss = spec(outputs, targets).detach().reshape(()).to(torch.float64)
-            total_loss += weight * batch_loss if spec.mean else batch_loss
-            total += weight
-            classifier = classifier and _class_scores(outputs, targets)
+            mask = _counted(spec, targets) if classifier else None
+            for i, params in enumerate(points):
+                outputs = call_model(self.model, self.names, params, {}, inputs)
+                if probe and total == 0 and i == 0 and spec.kind is None:
+                    probe_mean(spec, outputs, targets, n_b)
+                batch_loss = spec(outputs, targets).detach().reshape(()).to(torch.float64)
+                total_loss[i] += weight * batch_loss if spec.mean else batch_loss
+                classifier = classifier and _class_scores(outputs, targets)
+                if classifier:
+                    hits[i] += ((outputs.argmax(1) == targets) & mask).sum()
             if classifier:
-                mask = _counted(spec, targets)
-                hits += ((outputs.argmax(1) == targets) & mask).sum()
                 counted += mask.sum()
+            total += weight
         if examples == 0:
             raise EmptyDataError(EmptyDataError.NO_EXAMPLES)
         check_counted(total, examples)
         loss = (total_loss / total if spec.mean else total_loss).cpu()
-        accuracy = (hits / counted).cpu() if classifier else torch.tensor(float("nan"), dtype=torch.float64)
+        accuracy = (hits / counted).cpu() if classifier else torch.full_like(loss, float("nan"))
         return loss, accuracy, examples
 
 

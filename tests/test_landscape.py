@@ -81,6 +81,21 @@ def test_slice_at_zero_is_the_dataset_loss_weighted_by_counted_targets():
     odd = hessops.loss_landscape(model, loss_fn, batches(x, y), "random", dims=1, points=5, span=0.5)
     assert odd.coordinates[0][2] == 0.0 and odd.loss[2] == odd.center_loss  # the very same evaluation
     assert odd.loss.max() > odd.center_loss  # the random line does move the loss
+    assert odd.n_passes == 2  # θ, then the other 4 points in one pass over the data
+
+
+def test_points_share_passes_over_the_data_without_changing_a_bit():
+    """Each batch is evaluated at every point of a pass: the same numbers as one pass per point."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    data = batches(torch.randn(40, 4), torch.randint(0, 3, (40,)))
+    passes = [
+        hessops.loss_landscape(model, nn.CrossEntropyLoss(), data, dims=2, points=4, points_per_pass=per_pass)
+        for per_pass in (1, 5, None)
+    ]
+    assert [s.n_passes for s in passes] == [1 + 16, 1 + 4, 1 + 1] and all(s.n_points == 17 for s in passes)
+    for s in passes[1:]:
+        assert torch.equal(s.loss, passes[0].loss) and torch.equal(s.accuracy, passes[0].accuracy)
 
 
 @pytest.mark.parametrize("dims", [1, 2])
@@ -234,6 +249,7 @@ def test_bad_input_is_refused_as_the_operators_refuse_it():
         ({"points": 1}, "points=1 must be at least 2"),
         ({"span": 0.0}, "span=0 must be positive"),
         ({"span": (1.0, 2.0, 3.0)}, "one per axis"),
+        ({"points_per_pass": 0}, "points_per_pass=0 must be at least 1"),
         ({"directions": "eigen"}, "pass 'random'"),
         ({"directions": torch.ones(5)}, "the parameters they move have 26 entries"),
         ({"directions": torch.ones(26, 3)}, "3 directions given"),
