@@ -308,4 +308,8 @@ def test_cli_eigs_save_vectors_then_landscape_along_them(tmp_path, capsys):
     assert plot.stat().st_size > 10_000
     capsys.readouterr()
     assert main(["landscape", "--dims", "1", "--points", "3", *common]) == 0  # random directions, eigs not needed
-    assert "loss at the parameters" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "loss at the parameters" in printed and "eigenvectors" not in printed
+    assert main(["landscape", "--directions", "eigen", "--dims", "1", "--points", "3", "--out", str(out), *common]) == 0
+    assert "eigenvectors of the 1 largest eigenvalues" in capsys.readouterr().out  # computed first, without --vectors
+    assert json.loads(out.read_text())["eigenvalues"] == pytest.approx(saved.values[:1].tolist(), rel=1e-4)
