@@ -35,6 +35,8 @@ from hessops._functional import (
 from hessops.constants import LANDSCAPE_DIRECTIONS
 from hessops.errors import EmptyDataError, InvalidArgumentError, NonFiniteLossError
 from hessops.losses import CLASSIFICATION, LossSpec, check_counted, loss_spec, probe_mean
+from hessops.spectrum import Spectrum
+from hessops.vectors import Eigenvectors, parameter_norms
 
 RANDOM = LANDSCAPE_DIRECTIONS[0]  # random filter-normalized directions
 PASS_BYTES = 2**30  # the parameter copies of the points one pass over the data evaluates, at most (by default)
@@ -323,9 +325,6 @@ def _directions(
 ) -> tuple[tuple[str, ...], list[ParamTree], str, list[str], list[float] | None]:
     """``(names, axes, kind, labels, eigenvalues)``: the parameters the directions move, each direction as a
     tuple of tensors in that order, what kind they are, an axis label each, and their eigenvalues."""
-    from hessops.spectrum import Spectrum
-    from hessops.vectors import Eigenvectors
-
     if dims is not None:
         dims = integer("dims", dims, minimum=1, maximum=2)
     if isinstance(directions, str):
@@ -347,6 +346,7 @@ def _directions(
         wanted = _wanted(dims, len(directions), "the loaded eigenvectors")
         dicts = directions.as_dicts()[:wanted]
         names, axes = _named(model, dicts)
+        _check_point(model, directions)
         values = directions.values[:wanted].tolist()
         return names, axes, "eigen", _eigen_labels(values), values
     if isinstance(directions, Spectrum):
@@ -431,6 +431,23 @@ def _named(model: nn.Module, dicts: list[Mapping[str, Tensor]]) -> tuple[tuple[s
                 )
             _check_finite(d[name], f"the direction of {name}")
     return names, [tuple(d[name] for name in names) for d in dicts]
+
+
+def _check_point(model: nn.Module, vectors: Eigenvectors) -> None:
+    """Warn when the model's parameters are not those the eigenvectors were computed at (their norms differ
+    beyond float32 rounding): a forgotten checkpoint, or the vectors of another run."""
+    here = parameter_norms(model, vectors.names)
+    there = vectors.parameter_norms
+    differ = ~torch.isclose(here, there, rtol=1e-5, atol=0.0)
+    if bool(differ.any()):
+        i = int(differ.nonzero()[0])
+        warnings.warn(
+            f"the eigenvectors were computed at other parameter values than the model's (‖{vectors.names[i]}‖ is "
+            f"{float(there[i]):.6g} there, {float(here[i]):.6g} here): the slice is not along this model's "
+            "eigenvectors; load the parameters they were computed at (the same --checkpoint)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 def _check_finite(t: Tensor, what: str) -> None:

@@ -6,7 +6,8 @@ The file is one ``torch.save`` of a dict of tensors, strings and numbers (loadab
 ``torch.load(weights_only=True)``, so loading runs no pickled code): ``format`` ("hessops.eigenvectors"),
 ``version``, ``values`` (k,), ``vectors`` (k, n) (one row per vector, so each parameter-shaped piece is a
 view), ``names`` and ``shapes`` (the flat vector's layout: ``torch.cat([p.reshape(-1) for p in params])`` in
-that order), ``residuals``, ``error_bounds``, ``which``, ``operator`` (its class name) and ``hessops_version``.
+that order), ``parameter_norms`` (each parameter's norm where the vectors were computed: a fingerprint of the
+point), ``residuals``, ``error_bounds``, ``which``, ``operator`` (its class name) and ``hessops_version``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ VERSION = 1
 class Eigenvectors:
     """Eigenpairs read by :func:`load_eigenvectors`: ``values`` (k,), ``names`` and ``shapes`` of the
     parameters the vectors live on (the flat vector's order), ``which``, ``residuals`` and ``error_bounds`` as
-    :func:`hessops.eigs` reported them, and the vectors, through :meth:`as_dicts` and :meth:`flat`."""
+    :func:`hessops.eigs` reported them, ``parameter_norms`` (float64, each parameter's norm at the point the
+    vectors are of), and the vectors, through :meth:`as_dicts` and :meth:`flat`."""
 
     values: Tensor
     rows: Tensor  # (k, n): one vector per row
@@ -43,6 +45,7 @@ class Eigenvectors:
     residuals: Tensor
     error_bounds: Tensor
     operator: str
+    parameter_norms: Tensor
 
     def __len__(self) -> int:
         return self.rows.shape[0]
@@ -83,6 +86,7 @@ def save_eigenvectors(path: str | os.PathLike, spectrum: Spectrum, op: cola.ops.
         "vectors": vectors.detach().T.cpu().clone(memory_format=torch.contiguous_format),
         "names": list(problem.names),
         "shapes": [list(shape) for shape in problem.shapes],
+        "parameter_norms": parameter_norms(problem.model, problem.names),
         "which": spectrum.which,
         "residuals": spectrum.residuals.detach().cpu().clone(),
         "error_bounds": spectrum.error_bounds.detach().cpu().clone(),
@@ -140,7 +144,14 @@ def load_eigenvectors(path: str | os.PathLike) -> Eigenvectors:
         residuals=record["residuals"],
         error_bounds=record["error_bounds"],
         operator=record["operator"],
+        parameter_norms=record["parameter_norms"],
     )
+
+
+def parameter_norms(model: torch.nn.Module, names: tuple[str, ...]) -> Tensor:
+    """Each named parameter's Euclidean norm, float64 on the CPU: which point of parameter space vectors are of."""
+    params = dict(model.named_parameters())
+    return torch.stack([torch.linalg.vector_norm(params[name].detach().double()) for name in names]).cpu()
 
 
 def _problem(op) -> Problem:

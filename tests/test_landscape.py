@@ -225,6 +225,10 @@ def test_save_load_round_trip_is_parameter_shaped(tmp_path):
         hessops.load_eigenvectors(tmp_path / "missing.pt")
     with pytest.raises(InvalidArgumentError, match="parameter layout"):
         hessops.save_eigenvectors(tmp_path / "x.pt", spectrum, cola.ops.Dense(torch.eye(26)))
+    with torch.no_grad():
+        model[2].bias.add_(1e-3)  # another point: a forgotten checkpoint
+    with pytest.warns(RuntimeWarning, match="other parameter values than the model's.*2.bias"):
+        hessops.loss_landscape(model, nn.CrossEntropyLoss(), data, loaded, points=2)
     other = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
     with pytest.raises(InvalidArgumentError, match="0.weight has shape"):
         hessops.loss_landscape(other, nn.CrossEntropyLoss(), data, loaded)
