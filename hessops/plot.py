@@ -381,8 +381,11 @@ def plot_landscape(
             right.plot(coordinates[0], record["accuracy"], "s--", ms=3, color="tab:green", label="accuracy")
             right.set_ylabel("accuracy", color="tab:green")
             right.set_ylim(-0.02, 1.02)
+            (lines, names), (more, more_names) = ax.get_legend_handles_labels(), right.get_legend_handles_labels()
+            ax.legend(lines + more, names + more_names, loc="best")  # one legend for both y-axes
+        else:
+            _legend(ax)
         ax.grid(True, alpha=0.3)
-        _legend(ax)
     else:
         a, b = np.meshgrid(coordinates[0], coordinates[1], indexing="ij")
         low, high = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)

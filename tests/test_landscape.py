@@ -283,6 +283,10 @@ def test_plot_landscape_draws_a_line_with_accuracy_and_a_plane_with_contours(tmp
     line = hessops.loss_landscape(model, nn.CrossEntropyLoss(), data, dims=1, points=9)
     plot_landscape(line.to_dict(), tmp_path / "line.png")  # the JSON form draws too
     assert (tmp_path / "line.png").stat().st_size > 10_000
+    fig, ax = plt.subplots()
+    plot_landscape(line, ax=ax)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["loss", "the parameters", "accuracy"]
+    plt.close(fig)
     plane = hessops.loss_landscape(model, nn.CrossEntropyLoss(), data, dims=2, points=9, span=3.0)
     fig, ax = plt.subplots()
     assert plot_landscape(plane, ax=ax, title="plane") is fig and plt.fignum_exists(fig.number)  # left open
