@@ -343,7 +343,7 @@ def _directions(
             )
         return names, axes, RANDOM, [f"random filter-normalized direction {i + 1}" for i in range(len(axes))], None
     if isinstance(directions, Eigenvectors):
-        wanted = _wanted(dims, len(directions), "the loaded eigenvectors")
+        wanted = _wanted(dims, len(directions), "the loaded Eigenvectors")
         dicts = directions.as_dicts()[:wanted]
         names, axes = _named(model, dicts)
         _check_point(model, directions)
@@ -380,8 +380,8 @@ def _wanted(dims: int | None, available: int, what: str) -> int:
         return min(2, available)
     if dims > available:
         raise InvalidArgumentError(
-            f"dims={dims}: {what} hold{'s' if what.startswith('the S') else ''} {available} vector(s); compute "
-            f"more (eigs with k={dims}) or pass dims={available}"
+            f"dims={dims} needs {dims} eigenvectors; {what} holds {available}: compute more (eigs with k={dims}) "
+            f"or pass dims={available}"
         )
     return dims
 
