@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers, IDEs and linter
     from hessops.data import on_device
     from hessops.dense import dense_hessian
     from hessops.density import SpectralDensity, spectral_density
+    from hessops.landscape import LandscapeSlice, filter_normalized_direction, loss_landscape
     from hessops.lm import GPT, GPTConfig, gpt_config, load_hf_model
     from hessops.losses import next_token_cross_entropy
     from hessops.operators import GGN, CurvatureOperator, EmpiricalFisher, Hessian, MCFisher, Regularized
@@ -29,6 +30,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers, IDEs and linter
     from hessops.text import load_text
     from hessops.trace_estimation import TraceEstimate, trace
     from hessops.tracking import GradNormTracker, SharpnessTracker, evaluate, train
+    from hessops.vectors import Eigenvectors, load_eigenvectors, save_eigenvectors
     from hessops.volume import BasinVolume, LogdetEstimate, basin_volume, log_unit_ball_volume, logdet
 
 __version__ = "0.1.0"
@@ -46,6 +48,8 @@ _LAZY: dict[str, str] = {
     "next_token_cross_entropy": "losses",
     **dict.fromkeys(("GPT", "GPTConfig", "gpt_config", "load_hf_model"), "lm"),
     "load_text": "text",
+    **dict.fromkeys(("loss_landscape", "LandscapeSlice", "filter_normalized_direction"), "landscape"),
+    **dict.fromkeys(("save_eigenvectors", "load_eigenvectors", "Eigenvectors"), "vectors"),
     **dict.fromkeys(("SharpnessTracker", "GradNormTracker", "train", "evaluate"), "tracking"),
 }
 
@@ -72,6 +76,13 @@ __all__ = [
     "BasinVolume",
     "log_unit_ball_volume",
     "dense_hessian",
+    # eigenvectors on disk and loss landscapes
+    "save_eigenvectors",
+    "load_eigenvectors",
+    "Eigenvectors",
+    "loss_landscape",
+    "LandscapeSlice",
+    "filter_normalized_direction",
     # data
     "on_device",
     # language models

@@ -384,6 +384,10 @@ def eigs(args: argparse.Namespace) -> None:
         "value_tol": args.value_tol,
         "max_iters": args.max_iters,
     }
+    if args.save_vectors is not None and not getattr(args, "rank", None):  # rank 0 alone writes
+        spectrum.save_vectors(args.save_vectors, s.op)
+        print(f"wrote {args.save_vectors}")
+        settings["save_vectors"] = str(args.save_vectors)
     tuning = {kind: t.to_dict() for kind, t in getattr(s.op, "hvp_tuning", {}).items()}
     emit(args, settings, result | {"hvp_tuning": tuning}, s.op.device, draw)
 
@@ -569,6 +573,54 @@ def basin(args: argparse.Namespace) -> None:
         "method": args.method,
         "probes": args.probes,
         "lanczos_steps": args.lanczos_steps,
+    }
+    emit(args, settings, result, s.op.device, draw)
+
+
+def landscape(args: argparse.Namespace) -> None:
+    """``hessops landscape``: the loss (and accuracy) on a line or a plane through the parameters."""
+    import hessops
+    from hessops.plot import plot_landscape
+
+    s = setup(args)
+    directions: Any = "random"
+    if args.directions == "eigen" and args.vectors is not None:
+        directions = hessops.load_eigenvectors(args.vectors)
+    elif args.directions == "eigen":
+        directions = hessops.eigs(s.op, args.dims, "LA", seed=args.seed, progress=not args.no_progress)
+        values = ", ".join(f"{v:.6g}" for v in directions.values.tolist())
+        print(f"eigenvectors of the {args.dims} largest eigenvalues ({values}): {directions.n_matvecs} products")
+    surface = hessops.loss_landscape(
+        s.model,
+        s.loss_fn,
+        s.loader,
+        directions,
+        dims=args.dims,
+        span=args.span,
+        points=args.points,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    result = surface.to_dict()
+    finite = surface.loss[surface.loss.isfinite()]
+    accuracy = "" if surface.accuracy is None else f", accuracy {surface.center_accuracy:.4f}"
+    print(
+        f"loss at the parameters {surface.center_loss:.6g}{accuracy}; on the {args.dims}-D slice (span ±{args.span:g}) "
+        f"from {float(finite.min()):.6g} to {float(finite.max()):.6g}; {surface.n_points} points × "
+        f"{surface.n_examples:,} examples ({surface.n_passes} passes over the data) in {surface.seconds:.2f} s"
+    )
+
+    def draw() -> Figure:
+        fig, ax = new_figure(size=(7.5, 4.5) if args.dims == 1 else (8, 6))
+        plot_landscape(surface, ax=ax, title=title(f"Loss landscape ({args.directions} directions)", s.settings))
+        return fig
+
+    settings = s.settings | {
+        "directions": args.directions,
+        "vectors": str(args.vectors) if args.vectors else None,
+        "dims": args.dims,
+        "span": args.span,
+        "points": args.points,
     }
     emit(args, settings, result, s.op.device, draw)
 

@@ -1,4 +1,5 @@
-"""The ``hessops`` command line: ``hessops eigs|blocks|density|trace|logdet|basin|track|demo|download|models``.
+"""The ``hessops`` command line: ``hessops COMMAND``, one of eigs, blocks, density, trace, logdet, basin, landscape,
+track, demo, download, models.
 
 This module is the command line's grammar and its contract, and imports nothing heavy: ``hessops --help``
 and ``--version`` answer without torch. Every value is checked here, before any model or data is loaded;
@@ -31,6 +32,7 @@ from hessops.constants import (
     GPT_SIZES,
     HF_PREFIX,
     HVP_MODES,
+    LANDSCAPE_DIRECTIONS,
     LOGDET_METHODS,
     OPERATOR_NAMES,
     TEXT_DATA,
@@ -382,6 +384,13 @@ def build_parser() -> Parser:
     p.add_argument(
         "--which", choices=WHICH, default=WHICH[0], help="largest magnitude, largest, smallest, or both ends"
     )
+    p.add_argument(
+        "--save-vectors",
+        type=output_path(),
+        metavar="PATH",
+        help="also write the eigenvectors to PATH, reloadable as parameter-shaped dicts "
+        "(hessops.load_eigenvectors; `hessops landscape --vectors PATH`) (default: not written)",
+    )
     _stopping(p, "")
 
     p = _subparser(
@@ -438,6 +447,37 @@ def build_parser() -> Parser:
             p.add_argument(
                 "--threshold", type=number(above=0), default=2.0, help="the loss increase that bounds the basin"
             )
+
+    p = _subparser(
+        sub,
+        "landscape",
+        "the loss (and accuracy) on a line or a plane through the parameters, along eigenvectors or random "
+        "filter-normalized directions",
+        _commands.landscape,
+    )
+    _common(p)
+    p.add_argument(
+        "--directions",
+        choices=LANDSCAPE_DIRECTIONS,
+        default=LANDSCAPE_DIRECTIONS[0],
+        help="random filter-normalized directions (Li et al. 2018), or eigenvectors of --operator",
+    )
+    p.add_argument(
+        "--vectors",
+        type=existing_file,
+        metavar="PATH",
+        help="--directions eigen: the eigenvectors `hessops eigs --save-vectors PATH` wrote, the first --dims of them "
+        "(default: the --dims largest eigenvalues' vectors, computed here by eigs)",
+    )
+    p.add_argument("--dims", type=count(1, 3), default=2, help="1: a line, 2: a plane")
+    p.add_argument(
+        "--span",
+        type=number(above=0),
+        default=1.0,
+        help="each axis runs from -span to span (eigenvectors: a distance in parameter space; random: relative to "
+        "each filter's norm)",
+    )
+    p.add_argument("--points", type=count(2), default=21, help="points per axis (odd: the parameters are one)")
 
     p = _subparser(
         sub, "track", "train with SGD, tracking the sharpness and the per-layer gradient norms", _commands.track
@@ -525,6 +565,18 @@ def check(args: argparse.Namespace) -> str | None:
         twice = sorted({name for name in names if names.count(name) > 1})
         if twice:
             return f"--group {twice[0]} is given twice: give each group its own name"
+    if args.command == "eigs" and args.save_vectors is not None:
+        where = os.path.abspath(args.save_vectors)
+        same = [
+            o for o in ("out", "plot") if getattr(args, o) is not None and os.path.abspath(getattr(args, o)) == where
+        ]
+        if same:
+            return f"--save-vectors and --{same[0]} are the same file {args.save_vectors}: give each its own"
+    if args.command == "landscape":
+        if args.vectors is not None and args.directions != "eigen":
+            return "--vectors gives eigenvector directions: pass --directions eigen too (or leave out --vectors)"
+        if args.distributed or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            return "`hessops landscape` runs in one process: run it without torchrun and --distributed"
     if args.command == "trace" and args.method == "hutch++" and args.probes < 4:
         return (
             f"--probes {args.probes}: hutch++ needs at least 4 (a third sketch the range, the rest probe the remainder)"

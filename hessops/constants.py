@@ -8,6 +8,7 @@ __all__ = [
     "OPERATOR_NAMES",
     "HVP_MODES",
     "WHICH",
+    "LANDSCAPE_DIRECTIONS",
     "TRACE_METHODS",
     "LOGDET_METHODS",
     "DATASETS",
@@ -36,6 +37,9 @@ HVP_MODES: tuple[str, ...] = (
 
 # eigs(which=...): largest magnitude, largest algebraic, smallest algebraic, or both ends.
 WHICH: tuple[str, ...] = ("LM", "LA", "SA", "both")
+
+# `hessops landscape --directions`: random filter-normalized directions, or eigenvectors of the operator.
+LANDSCAPE_DIRECTIONS: tuple[str, ...] = ("random", "eigen")
 
 # trace(method=...).
 TRACE_METHODS: tuple[str, ...] = ("hutch++", "hutchinson")

@@ -18,6 +18,7 @@ __all__ = [
     "UnknownDatasetError",
     "DatasetNotFoundError",
     "CorruptDatasetError",
+    "EigenvectorsFileError",
     "NotPositiveDefiniteError",
     "DistributedError",
     "InvalidArgumentError",
@@ -89,6 +90,11 @@ class DatasetNotFoundError(HessopsError):
 
 class CorruptDatasetError(HessopsError):
     """The dataset's files differ from the published ones, or are not in the expected format."""
+
+
+class EigenvectorsFileError(HessopsError):
+    """The file is not eigenvectors written by ``hessops.save_eigenvectors`` (another kind of file, another
+    format version, or unreadable)."""
 
 
 class NotPositiveDefiniteError(HessopsError):

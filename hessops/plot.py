@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 if TYPE_CHECKING:
     from hessops.blocks import BlockSpectra
+    from hessops.landscape import LandscapeSlice
     from hessops.trace_estimation import TraceEstimate
     from hessops.volume import BasinVolume, LogdetEstimate
 
@@ -33,6 +35,7 @@ __all__ = [
     "plot_sharpness",
     "plot_grad_norms",
     "plot_block_spectra",
+    "plot_landscape",
 ]
 
 _LEGEND_INSIDE = 6  # more legend entries than this go outside the axes, beside the data
@@ -345,3 +348,55 @@ def _block_values(blocks: BlockSpectra | Mapping[str, Sequence[float]]) -> Mappi
     if hasattr(blocks, "spectra"):
         return {name: spectrum.values.cpu() for name, spectrum in blocks.spectra.items()}
     return blocks
+
+
+def plot_landscape(
+    landscape: LandscapeSlice | Mapping,
+    path: str | Path | None = None,
+    *,
+    title: str | None = None,
+    ax: Axes | None = None,
+) -> Figure:
+    """A loss-landscape slice (:func:`hessops.loss_landscape`, or its ``to_dict()``). A line: the loss against
+    the coordinate, the parameters marked, and the accuracy on a second y-axis for a classifier. A plane: filled
+    contours of the loss, with contour lines, a colour bar and the parameters marked at the center. The loss is
+    on a log scale (logarithmic contour levels) when positive and spanning more than two decades; points where
+    it is not finite are left blank."""
+    record = landscape.to_dict() if hasattr(landscape, "to_dict") else landscape
+    coordinates = [np.asarray(c, dtype=float) for c in record["coordinates"]]
+    loss = np.asarray(record["loss"], dtype=float)
+    labels, center = record["labels"], record["center_loss"]
+    finite = loss[np.isfinite(loss)]
+    logarithmic = finite.size > 0 and finite.min() > 0 and finite.max() > 100 * finite.min()
+    fig, ax, own = _axes(ax, (6, 4) if len(coordinates) == 1 else (6, 5))
+    if len(coordinates) == 1:
+        ax.plot(coordinates[0], loss, "o-", ms=3, label="loss")
+        ax.plot([0.0], [center], "*", ms=12, color="tab:red", label="the parameters")
+        if logarithmic:
+            ax.set_yscale("log")
+        ax.set_xlabel(labels[0])
+        ax.set_ylabel("loss")
+        if record.get("accuracy") is not None:
+            right = ax.twinx()
+            right.plot(coordinates[0], record["accuracy"], "s--", ms=3, color="tab:green", label="accuracy")
+            right.set_ylabel("accuracy", color="tab:green")
+            right.set_ylim(-0.02, 1.02)
+            (lines, names), (more, more_names) = ax.get_legend_handles_labels(), right.get_legend_handles_labels()
+            ax.legend(lines + more, names + more_names, loc="best")  # one legend for both y-axes
+        else:
+            _legend(ax)
+        ax.grid(True, alpha=0.3)
+    else:
+        a, b = np.meshgrid(coordinates[0], coordinates[1], indexing="ij")
+        low, high = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
+        levels = np.geomspace(low, high, 25) if logarithmic else np.linspace(low, high if high > low else low + 1, 25)
+        masked = np.ma.masked_invalid(loss)
+        filled = ax.contourf(a, b, masked, levels=levels, cmap="viridis", norm=LogNorm() if logarithmic else None)
+        ax.contour(a, b, masked, levels=levels[::3], colors="white", linewidths=0.5, alpha=0.6)
+        ax.plot([0.0], [0.0], "*", ms=14, color="tab:red", label=f"the parameters (loss {center:.4g})")
+        fig.colorbar(filled, ax=ax, label="loss", ticks=levels[::4], format="%.3g")
+        ax.set_xlabel(labels[0])
+        ax.set_ylabel(labels[1])
+        ax.legend(loc="upper right", fontsize="small")
+    ax.set_title(title or f"Loss landscape along {record['directions']} directions")
+    return _finish(fig, path, own)

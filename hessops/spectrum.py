@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -46,6 +48,13 @@ class Spectrum:
 
     def __iter__(self):
         return iter((self.values, self.vectors))
+
+    def save_vectors(self, path: str | os.PathLike, op: cola.ops.LinearOperator) -> Path:
+        """Write the eigenpairs to ``path`` with the parameter layout of ``op``, the operator they are of, and
+        return the path (:func:`hessops.save_eigenvectors`; :func:`hessops.load_eigenvectors` reads them back)."""
+        from hessops.vectors import save_eigenvectors
+
+        return save_eigenvectors(path, self, op)
 
     def to_dict(self) -> dict:
         """The result as JSON-ready values (the vectors left out): ``eigenvalues``, ``residuals``,

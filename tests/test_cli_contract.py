@@ -150,6 +150,15 @@ BAD_VALUES = {
         "--hf-override changes a HuggingFace config: it needs --model hf:SOURCE",
     ),
     "track-language-model": (["track", "--model", "gpt:gpt-bytes-tiny"], "`hessops track` trains image classifiers"),
+    "save-vectors-is-out": (["eigs", "--save-vectors", "a.json", "--out", "a.json"], "--save-vectors and --out are"),
+    "save-vectors-folder": (["eigs", "--save-vectors", "."], "argument --save-vectors: . is a directory"),
+    "landscape-dims-three": (["landscape", "--dims", "3"], "argument --dims: 3 is out of range"),
+    "landscape-points-one": (["landscape", "--points", "1"], "argument --points: 1 is out of range"),
+    "landscape-span-zero": (["landscape", "--span", "0"], "argument --span: 0 is out of range"),
+    "landscape-directions-unknown": (["landscape", "--directions", "hessian"], "argument --directions: invalid choice"),
+    "landscape-vectors-missing": (["landscape", "--directions", "eigen", "--vectors", "no/such.pt"], "no such file"),
+    "landscape-vectors-with-random": (["landscape", "--vectors", __file__], "pass --directions eigen too"),
+    "landscape-distributed": (["landscape", "--distributed"], "`hessops landscape` runs in one process"),
     "no-command": ([], "the following arguments are required: COMMAND"),
     "unknown-option": (["eigs", "--kk", "3"], "unrecognized arguments: --kk 3"),
 }
@@ -230,6 +239,7 @@ def test_every_option_has_help_and_shows_its_default():
         "trace",
         "logdet",
         "basin",
+        "landscape",
         "track",
         "demo",
         "download",
@@ -267,6 +277,7 @@ def test_choices_are_the_library_constants():
     assert choices[("download", "name")] is constants.DOWNLOADABLE
     for name in (*constants.DATASETS, constants.TEXT_DATA):  # --data also takes text:PATH, so it has no choices
         assert cli.data_name(name) == name
+    assert choices[("landscape", "directions")] is constants.LANDSCAPE_DIRECTIONS
     assert choices[("track", "hvp_mode")] is constants.HVP_MODES and choices[("logdet", "dtype")] is constants.DTYPES
 
 
