@@ -10,6 +10,7 @@ __all__ = [
     "WHICH",
     "TRACE_METHODS",
     "LOGDET_METHODS",
+    "BASIS_MODES",
     "DATASETS",
     "DOWNLOADABLE",
     "DTYPES",
@@ -42,6 +43,9 @@ TRACE_METHODS: tuple[str, ...] = ("hutch++", "hutchinson")
 
 # logdet(method=...) and basin_volume(method=...).
 LOGDET_METHODS: tuple[str, ...] = ("auto", "dense", "slq")
+
+# lanczos(basis=...) and the functions built on it: where the Lanczos basis lives (hessops/basis.py).
+BASIS_MODES: tuple[str, ...] = ("auto", "device", "host", "disk", "none")
 
 # hessops.data.load_dataset knows these; download_dataset fetches the last three (digits ship with scikit-learn).
 DATASETS: tuple[str, ...] = ("digits", "mnist", "cifar10", "cifar2")

@@ -1,0 +1,148 @@
+"""Resumable runs (hessops.checkpoint): interrupted and resumed runs give the bit-identical result of an
+uninterrupted one, a checkpoint of another run is refused, Ctrl-C says how to resume, and the command line resumes
+after a real SIGKILL."""
+
+from __future__ import annotations
+
+import contextlib
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import cola
+import pytest
+import torch
+from torch import nn
+from toy_networks import mlp
+
+import hessops
+from hessops.errors import CheckpointMismatchError
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+@contextlib.contextmanager
+def interrupted_at(op: cola.ops.LinearOperator, after: int):
+    """``op`` raising KeyboardInterrupt (as Ctrl-C does) at its ``after``-th product, inside the block (the
+    operator itself, so that the checkpoint's fingerprint is the same as the resumed run's)."""
+    original, calls = op._matmat, []
+
+    def product(X):
+        calls.append(1)
+        if len(calls) == after:
+            raise KeyboardInterrupt
+        return original(X)
+
+    op._matmat = product
+    try:
+        yield op
+    finally:
+        del op._matmat
+
+
+@pytest.fixture(scope="module")
+def hessian():
+    torch.manual_seed(0)
+    model = mlp(4, 16, 3).double()
+    x, y = torch.randn(40, 4, dtype=torch.float64), torch.randn(40, 3, dtype=torch.float64)
+    return hessops.Hessian(model, nn.MSELoss(), [(x[:25], y[:25]), (x[25:], y[25:])])
+
+
+@pytest.mark.parametrize("mode", ["device", "disk", "none"])
+def test_eigs_resumes_bit_identically(tmp_path, hessian, mode):
+    path = tmp_path / "run.ckpt"
+    reference = hessops.eigs(hessian, 3, tol=1e-9, basis=mode)
+    with interrupted_at(hessian, 12) as interrupting, pytest.raises(
+        KeyboardInterrupt, match=f"checkpoint='{path}'.*--resume {path}"
+    ):
+        hessops.eigs(interrupting, 3, tol=1e-9, basis=mode, checkpoint=path, checkpoint_every=0)
+    assert torch.load(path, weights_only=True)["state"]["steps"] == 11  # the steps before the interrupted one
+    resumed = hessops.eigs(hessian, 3, tol=1e-9, basis=mode, checkpoint=path)
+    assert torch.equal(resumed.values, reference.values) and torch.equal(resumed.vectors, reference.vectors)
+    assert resumed.steps == reference.steps and resumed.n_matvecs == reference.n_matvecs
+    again = hessops.eigs(hessian, 3, tol=1e-9, basis=mode, checkpoint=path)  # a finished checkpoint: no products
+    assert torch.equal(again.values, reference.values)
+
+
+def test_slq_functions_resume_bit_identically(tmp_path, hessian):
+    A = hessops.Regularized(hessian, 5.0)
+    settings = dict(method="slq", probes=4, lanczos_steps=20)
+    reference = hessops.logdet(A, **settings)
+    path = tmp_path / "logdet.ckpt"
+    with interrupted_at(A, 9), pytest.raises(KeyboardInterrupt):
+        hessops.logdet(A, **settings, checkpoint=path, checkpoint_every=0)
+    resumed = hessops.logdet(A, **settings, checkpoint=path)
+    assert resumed.estimate == reference.estimate and resumed.std_error == reference.std_error
+    assert torch.equal(resumed.quadrature.nodes, reference.quadrature.nodes)
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
+def test_trace_resumes_bit_identically(tmp_path, hessian, method):
+    """With a checkpoint the products run in chunks of columns; an uninterrupted checkpointed run and an
+    interrupted, resumed one compute the same chunks, so agree bit for bit (and with the one-block run to
+    rounding, 1e-12 relative: only the grouping of columns into products differs)."""
+    plain = hessops.trace(hessian, probes=40, method=method)
+    whole = hessops.trace(hessian, probes=40, method=method, checkpoint=tmp_path / "whole.ckpt")
+    path = tmp_path / "trace.ckpt"
+    with interrupted_at(hessian, 5), pytest.raises(KeyboardInterrupt):
+        hessops.trace(hessian, probes=40, method=method, checkpoint=path, checkpoint_every=0)
+    resumed = hessops.trace(hessian, probes=40, method=method, checkpoint=path)
+    assert resumed.estimate == whole.estimate and resumed.history == whole.history
+    assert resumed.estimate == pytest.approx(plain.estimate, rel=1e-12)
+
+
+def test_a_checkpoint_of_another_run_is_refused(tmp_path, hessian):
+    path = tmp_path / "run.ckpt"
+    hessops.eigs(hessian, 2, checkpoint=path)
+    with pytest.raises(CheckpointMismatchError, match="arguments"):
+        hessops.eigs(hessian, 3, checkpoint=path)
+    with pytest.raises(CheckpointMismatchError, match="function"):
+        hessops.spectral_density(hessian, checkpoint=path)
+    with pytest.raises(CheckpointMismatchError, match="operator"):
+        hessops.eigs(hessops.Regularized(hessian, 1.0), 2, checkpoint=path)
+    torch.manual_seed(1)
+    other = mlp(4, 16, 3).double()
+    x, y = torch.randn(40, 4, dtype=torch.float64), torch.randn(40, 3, dtype=torch.float64)
+    with pytest.raises(CheckpointMismatchError, match="parameters"):
+        hessops.eigs(hessops.Hessian(other, nn.MSELoss(), [(x, y)]), 2, checkpoint=path)
+    (tmp_path / "junk").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointMismatchError, match="cannot be read"):
+        hessops.eigs(hessian, 2, checkpoint=tmp_path / "junk")
+
+
+def _run(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "hessops", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+
+
+def test_cli_resumes_after_sigkill(tmp_path):
+    """A density run killed by SIGKILL after its first checkpoint, then resumed with --resume, writes the same
+    nodes, weights and density, bit for bit, as an uninterrupted run."""
+    common = ["density", "--num-probes", "4", "--lanczos-steps", "300", "--dtype", "float64", "--no-progress"]
+    path = tmp_path / "density.ckpt"
+    killed = _run(*common, "--resume", str(path), "--checkpoint-every", "0.2")
+    deadline = time.monotonic() + 600  # importing torch on a loaded machine can take minutes
+    while not path.exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate()
+    assert killed.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-way"
+    saved = torch.load(path, weights_only=True)["state"]
+    assert not saved["done"] and 0 < saved["steps"] < 300
+    resumed = _run(*common, "--resume", str(path), "--out", str(tmp_path / "resumed.json"))
+    uninterrupted = _run(*common, "--out", str(tmp_path / "uninterrupted.json"))
+    for process in (resumed, uninterrupted):
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err
+    a, b = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("resumed", "uninterrupted"))
+    for key in ("nodes", "weights", "density", "grid", "n_matvecs"):
+        assert a[key] == b[key], key
