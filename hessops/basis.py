@@ -130,7 +130,9 @@ class Basis:
 
     def restore(self, vectors: Tensor | None, steps: int) -> None:
         """Take back the ``steps`` vectors that :meth:`saved` gave."""
-        self._data = torch.empty(max(steps, min(self.capacity, 16)), self.n, self.P, dtype=self.dtype, device=self._home)
+        self._data = torch.empty(
+            max(steps, min(self.capacity, 16)), self.n, self.P, dtype=self.dtype, device=self._home
+        )
         self._data[:steps] = vectors.to(self._home)
         self.steps = steps
 
@@ -179,17 +181,20 @@ class DiskBasis(Basis):
         self._chunk = max(1, DISK_CHUNK_BYTES // max(1, n * P * numpy_dtype.itemsize))
 
     def append(self, q: Tensor) -> None:
+        """Store ``q`` as the next vector."""
         self._file[self.steps] = q.detach().cpu().numpy()
         self.steps += 1
 
     def vectors(self) -> Tensor:
+        """The stored vectors (a view of the file, or a refusal without a basis)."""
         return torch.from_numpy(self._file[: self.steps])
 
     def orthogonalize(self, w: Tensor) -> Tensor:
+        """``w − Q Qᵀ w``, as :meth:`Basis.orthogonalize`."""
         local = w.cpu()
         coefficients = torch.cat(
             [
-                torch.einsum("mnp,np->mp", torch.from_numpy(self._file[i : i + self._chunk]), local)
+                torch.einsum("mnp,np->mp", torch.from_numpy(self._file[i : min(i + self._chunk, self.steps)]), local)
                 for i in range(0, self.steps, self._chunk)
             ]
         )
@@ -199,6 +204,7 @@ class DiskBasis(Basis):
         return local.to(w.device)
 
     def combine(self, coefficients: Tensor, p: int = 0) -> Tensor:
+        """``Q_p S``, as :meth:`Basis.combine`."""
         result = torch.zeros(self.n, coefficients.shape[1], dtype=self.dtype)
         coefficients = coefficients.to(self.dtype)
         for i in range(0, self.steps, self._chunk):
@@ -207,14 +213,17 @@ class DiskBasis(Basis):
         return result.to(self.device)
 
     def saved(self, steps: int) -> None:
+        """What a checkpoint stores of the vectors: nothing (the file, flushed, is its own record)."""
         self._file.flush()
         return None
 
     def restore(self, vectors: Tensor | None, steps: int) -> None:
+        """Count the ``steps`` vectors already there."""
         self.steps = steps
 
     def close(self) -> None:
-        del self._file
+        """Release the file (deleted unless kept)."""
+        self._file = None
         if self._remove is not None:
             self._remove()
 
@@ -230,24 +239,30 @@ class NoBasis(Basis):
         self.steps = 0
 
     def append(self, q: Tensor) -> None:
+        """Store ``q`` as the next vector."""
         self.steps += 1
 
     def saved(self, steps: int) -> None:
+        """What a checkpoint stores of the vectors: nothing (the file, flushed, is its own record)."""
         return None
 
     def restore(self, vectors: Tensor | None, steps: int) -> None:
+        """Count the ``steps`` vectors already there."""
         self.steps = steps
 
     def vectors(self) -> Tensor:
+        """The stored vectors (a view of the file, or a refusal without a basis)."""
         raise InvalidArgumentError(
             "this Lanczos run kept no basis (basis='none'): get Ritz vectors from state.ritz_vectors(...), which "
             "re-runs the recurrence, or run with basis='device', 'host' or 'disk'"
         )
 
     def orthogonalize(self, w: Tensor) -> Tensor:
+        """``w − Q Qᵀ w``, as :meth:`Basis.orthogonalize`."""
         return self.vectors()
 
     def combine(self, coefficients: Tensor, p: int = 0) -> Tensor:
+        """``Q_p S``, as :meth:`Basis.combine`."""
         return self.vectors()
 
 

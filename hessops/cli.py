@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 
 from hessops import __version__, _commands
 from hessops.constants import (
+    BASIS_MODES,
     DATASETS,
     DOWNLOADABLE,
     DTYPES,
@@ -31,7 +32,6 @@ from hessops.constants import (
     GPT_SIZES,
     HF_PREFIX,
     HVP_MODES,
-    BASIS_MODES,
     LOGDET_METHODS,
     OPERATOR_NAMES,
     TEXT_DATA,

@@ -82,8 +82,6 @@ def quadrature(
     basis_path: str | os.PathLike | None = None,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: float = 60.0,
-) -> Quadrature:| None = None,
-    progress: bool = False,
 ) -> Quadrature:
     """Run ``lanczos_steps`` Lanczos steps from ``num_probes`` Rademacher vectors at once (one ``(n, P)``
     product a step) and return the Gauss quadrature rules. ``basis`` says where the Lanczos basis lives
@@ -191,9 +189,6 @@ def spectral_density(
     basis_path: str | os.PathLike | None = None,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: float = 60.0,
-) -> SpectralDensity:| None = None,
-    seed: int = 0,
-    progress: bool = False,
 ) -> SpectralDensity:
     r"""The spectral density :math:`\phi(t) = \frac1n\sum_i \delta(t-\lambda_i)` estimated by SLQ and
     broadened: :math:`\hat\phi(t) = \frac1P \sum_p \sum_j w_{pj}\, g_\sigma(t - \theta_{pj})`, then normalized

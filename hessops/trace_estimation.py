@@ -118,7 +118,9 @@ def trace(
     check_precision(op, "trace")
     n = op.shape[0]
     began = time.perf_counter()
-    apply = _Products(op, open_checkpoint(checkpoint, checkpoint_every, "trace", op, probes=probes, method=method, seed=seed))
+    apply = _Products(
+        op, open_checkpoint(checkpoint, checkpoint_every, "trace", op, probes=probes, method=method, seed=seed)
+    )
     if probes >= n:
         identity = torch.eye(n, dtype=op.dtype, device=op.device)
         exact = float(torch.diagonal(apply("identity", identity)).double().sum())

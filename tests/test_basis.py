@@ -91,7 +91,9 @@ def test_plain_lanczos_makes_ghosts_and_the_guard_removes_them():
     assert int(((outside - 100).abs() < 1e-8).sum()) >= 2, "no ghost copies: the test matrix does not test the guard"
     keep = cullum_willoughby(state.tridiagonal(), theta, 1000 * torch.finfo(torch.float64).eps * float(theta.max()))
     kept = theta[keep]
-    torch.testing.assert_close(kept[kept > 1.5], torch.tensor([25.0, 50.0, 100.0], dtype=torch.float64), rtol=1e-10, atol=0)
+    torch.testing.assert_close(
+        kept[kept > 1.5], torch.tensor([25.0, 50.0, 100.0], dtype=torch.float64), rtol=1e-10, atol=0
+    )
     with_basis, _, _ = ritz(lanczos(A, start, 150, basis="device"))
     assert int((with_basis > 1.5).sum()) == 3  # full re-orthogonalization makes no copies
 
@@ -102,7 +104,9 @@ def test_eigs_without_a_basis_returns_each_eigenvalue_once():
     A, diagonal = ghost_matrix()
     with pytest.warns(RuntimeWarning):
         spectrum = hessops.eigs(A, 4, "LA", tol=1e-300, max_iters=150, basis="none")
-    torch.testing.assert_close(spectrum.values[:3], torch.tensor([100.0, 50.0, 25.0], dtype=torch.float64), rtol=1e-10, atol=0)
+    torch.testing.assert_close(
+        spectrum.values[:3], torch.tensor([100.0, 50.0, 25.0], dtype=torch.float64), rtol=1e-10, atol=0
+    )
     assert float(spectrum.values[3]) == pytest.approx(1.0, abs=1e-3)
 
 

@@ -150,6 +150,13 @@ BAD_VALUES = {
         "--hf-override changes a HuggingFace config: it needs --model hf:SOURCE",
     ),
     "track-language-model": (["track", "--model", "gpt:gpt-bytes-tiny"], "`hessops track` trains image classifiers"),
+    "basis-unknown": (["eigs", "--basis", "ram"], "argument --basis: invalid choice"),
+    "basis-path-without-disk": (["density", "--basis-path", "b.npy"], "--basis-path is the file of --basis disk"),
+    "checkpoint-every-negative": (
+        ["trace", "--resume", "t.ckpt", "--checkpoint-every", "-1"],
+        "argument --checkpoint-every: -1 is out of range",
+    ),
+    "trace-has-no-basis": (["trace", "--basis", "disk"], "unrecognized arguments: --basis disk"),
     "no-command": ([], "the following arguments are required: COMMAND"),
     "unknown-option": (["eigs", "--kk", "3"], "unrecognized arguments: --kk 3"),
 }
@@ -268,6 +275,7 @@ def test_choices_are_the_library_constants():
     for name in (*constants.DATASETS, constants.TEXT_DATA):  # --data also takes text:PATH, so it has no choices
         assert cli.data_name(name) == name
     assert choices[("track", "hvp_mode")] is constants.HVP_MODES and choices[("logdet", "dtype")] is constants.DTYPES
+    assert all(choices[(name, "basis")] is constants.BASIS_MODES for name in ("eigs", "density", "logdet", "basin"))
 
 
 def test_gpt_sizes_are_the_named_configs():

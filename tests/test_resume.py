@@ -5,7 +5,6 @@ after a real SIGKILL."""
 from __future__ import annotations
 
 import contextlib
-import contextlib
 import json
 import os
 import signal
@@ -56,8 +55,9 @@ def hessian():
 def test_eigs_resumes_bit_identically(tmp_path, hessian, mode):
     path = tmp_path / "run.ckpt"
     reference = hessops.eigs(hessian, 3, tol=1e-9, basis=mode)
-    with interrupted_at(hessian, 12) as interrupting, pytest.raises(
-        KeyboardInterrupt, match=f"checkpoint='{path}'.*--resume {path}"
+    with (
+        interrupted_at(hessian, 12) as interrupting,
+        pytest.raises(KeyboardInterrupt, match=f"checkpoint='{path}'.*--resume {path}"),
     ):
         hessops.eigs(interrupting, 3, tol=1e-9, basis=mode, checkpoint=path, checkpoint_every=0)
     assert torch.load(path, weights_only=True)["state"]["steps"] == 11  # the steps before the interrupted one
