@@ -43,12 +43,19 @@ def interrupted_at(op: cola.ops.LinearOperator, after: int):
         del op._matmat
 
 
-@pytest.fixture(scope="module")
-def hessian():
-    torch.manual_seed(0)
+def mlp_hessian(seed: int) -> hessops.Hessian:
+    torch.manual_seed(seed)
     model = mlp(4, 16, 3).double()
     x, y = torch.randn(40, 4, dtype=torch.float64), torch.randn(40, 3, dtype=torch.float64)
     return hessops.Hessian(model, nn.MSELoss(), [(x[:25], y[:25]), (x[25:], y[25:])])
+
+
+@pytest.fixture(scope="module")
+def hessian():
+    """An MLP Hessian (n = 131) as a dense CoLA operator: cheap products (the command-line test below resumes
+    a real hessops operator); a dense operator's fingerprint hashes its entries."""
+    dense = mlp_hessian(0).to_dense()
+    return cola.SelfAdjoint(cola.ops.Dense((dense + dense.T) / 2))
 
 
 @pytest.mark.parametrize("mode", ["device", "disk", "none"])
@@ -95,23 +102,21 @@ def test_trace_resumes_bit_identically(tmp_path, hessian, method):
     assert resumed.estimate == pytest.approx(plain.estimate, rel=1e-12)
 
 
-def test_a_checkpoint_of_another_run_is_refused(tmp_path, hessian):
+def test_a_checkpoint_of_another_run_is_refused(tmp_path):
     path = tmp_path / "run.ckpt"
-    hessops.eigs(hessian, 2, checkpoint=path)
+    H = mlp_hessian(0)
+    hessops.eigs(H, 2, checkpoint=path, max_iters=20, verify=False)
     with pytest.raises(CheckpointMismatchError, match="arguments"):
-        hessops.eigs(hessian, 3, checkpoint=path)
+        hessops.eigs(H, 3, checkpoint=path, max_iters=20, verify=False)
     with pytest.raises(CheckpointMismatchError, match="function"):
-        hessops.spectral_density(hessian, checkpoint=path)
+        hessops.spectral_density(H, checkpoint=path)
     with pytest.raises(CheckpointMismatchError, match="operator"):
-        hessops.eigs(hessops.Regularized(hessian, 1.0), 2, checkpoint=path)
-    torch.manual_seed(1)
-    other = mlp(4, 16, 3).double()
-    x, y = torch.randn(40, 4, dtype=torch.float64), torch.randn(40, 3, dtype=torch.float64)
-    with pytest.raises(CheckpointMismatchError, match="parameters"):
-        hessops.eigs(hessops.Hessian(other, nn.MSELoss(), [(x, y)]), 2, checkpoint=path)
+        hessops.eigs(hessops.Regularized(H, 1.0), 2, checkpoint=path, max_iters=20, verify=False)
+    with pytest.raises(CheckpointMismatchError, match="parameters"):  # the same network, other weights
+        hessops.eigs(mlp_hessian(1), 2, checkpoint=path, max_iters=20, verify=False)
     (tmp_path / "junk").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointMismatchError, match="cannot be read"):
-        hessops.eigs(hessian, 2, checkpoint=tmp_path / "junk")
+        hessops.eigs(H, 2, checkpoint=tmp_path / "junk")
 
 
 def _run(*args: str) -> subprocess.Popen:
@@ -127,7 +132,8 @@ def _run(*args: str) -> subprocess.Popen:
 def test_cli_resumes_after_sigkill(tmp_path):
     """A density run killed by SIGKILL after its first checkpoint, then resumed with --resume, writes the same
     nodes, weights and density, bit for bit, as an uninterrupted run."""
-    common = ["density", "--num-probes", "4", "--lanczos-steps", "300", "--dtype", "float64", "--no-progress"]
+    common = ["density", "--num-examples", "200", "--num-probes", "4", "--lanczos-steps", "150", "--grid", "200"]
+    common += ["--dtype", "float64", "--no-progress"]
     path = tmp_path / "density.ckpt"
     killed = _run(*common, "--resume", str(path), "--checkpoint-every", "0.2")
     deadline = time.monotonic() + 600  # importing torch on a loaded machine can take minutes
@@ -137,7 +143,7 @@ def test_cli_resumes_after_sigkill(tmp_path):
     killed.communicate()
     assert killed.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-way"
     saved = torch.load(path, weights_only=True)["state"]
-    assert not saved["done"] and 0 < saved["steps"] < 300
+    assert not saved["done"] and 0 < saved["steps"] < 150
     resumed = _run(*common, "--resume", str(path), "--out", str(tmp_path / "resumed.json"))
     uninterrupted = _run(*common, "--out", str(tmp_path / "uninterrupted.json"))
     for process in (resumed, uninterrupted):
