@@ -126,29 +126,54 @@ def _run(*args: str) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         env=ENV,
+        preexec_fn=_as_a_terminal_foreground_job,
     )
 
 
-def test_cli_resumes_after_sigkill(tmp_path):
-    """A density run killed by SIGKILL after its first checkpoint, then resumed with --resume, writes the same
-    nodes, weights and density, bit for bit, as an uninterrupted run."""
+def _as_a_terminal_foreground_job() -> None:
+    # A job started with `&` by a non-interactive shell inherits SIGINT as ignored (tests/test_cli.py says more);
+    # a user's Ctrl-C reaches a foreground job, whose SIGINT is at its default: give the child that.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _stop_after_first_checkpoint(path, *args: str, how: signal.Signals) -> subprocess.Popen:
+    """Run the command with ``--resume path`` and send it ``how`` once ``path`` exists (its first checkpoint)."""
+    process = _run(*args, "--resume", str(path), "--checkpoint-every", "0.2")
+    deadline = time.monotonic() + 600  # importing torch on a loaded machine can take minutes
+    while not path.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(how)
+    return process
+
+
+def test_cli_resumes_after_sigkill_and_ctrl_c(tmp_path):
+    """Density runs stopped after their first checkpoint, by SIGKILL and by Ctrl-C (SIGINT: exit status 130 and
+    one line saying how to resume), then resumed with --resume, write the same nodes, weights and density, bit
+    for bit, as an uninterrupted run."""
     common = ["density", "--num-examples", "200", "--num-probes", "4", "--lanczos-steps", "150", "--grid", "200"]
     common += ["--dtype", "float64", "--no-progress"]
-    path = tmp_path / "density.ckpt"
-    killed = _run(*common, "--resume", str(path), "--checkpoint-every", "0.2")
-    deadline = time.monotonic() + 600  # importing torch on a loaded machine can take minutes
-    while not path.exists() and killed.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    killed.send_signal(signal.SIGKILL)
+    killed_at, interrupted_at = tmp_path / "killed.ckpt", tmp_path / "interrupted.ckpt"
+    killed = _stop_after_first_checkpoint(killed_at, *common, how=signal.SIGKILL)
     killed.communicate()
     assert killed.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-way"
-    saved = torch.load(path, weights_only=True)["state"]
-    assert not saved["done"] and 0 < saved["steps"] < 150
-    resumed = _run(*common, "--resume", str(path), "--out", str(tmp_path / "resumed.json"))
-    uninterrupted = _run(*common, "--out", str(tmp_path / "uninterrupted.json"))
-    for process in (resumed, uninterrupted):
+    interrupted = _stop_after_first_checkpoint(interrupted_at, *common, how=signal.SIGINT)
+    _, err = interrupted.communicate(timeout=600)
+    assert interrupted.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        f"hessops: interrupted: progress saved in {interrupted_at}; run the same call again with "
+        f"checkpoint='{interrupted_at}' (command line: --resume {interrupted_at}) to continue"
+    )
+    for path in (killed_at, interrupted_at):
+        saved = torch.load(path, weights_only=True)["state"]
+        assert not saved["done"] and 0 < saved["steps"] < 150
+    runs = {
+        "killed": _run(*common, "--resume", str(killed_at), "--out", str(tmp_path / "killed.json")),
+        "interrupted": _run(*common, "--resume", str(interrupted_at), "--out", str(tmp_path / "interrupted.json")),
+        "uninterrupted": _run(*common, "--out", str(tmp_path / "uninterrupted.json")),
+    }
+    for process in runs.values():
         _, err = process.communicate(timeout=600)
         assert process.returncode == 0, err
-    a, b = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("resumed", "uninterrupted"))
+    results = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in runs}
     for key in ("nodes", "weights", "density", "grid", "n_matvecs"):
-        assert a[key] == b[key], key
+        assert results["killed"][key] == results["interrupted"][key] == results["uninterrupted"][key], key
