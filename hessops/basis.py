@@ -174,6 +174,11 @@ class DiskBasis(Basis):
             handle, name = tempfile.mkstemp(prefix="hessops-basis-", suffix=".npy")
             os.close(handle)
             path, keep = Path(name), False
+        elif not keep and Path(path).exists():
+            raise InvalidArgumentError(
+                f"basis_path={str(path)!r} exists: the disk basis would overwrite it and delete it afterwards; "
+                "delete it or pass another path"
+            )
         self.path = Path(path)
         numpy_dtype = torch.empty(0, dtype=dtype).numpy().dtype
         self._file = np.memmap(self.path, dtype=numpy_dtype, mode="r+" if reopen else "w+", shape=(capacity, n, P))

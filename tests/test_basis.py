@@ -143,3 +143,12 @@ def test_bad_basis_arguments(hessian):
         hessops.eigs(H, 1, basis="ram")
     with pytest.raises(InvalidArgumentError, match="basis='disk'"):
         hessops.spectral_density(H, basis="host", basis_path="b.npy")
+
+
+def test_disk_basis_never_overwrites_a_file(tmp_path, hessian):
+    H, _, _ = hessian
+    precious = tmp_path / "precious.npy"
+    precious.write_bytes(b"data")
+    with pytest.raises(InvalidArgumentError, match="exists"):
+        hessops.eigs(H, 1, basis="disk", basis_path=precious)
+    assert precious.read_bytes() == b"data"
