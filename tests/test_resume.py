@@ -84,6 +84,11 @@ def test_slq_functions_resume_bit_identically(tmp_path, hessian):
         hessops.logdet(A, **settings, checkpoint=path, checkpoint_every=0)
     resumed = hessops.logdet(A, **settings, checkpoint=path)
     assert resumed.estimate == reference.estimate and resumed.std_error == reference.std_error
+    volume = hessops.basin_volume(hessian, threshold=1.0, c=5.0, **settings)
+    with interrupted_at(hessian, 7), pytest.raises(KeyboardInterrupt):
+        hessops.basin_volume(hessian, threshold=1.0, c=5.0, **settings, checkpoint=tmp_path / "basin.ckpt")
+    resumed_volume = hessops.basin_volume(hessian, threshold=1.0, c=5.0, **settings, checkpoint=tmp_path / "basin.ckpt")
+    assert resumed_volume.log_volume == volume.log_volume
     assert torch.equal(resumed.quadrature.nodes, reference.quadrature.nodes)
 
 
