@@ -107,6 +107,15 @@ def operator_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def long_run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of ``--basis``, ``--basis-path``, ``--resume`` and ``--checkpoint-every`` (the first
+    two where the command takes them)."""
+    options: dict[str, Any] = {"checkpoint": args.resume, "checkpoint_every": args.checkpoint_every}
+    if hasattr(args, "basis"):
+        options |= {"basis": args.basis, "basis_path": args.basis_path}
+    return options
+
+
 def _operator_setup(
     args: argparse.Namespace,
     model: torch.nn.Module,
@@ -357,6 +366,7 @@ def eigs(args: argparse.Namespace) -> None:
         max_iters=args.max_iters,
         seed=args.seed,
         progress=not args.no_progress,
+        **long_run_options(args),
     )
     result = spectrum.to_dict()
     for i, (value, residual, bound) in enumerate(
@@ -457,6 +467,7 @@ def density(args: argparse.Namespace) -> None:
         sigma=args.sigma,
         seed=args.seed,
         progress=not args.no_progress,
+        **long_run_options(args),
     )
     result = d.to_dict()
     grid = result["grid"]
@@ -492,7 +503,7 @@ def trace(args: argparse.Namespace) -> None:
     from hessops.plot import plot_trace
 
     s = setup(args)
-    estimate = hessops.trace(s.op, probes=args.probes, method=args.method, seed=args.seed)
+    estimate = hessops.trace(s.op, probes=args.probes, method=args.method, seed=args.seed, **long_run_options(args))
     result = estimate.to_dict()
     print(
         f"trace = {result['trace']:.8g} ± {result['std_error']:.2g} ({result['method']}, {result['n_matvecs']} "
@@ -520,6 +531,7 @@ def logdet(args: argparse.Namespace) -> None:
         lanczos_steps=args.lanczos_steps,
         seed=args.seed,
         progress=not args.no_progress,
+        **long_run_options(args),
     )
     result = estimate.to_dict()
     print(
@@ -554,6 +566,7 @@ def basin(args: argparse.Namespace) -> None:
         lanczos_steps=args.lanczos_steps,
         seed=args.seed,
         progress=not args.no_progress,
+        **long_run_options(args),
     )
     result = volume.to_dict()
     print(

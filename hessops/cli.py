@@ -25,6 +25,7 @@ from typing import Any, NoReturn
 
 from hessops import __version__, _commands
 from hessops.constants import (
+    BASIS_MODES,
     DATASETS,
     DOWNLOADABLE,
     DTYPES,
@@ -368,6 +369,37 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _long_runs(parser: argparse.ArgumentParser, basis: bool = True) -> None:
+    """Where a Lanczos basis lives (``--basis``, ``--basis-path``; when ``basis``) and resuming (``--resume``,
+    ``--checkpoint-every``)."""
+    group = parser.add_argument_group("long and large runs")
+    if basis:
+        group.add_argument(
+            "--basis",
+            choices=BASIS_MODES,
+            default=BASIS_MODES[0],
+            help="where the Lanczos basis lives: device, host memory, a memory-mapped file (disk), or none (no "
+            "re-orthogonalization); auto: the device, else the host, where it fits in half the free memory, else none",
+        )
+        group.add_argument(
+            "--basis-path",
+            type=output_path(),
+            help="--basis disk: the file (default: a temporary file, deleted afterwards; with --resume, PATH.basis)",
+        )
+    group.add_argument(
+        "--resume",
+        type=output_path(),
+        metavar="PATH",
+        help="checkpoint the run to PATH, and resume from it if it exists (default: no checkpoint)",
+    )
+    group.add_argument(
+        "--checkpoint-every",
+        type=number(minimum=0),
+        default=60.0,
+        help="with --resume: save at most every this many seconds (and at the end, and on Ctrl-C)",
+    )
+
+
 def build_parser() -> Parser:
     """The ``hessops`` argument parser (torch-free)."""
     parser = Parser(
@@ -392,6 +424,7 @@ def build_parser() -> Parser:
         "(hessops.load_eigenvectors; `hessops landscape --vectors PATH`) (default: not written)",
     )
     _stopping(p, "")
+    _long_runs(p)
 
     p = _subparser(
         sub, "blocks", "top eigenvalues of each parameter group's block (each transformer block, ...)", _commands.blocks
@@ -415,6 +448,7 @@ def build_parser() -> Parser:
     p.add_argument("--lanczos-steps", type=count(), default=80, help="Lanczos steps per probe")
     p.add_argument("--sigma", type=number(above=0), help="Gaussian broadening (default: 1%% of the spectrum's span)")
     p.add_argument("--grid", type=count(2), default=1000, help="number of points the density is evaluated at")
+    _long_runs(p)
 
     p = _subparser(sub, "trace", "trace by Hutch++ or Hutchinson", _commands.trace)
     _common(p)
@@ -425,6 +459,7 @@ def build_parser() -> Parser:
         help="products with random vectors (at least 4 for hutch++, 2 for hutchinson)",
     )
     p.add_argument("--method", choices=TRACE_METHODS, default=TRACE_METHODS[0], help="the estimator")
+    _long_runs(p, basis=False)
 
     for name, help_text, func in (
         ("logdet", "log det(op + c·I), exact or by stochastic Lanczos quadrature", _commands.logdet),
@@ -447,6 +482,7 @@ def build_parser() -> Parser:
             p.add_argument(
                 "--threshold", type=number(above=0), default=2.0, help="the loss increase that bounds the basin"
             )
+        _long_runs(p)
 
     p = _subparser(
         sub,
@@ -577,6 +613,8 @@ def check(args: argparse.Namespace) -> str | None:
             return "--vectors gives eigenvector directions: pass --directions eigen too (or leave out --vectors)"
         if args.distributed or int(os.environ.get("WORLD_SIZE", "1")) > 1:
             return "`hessops landscape` runs in one process: run it without torchrun and --distributed"
+    if getattr(args, "basis_path", None) is not None and args.basis != "disk":
+        return f"--basis-path is the file of --basis disk; --basis is {args.basis}: add --basis disk or leave it out"
     if args.command == "trace" and args.method == "hutch++" and args.probes < 4:
         return (
             f"--probes {args.probes}: hutch++ needs at least 4 (a third sketch the range, the rest probe the remainder)"
@@ -651,8 +689,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except SystemExit as done:  # argparse: --help, --version, or a usage error already printed
         return done.code if isinstance(done.code, int) else EXIT_USAGE
-    except KeyboardInterrupt:
-        return _fail("interrupted", EXIT_INTERRUPTED)
+    except KeyboardInterrupt as stop:  # a checkpointed run says where it saved and how to resume
+        return _fail(f"interrupted: {stop}" if str(stop) else "interrupted", EXIT_INTERRUPTED)
     except DistributedError as error:  # another rank failed: not a bad command line
         return _fail(f"error: {error}", EXIT_FAILED)
     except _commands.OutputError as error:

@@ -11,6 +11,7 @@ __all__ = [
     "LANDSCAPE_DIRECTIONS",
     "TRACE_METHODS",
     "LOGDET_METHODS",
+    "BASIS_MODES",
     "DATASETS",
     "DOWNLOADABLE",
     "DTYPES",
@@ -46,6 +47,9 @@ TRACE_METHODS: tuple[str, ...] = ("hutch++", "hutchinson")
 
 # logdet(method=...) and basin_volume(method=...).
 LOGDET_METHODS: tuple[str, ...] = ("auto", "dense", "slq")
+
+# lanczos(basis=...) and the functions built on it: where the Lanczos basis lives (hessops/basis.py).
+BASIS_MODES: tuple[str, ...] = ("auto", "device", "host", "disk", "none")
 
 # hessops.data.load_dataset knows these; download_dataset fetches the last three (digits ship with scikit-learn).
 DATASETS: tuple[str, ...] = ("digits", "mnist", "cifar10", "cifar2")

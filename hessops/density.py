@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import time
 from dataclasses import dataclass
 
@@ -16,10 +17,10 @@ from torch import Tensor
 
 from hessops._arguments import boolean, integer, linear_operator, real
 from hessops._cola import cola
+from hessops.basis import check_mode
+from hessops.checkpoint import open_checkpoint
 from hessops.errors import InvalidArgumentError
 from hessops.lanczos import check_precision, lanczos, rademacher, ritz
-
-REORTHOGONALIZATION_BUDGET_BYTES = 4 * 2**30
 
 
 @dataclass
@@ -28,13 +29,14 @@ class Quadrature:
     ``weights`` are ``(P, m)``, each row's weights sum to one. For a probe ``v``, ``Σ_j w_j f(θ_j) ≈
     vᵀ f(A) v / ‖v‖²``, exact for polynomials of degree < 2m. ``residuals`` ``(P, m)`` are the Lanczos
     residual estimates ``|β_m s_mj|`` of the nodes as Ritz values: an eigenvalue lies within each of its
-    node (in exact arithmetic)."""
+    node (in exact arithmetic). ``basis``: where the Lanczos basis lived (:mod:`hessops.basis`)."""
 
     nodes: Tensor
     weights: Tensor
     n: int
     n_matvecs: int
     residuals: Tensor
+    basis: str = "device"
 
     def per_probe(self, f) -> Tensor:
         """``Σ_j w_pj f(θ_pj)`` for each probe: unbiased estimates of ``tr f(A) / n``."""
@@ -76,12 +78,19 @@ def quadrature(
     seed: int = 0,
     reorthogonalize: bool | None = None,
     progress: bool = False,
+    basis: str = "auto",
+    basis_path: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: float = 60.0,
 ) -> Quadrature:
     """Run ``lanczos_steps`` Lanczos steps from ``num_probes`` Rademacher vectors at once (one ``(n, P)``
-    product a step) and return the Gauss quadrature rules. ``reorthogonalize`` defaults to full
-    re-orthogonalization when the basis fits in 4 GiB (else the plain three-term recurrence, whose spurious
-    Ritz copies leave the density's smooth shape intact but may bias sharp features). Half-precision
-    operators are refused (:func:`hessops.lanczos.check_precision`)."""
+    product a step) and return the Gauss quadrature rules. ``basis`` says where the Lanczos basis lives
+    (:mod:`hessops.basis`); ``"auto"`` keeps it on the device, else the host, when it fits in half of the
+    free memory, else keeps none and runs the plain three-term recurrence, whose spurious Ritz copies leave
+    the density's smooth shape intact but may bias sharp features. ``reorthogonalize=False`` means
+    ``basis="none"``. ``checkpoint``: a file to save the run to every ``checkpoint_every`` seconds and to
+    resume from (:mod:`hessops.checkpoint`). Half-precision operators are refused
+    (:func:`hessops.lanczos.check_precision`)."""
     linear_operator("op", op)
     if not op.isa(cola.SelfAdjoint):
         raise ValueError(
@@ -94,20 +103,44 @@ def quadrature(
     progress = boolean("progress", progress)
     if reorthogonalize is not None:
         reorthogonalize = boolean("reorthogonalize", reorthogonalize)
+    basis = check_mode(basis, basis_path)
     n = op.shape[0]
     steps = min(lanczos_steps, n)
-    if reorthogonalize is None:
-        reorthogonalize = steps * n * num_probes * op.dtype.itemsize <= REORTHOGONALIZATION_BUDGET_BYTES
+    saving = open_checkpoint(
+        checkpoint,
+        checkpoint_every,
+        "quadrature",
+        op,
+        num_probes=num_probes,
+        lanczos_steps=lanczos_steps,
+        seed=seed,
+        reorthogonalize=reorthogonalize,
+        basis=basis,
+    )
     generator = torch.Generator(device="cpu").manual_seed(seed)
     probes = rademacher(n, num_probes, generator, op)
-    state = lanczos(op, probes, steps, reorthogonalize=reorthogonalize, seed=seed, progress=progress, description="SLQ")
+    state = lanczos(
+        op,
+        probes,
+        steps,
+        reorthogonalize=reorthogonalize is not False,
+        seed=seed,
+        progress=progress,
+        description="SLQ",
+        basis=basis,
+        basis_path=basis_path,
+        checkpoint=saving,
+    )
+    state.close()
     nodes, weights, residuals = [], [], []
     for p in range(num_probes):
         theta, S, estimates = ritz(state, p)
         nodes.append(theta)
         weights.append(S[0] ** 2)
         residuals.append(estimates)
-    return Quadrature(torch.stack(nodes), torch.stack(weights), n, state.n_matvecs, torch.stack(residuals))
+    return Quadrature(
+        torch.stack(nodes), torch.stack(weights), n, state.n_matvecs, torch.stack(residuals), basis=state.mode
+    )
 
 
 @dataclass
@@ -129,7 +162,7 @@ class SpectralDensity:
     def to_dict(self) -> dict:
         """The result as JSON-ready values: ``grid``, ``density``, ``sigma``, ``moments`` (``mean`` and
         ``second``: ``tr A / n`` and ``tr A² / n``), the quadrature's ``nodes`` and ``weights`` (one row per
-        probe), ``n_matvecs``, ``seconds``."""
+        probe), ``n_matvecs``, ``seconds``, ``basis`` (where the Lanczos basis lived)."""
         return {
             "grid": self.grid.tolist(),
             "density": self.density.tolist(),
@@ -139,6 +172,7 @@ class SpectralDensity:
             "weights": self.quadrature.weights.tolist(),
             "n_matvecs": self.n_matvecs,
             "seconds": self.seconds,
+            "basis": self.quadrature.basis,
         }
 
 
@@ -151,12 +185,17 @@ def spectral_density(
     sigma: float | None = None,
     seed: int = 0,
     progress: bool = False,
+    basis: str = "auto",
+    basis_path: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: float = 60.0,
 ) -> SpectralDensity:
     r"""The spectral density :math:`\phi(t) = \frac1n\sum_i \delta(t-\lambda_i)` estimated by SLQ and
     broadened: :math:`\hat\phi(t) = \frac1P \sum_p \sum_j w_{pj}\, g_\sigma(t - \theta_{pj})`, then normalized
     to integrate to one on the grid. ``grid`` is a number of points spanning the Ritz values ± 5σ, or the
     points themselves; ``sigma`` defaults to 1% of that span. Cost: ``num_probes × lanczos_steps`` products,
-    ``lanczos_steps`` passes over the data. Unpacks as ``grid, density = spectral_density(...)``."""
+    ``lanczos_steps`` passes over the data. ``basis``, ``basis_path``, ``checkpoint`` and ``checkpoint_every``
+    are :func:`quadrature`'s. Unpacks as ``grid, density = spectral_density(...)``."""
     if not isinstance(grid, Tensor) and (isinstance(grid, bool) or not isinstance(grid, numbers.Integral)):
         raise InvalidArgumentError(f"grid={grid!r} must be a number of points or a 1-D tensor of points")
     if isinstance(grid, Tensor):
@@ -169,6 +208,16 @@ def spectral_density(
     if sigma is not None:
         sigma = real("sigma", sigma, positive=True)
     began = time.perf_counter()
-    rule = quadrature(op, num_probes=num_probes, lanczos_steps=lanczos_steps, seed=seed, progress=progress)
+    rule = quadrature(
+        op,
+        num_probes=num_probes,
+        lanczos_steps=lanczos_steps,
+        seed=seed,
+        progress=progress,
+        basis=basis,
+        basis_path=basis_path,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+    )
     grid, density, sigma = rule.density(grid, sigma)
     return SpectralDensity(grid, density, sigma, rule, rule.n_matvecs, time.perf_counter() - began)

@@ -14,6 +14,7 @@ __all__ = [
     "NondeterministicOperatorError",
     "UnknownModelError",
     "CheckpointError",
+    "CheckpointMismatchError",
     "MissingDependencyError",
     "UnknownDatasetError",
     "DatasetNotFoundError",
@@ -131,3 +132,8 @@ class HvpFormulationWarning(UserWarning):
 class AttentionKernelWarning(UserWarning):
     """The model runs attention in fused kernels without second derivatives, so products run it in torch's
     math kernel instead (said once per process)."""
+
+
+class CheckpointMismatchError(HessopsError):
+    """A resumed run's checkpoint file belongs to another run (other arguments, operator or parameters), or is
+    not a hessops checkpoint."""

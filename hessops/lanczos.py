@@ -3,19 +3,25 @@
 CoLA's Lanczos (0.0.7) preallocates an n × ``max_iters`` basis and re-orthogonalizes over all of it; this one
 stores the steps actually taken, stops as soon as a caller's test says so, and runs ``P`` independent
 recurrences side by side so that each step is a single ``(n, P)`` matmat: one pass over the data for all
-probes of stochastic Lanczos quadrature.
+probes of stochastic Lanczos quadrature. The basis lives where :mod:`hessops.basis` says (device, host,
+disk or nowhere), and a run can checkpoint its state and resume (:mod:`hessops.checkpoint`).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from hessops._cola import cola
+from hessops.basis import Basis, check_mode, choose_mode, make_basis
+from hessops.checkpoint import Checkpoint
 from hessops.errors import DtypeMismatchError
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -25,18 +31,34 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 class LanczosState:
     """``P`` Lanczos recurrences after ``m`` steps: ``A Q_p = Q_p T_p + β_p q_{p,m+1} e_mᵀ``.
 
-    ``basis`` is ``(m, n, P)``; ``alphas`` and ``betas`` are ``(m, P)`` float64 on the CPU (``betas[j]`` couples
-    steps ``j`` and ``j+1``; a zero marks a restart after an invariant subspace was found)."""
+    ``storage`` holds the vectors (:class:`hessops.basis.Basis`; ``basis`` is them as an ``(m, n, P)``
+    tensor, except in the ``"none"`` mode); ``alphas`` and ``betas`` are ``(m, P)`` float64 on the CPU
+    (``betas[j]`` couples steps ``j`` and ``j+1``; a zero marks a restart after an invariant subspace was
+    found). ``start``, ``op`` and ``restarts`` (the restart vectors by step) let :meth:`ritz_vectors` re-run
+    the recurrence when no basis was kept."""
 
-    basis: Tensor
+    storage: Basis
     alphas: Tensor
     betas: Tensor
     n_matvecs: int
+    start: Tensor | None = None
+    op: Any = None
+    restarts: dict[int, Tensor] = field(default_factory=dict)
 
     @property
     def steps(self) -> int:
         """The number of Lanczos steps taken (the tridiagonal's size)."""
         return self.alphas.shape[0]
+
+    @property
+    def mode(self) -> str:
+        """Where the basis lived: ``"device"``, ``"host"``, ``"disk"`` or ``"none"``."""
+        return self.storage.mode
+
+    @property
+    def basis(self) -> Tensor:
+        """The ``(m, n, P)`` Lanczos vectors (on the device, the host, or a view of the disk file)."""
+        return self.storage.vectors()[: self.steps]
 
     def tridiagonal(self, p: int = 0) -> Tensor:
         """The ``(m, m)`` float64 tridiagonal matrix ``T_p``."""
@@ -46,6 +68,34 @@ class LanczosState:
             off = self.betas[: m - 1, p]
             T += torch.diag(off, 1) + torch.diag(off, -1)
         return T
+
+    def ritz_vectors(self, coefficients: Tensor, p: int = 0) -> Tensor:
+        """The Ritz vectors ``Q_p S`` (``n × k``, on the operator's device) for eigenvectors ``S`` (``m × k``)
+        of ``T_p``. Without a basis (``"none"``) a second pass re-runs recurrence ``p`` from its start vector
+        with the stored coefficients and accumulates them: ``m − 1`` more products, counted in ``n_matvecs``."""
+        if self.mode != "none":
+            return self.storage.combine(coefficients, p)
+        q = self.start[:, p : p + 1]
+        q = q / torch.linalg.vector_norm(q, dim=0, keepdim=True)
+        previous = torch.zeros_like(q)
+        alphas, betas = self.alphas[:, p].to(q.dtype), self.betas[:, p].to(q.dtype)
+        coefficients = coefficients.to(device=q.device, dtype=q.dtype)
+        vectors = torch.zeros(q.shape[0], coefficients.shape[1], dtype=q.dtype, device=q.device)
+        for j in range(self.steps):
+            vectors += q * coefficients[j]
+            if j + 1 == self.steps:
+                break
+            w = self.op @ q
+            self.n_matvecs += 1
+            w = w - alphas[j : j + 1] * q - (betas[j - 1 : j] if j else torch.zeros_like(alphas[:1])) * previous
+            restart = self.restarts.get(j + 1)
+            fresh = restart[:, p : p + 1].to(q.device) if restart is not None and float(betas[j]) == 0 else None
+            previous, q = q, fresh if fresh is not None else w / betas[j : j + 1].clamp_min(torch.finfo(q.dtype).tiny)
+        return vectors
+
+    def close(self) -> None:
+        """Release the basis (a temporary disk file is deleted)."""
+        self.storage.close()
 
 
 def lanczos(
@@ -58,60 +108,117 @@ def lanczos(
     seed: int = 0,
     progress: bool = False,
     description: str = "Lanczos",
+    basis: str = "auto",
+    basis_path: str | os.PathLike | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> LanczosState:
     """Run Lanczos from each column of ``start`` (``(n, P)``) for at most ``max_steps`` steps.
 
     After each step ``stop(state)`` may end the run. With ``reorthogonalize`` every new vector is
     orthogonalized twice against its whole basis (classical Gram-Schmidt, twice is enough), which keeps the
     Ritz values free of spurious copies. When a recurrence finds an invariant subspace (β ≈ 0) it restarts
-    from a random vector orthogonal to its basis, so the run continues into the rest of the spectrum."""
+    from a random vector orthogonal to its basis, so the run continues into the rest of the spectrum.
+
+    ``basis`` (:mod:`hessops.basis`): ``"device"``, ``"host"``, ``"disk"`` (a memory-mapped file at
+    ``basis_path``, default a temporary file), ``"none"`` (no basis, no re-orthogonalization; also what
+    ``reorthogonalize=False`` means) or ``"auto"``, chosen from the free memory for ``max_steps`` steps.
+    ``checkpoint`` (a :class:`~hessops.checkpoint.Checkpoint`): resume from its file if there is one, save
+    to it every so often, at the end, and on Ctrl-C (then re-raise ``KeyboardInterrupt`` saying how to
+    resume). With a checkpoint, a disk basis is kept (at ``basis_path``, default the checkpoint's path
+    plus ``.basis``) so that the resumed run reopens it. Call :meth:`LanczosState.close` when done with
+    the vectors."""
     n, P = start.shape
     max_steps = min(max_steps, n)
     dtype, device = start.dtype, start.device
+    mode = "none" if not reorthogonalize else check_mode(basis, basis_path)
+    saved = checkpoint.load() if checkpoint is not None else None
+    mode = saved["mode"] if saved is not None else choose_mode(mode, max_steps * n * P * dtype.itemsize, device)
+    reorthogonalize = mode != "none"
+    keep = checkpoint is not None and mode == "disk"
+    if keep and basis_path is None:
+        basis_path = Path(str(checkpoint.path) + ".basis")
+    storage = make_basis(mode, max_steps, start, basis_path, keep=keep, reopen=keep and saved is not None)
     generator = torch.Generator(device="cpu").manual_seed(seed + 7919)
     eps = torch.finfo(dtype).eps
-    capacity = min(max_steps, 16)
-    basis = torch.empty(capacity, n, P, dtype=dtype, device=device)
     q = start / torch.linalg.vector_norm(start, dim=0, keepdim=True)
-    alphas, betas = [], []
+    alphas, betas, restarts = [], [], {}
     previous, beta_prev = torch.zeros_like(q), torch.zeros(P, dtype=dtype, device=device)
-    n_matvecs = 0
+    n_matvecs, first, done = 0, 0, False
     scale = torch.zeros(P, dtype=dtype, device=device)
-    bar = tqdm(total=max_steps, desc=description, disable=not progress, leave=False, unit="step")
-    state = None
+    if saved is not None:
+        first, done, n_matvecs = saved["steps"], saved["done"], saved["n_matvecs"]
+        alphas = list(saved["alphas"].to(dtype=dtype, device=device))
+        betas = list(saved["betas"].to(dtype=dtype, device=device))
+        restarts = {int(j): v for j, v in saved["restarts"].items()}
+        storage.restore(saved.get("basis"), first)
+        if not done:
+            q, previous, beta_prev, scale = (saved[key].to(device) for key in ("q", "previous", "beta_prev", "scale"))
+            generator.set_state(saved["generator"])
+
+    def snapshot(steps: int, finished: bool, vectors: tuple = ()) -> dict[str, Any]:
+        state = {
+            "mode": mode,
+            "steps": steps,
+            "done": finished,
+            "n_matvecs": n_matvecs if finished else vectors[-2],
+            "alphas": _cpu64(alphas[:steps]) if steps else torch.zeros(0, P, dtype=torch.float64),
+            "betas": _cpu64(betas[:steps]) if steps else torch.zeros(0, P, dtype=torch.float64),
+            "restarts": {str(j): v for j, v in restarts.items() if j <= steps},
+            "basis": storage.saved(steps),
+        }
+        if not finished:
+            state |= dict(zip(("q", "previous", "beta_prev", "scale"), (v.cpu() for v in vectors[:4])))
+            state["generator"] = vectors[-1]
+        return state
+
+    bar = tqdm(total=max_steps, initial=first, desc=description, disable=not progress, leave=False, unit="step")
+    point = None
     try:
-        for j in range(max_steps):
-            if j == capacity:
-                capacity = min(2 * capacity, max_steps)
-                grown = torch.empty(capacity, n, P, dtype=dtype, device=device)
-                grown[:j] = basis[:j]
-                basis = grown
-            basis[j] = q
+        for j in range(first, max_steps if not done else first):
+            point = (q, previous, beta_prev, scale, n_matvecs, generator.get_state())
+            if checkpoint is not None and j > first and checkpoint.due():
+                checkpoint.save(snapshot(j, False, point))
+            storage.truncate(j)
+            storage.append(q)
             w = op @ q
             n_matvecs += P
             alpha = (q * w).sum(0)
             w = w - alpha * q - beta_prev * previous
             if reorthogonalize:
                 for _ in range(2):
-                    w = w - torch.einsum("mnp,mp->np", basis[: j + 1], torch.einsum("mnp,np->mp", basis[: j + 1], w))
+                    w = storage.orthogonalize(w)
             beta = torch.linalg.vector_norm(w, dim=0)
             scale = torch.maximum(scale, alpha.abs() + beta + beta_prev)
             alphas.append(alpha)
             betas.append(beta)
-            state = LanczosState(basis[: j + 1], _cpu64(alphas), _cpu64(betas), n_matvecs)
             bar.update(1)
-            if j + 1 == max_steps or (stop is not None and stop(state)):
+            if j + 1 == max_steps or (stop is not None and stop(_state(storage, alphas, betas, n_matvecs, restarts))):
                 break
             previous, q = q, w / beta.clamp_min(torch.finfo(dtype).tiny)
             broken = beta <= 100 * eps * scale
             if bool(broken.any()):
-                q = _restart(q, broken, basis[: j + 1], generator)
+                q = _restart(q, broken, storage if reorthogonalize else None, previous, generator)
+                restarts[j + 1] = q.cpu()
                 beta = torch.where(broken, torch.zeros_like(beta), beta)
                 betas[-1] = beta
             beta_prev = beta
+    except KeyboardInterrupt:
+        if checkpoint is None or point is None:
+            raise
+        checkpoint.save(snapshot(j, False, point))
+        raise checkpoint.interrupted() from None
     finally:
         bar.close()
+    if checkpoint is not None and not done:
+        checkpoint.save(snapshot(len(alphas), True))
+    state = _state(storage, alphas, betas, n_matvecs, restarts)
+    state.start, state.op = start, op
     return state
+
+
+def _state(storage: Basis, alphas: list, betas: list, n_matvecs: int, restarts: dict) -> LanczosState:
+    storage.truncate(len(alphas))
+    return LanczosState(storage, _cpu64(alphas), _cpu64(betas), n_matvecs, restarts=restarts)
 
 
 def check_precision(op: cola.ops.LinearOperator, caller: str) -> None:
@@ -134,11 +241,15 @@ def rademacher(n: int, k: int, generator: torch.Generator, op: cola.ops.LinearOp
     return (torch.randint(0, 2, (n, k), generator=generator) * 2 - 1).to(device=op.device, dtype=op.dtype)
 
 
-def _restart(q: Tensor, broken: Tensor, basis: Tensor, generator: torch.Generator) -> Tensor:
-    """Replace the columns of ``q`` whose recurrence broke down by random unit vectors orthogonal to their basis."""
+def _restart(q: Tensor, broken: Tensor, storage: Basis | None, last: Tensor, generator: torch.Generator) -> Tensor:
+    """Replace the columns of ``q`` whose recurrence broke down by random unit vectors orthogonal to their basis
+    (to the last vector ``last`` only, without a basis)."""
     fresh = torch.randn(q.shape, generator=generator, dtype=q.dtype).to(q.device)
     for _ in range(2):
-        fresh = fresh - torch.einsum("mnp,mp->np", basis, torch.einsum("mnp,np->mp", basis, fresh))
+        if storage is None:
+            fresh = fresh - last * (last * fresh).sum(0)
+        else:
+            fresh = storage.orthogonalize(fresh)
     fresh = fresh / torch.linalg.vector_norm(fresh, dim=0, keepdim=True)
     return torch.where(broken, fresh, q)
 

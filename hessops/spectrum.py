@@ -15,10 +15,13 @@ from torch import Tensor
 from hessops import constants
 from hessops._arguments import boolean, integer, linear_operator, real
 from hessops._cola import cola
+from hessops.basis import check_mode, cullum_willoughby
+from hessops.checkpoint import open_checkpoint, tensor_digest
 from hessops.errors import InvalidArgumentError
 from hessops.lanczos import LanczosState, check_precision, lanczos, ritz
 
 WHICH = constants.WHICH
+GHOST_TOLERANCE = 1000  # without a basis, Ritz values within this × eps × max|θ| are copies of one eigenvalue
 
 
 @dataclass
@@ -32,7 +35,8 @@ class Spectrum:
     ``residual_estimates`` (k,) the Lanczos estimates ``|β s|`` that decided when to stop, ``steps`` the
     Lanczos steps taken, ``converged`` whether the stopping test holds for the reported residuals,
     ``verified`` whether they are the true residuals (``False``: the estimates, which rounding can make far
-    too small in float32), ``n_matvecs`` the operator products used (columns) and ``seconds`` the wall time."""
+    too small in float32), ``n_matvecs`` the operator products used (columns), ``seconds`` the wall time and
+    ``basis`` where the Lanczos basis lived (:mod:`hessops.basis`)."""
 
     values: Tensor
     vectors: Tensor
@@ -45,6 +49,7 @@ class Spectrum:
     verified: bool
     n_matvecs: int
     seconds: float
+    basis: str = "device"
 
     def __iter__(self):
         return iter((self.values, self.vectors))
@@ -58,7 +63,8 @@ class Spectrum:
 
     def to_dict(self) -> dict:
         """The result as JSON-ready values (the vectors left out): ``eigenvalues``, ``residuals``,
-        ``error_bounds``, ``which``, ``converged``, ``verified``, ``lanczos_steps``, ``n_matvecs``, ``seconds``."""
+        ``error_bounds``, ``which``, ``converged``, ``verified``, ``lanczos_steps``, ``n_matvecs``, ``seconds``,
+        ``basis``."""
         return {
             "eigenvalues": self.values.tolist(),
             "residuals": self.residuals.tolist(),
@@ -69,6 +75,7 @@ class Spectrum:
             "lanczos_steps": self.steps,
             "n_matvecs": self.n_matvecs,
             "seconds": self.seconds,
+            "basis": self.basis,
         }
 
 
@@ -120,6 +127,10 @@ def eigs(
     start: Tensor | None = None,
     verify: bool = True,
     progress: bool = False,
+    basis: str = "auto",
+    basis_path: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: float = 60.0,
 ) -> Spectrum:
     """The ``k`` extreme eigenpairs of a self-adjoint operator by Lanczos with full re-orthogonalization.
 
@@ -140,8 +151,13 @@ def eigs(
     largest verified residual. ``converged`` is ``False``, with a ``RuntimeWarning``, when the verified
     residuals miss the test. ``verify=False`` saves those products and reports the estimates
     (``Spectrum.verified`` is then ``False``). ``start`` warm-starts from a vector (a previous top
-    eigenvector, say). Memory: the ``n × steps`` basis of the steps actually taken. Half-precision operators
-    are refused (:func:`hessops.lanczos.check_precision`).
+    eigenvector, say). Memory: the ``n × steps`` basis of the steps actually taken, where ``basis`` says
+    (:mod:`hessops.basis`: ``"device"``, ``"host"``, ``"disk"`` at ``basis_path``, ``"none"``, or ``"auto"``
+    from the free memory). With ``"none"`` nothing is re-orthogonalized: the Ritz values are deduplicated
+    by the Cullum–Willoughby test (:func:`hessops.basis.cullum_willoughby`), and the vectors cost a second
+    pass of the same products. ``checkpoint``: a file to save the run to every ``checkpoint_every`` seconds
+    and to resume from (:mod:`hessops.checkpoint`). Half-precision operators are refused
+    (:func:`hessops.lanczos.check_precision`).
 
     A single Lanczos run finds one copy of a repeated eigenvalue (the start vector's component in the
     eigenspace); near-exact multiplicities are therefore not resolved.
@@ -167,10 +183,26 @@ def eigs(
     max_iters = min(n, max(300, 20 * k)) if max_iters is None else min(integer("max_iters", max_iters, minimum=1), n)
     if max_iters < k:
         raise InvalidArgumentError(f"max_iters={max_iters} is less than k={k}: Lanczos needs at least k steps")
+    basis = check_mode(basis, basis_path)
+    given = start is not None
     if start is None:
         generator = torch.Generator(device="cpu").manual_seed(seed)
         start = torch.randn(n, generator=generator, dtype=op.dtype)
     start = _checked_start(start, n).reshape(n, 1).to(device=op.device, dtype=op.dtype)
+    saving = open_checkpoint(
+        checkpoint,
+        checkpoint_every,
+        "eigs",
+        op,
+        k=k,
+        which=which,
+        tol=tol,
+        value_tol=value_tol,
+        max_iters=max_iters,
+        seed=seed,
+        start=tensor_digest(start) if given else None,
+        basis=basis,
+    )
 
     eps = torch.finfo(op.dtype).eps
 
@@ -181,18 +213,38 @@ def eigs(
             return bool((residuals[wanted] <= tol * scale).all())
         return bool((error_bounds(theta, residuals, eps * float(scale))[wanted] <= value_tol * scale).all())
 
+    def distinct(state: LanczosState) -> tuple[Tensor, Tensor, Tensor]:
+        """The Ritz triples of :func:`ritz`, one copy of each value where no basis kept them orthogonal."""
+        theta, S, residuals = ritz(state)
+        if state.mode == "none":
+            keep = cullum_willoughby(state.tridiagonal(), theta, GHOST_TOLERANCE * eps * float(theta.abs().max()))
+            theta, S, residuals = theta[keep], S[:, keep], residuals[keep]
+        return theta, S, residuals
+
     def estimated(state: LanczosState) -> bool:
         if state.steps < k:
             return False
-        theta, _, residuals = ritz(state)
-        return met(theta, residuals, _select(theta, k, which))
+        theta, _, residuals = distinct(state)
+        return theta.shape[0] >= k and met(theta, residuals, _select(theta, k, which))
 
     began = time.perf_counter()
-    state = lanczos(op, start, max_iters, stop=estimated, seed=seed, progress=progress, description=f"eigs {which}")
-    theta, S, estimates = ritz(state)
+    state = lanczos(
+        op,
+        start,
+        max_iters,
+        stop=estimated,
+        seed=seed,
+        progress=progress,
+        description=f"eigs {which}",
+        basis=basis,
+        basis_path=basis_path,
+        checkpoint=saving,
+    )
+    theta, S, estimates = distinct(state)
     wanted = _select(theta, k, which)
     values = theta[wanted]
-    vectors = torch.einsum("mn,mk->nk", state.basis[:, :, 0], S[:, wanted].to(state.basis))
+    vectors = state.ritz_vectors(S[:, wanted])
+    state.close()
     everyone = estimates.clone()  # each Ritz value's residual: verified where known
     if verify:
         verified = torch.linalg.vector_norm(op @ vectors - vectors * values.to(vectors), dim=0).cpu().double()
@@ -225,6 +277,7 @@ def eigs(
         verified=verify,
         n_matvecs=state.n_matvecs + (len(wanted) if verify else 0),
         seconds=time.perf_counter() - began,
+        basis=state.mode,
     )
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -12,10 +13,12 @@ from torch import Tensor
 from hessops import constants
 from hessops._arguments import choice, integer, linear_operator
 from hessops._cola import cola
+from hessops.checkpoint import Checkpoint, open_checkpoint
 from hessops.errors import InvalidArgumentError
 from hessops.lanczos import check_precision, rademacher
 
 METHODS = constants.TRACE_METHODS
+CHUNKS = 8  # with a checkpoint, each block of products runs in this many chunks of columns
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,15 @@ def _running(samples: Tensor, offset: float, products_before: int) -> TraceHisto
     )
 
 
-def trace(op: cola.ops.LinearOperator, *, probes: int = 100, method: str = "hutch++", seed: int = 0) -> TraceEstimate:
+def trace(
+    op: cola.ops.LinearOperator,
+    *,
+    probes: int = 100,
+    method: str = "hutch++",
+    seed: int = 0,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: float = 60.0,
+) -> TraceEstimate:
     r"""Estimate :math:`\mathrm{tr}\,A` with ``probes`` products of ``A`` (all in one block: one data pass
     for Hutchinson, two for Hutch++).
 
@@ -94,6 +105,10 @@ def trace(op: cola.ops.LinearOperator, *, probes: int = 100, method: str = "hutc
 
     ``history`` holds the running estimate as the samples accumulate (all products are computed in one
     block, so it costs nothing): how the estimate converged, for :func:`hessops.plot.plot_trace`.
+
+    ``checkpoint``: a file to resume from and to save the finished products to, at most every
+    ``checkpoint_every`` seconds (:mod:`hessops.checkpoint`); the products then run in :data:`CHUNKS`
+    chunks of columns per block (more passes over the data), so that a killed run loses at most one chunk.
     """
     method = choice("method", method, METHODS)
     probes = integer("probes", probes, minimum=2 if method == "hutchinson" else 4)
@@ -103,25 +118,28 @@ def trace(op: cola.ops.LinearOperator, *, probes: int = 100, method: str = "hutc
     check_precision(op, "trace")
     n = op.shape[0]
     began = time.perf_counter()
+    apply = _Products(
+        op, open_checkpoint(checkpoint, checkpoint_every, "trace", op, probes=probes, method=method, seed=seed)
+    )
     if probes >= n:
         identity = torch.eye(n, dtype=op.dtype, device=op.device)
-        exact = float(torch.diagonal(op @ identity).double().sum())
+        exact = float(torch.diagonal(apply("identity", identity)).double().sum())
         history = TraceHistory([n], [exact], [0.0])
         return TraceEstimate(exact, 0.0, "exact", probes, history, n, time.perf_counter() - began)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     if method == "hutchinson":
         Z = rademacher(n, probes, generator, op)
-        samples = (Z * (op @ Z)).sum(0).double().cpu()
+        samples = (Z * apply("probes", Z)).sum(0).double().cpu()
         history = _running(samples, 0.0, 0)
         return TraceEstimate(
             history.estimate[-1], history.std_error[-1], method, probes, history, probes, time.perf_counter() - began
         )
     sketch = probes // 3
     remaining = probes - 2 * sketch
-    Q, _ = torch.linalg.qr(op @ rademacher(n, sketch, generator, op))
+    Q, _ = torch.linalg.qr(apply("sketch", rademacher(n, sketch, generator, op)))
     Z = rademacher(n, remaining, generator, op)
     Z = Z - Q @ (Q.T @ Z)
-    products = op @ torch.cat([Q, Z], dim=1)  # one pass over the data for both
+    products = apply("rest", torch.cat([Q, Z], dim=1))  # one pass over the data for both
     exact_part = float(torch.einsum("nk,nk->", Q, products[:, :sketch]))
     deflated = products[:, sketch:] - Q @ (Q.T @ products[:, sketch:])
     samples = (Z * deflated).sum(0).double().cpu()
@@ -129,3 +147,30 @@ def trace(op: cola.ops.LinearOperator, *, probes: int = 100, method: str = "hutc
     return TraceEstimate(
         history.estimate[-1], history.std_error[-1], method, probes, history, probes, time.perf_counter() - began
     )
+
+
+class _Products:
+    """``op @ X`` for each named stage of an estimator; with a checkpoint, in :data:`CHUNKS` chunks of columns,
+    the finished ones saved (as the checkpoint's state, by stage) and taken back by a resumed run."""
+
+    def __init__(self, op: cola.ops.LinearOperator, saving: Checkpoint | None):
+        self.op, self.saving = op, saving
+        self.finished = {} if saving is None else saving.load() or {}
+
+    def __call__(self, stage: str, X: Tensor) -> Tensor:
+        if self.saving is None:
+            return self.op @ X
+        k = X.shape[1]
+        chunk = -(-k // CHUNKS)
+        pieces = [self.finished[stage].to(X.device)] if stage in self.finished else []
+        try:
+            for i in range(sum(piece.shape[1] for piece in pieces), k, chunk):
+                pieces.append(self.op @ X[:, i : i + chunk])
+                self.finished[stage] = torch.cat(pieces, dim=1).cpu()
+                if self.saving.due():
+                    self.saving.save(self.finished)
+        except KeyboardInterrupt:
+            self.saving.save(self.finished)
+            raise self.saving.interrupted() from None
+        self.saving.save(self.finished)
+        return torch.cat(pieces, dim=1)

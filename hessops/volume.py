@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -41,7 +42,7 @@ class LogdetEstimate:
 
     def to_dict(self) -> dict:
         """The result as JSON-ready values: ``logdet``, ``std_error``, ``method``, ``n_matvecs``, ``seconds``,
-        and for SLQ the ``quadrature``'s ``nodes`` and ``weights`` (one row per probe)."""
+        and for SLQ the ``quadrature``'s ``nodes`` and ``weights`` (one row per probe) and its ``basis``."""
         result = {
             "logdet": self.estimate,
             "std_error": self.std_error,
@@ -53,6 +54,7 @@ class LogdetEstimate:
             result["quadrature"] = {
                 "nodes": self.quadrature.nodes.tolist(),
                 "weights": self.quadrature.weights.tolist(),
+                "basis": self.quadrature.basis,
             }
         return result
 
@@ -65,6 +67,10 @@ def logdet(
     lanczos_steps: int = 50,
     seed: int = 0,
     progress: bool = False,
+    basis: str = "auto",
+    basis_path: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: float = 60.0,
 ) -> LogdetEstimate:
     r""":math:`\log\det A` of a symmetric positive definite operator (build one with
     :class:`hessops.Regularized`, e.g. ``Regularized(H, c)``).
@@ -83,7 +89,8 @@ def logdet(
     (interlacing), and a refused run is never reported as a number. Not guaranteed: that the operator is
     positive definite when the check passes, since an eigenvalue that the Krylov spaces have not reached
     (one the probes barely touch) can still lie below 0; ``method="dense"`` is exact. Half-precision
-    operators are refused."""
+    operators are refused. ``basis``, ``basis_path``, ``checkpoint`` and ``checkpoint_every``: the SLQ
+    run's, as in :func:`hessops.density.quadrature` (the dense method is one step, not checkpointed)."""
     method = choice("method", method, LOGDET_METHODS)
     probes = integer("probes", probes, minimum=1)
     lanczos_steps = integer("lanczos_steps", lanczos_steps, minimum=1)
@@ -101,7 +108,17 @@ def logdet(
         return LogdetEstimate(
             float(eigenvalues.log().sum()), 0.0, "dense", n, time.perf_counter() - began, eigenvalues=eigenvalues.cpu()
         )
-    rule = quadrature(op, num_probes=probes, lanczos_steps=lanczos_steps, seed=seed, progress=progress)
+    rule = quadrature(
+        op,
+        num_probes=probes,
+        lanczos_steps=lanczos_steps,
+        seed=seed,
+        progress=progress,
+        basis=basis,
+        basis_path=basis_path,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+    )
     _check_positive(float(rule.nodes.min()), "Ritz value")
     _check_verified(rule)
     estimate, error = rule.estimate(torch.log)
@@ -203,6 +220,10 @@ def basin_volume(
     lanczos_steps: int = 50,
     seed: int = 0,
     progress: bool = False,
+    basis: str = "auto",
+    basis_path: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: float = 60.0,
 ) -> BasinVolume:
     r"""The log-volume of the basin :math:`\{\delta : \tfrac12\delta^\top(H+cI)\delta \le \text{threshold}\}`,
     the region where the quadratic model of the loss rises by at most ``threshold``:
@@ -211,14 +232,26 @@ def basin_volume(
 
     ``c`` damps flat and negative directions; a Gaussian prior of std ``s`` with weight decay ``λ`` gives
     ``c = λ + 1/s²`` (the MNIST basin-volume study: ``1e-5 + 1/0.5**2``). The log-determinant is exact for
-    small ``n`` (see :func:`logdet`), else estimated by SLQ with its standard error."""
+    small ``n`` (see :func:`logdet`), else estimated by SLQ with its standard error; ``basis``, ``basis_path``,
+    ``checkpoint`` and ``checkpoint_every`` are :func:`logdet`'s."""
     threshold = real("threshold", threshold, positive=True)
     c = real("c", c)
     linear_operator("H", H)
     n = H.shape[0]
     began = time.perf_counter()
     op = Regularized(H, c) if c != 0 else H
-    estimate = logdet(op, method=method, probes=probes, lanczos_steps=lanczos_steps, seed=seed, progress=progress)
+    estimate = logdet(
+        op,
+        method=method,
+        probes=probes,
+        lanczos_steps=lanczos_steps,
+        seed=seed,
+        progress=progress,
+        basis=basis,
+        basis_path=basis_path,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+    )
     unit_ball = log_unit_ball_volume(n)
     threshold_term = 0.5 * n * math.log(2 * threshold)
     return BasinVolume(

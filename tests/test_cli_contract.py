@@ -159,6 +159,13 @@ BAD_VALUES = {
     "landscape-vectors-missing": (["landscape", "--directions", "eigen", "--vectors", "no/such.pt"], "no such file"),
     "landscape-vectors-with-random": (["landscape", "--vectors", __file__], "pass --directions eigen too"),
     "landscape-distributed": (["landscape", "--distributed"], "`hessops landscape` runs in one process"),
+    "basis-unknown": (["eigs", "--basis", "ram"], "argument --basis: invalid choice"),
+    "basis-path-without-disk": (["density", "--basis-path", "b.npy"], "--basis-path is the file of --basis disk"),
+    "checkpoint-every-negative": (
+        ["trace", "--resume", "t.ckpt", "--checkpoint-every", "-1"],
+        "argument --checkpoint-every: -1 is out of range",
+    ),
+    "trace-has-no-basis": (["trace", "--basis", "disk"], "unrecognized arguments: --basis disk"),
     "no-command": ([], "the following arguments are required: COMMAND"),
     "unknown-option": (["eigs", "--kk", "3"], "unrecognized arguments: --kk 3"),
 }
@@ -279,6 +286,7 @@ def test_choices_are_the_library_constants():
         assert cli.data_name(name) == name
     assert choices[("landscape", "directions")] is constants.LANDSCAPE_DIRECTIONS
     assert choices[("track", "hvp_mode")] is constants.HVP_MODES and choices[("logdet", "dtype")] is constants.DTYPES
+    assert all(choices[(name, "basis")] is constants.BASIS_MODES for name in ("eigs", "density", "logdet", "basin"))
 
 
 def test_gpt_sizes_are_the_named_configs():

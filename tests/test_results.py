@@ -55,7 +55,9 @@ def test_spectrum_to_dict(hessian):
         "lanczos_steps",
         "n_matvecs",
         "seconds",
+        "basis",
     }
+    assert d["basis"] == s.basis == "device"  # auto: a small basis stays on the device
     assert d["eigenvalues"] == s.values.tolist() and d["residuals"] == s.residuals.tolist()
     assert d["error_bounds"] == s.error_bounds.tolist() and d["lanczos_steps"] == s.steps > 0
     assert (d["which"], d["converged"], d["verified"]) == ("LA", True, True)
@@ -65,7 +67,7 @@ def test_spectral_density_to_dict(hessian):
     H, dense = hessian
     result = hessops.spectral_density(H, num_probes=3, lanczos_steps=10, grid=50)
     d = round_trip(result)
-    assert set(d) == {"grid", "density", "sigma", "moments", "nodes", "weights", "n_matvecs", "seconds"}
+    assert set(d) == {"grid", "density", "sigma", "moments", "nodes", "weights", "n_matvecs", "seconds", "basis"}
     assert d["grid"] == result.grid.tolist() and d["density"] == result.density.tolist() and d["sigma"] == result.sigma
     assert d["n_matvecs"] == result.quadrature.n_matvecs == 3 * 10
     assert d["nodes"] == result.quadrature.nodes.tolist() and len(d["weights"]) == 3
@@ -124,7 +126,11 @@ def test_logdet_to_dict(hessian):
     d = round_trip(slq)
     assert set(d) == {"logdet", "std_error", "method", "n_matvecs", "seconds", "quadrature"}
     assert (d["logdet"], d["std_error"], d["method"]) == (slq.estimate, slq.std_error, "slq")
-    assert d["quadrature"] == {"nodes": slq.quadrature.nodes.tolist(), "weights": slq.quadrature.weights.tolist()}
+    assert d["quadrature"] == {
+        "nodes": slq.quadrature.nodes.tolist(),
+        "weights": slq.quadrature.weights.tolist(),
+        "basis": "device",
+    }
     assert slq.eigenvalues is None and d["n_matvecs"] == 4 * 30
 
 

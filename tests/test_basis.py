@@ -1,0 +1,154 @@
+"""Where the Lanczos basis lives (hessops.basis): each mode against the in-memory one and the exact spectrum, the
+Cullum–Willoughby guard on a matrix where plain Lanczos makes ghost copies, the automatic choice, the disk file."""
+
+from __future__ import annotations
+
+import tempfile
+
+import cola
+import pytest
+import torch
+from torch import nn
+from toy_networks import mlp
+
+import hessops
+import hessops.basis
+from hessops.basis import choose_mode, cullum_willoughby
+from hessops.errors import InvalidArgumentError
+from hessops.lanczos import lanczos, ritz
+
+
+@pytest.fixture(scope="module")
+def hessian():
+    """An MLP Hessian (n = 131, indefinite) in float64 as a dense CoLA operator (its products cost nothing, so
+    the tests bound the basis's work, not the model's), and its exact eigenpairs."""
+    torch.manual_seed(0)
+    model = mlp(4, 16, 3).double()
+    x, y = torch.randn(40, 4, dtype=torch.float64), torch.randn(40, 3, dtype=torch.float64)
+    dense = hessops.Hessian(model, nn.MSELoss(), [(x[:25], y[:25]), (x[25:], y[25:])]).to_dense()
+    dense = (dense + dense.T) / 2
+    values, vectors = torch.linalg.eigh(dense)
+    return cola.SelfAdjoint(cola.ops.Dense(dense)), values, vectors
+
+
+@pytest.mark.parametrize("mode", ["host", "disk", "none"])
+def test_each_mode_matches_the_device_basis_and_the_exact_spectrum(hessian, mode):
+    """host and disk do the device mode's arithmetic (the disk in chunks of steps: the same sums here, one
+    chunk), so agree to rounding, 1e-12 relative; none re-orthogonalizes nothing, and is held to the exact
+    spectrum within the residual tolerance it converged to (values to ~residual² / gap: 1e-9 relative, vectors
+    to ~residual / gap: 1e-5)."""
+    H, exact, exact_vectors = hessian
+    device = hessops.eigs(H, 4, "LM", tol=1e-8, basis="device")
+    other = hessops.eigs(H, 4, "LM", tol=1e-8, basis=mode)
+    assert (device.basis, other.basis) == ("device", mode)
+    assert other.to_dict()["basis"] == mode
+    scale = float(exact.abs().max())
+    top = exact[torch.argsort(exact.abs(), descending=True)[:4]]
+    torch.testing.assert_close(other.values, top, rtol=0, atol=1e-9 * scale)
+    if mode != "none":
+        torch.testing.assert_close(other.values, device.values, rtol=0, atol=1e-12 * scale)
+        torch.testing.assert_close(other.vectors, device.vectors, rtol=0, atol=1e-10)
+    overlap = (other.vectors.T @ exact_vectors[:, torch.argsort(exact.abs(), descending=True)[:4]]).diagonal().abs()
+    torch.testing.assert_close(overlap, torch.ones(4, dtype=torch.float64), rtol=0, atol=1e-5)
+    assert other.converged and float(other.residuals.max()) < 1e-7 * scale  # verified: A v − λ v of the vectors
+
+
+def test_the_second_pass_costs_the_products_again(hessian):
+    """Without a basis the vectors come from re-running the recurrence: m − 1 more products (plus k to verify)."""
+    H, _, _ = hessian
+    spectrum = hessops.eigs(H, 2, "LA", tol=1e-8, basis="none")
+    assert spectrum.n_matvecs == 2 * spectrum.steps - 1 + 2
+
+
+@pytest.mark.parametrize("mode", ["host", "disk", "none"])
+def test_density_modes_agree(hessian, mode):
+    """SLQ nodes and weights: host and disk equal the device's to rounding (1e-12 relative); none (no
+    re-orthogonalization) still integrates low moments exactly, tr(H)/n and tr(H²)/n, to 1e-10 relative."""
+    H, exact, _ = hessian
+    device = hessops.spectral_density(H, num_probes=3, lanczos_steps=30, basis="device")
+    other = hessops.spectral_density(H, num_probes=3, lanczos_steps=30, basis=mode)
+    assert other.to_dict()["basis"] == mode
+    scale = float(exact.abs().max())
+    if mode != "none":
+        torch.testing.assert_close(other.quadrature.nodes, device.quadrature.nodes, rtol=0, atol=1e-12 * scale)
+        torch.testing.assert_close(other.quadrature.weights, device.quadrature.weights, rtol=0, atol=1e-12)
+    for k in (1, 2):
+        assert other.quadrature.moment(k) == pytest.approx(device.quadrature.moment(k), rel=1e-10)
+
+
+def ghost_matrix(n: int = 400) -> tuple[cola.ops.LinearOperator, torch.Tensor]:
+    """Diagonal, three large well-separated eigenvalues over a bulk in [0, 1]: the large ones converge within a
+    few steps, after which plain Lanczos loses orthogonality to them and finds them again (Paige, 1971)."""
+    diagonal = torch.cat([torch.tensor([100.0, 50.0, 25.0]), torch.linspace(0, 1, n - 3)]).double()
+    return cola.SelfAdjoint(cola.ops.Dense(torch.diag(diagonal))), diagonal
+
+
+def test_plain_lanczos_makes_ghosts_and_the_guard_removes_them():
+    A, _ = ghost_matrix()
+    start = torch.randn(400, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    state = lanczos(A, start, 150, basis="none")
+    assert state.mode == "none"
+    theta, _, _ = ritz(state)
+    outside = theta[theta > 1.5]
+    assert int(((outside - 100).abs() < 1e-8).sum()) >= 2, "no ghost copies: the test matrix does not test the guard"
+    keep = cullum_willoughby(state.tridiagonal(), theta, 1000 * torch.finfo(torch.float64).eps * float(theta.max()))
+    kept = theta[keep]
+    torch.testing.assert_close(
+        kept[kept > 1.5], torch.tensor([25.0, 50.0, 100.0], dtype=torch.float64), rtol=1e-10, atol=0
+    )
+    with_basis, _, _ = ritz(lanczos(A, start, 150, basis="device"))
+    assert int((with_basis > 1.5).sum()) == 3  # full re-orthogonalization makes no copies
+
+
+def test_eigs_without_a_basis_returns_each_eigenvalue_once():
+    """eigs(basis="none") run long enough for ghosts (max_iters = 150, a tolerance never met) still reports
+    25, 50, 100 once each and the bulk's top next: the guard is applied before the wanted values are picked."""
+    A, diagonal = ghost_matrix()
+    with pytest.warns(RuntimeWarning):
+        spectrum = hessops.eigs(A, 4, "LA", tol=1e-300, max_iters=150, basis="none")
+    torch.testing.assert_close(
+        spectrum.values[:3], torch.tensor([100.0, 50.0, 25.0], dtype=torch.float64), rtol=1e-10, atol=0
+    )
+    assert float(spectrum.values[3]) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_auto_chooses_from_free_memory(monkeypatch):
+    """Mocked free memory: the device when the basis fits in half of it, else the host, else none."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for device_free, host_free, wanted in ((10_000, 0, "device"), (1_000, 10_000, "host"), (1_000, 1_000, "none")):
+        monkeypatch.setattr(hessops.basis, "free_device_bytes", lambda device, free=device_free: free)
+        monkeypatch.setattr(hessops.basis, "available_host_bytes", lambda free=host_free: free)
+        assert choose_mode("auto", 4_000, cuda) == wanted
+    assert choose_mode("disk", 10**15, cpu) == "disk"  # asked for: not second-guessed
+    monkeypatch.setattr(hessops.basis, "free_device_bytes", lambda device: 1_000)
+    monkeypatch.setattr(hessops.basis, "available_host_bytes", lambda: 10**12)
+    assert choose_mode("auto", 4_000, cpu) == "none"  # a CPU operator's device memory is the host's
+    A, _ = ghost_matrix(50)
+    assert hessops.eigs(A, 1, "LA").basis == "none"
+
+
+def test_disk_basis_file_is_removed(tmp_path, monkeypatch, hessian):
+    H, _, _ = hessian
+    path = tmp_path / "basis.npy"
+    hessops.eigs(H, 2, basis="disk", basis_path=path)
+    assert not path.exists()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    hessops.spectral_density(H, num_probes=2, lanczos_steps=10, basis="disk")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_basis_arguments(hessian):
+    H, _, _ = hessian
+    with pytest.raises(InvalidArgumentError, match="basis='ram'"):
+        hessops.eigs(H, 1, basis="ram")
+    with pytest.raises(InvalidArgumentError, match="basis='disk'"):
+        hessops.spectral_density(H, basis="host", basis_path="b.npy")
+
+
+def test_disk_basis_never_overwrites_a_file(tmp_path, hessian):
+    H, _, _ = hessian
+    precious = tmp_path / "precious.npy"
+    precious.write_bytes(b"data")
+    with pytest.raises(InvalidArgumentError, match="exists"):
+        hessops.eigs(H, 1, basis="disk", basis_path=precious)
+    assert precious.read_bytes() == b"data"
