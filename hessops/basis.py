@@ -71,6 +71,12 @@ def choose_mode(mode: str, nbytes: int, device: torch.device) -> str:
     return "none"
 
 
+def steps_in_memory(n: int, P: int, dtype: torch.dtype, device: torch.device) -> int:
+    """How many Lanczos steps of ``P`` vectors of size ``n`` fit in half of the free memory of ``device``: the
+    budget :func:`choose_mode` gives a basis there."""
+    return free_device_bytes(device) // 2 // max(1, n * P * dtype.itemsize)
+
+
 def check_mode(mode: str, path: str | os.PathLike | None) -> str:
     """``mode`` when it is one of :data:`BASIS_MODES` (and ``path`` only comes with ``"disk"``)."""
     if not isinstance(mode, str) or mode not in BASIS_MODES:

@@ -15,12 +15,13 @@ from torch import Tensor
 from hessops import constants
 from hessops._arguments import boolean, integer, linear_operator, real
 from hessops._cola import cola
-from hessops.basis import check_mode, cullum_willoughby
+from hessops.basis import check_mode, cullum_willoughby, steps_in_memory
 from hessops.checkpoint import open_checkpoint, tensor_digest
 from hessops.errors import InvalidArgumentError
 from hessops.lanczos import LanczosState, check_precision, lanczos, ritz
 
 WHICH = constants.WHICH
+MIN_BASIS_STEPS = 40  # with basis='auto', the default max_iters is capped at what fits in memory, if at least this
 GHOST_TOLERANCE = 1000  # without a basis, Ritz values within this × eps × max|θ| are copies of one eigenvalue
 
 
@@ -152,11 +153,12 @@ def eigs(
     residuals miss the test. ``verify=False`` saves those products and reports the estimates
     (``Spectrum.verified`` is then ``False``). ``start`` warm-starts from a vector (a previous top
     eigenvector, say). Memory: the ``n × steps`` basis of the steps actually taken, where ``basis`` says
-    (:mod:`hessops.basis`: ``"device"``, ``"host"``, ``"disk"`` at ``basis_path``, ``"none"``, or ``"auto"``
-    from the free memory). With ``"none"`` nothing is re-orthogonalized: the Ritz values are deduplicated
-    by the Cullum–Willoughby test (:func:`hessops.basis.cullum_willoughby`), and the vectors cost a second
-    pass of the same products. ``checkpoint``: a file to save the run to every ``checkpoint_every`` seconds
-    and to resume from (:mod:`hessops.checkpoint`). Half-precision operators are refused
+    (:mod:`hessops.basis`: ``"device"``, ``"host"``, ``"disk"`` at ``basis_path``, ``"none"``, or ``"auto"`` from the
+    free memory; with the default ``max_iters``, ``"auto"`` caps the steps at what fits in half of the free memory when
+    that is at least 40 steps, and keeps the basis there). With ``"none"`` nothing is re-orthogonalized: the Ritz values
+    are deduplicated by the Cullum–Willoughby test (:func:`hessops.basis.cullum_willoughby`), and the vectors cost a
+    second pass of the same products. ``checkpoint``: a file to save the run to every ``checkpoint_every`` seconds and
+    to resume from (:mod:`hessops.checkpoint`). Half-precision operators are refused
     (:func:`hessops.lanczos.check_precision`).
 
     A single Lanczos run finds one copy of a repeated eigenvalue (the start vector's component in the
@@ -180,10 +182,18 @@ def eigs(
         value_tol = real("value_tol", value_tol, positive=True)
     seed = integer("seed", seed)
     verify, progress = boolean("verify", verify), boolean("progress", progress)
+    requested_iters = max_iters
     max_iters = min(n, max(300, 20 * k)) if max_iters is None else min(integer("max_iters", max_iters, minimum=1), n)
     if max_iters < k:
         raise InvalidArgumentError(f"max_iters={max_iters} is less than k={k}: Lanczos needs at least k steps")
     basis = check_mode(basis, basis_path)
+    if requested_iters is None and basis == "auto":
+        # A basis of the default steps may not fit where one of the steps a run usually takes does: then cap the
+        # steps at what fits, and keep full re-orthogonalization (no second pass for the vectors) rather than
+        # go without a basis. A run that reaches the cap says so (raise max_iters, or pass basis="none").
+        fit = steps_in_memory(n, 1, op.dtype, op.device)
+        if min(max_iters, max(MIN_BASIS_STEPS, 4 * k)) <= fit < max_iters:
+            max_iters = fit
     given = start is not None
     if start is None:
         generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -198,7 +208,7 @@ def eigs(
         which=which,
         tol=tol,
         value_tol=value_tol,
-        max_iters=max_iters,
+        max_iters=requested_iters,
         seed=seed,
         start=tensor_digest(start) if given else None,
         basis=basis,

@@ -127,6 +127,22 @@ def test_auto_chooses_from_free_memory(monkeypatch):
     assert hessops.eigs(A, 1, "LA").basis == "none"
 
 
+def test_auto_caps_the_default_steps_at_what_fits_rather_than_go_without_a_basis(monkeypatch, hessian):
+    """eigs with basis="auto" and the default max_iters: when a basis of the default 131 steps (n = 131, float64:
+    1,048 bytes a vector) does not fit in half of the free memory but one of at least 40 steps does, the steps
+    are capped at what fits and the basis stays in memory (no second pass); below 40 steps, no basis."""
+    H, exact, _ = hessian
+    vector = 131 * 8
+    monkeypatch.setattr(hessops.basis, "free_device_bytes", lambda device: 2 * 60 * vector)
+    capped = hessops.eigs(H, 2, "LM", tol=1e-8)
+    assert capped.basis == "device" and capped.steps <= 60 and capped.converged
+    top = exact[torch.argsort(exact.abs(), descending=True)[:2]]
+    torch.testing.assert_close(capped.values, top, rtol=0, atol=1e-9 * float(exact.abs().max()))
+    monkeypatch.setattr(hessops.basis, "free_device_bytes", lambda device: 2 * 30 * vector)
+    assert hessops.eigs(H, 2, "LM", tol=1e-8).basis == "none"
+    assert hessops.eigs(H, 2, "LM", tol=1e-8, max_iters=131).basis == "none"  # steps asked for: not capped
+
+
 def test_disk_basis_file_is_removed(tmp_path, monkeypatch, hessian):
     H, _, _ = hessian
     path = tmp_path / "basis.npy"
