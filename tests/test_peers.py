@@ -142,3 +142,16 @@ def test_gpu_check_smoke(tmp_path):
     assert "error" not in top and "error" not in products, (top.get("traceback"), products.get("traceback"))
     assert len(top["eigenvalues"]) == 2 and top["hvps"] >= 2 and top["converged"]
     assert products["hvp / grad"] > 0 and products["peak bytes"]["hessops hvp"] > 0
+
+
+def test_large_runs_harness_smoke(tmp_path):
+    """Not a measurement: benchmarks/large.py runs each configuration in its own process, reports the basis
+    each used and its peak resident memory, and the disk basis gives the device basis's eigenvalues."""
+    from benchmarks.large import main
+
+    report = main(["--smoke", "--out", str(tmp_path / "large.json")])
+    runs = report["runs"]
+    assert [r.get("basis used") for r in runs] == ["device", "disk", "none"], [r.get("error") for r in runs]
+    assert all(r["peak resident bytes"] > 0 for r in runs)
+    torch.testing.assert_close(torch.tensor(runs[1]["eigenvalues"]), torch.tensor(runs[0]["eigenvalues"]))
+    assert json.loads((tmp_path / "large.json").read_text())["runs"][1]["slowdown against the device basis"] > 0
