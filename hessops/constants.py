@@ -40,8 +40,8 @@ WHICH: tuple[str, ...] = ("LM", "LA", "SA", "both")
 # trace(method=...).
 TRACE_METHODS: tuple[str, ...] = ("hutch++", "hutchinson")
 
-# logdet(method=...) and basin_volume(method=...).
-LOGDET_METHODS: tuple[str, ...] = ("auto", "dense", "slq")
+# logdet(method=...) and basin_volume(method=...); "deflated": top eigenvalues exactly, the rest by SLQ.
+LOGDET_METHODS: tuple[str, ...] = ("auto", "dense", "slq", "deflated")
 
 # hessops.data.load_dataset knows these; download_dataset fetches the last three (digits ship with scikit-learn).
 DATASETS: tuple[str, ...] = ("digits", "mnist", "cifar10", "cifar2")

@@ -76,12 +76,15 @@ def quadrature(
     seed: int = 0,
     reorthogonalize: bool | None = None,
     progress: bool = False,
+    start: Tensor | None = None,
 ) -> Quadrature:
     """Run ``lanczos_steps`` Lanczos steps from ``num_probes`` Rademacher vectors at once (one ``(n, P)``
     product a step) and return the Gauss quadrature rules. ``reorthogonalize`` defaults to full
     re-orthogonalization when the basis fits in 4 GiB (else the plain three-term recurrence, whose spurious
     Ritz copies leave the density's smooth shape intact but may bias sharp features). Half-precision
-    operators are refused (:func:`hessops.lanczos.check_precision`)."""
+    operators are refused (:func:`hessops.lanczos.check_precision`). ``start`` ``(n, P)``: the probe vectors
+    (any non-zero columns, each normalized), in place of ``num_probes`` Rademacher vectors; the rules are
+    then of the measures ``vᵀ f(A) v / ‖v‖²`` of these columns (deflation projects its probes this way)."""
     linear_operator("op", op)
     if not op.isa(cola.SelfAdjoint):
         raise ValueError(
@@ -95,11 +98,14 @@ def quadrature(
     if reorthogonalize is not None:
         reorthogonalize = boolean("reorthogonalize", reorthogonalize)
     n = op.shape[0]
+    if start is not None:
+        start = _checked_probes(start, op)
+        num_probes = start.shape[1]
     steps = min(lanczos_steps, n)
     if reorthogonalize is None:
         reorthogonalize = steps * n * num_probes * op.dtype.itemsize <= REORTHOGONALIZATION_BUDGET_BYTES
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    probes = rademacher(n, num_probes, generator, op)
+    probes = rademacher(n, num_probes, generator, op) if start is None else start
     state = lanczos(op, probes, steps, reorthogonalize=reorthogonalize, seed=seed, progress=progress, description="SLQ")
     nodes, weights, residuals = [], [], []
     for p in range(num_probes):
@@ -108,6 +114,20 @@ def quadrature(
         weights.append(S[0] ** 2)
         residuals.append(estimates)
     return Quadrature(torch.stack(nodes), torch.stack(weights), n, state.n_matvecs, torch.stack(residuals))
+
+
+def _checked_probes(start: Tensor, op: cola.ops.LinearOperator) -> Tensor:
+    """``start`` as ``(n, P)`` probes in the operator's dtype and device, when it is a finite ``(n, P)`` tensor
+    without a zero column."""
+    n = op.shape[0]
+    if not isinstance(start, Tensor) or start.dim() != 2 or start.shape[0] != n or start.shape[1] < 1:
+        shape = tuple(start.shape) if isinstance(start, Tensor) else type(start).__name__
+        raise InvalidArgumentError(f"start must be an (n, P) tensor of probe vectors with n = {n}, got {shape}")
+    if not bool(torch.isfinite(start).all()):
+        raise InvalidArgumentError("start holds NaN or inf: pass finite probe vectors (or start=None)")
+    if not bool((start != 0).any(dim=0).all()):
+        raise InvalidArgumentError("start has a zero column, which spans no Krylov space: drop it (or start=None)")
+    return start.to(device=op.device, dtype=op.dtype)
 
 
 @dataclass
