@@ -89,7 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     low = hessops.eigs(H, 1, "SA", value_tol=args.eigs_tol)
     smallest, bound = float(low.values[0]), float(low.error_bounds[0])
     c = args.c if args.c is not None else float(f"{2 * max(bound - smallest, 0.5):.2g}")
-    print(f"{args.model}, n = {H.shape[0]:,}: λ_min = {smallest:.5g} ± {bound:.2g} ({low.n_matvecs} products); c = {c:g}")
+    print(
+        f"{args.model}, n = {H.shape[0]:,}: λ_min = {smallest:.5g} ± {bound:.2g} ({low.n_matvecs} products); c = {c:g}"
+    )
     rows = []
     for d in args.deflate:
         est = hessops.logdet(

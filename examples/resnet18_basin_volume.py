@@ -80,7 +80,10 @@ def main() -> None:
     quick, full = (QUICK_IMAGES, QUICK_C, 2, 3, 6, "autograd"), (200, PRIOR_C, 10, 10, 30, "auto")
     batch_size, c, deflate, probes, steps, hvp_mode = quick if args.quick else full
     c, deflate = c if args.c is None else args.c, deflate if args.deflate is None else args.deflate
-    probes, steps = probes if args.probes is None else args.probes, steps if args.lanczos_steps is None else args.lanczos_steps
+    probes, steps = (
+        probes if args.probes is None else args.probes,
+        steps if args.lanczos_steps is None else args.lanczos_steps,
+    )
     device = torch.device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()

@@ -523,8 +523,7 @@ def logdet(args: argparse.Namespace) -> None:
     result = estimate.to_dict()
     print(
         f"log det({args.operator} + {args.c:g}·I) = {result['logdet']:.8g} ± {result['std_error']:.2g} "
-        f"({result['method']}, {result['n_matvecs']} products, {result['seconds']:.2f} s)"
-        + interval_text(result)
+        f"({result['method']}, {result['n_matvecs']} products, {result['seconds']:.2f} s)" + interval_text(result)
     )
 
     def draw() -> Figure:
@@ -549,9 +548,7 @@ def deflation(args: argparse.Namespace) -> tuple[str, int]:
     if args.deflate is None:
         return args.method, 10
     if args.method not in ("auto", "deflated"):
-        raise InvalidArgumentError(
-            f"--deflate applies to --method deflated, not {args.method}: drop one of them"
-        )
+        raise InvalidArgumentError(f"--deflate applies to --method deflated, not {args.method}: drop one of them")
     return "deflated", args.deflate
 
 

@@ -12,15 +12,19 @@ from hessops._cola import cola
 
 
 class Complement(cola.ops.LinearOperator):
-    r""":math:`P A P` with :math:`P = I - VV^\top`, for a symmetric ``op`` :math:`A` and orthonormal columns
-    ``V`` ``(n, k)``: :math:`A` compressed to the orthogonal complement of ``V``'s span, where its eigenvalues
-    are those of :math:`W^\top A W` (``W`` an orthonormal basis of the complement), and zero on the span.
-    Lanczos started in the complement stays there, so it sees only :math:`W^\top A W`."""
+    r""":math:`P A P + \mu VV^\top` with :math:`P = I - VV^\top`, for a symmetric ``op`` :math:`A` and
+    orthonormal columns ``V`` ``(n, k)``: :math:`A` compressed to the orthogonal complement of ``V``'s span,
+    where its eigenvalues are those of :math:`W^\top A W` (``W`` an orthonormal basis of the complement), and
+    ``shift`` :math:`\mu` on the span. Lanczos started in the complement stays there in exact arithmetic, so it
+    sees only :math:`W^\top A W`; in rounding, the span enters with weights of order ε², where ``shift`` (a
+    value inside the spectrum, such as the smallest deflated eigenvalue) keeps it harmless, instead of the zero
+    eigenvalue of :math:`PAP` that a full-length run would find."""
 
-    def __init__(self, op: cola.ops.LinearOperator, V: Tensor):
+    def __init__(self, op: cola.ops.LinearOperator, V: Tensor, shift: float):
         super().__init__(dtype=op.dtype, shape=op.shape)
         self.op = op
         self.V = torch.linalg.qr(V.to(device=op.device, dtype=op.dtype)).Q  # orthonormal to rounding
+        self.shift = shift
         self.device = op.device
         self.annotations = {cola.SelfAdjoint}
 
@@ -29,7 +33,7 @@ class Complement(cola.ops.LinearOperator):
         return X - self.V @ (self.V.T @ X)
 
     def _matmat(self, X: Tensor) -> Tensor:
-        return self.project(self.op @ self.project(X))
+        return self.project(self.op @ self.project(X)) + self.shift * (self.V @ (self.V.T @ X))
 
     def __repr__(self) -> str:
         return f"<Complement of {self.V.shape[1]} vectors in {self.op!r}>"

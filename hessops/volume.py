@@ -216,7 +216,7 @@ def _deflated(
         top = eigs(op, deflate, "LA", tol=eigs_tol, seed=seed, progress=progress)
         values, residuals = top.values.double().cpu(), top.residuals.double().cpu()
         n_matvecs += top.n_matvecs
-        complement = Complement(op, top.vectors)
+        complement = Complement(op, top.vectors, float(values[-1]))
     generator = torch.Generator(device="cpu").manual_seed(seed)
     start = rademacher(n, probes, generator, op)
     if deflate:
@@ -399,10 +399,11 @@ def basin_volume(
         low = eigs(H, 1, "SA", value_tol=real("eigs_tol", eigs_tol, positive=True), seed=seed, progress=progress)
         smallest, bound, n_matvecs = float(low.values[0]), float(low.error_bounds[0]), low.n_matvecs
         if not smallest - bound + c > 0:
+            works = max(2 * (bound - smallest), 0.0)
             raise NotPositiveDefiniteError(
                 f"c={c:g} does not make H + cI positive definite: H's smallest eigenvalue is {smallest:.6g} "
-                f"(± {bound:.2g}), so c must exceed {bound - smallest:.6g}; e.g. c={max(2 * (bound - smallest), 0):.3g} "
-                "(the basin of a point that is not a minimum is unbounded without it)"
+                f"(± {bound:.2g}), so c must exceed {bound - smallest:.6g}; e.g. c={works:.3g} (the basin of a "
+                "point that is not a minimum is unbounded without it)"
             )
     estimate = logdet(
         op,
