@@ -134,7 +134,8 @@ def main() -> None:
         f"{volume.log_unit_ball:.2f} + threshold term {volume.log_threshold_term:.2f} − ½ logdet "
         f"{volume.half_logdet:.2f}; {volume.n_matvecs} Hessian-vector products, {volume.seconds:.1f} s on {device}"
     )
-    what = f"{len(data)} random images (quick)" if args.quick else f"CIFAR-10 test set, {len(data):,} images"
+    plural = "s" * (len(data) != 1)
+    what = f"{len(data)} random image{plural} (quick)" if args.quick else f"CIFAR-10 test set, {len(data):,} images"
     plot_log_volume(
         volume,
         args.out / "basin.png",
