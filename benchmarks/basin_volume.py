@@ -1,8 +1,8 @@
 """The ResNet-18's basin log-volume: the width of its confidence interval against the number of SLQ probes and
 of deflated eigenvalues, and the deflated log det(GGN + cI) against KFAC's.
 
-    python -m benchmarks.basin_volume --num-examples 2 --deflate 0 2 8 --probes 8 --lanczos-steps 8 \
-        --out benchmarks/results/2026-12-02-M-resnet18-basin-interval.json
+    python -m benchmarks.basin_volume --num-examples 1 --deflate 0 2 6 --probes 6 --probe-counts 2 3 6 \
+        --lanczos-steps 6 --kfac --out benchmarks/results/2026-12-02-M-resnet18-basin-interval.json
 
 The model and data are benchmarks/workloads.py's (a seeded, randomly initialized ``resnet18_cifar10`` in eval
 mode, seeded random CIFAR-shaped images). First the smallest Hessian eigenvalue (``eigs`` "SA" with its error

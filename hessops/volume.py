@@ -104,8 +104,9 @@ def logdet(
       residuals below ``eigs_tol · θ_max``) counted exactly, the rest by SLQ on the complement of their
       eigenvectors ``V``: Lanczos on :math:`PAP`, :math:`P = I - VV^\top`, from the projected probes
       :math:`Pz`, each probe's quadrature weighted by :math:`\|Pz\|^2`, which is unbiased for the
-      complement's :math:`\operatorname{tr}\log`. Removing the top of the spectrum shrinks the probes'
-      variance and the complement's condition number :math:`\kappa`, on which the quadrature's error depends:
+      complement's :math:`\operatorname{tr}\log`. Removing the top of the spectrum shrinks the complement's
+      condition number :math:`\kappa`, on which the quadrature's error depends, and the probes' variance
+      where the outliers dominate the spread of :math:`\log A` (not where ``c`` does):
       it falls like :math:`\rho^{-2m}`, :math:`\rho = (\sqrt\kappa + 1)/(\sqrt\kappa - 1)`, with the
       Lanczos steps ``m`` (Ubaru, Chen & Saad, 2017, Thm. 4.2; reported as ``quadrature_decay``, with
       :math:`\kappa` from the largest Ritz value and the smallest eigenvalue). Positivity is checked first,
