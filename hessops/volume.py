@@ -104,7 +104,9 @@ def logdet(
       residuals below ``eigs_tol · θ_max``) counted exactly, the rest by SLQ on the complement of their
       eigenvectors ``V``: Lanczos on :math:`PAP`, :math:`P = I - VV^\top`, from the projected probes
       :math:`Pz`, each probe's quadrature weighted by :math:`\|Pz\|^2`, which is unbiased for the
-      complement's :math:`\operatorname{tr}\log`. Removing the top of the spectrum shrinks the complement's
+      complement's :math:`\operatorname{tr}\log`; with the control variate :math:`\mu(n - k - \|Pz\|^2)`
+      (mean zero), :math:`\mu` the midpoint of the smallest eigenvalue's and the smallest deflated one's
+      logarithms, which cancels the fluctuation of :math:`\|Pz\|^2` times the mean log-eigenvalue. Removing the top of the spectrum shrinks the complement's
       condition number :math:`\kappa`, on which the quadrature's error depends, and the probes' variance
       where the outliers dominate the spread of :math:`\log A` (not where ``c`` does):
       it falls like :math:`\rho^{-2m}`, :math:`\rho = (\sqrt\kappa + 1)/(\sqrt\kappa - 1)`, with the
@@ -226,9 +228,13 @@ def _deflated(
     steps = min(lanczos_steps, n - deflate)
     rule = quadrature(complement, start=start, lanczos_steps=steps, seed=seed, progress=progress)
     _check_positive(float(rule.nodes.min()), "Ritz value on the complement of the deflated eigenvectors")
-    samples = norms * rule.per_probe(torch.log)
-    mean, error, low, high = student_t_interval(samples, confidence)
     exact = float(values.log().sum())
+    # Control variate: E‖Pz‖² = n − k, so m·(n − k − ‖Pz‖²) has mean zero for any m fixed before the probes;
+    # with m inside [log λ_min, log θ_k] ⊇ the complement's log-spectrum it cancels the fluctuation of ‖Pz‖²
+    # times the mean log-eigenvalue, which would otherwise dominate the variance when that mean is large.
+    m = 0.5 * (math.log(smallest) + math.log(float(values[-1]))) if deflate else 0.0
+    samples = norms * (rule.per_probe(torch.log) - m) + (n - deflate) * m
+    mean, error, low, high = student_t_interval(samples, confidence)
     share = float((residuals**2 / values).sum()) / smallest
     kappa = max(float(rule.nodes.max()) / smallest, 1.0)
     return LogdetEstimate(

@@ -216,3 +216,36 @@ def test_cli_logdet_and_basin_deflated(tmp_path):
     assert result["smallest_eigenvalue"] - result["smallest_eigenvalue_bound"] + 5 > 0
     assert result["confidence_interval"][0] < result["log_volume"] < result["confidence_interval"][1]
     assert main(["basin", "--method", "slq", "--deflate", "2", *common]) == 2  # bad input
+
+
+def test_benchmark_smoke(tmp_path):
+    """benchmarks/basin_volume.py end to end on its tiny MLP (12,342 parameters): a row per deflation with the
+    widths by probe count, which shrink from 2 probes to 3 only by the noise, and the KFAC comparison."""
+    from benchmarks.basin_volume import main as benchmark
+
+    out = tmp_path / "basin.json"
+    argv = [
+        "--model",
+        "tiny",
+        "--num-examples",
+        "4",
+        "--deflate",
+        "0",
+        "2",
+        "--probes",
+        "3",
+        "--probe-counts",
+        "2",
+        "3",
+    ]
+    benchmark([*argv, "--lanczos-steps", "4", "--kfac", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert [row["deflate"] for row in result["rows"]] == [0, 2] and result["smallest_eigenvalue"] - result[
+        "smallest_eigenvalue_bound"
+    ] + result["c"] > 0
+    for row in result["rows"]:
+        low, high = row["confidence_interval"]
+        assert row["width_by_probes"]["3"] == pytest.approx(high - low, rel=1e-12)  # all probes: the run's own
+    assert len(result["rows"][1]["deflated_eigenvalues"]) == 2
+    kfac = result["kfac"]
+    assert kfac["n_params"] == 3072 * 4 + 4 + 4 * 10 + 10 and math.isfinite(kfac["kfac_logdet"])
