@@ -109,8 +109,8 @@ def logdet(
       logarithms, which cancels the fluctuation of :math:`\|Pz\|^2` times the mean log-eigenvalue.
       Removing the top of the spectrum shrinks the complement's condition number :math:`\kappa`, on which
       the quadrature's error depends, and the probes' variance where the outliers dominate the spread of
-      :math:`\log A` (not where ``c`` does). The quadrature's error falls like :math:`\rho^{-2m}`, :math:`\rho = (\sqrt\kappa + 1)/(\sqrt\kappa - 1)`, with the
-      Lanczos steps ``m`` (Ubaru, Chen & Saad, 2017, Thm. 4.2; reported as ``quadrature_decay``, with
+      :math:`\log A` (not where ``c`` does). The quadrature's error falls like :math:`\rho^{-2m}`,
+      :math:`\rho = (\sqrt\kappa + 1)/(\sqrt\kappa - 1)`, with the Lanczos steps ``m`` (Ubaru, Chen & Saad, 2017, Thm. 4.2; reported as ``quadrature_decay``, with
       :math:`\kappa` from the largest Ritz value and the smallest eigenvalue). Positivity is checked first,
       by the smallest eigenvalue (:func:`hessops.eigs`, ``"SA"``, error bound below ``eigs_tol · max|θ|``),
       which must exceed its bound. Deflating Ritz vectors with residuals ``r_i`` can only raise the estimate
