@@ -110,8 +110,9 @@ def logdet(
       Removing the top of the spectrum shrinks the complement's condition number :math:`\kappa`, on which
       the quadrature's error depends, and the probes' variance where the outliers dominate the spread of
       :math:`\log A` (not where ``c`` does). The quadrature's error falls like :math:`\rho^{-2m}`,
-      :math:`\rho = (\sqrt\kappa + 1)/(\sqrt\kappa - 1)`, with the Lanczos steps ``m`` (Ubaru, Chen & Saad, 2017, Thm. 4.2; reported as ``quadrature_decay``, with
-      :math:`\kappa` from the largest Ritz value and the smallest eigenvalue). Positivity is checked first,
+      :math:`\rho = (\sqrt\kappa + 1)/(\sqrt\kappa - 1)`, with the Lanczos steps ``m`` (Ubaru, Chen &
+      Saad, 2017, Thm. 4.2; reported as ``quadrature_decay``, with :math:`\kappa` from the largest Ritz
+      value and the smallest eigenvalue). Positivity is checked first,
       by the smallest eigenvalue (:func:`hessops.eigs`, ``"SA"``, error bound below ``eigs_tol · max|θ|``),
       which must exceed its bound. Deflating Ritz vectors with residuals ``r_i`` can only raise the estimate
       (Fischer's inequality), by at most :math:`-\log(1 - \sum_i r_i^2/(\theta_i \lambda_{\min}))`, with
