@@ -524,19 +524,22 @@ def logdet(args: argparse.Namespace) -> None:
     from hessops.plot import plot_log_volume
 
     s = setup(args)
+    method, deflate = deflation(args)
     estimate = hessops.logdet(
         hessops.Regularized(s.op, args.c),
-        method=args.method,
+        method=method,
         probes=args.probes,
         lanczos_steps=args.lanczos_steps,
         seed=args.seed,
         progress=not args.no_progress,
         **long_run_options(args),
+        deflate=deflate,
+        confidence=args.confidence,
     )
     result = estimate.to_dict()
     print(
         f"log det({args.operator} + {args.c:g}·I) = {result['logdet']:.8g} ± {result['std_error']:.2g} "
-        f"({result['method']}, {result['n_matvecs']} products, {result['seconds']:.2f} s)"
+        f"({result['method']}, {result['n_matvecs']} products, {result['seconds']:.2f} s)" + interval_text(result)
     )
 
     def draw() -> Figure:
@@ -544,11 +547,33 @@ def logdet(args: argparse.Namespace) -> None:
 
     settings = s.settings | {
         "c": args.c,
-        "method": args.method,
+        "method": method,
         "probes": args.probes,
         "lanczos_steps": args.lanczos_steps,
+        "deflate": deflate,
+        "confidence": args.confidence,
     }
     emit(args, settings, result, s.op.device, draw)
+
+
+def deflation(args: argparse.Namespace) -> tuple[str, int]:
+    """The log-determinant method and the number of deflated eigenvalues: ``--deflate`` implies ``deflated``
+    when ``--method`` is ``auto``, and only ``deflated`` takes it."""
+    from hessops.errors import InvalidArgumentError
+
+    if args.deflate is None:
+        return args.method, 10
+    if args.method not in ("auto", "deflated"):
+        raise InvalidArgumentError(f"--deflate applies to --method deflated, not {args.method}: drop one of them")
+    return "deflated", args.deflate
+
+
+def interval_text(result: dict) -> str:
+    """``"; 95% interval [lo, hi]"`` for a result with a ``confidence_interval``, else nothing."""
+    if "confidence_interval" not in result:
+        return ""
+    low, high = result["confidence_interval"]
+    return f"; {100 * result['confidence']:g}% interval [{low:.8g}, {high:.8g}]"
 
 
 def basin(args: argparse.Namespace) -> None:
@@ -557,23 +582,32 @@ def basin(args: argparse.Namespace) -> None:
     from hessops.plot import plot_log_volume
 
     s = setup(args)
+    method, deflate = deflation(args)
     volume = hessops.basin_volume(
         s.op,
         threshold=args.threshold,
         c=args.c,
-        method=args.method,
+        method=method,
         probes=args.probes,
         lanczos_steps=args.lanczos_steps,
         seed=args.seed,
         progress=not args.no_progress,
         **long_run_options(args),
+        deflate=deflate,
+        confidence=args.confidence,
+        check_c=not args.no_check_c,
     )
     result = volume.to_dict()
     print(
         f"log V = {result['log_volume']:.6f}  (log unit ball {result['log_unit_ball']:.6f} + threshold term "
         f"{result['log_threshold_term']:.6f} − ½ logdet {result['half_logdet']:.6f} ± "
-        f"{0.5 * result['logdet_std_error']:.2g}; n = {result['n']}, {result['method']})"
+        f"{0.5 * result['logdet_std_error']:.2g}; n = {result['n']}, {result['method']})" + interval_text(result)
     )
+    if "smallest_eigenvalue" in result:
+        print(
+            f"smallest eigenvalue of {args.operator}: {result['smallest_eigenvalue']:.6g} "
+            f"± {result['smallest_eigenvalue_bound']:.2g}, below c = {args.c:g} in magnitude (checked)"
+        )
 
     def draw() -> Figure:
         return plot_log_volume(
@@ -583,9 +617,12 @@ def basin(args: argparse.Namespace) -> None:
     settings = s.settings | {
         "threshold": args.threshold,
         "c": args.c,
-        "method": args.method,
+        "method": method,
         "probes": args.probes,
         "lanczos_steps": args.lanczos_steps,
+        "deflate": deflate,
+        "confidence": args.confidence,
+        "check_c": not args.no_check_c,
     }
     emit(args, settings, result, s.op.device, draw)
 

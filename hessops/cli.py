@@ -478,9 +478,26 @@ def build_parser() -> Parser:
         )
         p.add_argument("--probes", type=count(), default=30, help="SLQ probe vectors")
         p.add_argument("--lanczos-steps", type=count(), default=50, help="Lanczos steps per SLQ probe")
+        p.add_argument(
+            "--deflate",
+            type=count(0),
+            help="count the K largest eigenvalues exactly, the rest by SLQ on their complement (--method deflated, "
+            "which --deflate implies when --method is auto; default 10)",
+        )
+        p.add_argument(
+            "--confidence",
+            type=number(above=0, below=1),
+            default=0.95,
+            help="the level of the Student-t confidence interval over the SLQ probes",
+        )
         if name == "basin":
             p.add_argument(
                 "--threshold", type=number(above=0), default=2.0, help="the loss increase that bounds the basin"
+            )
+            p.add_argument(
+                "--no-check-c",
+                action="store_true",
+                help="skip the check that c exceeds |λ_min| of H by more than its error bound (one eigs run)",
             )
         _long_runs(p)
 

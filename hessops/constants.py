@@ -45,8 +45,8 @@ LANDSCAPE_DIRECTIONS: tuple[str, ...] = ("random", "eigen")
 # trace(method=...).
 TRACE_METHODS: tuple[str, ...] = ("hutch++", "hutchinson")
 
-# logdet(method=...) and basin_volume(method=...).
-LOGDET_METHODS: tuple[str, ...] = ("auto", "dense", "slq")
+# logdet(method=...) and basin_volume(method=...); "deflated": top eigenvalues exactly, the rest by SLQ.
+LOGDET_METHODS: tuple[str, ...] = ("auto", "dense", "slq", "deflated")
 
 # lanczos(basis=...) and the functions built on it: where the Lanczos basis lives (hessops/basis.py).
 BASIS_MODES: tuple[str, ...] = ("auto", "device", "host", "disk", "none")

@@ -18,7 +18,7 @@ from torch import Tensor
 from hessops._arguments import boolean, integer, linear_operator, real
 from hessops._cola import cola
 from hessops.basis import check_mode
-from hessops.checkpoint import open_checkpoint
+from hessops.checkpoint import open_checkpoint, tensor_digest
 from hessops.errors import InvalidArgumentError
 from hessops.lanczos import check_precision, lanczos, rademacher, ritz
 
@@ -82,6 +82,7 @@ def quadrature(
     basis_path: str | os.PathLike | None = None,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: float = 60.0,
+    start: Tensor | None = None,
 ) -> Quadrature:
     """Run ``lanczos_steps`` Lanczos steps from ``num_probes`` Rademacher vectors at once (one ``(n, P)``
     product a step) and return the Gauss quadrature rules. ``basis`` says where the Lanczos basis lives
@@ -90,7 +91,9 @@ def quadrature(
     the density's smooth shape intact but may bias sharp features. ``reorthogonalize=False`` means
     ``basis="none"``. ``checkpoint``: a file to save the run to every ``checkpoint_every`` seconds and to
     resume from (:mod:`hessops.checkpoint`). Half-precision operators are refused
-    (:func:`hessops.lanczos.check_precision`)."""
+    (:func:`hessops.lanczos.check_precision`). ``start`` ``(n, P)``: the probe vectors (any non-zero columns,
+    each normalized), in place of ``num_probes`` Rademacher vectors; the rules are then of the measures
+    ``vᵀ f(A) v / ‖v‖²`` of these columns (deflation projects its probes this way)."""
     linear_operator("op", op)
     if not op.isa(cola.SelfAdjoint):
         raise ValueError(
@@ -105,6 +108,9 @@ def quadrature(
         reorthogonalize = boolean("reorthogonalize", reorthogonalize)
     basis = check_mode(basis, basis_path)
     n = op.shape[0]
+    if start is not None:
+        start = _checked_probes(start, op)
+        num_probes = start.shape[1]
     steps = min(lanczos_steps, n)
     saving = open_checkpoint(
         checkpoint,
@@ -116,9 +122,10 @@ def quadrature(
         seed=seed,
         reorthogonalize=reorthogonalize,
         basis=basis,
+        start=None if start is None else tensor_digest(start),
     )
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    probes = rademacher(n, num_probes, generator, op)
+    probes = rademacher(n, num_probes, generator, op) if start is None else start
     state = lanczos(
         op,
         probes,
@@ -141,6 +148,20 @@ def quadrature(
     return Quadrature(
         torch.stack(nodes), torch.stack(weights), n, state.n_matvecs, torch.stack(residuals), basis=state.mode
     )
+
+
+def _checked_probes(start: Tensor, op: cola.ops.LinearOperator) -> Tensor:
+    """``start`` as ``(n, P)`` probes in the operator's dtype and device, when it is a finite ``(n, P)`` tensor
+    without a zero column."""
+    n = op.shape[0]
+    if not isinstance(start, Tensor) or start.dim() != 2 or start.shape[0] != n or start.shape[1] < 1:
+        shape = tuple(start.shape) if isinstance(start, Tensor) else type(start).__name__
+        raise InvalidArgumentError(f"start must be an (n, P) tensor of probe vectors with n = {n}, got {shape}")
+    if not bool(torch.isfinite(start).all()):
+        raise InvalidArgumentError("start holds NaN or inf: pass finite probe vectors (or start=None)")
+    if not bool((start != 0).any(dim=0).all()):
+        raise InvalidArgumentError("start has a zero column, which spans no Krylov space: drop it (or start=None)")
+    return start.to(device=op.device, dtype=op.dtype)
 
 
 @dataclass

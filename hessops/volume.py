@@ -6,6 +6,8 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -13,10 +15,12 @@ from torch import Tensor
 from hessops import constants
 from hessops._arguments import boolean, choice, integer, linear_operator, real
 from hessops._cola import cola
+from hessops.deflation import Complement, student_t_interval
 from hessops.density import Quadrature, quadrature
-from hessops.errors import NotPositiveDefiniteError
-from hessops.lanczos import check_precision
+from hessops.errors import InvalidArgumentError, NotPositiveDefiniteError
+from hessops.lanczos import check_precision, rademacher
 from hessops.operators.regularized import Regularized
+from hessops.spectrum import eigs
 
 LOGDET_METHODS = constants.LOGDET_METHODS
 DENSE_LIMIT = 3000
@@ -27,7 +31,14 @@ SLQ_CONVERGED = 1e-2  # a smallest Ritz value counts as converged when its resid
 class LogdetEstimate:
     """``estimate`` of ``log det A`` with its ``std_error`` (zero when exact), the ``method`` used, the
     operator products (``n_matvecs``, columns), the wall time in ``seconds``, and what the estimate came from:
-    the exact ``eigenvalues`` (``"dense"``) or the SLQ ``quadrature`` (``"slq"``), the other ``None``."""
+    the exact ``eigenvalues`` (``"dense"``) or the SLQ ``quadrature`` (``"slq"``; ``"deflated"``: that of the
+    complement), the other ``None``.
+
+    SLQ and deflation (``None`` when dense) add the Student-t ``confidence_interval`` at level ``confidence``
+    over the probes' ``samples`` (each probe's estimate of the SLQ part); deflation adds the exact
+    ``deflated_eigenvalues``, ``deflation_bias`` (a bound on how far deflating approximate eigenvectors raises
+    the estimate) and ``quadrature_decay`` (the rate ``ρ^{−2m}`` at which the quadrature's error falls with the
+    Lanczos steps ``m``); see :func:`logdet`."""
 
     estimate: float
     std_error: float
@@ -36,13 +47,20 @@ class LogdetEstimate:
     seconds: float
     eigenvalues: Tensor | None = None
     quadrature: Quadrature | None = None
+    confidence_interval: tuple[float, float] | None = None
+    confidence: float | None = None
+    samples: Tensor | None = None
+    deflated_eigenvalues: Tensor | None = None
+    deflation_bias: float | None = None
+    quadrature_decay: float | None = None
 
     def __iter__(self):
         return iter((self.estimate, self.std_error))
 
     def to_dict(self) -> dict:
         """The result as JSON-ready values: ``logdet``, ``std_error``, ``method``, ``n_matvecs``, ``seconds``,
-        and for SLQ the ``quadrature``'s ``nodes`` and ``weights`` (one row per probe) and its ``basis``."""
+        for SLQ the ``quadrature``'s ``nodes``, ``weights`` (one row per probe) and ``basis``, ``confidence_interval``
+        and ``confidence``, and for deflation ``deflated_eigenvalues``, ``deflation_bias``, ``quadrature_decay``."""
         result = {
             "logdet": self.estimate,
             "std_error": self.std_error,
@@ -56,6 +74,13 @@ class LogdetEstimate:
                 "weights": self.quadrature.weights.tolist(),
                 "basis": self.quadrature.basis,
             }
+        if self.confidence_interval is not None:
+            result["confidence_interval"] = list(self.confidence_interval)
+            result["confidence"] = self.confidence
+        if self.deflated_eigenvalues is not None:
+            result["deflated_eigenvalues"] = self.deflated_eigenvalues.tolist()
+            result["deflation_bias"] = self.deflation_bias
+            result["quadrature_decay"] = self.quadrature_decay
         return result
 
 
@@ -71,6 +96,10 @@ def logdet(
     basis_path: str | os.PathLike | None = None,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: float = 60.0,
+    deflate: int = 10,
+    confidence: float = 0.95,
+    eigs_tol: float = 1e-3,
+    lower_bound: float | None = None,
 ) -> LogdetEstimate:
     r""":math:`\log\det A` of a symmetric positive definite operator (build one with
     :class:`hessops.Regularized`, e.g. ``Regularized(H, c)``).
@@ -79,7 +108,31 @@ def logdet(
     - ``"slq"``: stochastic Lanczos quadrature, :math:`n \cdot \frac1P\sum_p \sum_j w_{pj}\log\theta_{pj}` over
       ``probes`` Rademacher vectors of ``lanczos_steps`` steps (Ubaru, Chen & Saad, 2017); ``std_error`` is the
       standard error over probes (the quadrature bias is small once ``lanczos_steps`` resolves the spectrum).
+    - ``"deflated"``: the ``deflate`` largest eigenvalues ``θ_i`` of ``A`` (:func:`hessops.eigs`, ``"LA"``,
+      residuals below ``eigs_tol · θ_max``) counted exactly, the rest by SLQ on the complement of their
+      eigenvectors ``V``: Lanczos on :math:`PAP`, :math:`P = I - VV^\top`, from the projected probes
+      :math:`Pz`, each probe's quadrature weighted by :math:`\|Pz\|^2`, which is unbiased for the
+      complement's :math:`\operatorname{tr}\log`; with the control variate :math:`\mu(n - k - \|Pz\|^2)`
+      (mean zero), :math:`\mu` the midpoint of the smallest eigenvalue's and the smallest deflated one's
+      logarithms, which cancels the fluctuation of :math:`\|Pz\|^2` times the mean log-eigenvalue.
+      Removing the top of the spectrum shrinks the complement's condition number :math:`\kappa`, on which
+      the quadrature's error depends, and the probes' variance where the outliers dominate the spread of
+      :math:`\log A` (not where ``c`` does). The quadrature's error falls like :math:`\rho^{-2m}`,
+      :math:`\rho = (\sqrt\kappa + 1)/(\sqrt\kappa - 1)`, with the Lanczos steps ``m`` (Ubaru, Chen &
+      Saad, 2017, Thm. 4.2; reported as ``quadrature_decay``, with :math:`\kappa` from the largest Ritz
+      value and the smallest eigenvalue). Positivity is checked first,
+      by the smallest eigenvalue (:func:`hessops.eigs`, ``"SA"``, error bound below ``eigs_tol · max|θ|``),
+      which must exceed its bound. Deflating Ritz vectors with residuals ``r_i`` can only raise the estimate
+      (Fischer's inequality), by at most :math:`-\log(1 - \sum_i r_i^2/(\theta_i \lambda_{\min}))`, with
+      :math:`\lambda_{\min}` the smallest eigenvalue less its bound (``deflation_bias``). ``lower_bound``, a
+      positive lower bound on the smallest eigenvalue when one is known (``c`` for a PSD operator plus
+      ``cI``; :func:`basin_volume` passes the one it checked), replaces that search. Cost: the two ``eigs``
+      runs plus ``probes × lanczos_steps`` products.
     - ``"auto"``: dense when ``n <= 3000``, else SLQ.
+
+    SLQ and deflation report a ``confidence_interval`` at level ``confidence``: Student t with ``probes − 1``
+    degrees of freedom over the probes' estimates. It covers the probes' noise only, not the quadrature's
+    bias (which ``lanczos_steps`` bounds, see above) nor deflation's.
 
     A non-positive eigenvalue raises :class:`NotPositiveDefiniteError`, never a NaN. SLQ sees the spectrum
     only through Ritz values, so it also raises unless every probe's smallest Ritz value ``θ`` is verified
@@ -90,12 +143,19 @@ def logdet(
     positive definite when the check passes, since an eigenvalue that the Krylov spaces have not reached
     (one the probes barely touch) can still lie below 0; ``method="dense"`` is exact. Half-precision
     operators are refused. ``basis``, ``basis_path``, ``checkpoint`` and ``checkpoint_every``: the SLQ
-    run's, as in :func:`hessops.density.quadrature` (the dense method is one step, not checkpointed)."""
+    run's, as in :func:`hessops.density.quadrature` (the dense method is one step, not checkpointed); the
+    deflated method's three Lanczos runs each checkpoint to ``checkpoint`` plus ``".smallest"``, ``".top"`` and
+    ``".slq"``."""
     method = choice("method", method, LOGDET_METHODS)
     probes = integer("probes", probes, minimum=1)
     lanczos_steps = integer("lanczos_steps", lanczos_steps, minimum=1)
     seed = integer("seed", seed)
     progress = boolean("progress", progress)
+    deflate = integer("deflate", deflate, minimum=0)
+    confidence = _confidence(confidence)
+    eigs_tol = real("eigs_tol", eigs_tol, positive=True)
+    if lower_bound is not None:
+        lower_bound = real("lower_bound", lower_bound, positive=True)
     linear_operator("op", op)
     if not op.isa(cola.SelfAdjoint):
         raise ValueError(f"logdet needs a symmetric operator; {op!r} is not annotated SelfAdjoint")
@@ -108,21 +168,123 @@ def logdet(
         return LogdetEstimate(
             float(eigenvalues.log().sum()), 0.0, "dense", n, time.perf_counter() - began, eigenvalues=eigenvalues.cpu()
         )
-    rule = quadrature(
-        op,
-        num_probes=probes,
-        lanczos_steps=lanczos_steps,
-        seed=seed,
-        progress=progress,
-        basis=basis,
-        basis_path=basis_path,
-        checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every,
-    )
+    long_run = {
+        "basis": basis,
+        "basis_path": basis_path,
+        "checkpoint": checkpoint,
+        "checkpoint_every": checkpoint_every,
+    }
+    if method == "deflated":
+        return _deflated(
+            op, deflate, probes, lanczos_steps, seed, confidence, eigs_tol, progress, lower_bound, began, long_run
+        )
+    rule = quadrature(op, num_probes=probes, lanczos_steps=lanczos_steps, seed=seed, progress=progress, **long_run)
     _check_positive(float(rule.nodes.min()), "Ritz value")
     _check_verified(rule)
     estimate, error = rule.estimate(torch.log)
-    return LogdetEstimate(estimate, error, "slq", rule.n_matvecs, time.perf_counter() - began, quadrature=rule)
+    interval = None
+    samples = n * rule.per_probe(torch.log)
+    if probes > 1:
+        interval = student_t_interval(samples, confidence)[2:]
+    return LogdetEstimate(
+        estimate,
+        error,
+        "slq",
+        rule.n_matvecs,
+        time.perf_counter() - began,
+        quadrature=rule,
+        confidence_interval=interval,
+        confidence=confidence if interval else None,
+        samples=samples,
+    )
+
+
+def _confidence(confidence: float) -> float:
+    confidence = real("confidence", confidence, positive=True)
+    if not confidence < 1:
+        raise InvalidArgumentError(f"confidence={confidence!r} must lie strictly between 0 and 1, e.g. 0.95")
+    return confidence
+
+
+def _deflated(
+    op: cola.ops.LinearOperator,
+    deflate: int,
+    probes: int,
+    lanczos_steps: int,
+    seed: int,
+    confidence: float,
+    eigs_tol: float,
+    progress: bool,
+    smallest: float | None,
+    began: float,
+    long_run: dict[str, Any],
+) -> LogdetEstimate:
+    """:func:`logdet`'s ``"deflated"`` method; ``smallest``: a lower bound on the smallest eigenvalue of ``op``
+    when the caller has one, else the smallest eigenvalue found less its error bound. ``long_run``: the
+    ``basis``, ``basis_path``, ``checkpoint`` and ``checkpoint_every`` of each of its three Lanczos runs (the
+    smallest eigenvalue, the top ones, the complement's SLQ), each run's files suffixed by :func:`_suffixed`."""
+    n = op.shape[0]
+    if deflate >= n:
+        raise InvalidArgumentError(
+            f"deflate={deflate} must be less than the operator's size {n}: deflating everything is the dense "
+            "log-determinant, method='dense'"
+        )
+    if probes < 2:
+        raise InvalidArgumentError(f"probes={probes}: a confidence interval needs at least 2 probes")
+    n_matvecs = 0
+    if smallest is None:
+        low = eigs(op, 1, "SA", value_tol=eigs_tol, seed=seed, progress=progress, **_suffixed(long_run, ".smallest"))
+        smallest, n_matvecs = float(low.values[0] - low.error_bounds[0]), low.n_matvecs
+        _check_positive(smallest, "eigenvalue found, less its error bound,")
+    values = residuals = torch.zeros(0, dtype=torch.float64)
+    complement = op
+    if deflate:
+        top = eigs(op, deflate, "LA", tol=eigs_tol, seed=seed, progress=progress, **_suffixed(long_run, ".top"))
+        values, residuals = top.values.double().cpu(), top.residuals.double().cpu()
+        n_matvecs += top.n_matvecs
+        complement = Complement(op, top.vectors, float(values[-1]))
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    start = rademacher(n, probes, generator, op)
+    if deflate:
+        start = complement.project(start)
+    norms = torch.linalg.vector_norm(start, dim=0).double().cpu() ** 2
+    steps = min(lanczos_steps, n - deflate)
+    rule = quadrature(
+        complement, start=start, lanczos_steps=steps, seed=seed, progress=progress, **_suffixed(long_run, ".slq")
+    )
+    _check_positive(float(rule.nodes.min()), "Ritz value on the complement of the deflated eigenvectors")
+    exact = float(values.log().sum())
+    # Control variate: E‖Pz‖² = n − k, so m·(n − k − ‖Pz‖²) has mean zero for any m fixed before the probes;
+    # with m inside [log λ_min, log θ_k] ⊇ the complement's log-spectrum it cancels the fluctuation of ‖Pz‖²
+    # times the mean log-eigenvalue, which would otherwise dominate the variance when that mean is large.
+    m = 0.5 * (math.log(smallest) + math.log(float(values[-1]))) if deflate else 0.0
+    samples = norms * (rule.per_probe(torch.log) - m) + (n - deflate) * m
+    mean, error, low, high = student_t_interval(samples, confidence)
+    share = float((residuals**2 / values).sum()) / smallest
+    kappa = max(float(rule.nodes.max()) / smallest, 1.0)
+    return LogdetEstimate(
+        exact + mean,
+        error,
+        "deflated",
+        n_matvecs + rule.n_matvecs,
+        time.perf_counter() - began,
+        quadrature=rule,
+        confidence_interval=(exact + low, exact + high),
+        confidence=confidence,
+        samples=samples,
+        deflated_eigenvalues=values,
+        deflation_bias=-math.log1p(-share) if share < 1 else math.inf,
+        quadrature_decay=((math.sqrt(kappa) - 1) / (math.sqrt(kappa) + 1)) ** (2 * steps),
+    )
+
+
+def _suffixed(long_run: dict[str, Any], suffix: str) -> dict[str, Any]:
+    """``long_run`` for one of several Lanczos runs of a call: its checkpoint and basis files (when given) with
+    ``suffix`` appended, so that the runs neither overwrite nor resume each other's."""
+    return {
+        key: (Path(str(value) + suffix) if key in ("checkpoint", "basis_path") and value is not None else value)
+        for key, value in long_run.items()
+    }
 
 
 def _check_positive(smallest: float, what: str) -> None:
@@ -157,7 +319,8 @@ class BasinVolume:
     r"""``log_volume = log_unit_ball + log_threshold_term − half_logdet`` for the ellipsoid
     :math:`\{\delta : \tfrac12 \delta^\top (H + cI)\delta \le \text{threshold}\}` in :math:`n` dimensions,
     with the :class:`LogdetEstimate` of :math:`H + cI` it came from (``logdet``), the operator products
-    (``n_matvecs``, columns) and the wall time in ``seconds``."""
+    (``n_matvecs``, columns) and the wall time in ``seconds``; with ``check_c``, the ``smallest_eigenvalue``
+    of ``H`` found and its ``smallest_eigenvalue_bound`` (``None`` without)."""
 
     log_volume: float
     log_unit_ball: float
@@ -168,6 +331,19 @@ class BasinVolume:
     logdet: LogdetEstimate
     n_matvecs: int
     seconds: float
+    smallest_eigenvalue: float | None = None
+    smallest_eigenvalue_bound: float | None = None
+
+    @property
+    def confidence_interval(self) -> tuple[float, float] | None:
+        """The interval of ``log_volume`` that the log-determinant's ``confidence_interval`` implies (``None``
+        when that is exact)."""
+        interval = self.logdet.confidence_interval
+        if interval is None:
+            return None
+        return self.log_unit_ball + self.log_threshold_term - 0.5 * interval[1], (
+            self.log_unit_ball + self.log_threshold_term - 0.5 * interval[0]
+        )
 
     @property
     def half_logdet(self) -> float:
@@ -181,14 +357,16 @@ class BasinVolume:
 
     @property
     def method(self) -> str:
-        """How the log-determinant was computed: ``"dense"`` or ``"slq"``."""
+        """How the log-determinant was computed: ``"dense"``, ``"slq"`` or ``"deflated"``."""
         return self.logdet.method
 
     def to_dict(self) -> dict:
         """The result as JSON-ready values: the terms (``log_volume``, ``log_unit_ball``,
         ``log_threshold_term``, ``half_logdet``, ``logdet_std_error``), ``n``, ``threshold``, ``c``,
-        ``method``, ``n_matvecs``, ``seconds``, and ``logdet`` (:meth:`LogdetEstimate.to_dict`)."""
-        return {
+        ``method``, ``n_matvecs``, ``seconds``, and ``logdet`` (:meth:`LogdetEstimate.to_dict`); when known, the
+        log-volume's ``confidence_interval`` and ``confidence``, and the ``smallest_eigenvalue`` of ``H`` with
+        its ``smallest_eigenvalue_bound``."""
+        result = {
             "log_volume": self.log_volume,
             "log_unit_ball": self.log_unit_ball,
             "log_threshold_term": self.log_threshold_term,
@@ -202,6 +380,13 @@ class BasinVolume:
             "seconds": self.seconds,
             "logdet": self.logdet.to_dict(),
         }
+        if self.confidence_interval is not None:
+            result["confidence_interval"] = list(self.confidence_interval)
+            result["confidence"] = self.logdet.confidence
+        if self.smallest_eigenvalue is not None:
+            result["smallest_eigenvalue"] = self.smallest_eigenvalue
+            result["smallest_eigenvalue_bound"] = self.smallest_eigenvalue_bound
+        return result
 
 
 def log_unit_ball_volume(n: int) -> float:
@@ -224,6 +409,10 @@ def basin_volume(
     basis_path: str | os.PathLike | None = None,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: float = 60.0,
+    deflate: int = 10,
+    confidence: float = 0.95,
+    check_c: bool = True,
+    eigs_tol: float = 1e-3,
 ) -> BasinVolume:
     r"""The log-volume of the basin :math:`\{\delta : \tfrac12\delta^\top(H+cI)\delta \le \text{threshold}\}`,
     the region where the quadratic model of the loss rises by at most ``threshold``:
@@ -232,14 +421,51 @@ def basin_volume(
 
     ``c`` damps flat and negative directions; a Gaussian prior of std ``s`` with weight decay ``λ`` gives
     ``c = λ + 1/s²`` (the MNIST basin-volume study: ``1e-5 + 1/0.5**2``). The log-determinant is exact for
-    small ``n`` (see :func:`logdet`), else estimated by SLQ with its standard error; ``basis``, ``basis_path``,
-    ``checkpoint`` and ``checkpoint_every`` are :func:`logdet`'s."""
+    small ``n`` (see :func:`logdet`), else estimated by SLQ, or with ``method="deflated"`` by deflating the
+    ``deflate`` largest eigenvalues, with its standard error and a Student-t interval at level ``confidence``
+    (:func:`logdet`; the volume's interval is ``confidence_interval``).
+
+    ``check_c`` (default) first finds the smallest eigenvalue :math:`\lambda_{\min}` of ``H`` and its error
+    bound ``b`` (:func:`hessops.eigs`, ``"SA"``, bound below ``eigs_tol · max|θ|``) and requires
+    :math:`\lambda_{\min} - b + c > 0` (``c`` exceeds :math:`|\lambda_{\min}|` by more than the bound), else
+    raises :class:`NotPositiveDefiniteError` naming :math:`\lambda_{\min}` and a ``c`` that works, before the
+    costly part. It is the smallest eigenvalue *found*: Lanczos from a random start finds the bottom of the
+    spectrum unless the start is nearly orthogonal to its eigenvector. ``basis``, ``basis_path``, ``checkpoint``
+    and ``checkpoint_every`` are :func:`logdet`'s (the check's ``eigs`` run checkpoints to ``checkpoint`` +
+    ``".smallest"``)."""
     threshold = real("threshold", threshold, positive=True)
     c = real("c", c)
+    check_c = boolean("check_c", check_c)
     linear_operator("H", H)
     n = H.shape[0]
     began = time.perf_counter()
     op = Regularized(H, c) if c != 0 else H
+    long_run = {
+        "basis": basis,
+        "basis_path": basis_path,
+        "checkpoint": checkpoint,
+        "checkpoint_every": checkpoint_every,
+    }
+    smallest = bound = None
+    n_matvecs = 0
+    if check_c:
+        low = eigs(
+            H,
+            1,
+            "SA",
+            value_tol=real("eigs_tol", eigs_tol, positive=True),
+            seed=seed,
+            progress=progress,
+            **_suffixed(long_run, ".smallest"),
+        )
+        smallest, bound, n_matvecs = float(low.values[0]), float(low.error_bounds[0]), low.n_matvecs
+        if not smallest - bound + c > 0:
+            works = max(2 * (bound - smallest), 0.0)
+            raise NotPositiveDefiniteError(
+                f"c={c:g} does not make H + cI positive definite: H's smallest eigenvalue is {smallest:.6g} "
+                f"(± {bound:.2g}), so c must exceed {bound - smallest:.6g}; e.g. c={works:.3g} (the basin of a "
+                "point that is not a minimum is unbounded without it)"
+            )
     estimate = logdet(
         op,
         method=method,
@@ -247,10 +473,11 @@ def basin_volume(
         lanczos_steps=lanczos_steps,
         seed=seed,
         progress=progress,
-        basis=basis,
-        basis_path=basis_path,
-        checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every,
+        **long_run,
+        deflate=deflate,
+        confidence=confidence,
+        eigs_tol=eigs_tol,
+        lower_bound=smallest - bound + c if check_c else None,  # checked above: positive
     )
     unit_ball = log_unit_ball_volume(n)
     threshold_term = 0.5 * n * math.log(2 * threshold)
@@ -262,6 +489,8 @@ def basin_volume(
         threshold=float(threshold),
         c=float(c),
         logdet=estimate,
-        n_matvecs=estimate.n_matvecs,
+        n_matvecs=n_matvecs + estimate.n_matvecs,
         seconds=time.perf_counter() - began,
+        smallest_eigenvalue=smallest,
+        smallest_eigenvalue_bound=bound,
     )
