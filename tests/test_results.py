@@ -124,8 +124,19 @@ def test_logdet_to_dict(hessian):
     assert float(exact.eigenvalues.log().sum()) == pytest.approx(exact.estimate, rel=1e-14)
     slq = hessops.logdet(R, method="slq", probes=4, lanczos_steps=30)
     d = round_trip(slq)
-    assert set(d) == {"logdet", "std_error", "method", "n_matvecs", "seconds", "quadrature"}
+    assert set(d) == {
+        "logdet",
+        "std_error",
+        "method",
+        "n_matvecs",
+        "seconds",
+        "quadrature",
+        "confidence_interval",
+        "confidence",
+    }
     assert (d["logdet"], d["std_error"], d["method"]) == (slq.estimate, slq.std_error, "slq")
+    low, high = d["confidence_interval"]
+    assert d["confidence"] == 0.95 and low < slq.estimate < high
     assert d["quadrature"] == {
         "nodes": slq.quadrature.nodes.tolist(),
         "weights": slq.quadrature.weights.tolist(),
@@ -152,9 +163,19 @@ def test_basin_volume_to_dict(hessian):
         "n_matvecs",
         "seconds",
         "logdet",
+        "confidence_interval",
+        "confidence",
+        "smallest_eigenvalue",
+        "smallest_eigenvalue_bound",
     }
     assert d["logdet"] == b.logdet.to_dict() and d["method"] == "slq" == b.logdet.method
+    low, high = d["logdet"]["confidence_interval"]  # the volume's interval is the log-determinant's, mapped
+    volume_low, volume_high = d["confidence_interval"]
+    assert volume_low == pytest.approx(d["log_unit_ball"] + d["log_threshold_term"] - 0.5 * high, rel=1e-14)
+    assert volume_high == pytest.approx(d["log_unit_ball"] + d["log_threshold_term"] - 0.5 * low, rel=1e-14)
+    smallest = float(torch.linalg.eigvalsh(dense).min())  # the check on c found it, within its bound
+    assert abs(d["smallest_eigenvalue"] - smallest) <= d["smallest_eigenvalue_bound"] + 1e-12
     assert d["half_logdet"] == 0.5 * b.logdet.estimate and d["logdet_std_error"] == b.logdet.std_error
     assert d["log_volume"] == pytest.approx(d["log_unit_ball"] + d["log_threshold_term"] - d["half_logdet"], rel=1e-14)
-    assert (d["n"], d["threshold"], d["c"], d["n_matvecs"]) == (H.shape[0], 2.0, c, b.logdet.n_matvecs)
+    assert (d["n"], d["threshold"], d["c"]) == (H.shape[0], 2.0, c) and d["n_matvecs"] > b.logdet.n_matvecs
     assert b.seconds >= b.logdet.seconds
