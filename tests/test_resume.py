@@ -92,6 +92,29 @@ def test_slq_functions_resume_bit_identically(tmp_path, hessian):
     assert torch.equal(resumed.quadrature.nodes, reference.quadrature.nodes)
 
 
+def test_deflated_basin_volume_resumes_each_of_its_runs_bit_identically(tmp_path, hessian):
+    """The deflated basin volume runs three Lanczos runs (the check's smallest eigenvalue, the top ones, the
+    complement's SLQ; 50 products here), each checkpointed to a file of its own: interrupted at every 8th product
+    of each call and resumed until it finishes, it gives the uninterrupted result bit for bit."""
+    settings = dict(threshold=1.0, c=5.0, method="deflated", deflate=3, probes=4, lanczos_steps=15)
+    reference = hessops.basin_volume(hessian, **settings)
+    path = tmp_path / "basin.ckpt"
+    interruptions = 0
+    while True:
+        try:
+            with interrupted_at(hessian, 8):
+                resumed = hessops.basin_volume(hessian, **settings, checkpoint=path, checkpoint_every=0)
+            break
+        except KeyboardInterrupt:
+            interruptions += 1
+            assert interruptions < 20, "no progress from one resume to the next"
+    assert interruptions >= 5  # 50 products, 7 of them kept from each interrupted call
+    assert {f.name for f in tmp_path.iterdir()} >= {"basin.ckpt.smallest", "basin.ckpt.top", "basin.ckpt.slq"}
+    assert resumed.log_volume == reference.log_volume
+    assert resumed.confidence_interval == reference.confidence_interval
+    assert torch.equal(resumed.logdet.deflated_eigenvalues, reference.logdet.deflated_eigenvalues)
+
+
 @pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
 def test_trace_resumes_bit_identically(tmp_path, hessian, method):
     """With a checkpoint the products run in chunks of columns; an uninterrupted checkpointed run and an
