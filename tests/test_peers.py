@@ -155,3 +155,13 @@ def test_large_runs_harness_smoke(tmp_path):
     assert all(r["peak resident bytes"] > 0 for r in runs)
     torch.testing.assert_close(torch.tensor(runs[1]["eigenvalues"]), torch.tensor(runs[0]["eigenvalues"]))
     assert json.loads((tmp_path / "large.json").read_text())["runs"][1]["slowdown against the device basis"] > 0
+
+
+def test_resume_benchmark_smoke():
+    """Not a measurement: benchmarks/resume.py kills a checkpointed run with SIGKILL, resumes it, and finds the
+    resumed density bit-identical to the uninterrupted one (a small CNN, saving at every step)."""
+    from benchmarks.resume import main
+
+    report = main(["--smoke", "--every", "0", "--kill-at", "0.8"])
+    assert report["bit-identical"] and report["attempts"][-1]["killed"] is False
+    assert report["total / uninterrupted"] > 0
