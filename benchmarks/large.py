@@ -9,7 +9,7 @@ Each configuration runs in a fresh process (``--one``), so that the peak residen
 it alone. The grid:
 
 - ``mlp-100m``: a 64-10000-10000-10 ReLU MLP (100,750,010 parameters, 0.4 GB a float32 vector) on 64 of the
-  scikit-learn digits: the top-10 eigenvalues (``eigs``, ``value_tol=1e-3``, at most 100 steps) and an SLQ density (4 probes, 30
+  scikit-learn digits: the top-10 eigenvalues (``eigs``, ``value_tol=1e-3``, at most 100 steps) and an SLQ density (2 probes, 15
   steps), with the basis nowhere (``basis="none"``, which is where ``"auto"`` puts it on a 24 GB machine: a basis
   of its 300 default steps would be 121 GB, and not even the 40 steps below which eigs goes without one fit in
   half of the free memory).
@@ -41,6 +41,9 @@ GRID = [
 # The 100M MLP's products take 3.2 s each on 2 cores; its top-10 had not converged after 61 steps without a basis,
 # so its run is capped (at most 100 steps and 100 more for the vectors' second pass: about 11 minutes).
 MAX_STEPS = {"mlp-100m": 100}
+# SLQ's products of 4 columns took 22 s a step on it (5.5 s a column: four 0.4 GB columns at once run slower
+# per column than one), so its density is 2 probes of 15 steps.
+DENSITY = {"mlp-100m": (2, 15)}
 SMOKE_GRID = [("mlp-small", "top", "device"), ("mlp-small", "top", "disk"), ("mlp-small", "density", "none")]
 
 
@@ -89,7 +92,9 @@ def run_one(name: str, task: str, basis: str) -> dict:
             "basis used": result.basis,
         }
     else:
-        result = hessops.spectral_density(H, num_probes=4, lanczos_steps=30, basis=basis, progress=True)
+        probes, steps = DENSITY.get(name, (4, 30))
+        result = hessops.spectral_density(H, num_probes=probes, lanczos_steps=steps, basis=basis, progress=True)
+        record |= {"probes": probes, "lanczos steps": steps}
         record |= {
             "moments": {"mean": result.quadrature.moment(1), "second": result.quadrature.moment(2)},
             "hvps": result.n_matvecs,
@@ -121,7 +126,9 @@ def main(argv: list[str] | None = None) -> dict:
             check=False,
         )
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-        record = json.loads(lines[-1]) if done.returncode == 0 and lines else {"error": f"exit status {done.returncode}"}
+        record = (
+            json.loads(lines[-1]) if done.returncode == 0 and lines else {"error": f"exit status {done.returncode}"}
+        )
         record |= {"workload": name, "task": task, "basis asked": basis}
         report["runs"].append(record)
         print(json.dumps(record), flush=True)

@@ -263,7 +263,17 @@ def eigs(
     residuals = everyone[wanted].clone()
     bounds = error_bounds(theta, everyone, eps * float(theta.abs().max()))[wanted]
     ok = met(theta, everyone, wanted)
-    if not ok:
+    if len(wanted) < k:  # without a basis, Ritz values closer than the ghost tolerance count as one eigenvalue
+        ok = False
+        warnings.warn(
+            f"eigs resolved only {len(wanted)} distinct eigenvalues of the {k} asked for in {state.steps} Lanczos "
+            f"steps without a basis: Ritz values within {GHOST_TOLERANCE * eps * float(theta.abs().max()):.2g} of "
+            "each other count as copies of one, which merges eigenvalues that close (e.g. a cluster near 0). Keep "
+            "a basis (basis='device', 'host' or 'disk'), which resolves them, or ask for fewer",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    elif not ok:
         _warn_not_converged(
             state.steps,
             residuals,

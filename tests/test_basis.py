@@ -112,6 +112,19 @@ def test_eigs_without_a_basis_returns_each_eigenvalue_once():
     assert float(spectrum.values[3]) == pytest.approx(1.0, abs=1e-3)
 
 
+def test_fewer_distinct_eigenvalues_than_asked_is_not_converged():
+    """Without a basis, eigenvalues closer than the ghost tolerance (1000·eps·max|θ|) merge: asking for more than
+    the distinct ones it can resolve ends with converged=False and a warning naming the fix, not with fewer
+    values reported as converged. Diagonal: 3 large eigenvalues and 60 within 1e-13 of 0, float64."""
+    diagonal = torch.cat([torch.tensor([10.0, 9.0, 8.0]), torch.linspace(-1e-13, 1e-13, 60)]).double()
+    A = cola.SelfAdjoint(cola.ops.Diagonal(diagonal))
+    with pytest.warns(RuntimeWarning, match="resolved only .* distinct eigenvalues of the 6 asked for"):
+        spectrum = hessops.eigs(A, 6, "LM", basis="none", max_iters=40)
+    assert not spectrum.converged and len(spectrum.values) < 6
+    full = hessops.eigs(A, 3, "LM", basis="none")
+    assert full.converged and torch.allclose(full.values, diagonal[:3], rtol=1e-10)
+
+
 def test_auto_chooses_from_free_memory(monkeypatch):
     """Mocked free memory: the device when the basis fits in half of it, else the host, else none."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
