@@ -4,7 +4,7 @@
     python -m benchmarks.resume --smoke                                   # the harness, at toy sizes
 
 The run is ``hessops.spectral_density`` of the zoo's CIFAR ResNet-18 (random weights, seeded) on 16 seeded
-random CIFAR-shaped images, 4 probes × 20 Lanczos steps, basis in memory, in a subprocess (``--child``). First
+random CIFAR-shaped images, 2 probes × 12 Lanczos steps, basis in memory, in a subprocess (``--child``). First
 uninterrupted; then with ``checkpoint=`` (saved every ``--every`` seconds), killed with SIGKILL (no chance to
 save: what a preempted job gets) at ``--kill-at`` of the uninterrupted time, and started again with the same
 checkpoint until it finishes. Reported: each process's wall time (imports and construction included), the
@@ -38,7 +38,7 @@ def child(checkpoint: str | None, every: float, smoke: bool, out: str) -> None:
     x, y = torch.randn(16, 3, 32, 32, generator=generator), torch.randint(0, 10, (16,), generator=generator)
     H = hessops.Hessian(model, nn.CrossEntropyLoss(), [(x, y)], hvp_mode="autograd")
     result = hessops.spectral_density(
-        H, num_probes=4, lanczos_steps=6 if smoke else 20, checkpoint=checkpoint, checkpoint_every=every
+        H, num_probes=2, lanczos_steps=6 if smoke else 12, checkpoint=checkpoint, checkpoint_every=every
     )
     torch.save({"nodes": result.quadrature.nodes, "weights": result.quadrature.weights}, out)
 

@@ -256,20 +256,29 @@ def eigs(
     vectors = state.ritz_vectors(S[:, wanted])
     state.close()
     everyone = estimates.clone()  # each Ritz value's residual: verified where known
-    if verify:
-        verified = torch.linalg.vector_norm(op @ vectors - vectors * values.to(vectors), dim=0).cpu().double()
-        everyone = torch.maximum(everyone, verified.max())
-        everyone[wanted] = verified
-    residuals = everyone[wanted].clone()
-    bounds = error_bounds(theta, everyone, eps * float(theta.abs().max()))[wanted]
-    ok = met(theta, everyone, wanted)
+    rounding = eps * float(theta.abs().max())
+    n_verified = len(wanted) if verify else 0
+    if state.mode == "none":
+        values, vectors, residuals, kept = _without_basis(op, values, vectors, estimates[wanted], verify)
+        wanted, bounds = wanted[kept], residuals + rounding
+        scale = float(theta.abs().max())
+        ok = bool((residuals <= tol * scale).all() if value_tol is None else (bounds <= value_tol * scale).all())
+    else:
+        if verify:
+            verified = torch.linalg.vector_norm(op @ vectors - vectors * values.to(vectors), dim=0).cpu().double()
+            everyone = torch.maximum(everyone, verified.max())
+            everyone[wanted] = verified
+        residuals = everyone[wanted].clone()
+        bounds = error_bounds(theta, everyone, rounding)[wanted]
+        ok = met(theta, everyone, wanted)
     if len(wanted) < k:  # without a basis, Ritz values closer than the ghost tolerance count as one eigenvalue
         ok = False
         warnings.warn(
             f"eigs resolved only {len(wanted)} distinct eigenvalues of the {k} asked for in {state.steps} Lanczos "
             f"steps without a basis: Ritz values within {GHOST_TOLERANCE * eps * float(theta.abs().max()):.2g} of "
-            "each other count as copies of one, which merges eigenvalues that close (e.g. a cluster near 0). Keep "
-            "a basis (basis='device', 'host' or 'disk'), which resolves them, or ask for fewer",
+            "each other count as copies of one, which merges eigenvalues that close (e.g. a cluster near 0), and "
+            "Ritz vectors that are copies of one eigenvector are dropped. Keep a basis (basis='device', 'host' or "
+            "'disk'), which resolves them, or ask for fewer",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -295,10 +304,33 @@ def eigs(
         steps=state.steps,
         converged=ok,
         verified=verify,
-        n_matvecs=state.n_matvecs + (len(wanted) if verify else 0),
+        n_matvecs=state.n_matvecs + n_verified,
         seconds=time.perf_counter() - began,
         basis=state.mode,
     )
+
+
+def _without_basis(
+    op: cola.ops.LinearOperator, values: Tensor, vectors: Tensor, estimates: Tensor, verify: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The Ritz pairs of a run without a basis, made trustworthy: its Lanczos vectors were not orthogonal, so
+    the second pass's Ritz vectors are normalized, and, with ``verify``, each value is replaced by its vector's
+    Rayleigh quotient, whose distance to an eigenvalue the true residual bounds (Weyl; no gap refinement, as
+    the gaps between Ritz values are not trustworthy here), and vectors that are copies of a kept one (overlap
+    above 1/2: a ghost the Cullum–Willoughby test did not merge) are dropped. Returns the values, vectors,
+    residuals (without ``verify``: the estimates) and the indices kept."""
+    vectors = vectors / torch.linalg.vector_norm(vectors, dim=0, keepdim=True)
+    if not verify:
+        return values, vectors, estimates, torch.arange(len(values))
+    products = op @ vectors
+    quotients = (vectors * products).sum(0)
+    residuals = torch.linalg.vector_norm(products - vectors * quotients, dim=0).cpu().double()
+    kept: list[int] = []
+    for i in range(vectors.shape[1]):
+        if all(abs(float(vectors[:, i] @ vectors[:, j])) <= 0.5 for j in kept):
+            kept.append(i)
+    index = torch.tensor(kept, dtype=torch.long)
+    return quotients.cpu().double()[index], vectors[:, index.to(vectors.device)], residuals[index], index
 
 
 def _checked_start(start: Tensor, n: int) -> Tensor:
