@@ -33,6 +33,7 @@ from torch import Tensor
 
 from hessops import constants
 from hessops.errors import InvalidArgumentError
+from hessops.numerics import basis_coefficients
 
 BASIS_MODES = constants.BASIS_MODES
 DISK_CHUNK_BYTES = 256 * 2**20
@@ -121,7 +122,7 @@ class Basis:
         """``w − Q Qᵀ w`` for each column ``p`` against its own vectors ``Q_p`` (classical Gram–Schmidt, once)."""
         Q = self.vectors()
         local = w.to(self._home)
-        local = local - torch.einsum("mnp,mp->np", Q, torch.einsum("mnp,np->mp", Q, local))
+        local = local - torch.einsum("mnp,mp->np", Q, basis_coefficients(Q, local).to(local.dtype))
         return local.to(w.device)
 
     def combine(self, coefficients: Tensor, p: int = 0) -> Tensor:
@@ -205,13 +206,13 @@ class DiskBasis(Basis):
         local = w.cpu()
         coefficients = torch.cat(
             [
-                torch.einsum("mnp,np->mp", torch.from_numpy(self._file[i : min(i + self._chunk, self.steps)]), local)
+                basis_coefficients(torch.from_numpy(self._file[i : min(i + self._chunk, self.steps)]), local)
                 for i in range(0, self.steps, self._chunk)
             ]
         )
         for i in range(0, self.steps, self._chunk):
             chunk = torch.from_numpy(self._file[i : min(i + self._chunk, self.steps)])
-            local = local - torch.einsum("mnp,mp->np", chunk, coefficients[i : i + chunk.shape[0]])
+            local = local - torch.einsum("mnp,mp->np", chunk, coefficients[i : i + chunk.shape[0]].to(local.dtype))
         return local.to(w.device)
 
     def combine(self, coefficients: Tensor, p: int = 0) -> Tensor:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from hessops._cola import cola
+from hessops.numerics import inner_products
 
 
 class Complement(cola.ops.LinearOperator):
@@ -30,10 +31,10 @@ class Complement(cola.ops.LinearOperator):
 
     def project(self, X: Tensor) -> Tensor:
         r""":math:`(I - VV^\top) X`."""
-        return X - self.V @ (self.V.T @ X)
+        return X - self.V @ inner_products(self.V, X).to(X.dtype)
 
     def _matmat(self, X: Tensor) -> Tensor:
-        return self.project(self.op @ self.project(X)) + self.shift * (self.V @ (self.V.T @ X))
+        return self.project(self.op @ self.project(X)) + self.shift * (self.V @ inner_products(self.V, X).to(X.dtype))
 
     def __repr__(self) -> str:
         return f"<Complement of {self.V.shape[1]} vectors in {self.op!r}>"

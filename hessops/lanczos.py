@@ -23,6 +23,7 @@ from hessops._cola import cola
 from hessops.basis import Basis, check_mode, choose_mode, make_basis
 from hessops.checkpoint import Checkpoint
 from hessops.errors import DtypeMismatchError
+from hessops.numerics import column_norms
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -76,7 +77,7 @@ class LanczosState:
         if self.mode != "none":
             return self.storage.combine(coefficients, p)
         q = self.start[:, p : p + 1]
-        q = q / torch.linalg.vector_norm(q, dim=0, keepdim=True)
+        q = q / column_norms(q, keepdim=True)
         previous = torch.zeros_like(q)
         alphas, betas = self.alphas[:, p].to(q.dtype), self.betas[:, p].to(q.dtype)
         coefficients = coefficients.to(device=q.device, dtype=q.dtype)
@@ -140,7 +141,7 @@ def lanczos(
     storage = make_basis(mode, max_steps, start, basis_path, keep=keep, reopen=keep and saved is not None)
     generator = torch.Generator(device="cpu").manual_seed(seed + 7919)
     eps = torch.finfo(dtype).eps
-    q = start / torch.linalg.vector_norm(start, dim=0, keepdim=True)
+    q = start / column_norms(start, keepdim=True)
     alphas, betas, restarts = [], [], {}
     previous, beta_prev = torch.zeros_like(q), torch.zeros(P, dtype=dtype, device=device)
     n_matvecs, first, done = 0, 0, False
@@ -187,7 +188,7 @@ def lanczos(
             if reorthogonalize:
                 for _ in range(2):
                     w = storage.orthogonalize(w)
-            beta = torch.linalg.vector_norm(w, dim=0)
+            beta = column_norms(w)
             scale = torch.maximum(scale, alpha.abs() + beta + beta_prev)
             alphas.append(alpha)
             betas.append(beta)
@@ -250,7 +251,7 @@ def _restart(q: Tensor, broken: Tensor, storage: Basis | None, last: Tensor, gen
             fresh = fresh - last * (last * fresh).sum(0)
         else:
             fresh = storage.orthogonalize(fresh)
-    fresh = fresh / torch.linalg.vector_norm(fresh, dim=0, keepdim=True)
+    fresh = fresh / column_norms(fresh, keepdim=True)
     return torch.where(broken, fresh, q)
 
 

@@ -35,6 +35,7 @@ from hessops._functional import (
 from hessops.constants import LANDSCAPE_DIRECTIONS
 from hessops.errors import EmptyDataError, InvalidArgumentError, NonFiniteLossError
 from hessops.losses import CLASSIFICATION, LossSpec, check_counted, loss_spec, probe_mean
+from hessops.numerics import column_norms, norm
 from hessops.spectrum import Spectrum
 from hessops.vectors import Eigenvectors, parameter_norms
 
@@ -173,7 +174,7 @@ def loss_landscape(
     center = tuple(all_params[name].detach() for name in names)
     device, dtype = normalize_device(center[0].device), center[0].dtype
     axes = [tuple(t.to(device=device, dtype=dtype) for t in axis) for axis in axes]
-    norms = [float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in axis]))) for axis in axes]
+    norms = [float(norm(torch.stack([norm(t) for t in axis]))) for axis in axes]
 
     grid = torch.cartesian_prod(*coordinates).reshape(-1, dims)
     shape = tuple(counts)
@@ -308,7 +309,7 @@ def _moved(p: Tensor, steps: list[tuple[float, Tensor]]) -> Tensor:
 
 def _filter_norms(t: Tensor) -> Tensor:
     """The norm of each filter (slice along dim 0) of ``t``."""
-    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1)
+    return column_norms(t.reshape(t.shape[0], -1), dim=1)
 
 
 def _pair(name: str, value: Any, dims: int, check: Callable[[str, Any], Any]) -> list:

@@ -19,6 +19,7 @@ from hessops.basis import check_mode, cullum_willoughby, steps_in_memory
 from hessops.checkpoint import open_checkpoint, tensor_digest
 from hessops.errors import InvalidArgumentError
 from hessops.lanczos import LanczosState, check_precision, lanczos, ritz
+from hessops.numerics import column_norms
 
 WHICH = constants.WHICH
 MIN_BASIS_STEPS = 40  # with basis='auto', the default max_iters is capped at what fits in memory, if at least this
@@ -265,7 +266,7 @@ def eigs(
         ok = bool((residuals <= tol * scale).all() if value_tol is None else (bounds <= value_tol * scale).all())
     else:
         if verify:
-            verified = torch.linalg.vector_norm(op @ vectors - vectors * values.to(vectors), dim=0).cpu().double()
+            verified = column_norms(op @ vectors - vectors * values.to(vectors)).cpu().double()
             everyone = torch.maximum(everyone, verified.max())
             everyone[wanted] = verified
         residuals = everyone[wanted].clone()
@@ -319,12 +320,12 @@ def _without_basis(
     the gaps between Ritz values are not trustworthy here), and vectors that are copies of a kept one (overlap
     above 1/2: a ghost the Cullum–Willoughby test did not merge) are dropped. Returns the values, vectors,
     residuals (without ``verify``: the estimates) and the indices kept."""
-    vectors = vectors / torch.linalg.vector_norm(vectors, dim=0, keepdim=True)
+    vectors = vectors / column_norms(vectors, keepdim=True)
     if not verify:
         return values, vectors, estimates, torch.arange(len(values))
     products = op @ vectors
     quotients = (vectors * products).sum(0)
-    residuals = torch.linalg.vector_norm(products - vectors * quotients, dim=0).cpu().double()
+    residuals = column_norms(products - vectors * quotients).cpu().double()
     kept: list[int] = []
     for i in range(vectors.shape[1]):
         if all(abs(float(vectors[:, i] @ vectors[:, j])) <= 0.5 for j in kept):

@@ -16,6 +16,7 @@ from hessops._cola import cola
 from hessops.checkpoint import Checkpoint, open_checkpoint
 from hessops.errors import InvalidArgumentError
 from hessops.lanczos import check_precision, rademacher
+from hessops.numerics import inner_products, orthonormal_basis
 
 METHODS = constants.TRACE_METHODS
 CHUNKS = 8  # with a checkpoint, each block of products runs in this many chunks of columns
@@ -136,12 +137,12 @@ def trace(
         )
     sketch = probes // 3
     remaining = probes - 2 * sketch
-    Q, _ = torch.linalg.qr(apply("sketch", rademacher(n, sketch, generator, op)))
+    Q = orthonormal_basis(apply("sketch", rademacher(n, sketch, generator, op)))
     Z = rademacher(n, remaining, generator, op)
-    Z = Z - Q @ (Q.T @ Z)
+    Z = Z - Q @ inner_products(Q, Z).to(Z.dtype)
     products = apply("rest", torch.cat([Q, Z], dim=1))  # one pass over the data for both
-    exact_part = float(torch.einsum("nk,nk->", Q, products[:, :sketch]))
-    deflated = products[:, sketch:] - Q @ (Q.T @ products[:, sketch:])
+    exact_part = float((Q * products[:, :sketch]).sum(0).double().sum())
+    deflated = products[:, sketch:] - Q @ inner_products(Q, products[:, sketch:]).to(Q.dtype)
     samples = (Z * deflated).sum(0).double().cpu()
     history = _running(samples, exact_part, 2 * sketch)
     return TraceEstimate(

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from hessops._arguments import integer, real
 from hessops.errors import EmptyDataError, InvalidArgumentError
+from hessops.numerics import norm
 from hessops.operators.hessian import Hessian
 from hessops.spectrum import eigs
 
@@ -133,8 +134,8 @@ class GradNormTracker:
         """Add the current gradients' norms (no host sync: they stay on the device until the epoch ends)."""
         for name, p in self.model.named_parameters():
             if p.grad is not None:
-                norm = torch.linalg.vector_norm(p.grad.detach())
-                self._sums[name] = self._sums[name] + norm if name in self._sums else norm
+                grad_norm = norm(p.grad.detach())
+                self._sums[name] = self._sums[name] + grad_norm if name in self._sums else grad_norm
         self._steps += 1
 
     def end_epoch(self, epoch: int | None = None) -> dict:

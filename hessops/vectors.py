@@ -24,6 +24,7 @@ from hessops._arguments import linear_operator
 from hessops._cola import cola
 from hessops._functional import Problem, flat_to_tree
 from hessops.errors import EigenvectorsFileError, InvalidArgumentError
+from hessops.numerics import norm
 from hessops.spectrum import Spectrum
 
 FORMAT = "hessops.eigenvectors"
@@ -151,7 +152,7 @@ def load_eigenvectors(path: str | os.PathLike) -> Eigenvectors:
 def parameter_norms(model: torch.nn.Module, names: tuple[str, ...]) -> Tensor:
     """Each named parameter's Euclidean norm, float64 on the CPU: which point of parameter space vectors are of."""
     params = dict(model.named_parameters())
-    return torch.stack([torch.linalg.vector_norm(params[name].detach().double()) for name in names]).cpu()
+    return torch.stack([norm(params[name].detach().double()) for name in names]).cpu()
 
 
 def _problem(op) -> Problem:

@@ -19,6 +19,7 @@ from hessops.deflation import Complement, student_t_interval
 from hessops.density import Quadrature, quadrature
 from hessops.errors import InvalidArgumentError, NotPositiveDefiniteError
 from hessops.lanczos import check_precision, rademacher
+from hessops.numerics import column_norms
 from hessops.operators.regularized import Regularized
 from hessops.spectrum import eigs
 
@@ -247,7 +248,7 @@ def _deflated(
     start = rademacher(n, probes, generator, op)
     if deflate:
         start = complement.project(start)
-    norms = torch.linalg.vector_norm(start, dim=0).double().cpu() ** 2
+    norms = column_norms(start).double().cpu() ** 2
     steps = min(lanczos_steps, n - deflate)
     rule = quadrature(
         complement, start=start, lanczos_steps=steps, seed=seed, progress=progress, **_suffixed(long_run, ".slq")

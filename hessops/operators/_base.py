@@ -45,6 +45,7 @@ from hessops.errors import (
     NonFiniteLossError,
 )
 from hessops.losses import check_counted, loss_spec, probe_mean
+from hessops.numerics import norm
 
 DEFAULT_CHUNK_SIZE = 16
 
@@ -389,8 +390,8 @@ class CurvatureOperator(cola.ops.LinearOperator):
         generator = torch.Generator(device="cpu").manual_seed(seed)
         v = torch.randn(self.shape[1], generator=generator, dtype=self.dtype).to(self.device)
         first, second = self @ v, self @ v
-        scale = torch.linalg.vector_norm(first).clamp_min(torch.finfo(self.dtype).tiny)
-        rel = float(torch.linalg.vector_norm(first - second) / scale)
+        scale = norm(first).clamp_min(torch.finfo(self.dtype).tiny)
+        rel = float(norm(first - second) / scale)
         if rel > rtol:
             raise NondeterministicOperatorError(
                 f"applying {type(self).__name__} twice to the same vector gave results {rel:.3g} apart (relative; "
