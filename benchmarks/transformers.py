@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--top", type=int, default=2, help="top-k eigenvalues to time (0: skip)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory counts")
+    parser.add_argument("--only-top", action="store_true", help="skip the products and memory: only the top-k race")
     parser.add_argument(
         "--micro-batch-size", type=int, help="also count (and time) hessops' HVP in micro-batches of this size"
     )
@@ -226,8 +227,10 @@ def main(argv: list[str] | None = None) -> dict:
             peers["curvlinops"].matmat = _math_attention(peers["curvlinops"].matmat)
         entry: dict = {"n_params": w.n_params, "num_examples": w.num_examples}
         report["workloads"][w.name] = entry
-        sections = {"products": lambda: bench_products(w, device, 1 if args.smoke else args.repeats, peers)}
-        if not args.no_memory:
+        sections = {}
+        if not args.only_top:
+            sections["products"] = lambda: bench_products(w, device, 1 if args.smoke else args.repeats, peers)
+        if not (args.no_memory or args.only_top):
             sections["memory"] = lambda: bench_memory(w, device, peers, args.micro_batch_size)
         if args.top:
             sections["top"] = lambda: bench_top(w, device, args.top, peers)
