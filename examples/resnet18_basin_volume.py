@@ -103,7 +103,8 @@ def main() -> None:
         raise SystemExit(f"error: {error}") from error
     batches = list(on_device(make_loader(data, batch_size=batch_size), device))
     test = hessops.evaluate(model, nn.CrossEntropyLoss(), batches)
-    print(f"{MODEL} from {checkpoint} ({source}): test loss {test['loss']:.4f} on {len(data):,} images")
+    images = f"{len(data):,} image{'s' * (len(data) != 1)}"
+    print(f"{MODEL} from {checkpoint} ({source}): test loss {test['loss']:.4f} on {images}")
 
     H = hessops.Hessian(model, nn.CrossEntropyLoss(), batches, hvp_mode=hvp_mode)
     try:
