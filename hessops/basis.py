@@ -302,7 +302,12 @@ def cullum_willoughby(T: Tensor, theta: Tensor, tolerance: float) -> Tensor:
     values appear between them. Cullum & Willoughby (*Lanczos Algorithms for Large Symmetric Eigenvalue
     Computations*, 1985, §4.5): a cluster of Ritz values within ``tolerance`` of each other counts once;
     a simple Ritz value that is also an eigenvalue of ``T`` with its first row and column removed (to within
-    ``tolerance``) is spurious and dropped."""
+    ``tolerance``) is spurious and dropped, except beyond every value kept (below the smallest, above the
+    largest). The test flags any Ritz value whose eigenvector of ``T`` has a negligible first component, and so
+    also a genuine eigenvalue whose eigenvector the start vector barely touches: one that only rounding or a
+    start component of 1e-8 brings in, such as a large negative Hessian eigenvalue. At the ends of the
+    spectrum, what eigs asks for, losing it would report the next eigenvalue as the extreme one, converged;
+    kept, its Ritz vector's verified residual in :func:`hessops.eigs` shows whether it is genuine."""
     m = theta.shape[0]
     keep = torch.ones(m, dtype=torch.bool)
     if m < 2:
@@ -312,6 +317,9 @@ def cullum_willoughby(T: Tensor, theta: Tensor, tolerance: float) -> Tensor:
     close_next = torch.cat([close_prev[1:], torch.tensor([False])])
     simple = ~close_prev & ~close_next
     spurious = simple & ((theta[:, None] - reduced[None, :]).abs().min(dim=1).values <= tolerance)
+    good = (~close_prev & ~spurious).nonzero().flatten()
+    index = torch.arange(m)
+    spurious &= (index > good.min()) & (index < good.max()) if len(good) else torch.zeros_like(spurious)
     return keep & ~close_prev & ~spurious
 
 

@@ -10,7 +10,7 @@ import cola
 import pytest
 import torch
 from torch import nn
-from toy_networks import mlp
+from toy_networks import hidden_bottom, mlp
 
 import hessops
 import hessops.basis
@@ -141,6 +141,47 @@ def test_without_a_basis_unmerged_ghosts_are_dropped_and_bounds_hold_in_float32(
     assert float(overlaps.max()) <= 0.5
     distance = (spectrum.values[:, None] - diagonal[None, :]).abs().min(dim=1).values
     assert bool((distance <= spectrum.error_bounds + 1e-4).all()), (distance, spectrum.error_bounds)
+
+
+@pytest.mark.parametrize("which", ["SA", "LA"])
+def test_without_a_basis_an_extreme_eigenvalue_the_start_barely_touches_is_kept(which):
+    """An eigenvector with weight 1e-8 on the start: its Ritz vector's first component is that small, so the
+    Cullum–Willoughby test takes its eigenvalue (−10, below a bulk over [0, 300]) for a spurious one. Dropped, the
+    run without a basis reported the bulk's bottom, 0.0033 ± 0.28, as the converged smallest eigenvalue. At the
+    ends of the spectrum it is kept: the run finds −10 (and +10 of the negated operator with "LA"), within its
+    verified bound, as the run with a basis does."""
+    H, _ = hidden_bottom()
+    sign = 1.0 if which == "SA" else -1.0
+    A = cola.SelfAdjoint(cola.ops.Dense(sign * H.to_dense()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lean = hessops.eigs(A, 1, which, value_tol=1e-3, basis="none")
+        full = hessops.eigs(A, 1, which, value_tol=1e-3, basis="device")
+    for spectrum in (lean, full):
+        assert spectrum.converged and abs(float(spectrum.values[0]) + 10 * sign) <= float(spectrum.error_bounds[0])
+    start = torch.randn(600, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    state = lanczos(A, start, lean.steps, basis="none")
+    theta, S, _ = ritz(state)
+    end = 0 if which == "SA" else -1
+    assert abs(float(S[0, end])) < 1e-6  # what the test flags: the start barely touches it
+    assert bool(cullum_willoughby(state.tridiagonal(), theta, 1000 * 2.3e-16 * float(theta.abs().max()))[end])
+
+
+def test_without_a_basis_value_tol_stops_on_the_bound_it_reports():
+    """Without a basis eigs reports each value with its residual as the bound (Weyl), not Kato–Temple's r²/gap.
+    The stopping test on the estimates used Kato–Temple, so a value_tol run stopped where that bound passed and
+    then reported converged=False with a warning, whatever max_iters; it now stops on the bound it reports."""
+    n = 600
+    Q = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))).Q
+    spectrum = torch.cat([torch.tensor([-80.0]), torch.linspace(0, 300, n - 1)]).double()
+    A = cola.SelfAdjoint(cola.ops.Dense(Q @ torch.diag(spectrum) @ Q.T))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        low = hessops.eigs(A, 1, "SA", value_tol=1e-3, basis="none")
+        top = hessops.eigs(A, 3, "LA", value_tol=1e-6, basis="none")
+    assert low.converged and abs(float(low.values[0]) + 80) <= float(low.error_bounds[0]) <= 0.3
+    assert top.converged and bool((top.error_bounds <= 1e-6 * 300).all())
+    assert bool(((top.values - spectrum.flip(0)[:3]).abs() <= top.error_bounds).all())
 
 
 def test_auto_chooses_from_free_memory(monkeypatch):
