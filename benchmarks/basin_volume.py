@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     H = hessops.Hessian(work.model, work.loss_fn, work.data, hvp_mode="autograd")
     low = hessops.eigs(H, 1, "SA", value_tol=args.eigs_tol)
+    if not low.converged:  # an unconverged run can stop far above λ_min: its bound proves no positivity
+        raise SystemExit(f"error: the run for λ_min did not converge in {low.steps} steps: raise --eigs-tol")
     smallest, bound = float(low.values[0]), float(low.error_bounds[0])
     c = args.c if args.c is not None else float(f"{2 * max(bound - smallest, 0.5):.2g}")
     print(

@@ -535,6 +535,7 @@ def logdet(args: argparse.Namespace) -> None:
         **long_run_options(args),
         deflate=deflate,
         confidence=args.confidence,
+        eigs_max_iters=args.eigs_max_iters,
     )
     result = estimate.to_dict()
     print(
@@ -552,6 +553,7 @@ def logdet(args: argparse.Namespace) -> None:
         "lanczos_steps": args.lanczos_steps,
         "deflate": deflate,
         "confidence": args.confidence,
+        "eigs_max_iters": args.eigs_max_iters,
     }
     emit(args, settings, result, s.op.device, draw)
 
@@ -596,6 +598,8 @@ def basin(args: argparse.Namespace) -> None:
         deflate=deflate,
         confidence=args.confidence,
         check_c=not args.no_check_c,
+        eigs_max_iters=args.eigs_max_iters,
+        smallest_eigenvalue=args.smallest_eigenvalue,
     )
     result = volume.to_dict()
     print(
@@ -603,7 +607,12 @@ def basin(args: argparse.Namespace) -> None:
         f"{result['log_threshold_term']:.6f} − ½ logdet {result['half_logdet']:.6f} ± "
         f"{0.5 * result['logdet_std_error']:.2g}; n = {result['n']}, {result['method']})" + interval_text(result)
     )
-    if "smallest_eigenvalue" in result:
+    if args.smallest_eigenvalue is not None:
+        print(
+            f"smallest eigenvalue of {args.operator}: at least {args.smallest_eigenvalue:g} (given), "
+            f"above -c = {-args.c:g}"
+        )
+    elif "smallest_eigenvalue" in result:
         print(
             f"smallest eigenvalue of {args.operator}: {result['smallest_eigenvalue']:.6g} "
             f"± {result['smallest_eigenvalue_bound']:.2g}, below c = {args.c:g} in magnitude (checked)"
@@ -623,6 +632,8 @@ def basin(args: argparse.Namespace) -> None:
         "deflate": deflate,
         "confidence": args.confidence,
         "check_c": not args.no_check_c,
+        "eigs_max_iters": args.eigs_max_iters,
+        "smallest_eigenvalue": args.smallest_eigenvalue,
     }
     emit(args, settings, result, s.op.device, draw)
 

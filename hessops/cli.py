@@ -490,6 +490,12 @@ def build_parser() -> Parser:
             default=0.95,
             help="the level of the Student-t confidence interval over the SLQ probes",
         )
+        p.add_argument(
+            "--eigs-max-iters",
+            type=count(),
+            help="at most this many Lanczos steps in each eigs run (λ_min, and the top K of --deflate); default: "
+            "eigs' own, which --basis auto caps at what fits in half of the free memory",
+        )
         if name == "basin":
             p.add_argument(
                 "--threshold", type=number(above=0), default=2.0, help="the loss increase that bounds the basin"
@@ -498,6 +504,12 @@ def build_parser() -> Parser:
                 "--no-check-c",
                 action="store_true",
                 help="skip the check that c exceeds |λ_min| of H by more than its error bound (one eigs run)",
+            )
+            p.add_argument(
+                "--smallest-eigenvalue",
+                type=number(),
+                help="a known lower bound on the operator's smallest eigenvalue (0 for ggn, ef, mcfisher), checked "
+                "against --c instead of the eigs run (default: none, run eigs)",
             )
         _long_runs(p)
 

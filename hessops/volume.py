@@ -21,7 +21,7 @@ from hessops.errors import InvalidArgumentError, NotPositiveDefiniteError
 from hessops.lanczos import check_precision, rademacher
 from hessops.numerics import column_norms
 from hessops.operators.regularized import Regularized
-from hessops.spectrum import eigs
+from hessops.spectrum import Spectrum, eigs
 
 LOGDET_METHODS = constants.LOGDET_METHODS
 DENSE_LIMIT = 3000
@@ -101,6 +101,7 @@ def logdet(
     confidence: float = 0.95,
     eigs_tol: float = 1e-3,
     lower_bound: float | None = None,
+    eigs_max_iters: int | None = None,
 ) -> LogdetEstimate:
     r""":math:`\log\det A` of a symmetric positive definite operator (build one with
     :class:`hessops.Regularized`, e.g. ``Regularized(H, c)``).
@@ -123,7 +124,9 @@ def logdet(
       Saad, 2017, Thm. 4.2; reported as ``quadrature_decay``, with :math:`\kappa` from the largest Ritz
       value and the smallest eigenvalue). Positivity is checked first,
       by the smallest eigenvalue (:func:`hessops.eigs`, ``"SA"``, error bound below ``eigs_tol · max|θ|``),
-      which must exceed its bound. Deflating Ritz vectors with residuals ``r_i`` can only raise the estimate
+      which must exceed its bound; a run that has not converged (the bottom of the spectrum not yet reached)
+      raises :class:`NotPositiveDefiniteError` naming the fixes. ``eigs_max_iters`` is both ``eigs`` runs'
+      ``max_iters``. Deflating Ritz vectors with residuals ``r_i`` can only raise the estimate
       (Fischer's inequality), by at most :math:`-\log(1 - \sum_i r_i^2/(\theta_i \lambda_{\min}))`, with
       :math:`\lambda_{\min}` the smallest eigenvalue less its bound (``deflation_bias``). ``lower_bound``, a
       positive lower bound on the smallest eigenvalue when one is known (``c`` for a PSD operator plus
@@ -157,6 +160,8 @@ def logdet(
     eigs_tol = real("eigs_tol", eigs_tol, positive=True)
     if lower_bound is not None:
         lower_bound = real("lower_bound", lower_bound, positive=True)
+    if eigs_max_iters is not None:
+        eigs_max_iters = integer("eigs_max_iters", eigs_max_iters, minimum=1)
     linear_operator("op", op)
     if not op.isa(cola.SelfAdjoint):
         raise ValueError(f"logdet needs a symmetric operator; {op!r} is not annotated SelfAdjoint")
@@ -176,8 +181,9 @@ def logdet(
         "checkpoint_every": checkpoint_every,
     }
     if method == "deflated":
+        eigs_options = {"tol": eigs_tol, "max_iters": eigs_max_iters, "seed": seed, "progress": progress}
         return _deflated(
-            op, deflate, probes, lanczos_steps, seed, confidence, eigs_tol, progress, lower_bound, began, long_run
+            op, deflate, probes, lanczos_steps, seed, confidence, eigs_options, lower_bound, began, long_run
         )
     rule = quadrature(op, num_probes=probes, lanczos_steps=lanczos_steps, seed=seed, progress=progress, **long_run)
     _check_positive(float(rule.nodes.min()), "Ritz value")
@@ -214,14 +220,14 @@ def _deflated(
     lanczos_steps: int,
     seed: int,
     confidence: float,
-    eigs_tol: float,
-    progress: bool,
+    eigs_options: dict[str, Any],
     smallest: float | None,
     began: float,
     long_run: dict[str, Any],
 ) -> LogdetEstimate:
     """:func:`logdet`'s ``"deflated"`` method; ``smallest``: a lower bound on the smallest eigenvalue of ``op``
-    when the caller has one, else the smallest eigenvalue found less its error bound. ``long_run``: the
+    when the caller has one, else the smallest eigenvalue found less its error bound. ``eigs_options``: the
+    ``tol``, ``max_iters``, ``seed`` and ``progress`` of the two ``eigs`` runs. ``long_run``: the
     ``basis``, ``basis_path``, ``checkpoint`` and ``checkpoint_every`` of each of its three Lanczos runs (the
     smallest eigenvalue, the top ones, the complement's SLQ), each run's files suffixed by :func:`_suffixed`."""
     n = op.shape[0]
@@ -233,14 +239,23 @@ def _deflated(
     if probes < 2:
         raise InvalidArgumentError(f"probes={probes}: a confidence interval needs at least 2 probes")
     n_matvecs = 0
+    tol, max_iters, progress = eigs_options["tol"], eigs_options["max_iters"], eigs_options["progress"]
     if smallest is None:
-        low = eigs(op, 1, "SA", value_tol=eigs_tol, seed=seed, progress=progress, **_suffixed(long_run, ".smallest"))
+        low = smallest_eigenvalue_of(op, eigs_options, long_run)
+        _check_converged(
+            low,
+            "op",
+            "lower_bound=, a known positive lower bound on op's smallest eigenvalue (c for a PSD operator plus cI; "
+            "basin_volume: smallest_eigenvalue=)",
+        )
         smallest, n_matvecs = float(low.values[0] - low.error_bounds[0]), low.n_matvecs
         _check_positive(smallest, "eigenvalue found, less its error bound,")
     values = residuals = torch.zeros(0, dtype=torch.float64)
     complement = op
     if deflate:
-        top = eigs(op, deflate, "LA", tol=eigs_tol, seed=seed, progress=progress, **_suffixed(long_run, ".top"))
+        top = eigs(
+            op, deflate, "LA", tol=tol, max_iters=max_iters, seed=seed, progress=progress, **_suffixed(long_run, ".top")
+        )
         values, residuals = top.values.double().cpu(), top.residuals.double().cpu()
         n_matvecs += top.n_matvecs
         complement = Complement(op, top.vectors, float(values[-1]))
@@ -276,6 +291,33 @@ def _deflated(
         deflated_eigenvalues=values,
         deflation_bias=-math.log1p(-share) if share < 1 else math.inf,
         quadrature_decay=((math.sqrt(kappa) - 1) / (math.sqrt(kappa) + 1)) ** (2 * steps),
+    )
+
+
+def smallest_eigenvalue_of(
+    op: cola.ops.LinearOperator, eigs_options: dict[str, Any], long_run: dict[str, Any]
+) -> Spectrum:
+    """The ``eigs`` run (``"SA"``, ``value_tol`` = ``eigs_options["tol"]``) for the smallest eigenvalue of ``op``
+    that :func:`logdet`'s deflation and :func:`basin_volume`'s check rest on, checkpointed to ``checkpoint``
+    plus ``".smallest"``."""
+    options = {"value_tol": eigs_options["tol"]} | {key: eigs_options[key] for key in ("max_iters", "seed", "progress")}
+    return eigs(op, 1, "SA", **options, **_suffixed(long_run, ".smallest"))
+
+
+def _check_converged(low: Spectrum, name: str, known: str, alternatives: str = "") -> None:
+    """Refuse a run for the smallest eigenvalue of the operator ``name`` that has not converged: its smallest
+    Ritz value may still lie far above the smallest eigenvalue (a short run misses a large negative one), so it
+    proves no positivity. ``known``: the argument that gives the bound instead; ``alternatives``: more fixes."""
+    if low.converged:
+        return
+    value, bound = float(low.values[0]), float(low.error_bounds[0])
+    raise NotPositiveDefiniteError(
+        f"the smallest eigenvalue of {name} is not known, so positive definiteness is not established: the Lanczos "
+        f"run for it (eigs 'SA', basis '{low.basis}') stopped after {low.steps} steps without converging, at "
+        f"{value:.6g} with error bound {bound:.2g}, and an unconverged run can lie far above the smallest "
+        "eigenvalue (a short run misses a large negative one). Fixes: raise eigs_max_iters (without it, "
+        "basis='auto' caps the steps at what fits in half of the free memory, and basis='none' needs no memory "
+        f"for them), or pass {known}{alternatives}"
     )
 
 
@@ -321,7 +363,8 @@ class BasinVolume:
     :math:`\{\delta : \tfrac12 \delta^\top (H + cI)\delta \le \text{threshold}\}` in :math:`n` dimensions,
     with the :class:`LogdetEstimate` of :math:`H + cI` it came from (``logdet``), the operator products
     (``n_matvecs``, columns) and the wall time in ``seconds``; with ``check_c``, the ``smallest_eigenvalue``
-    of ``H`` found and its ``smallest_eigenvalue_bound`` (``None`` without)."""
+    of ``H`` found and its ``smallest_eigenvalue_bound`` (the lower bound given as ``smallest_eigenvalue`` and
+    0; ``None`` without either)."""
 
     log_volume: float
     log_unit_ball: float
@@ -414,6 +457,8 @@ def basin_volume(
     confidence: float = 0.95,
     check_c: bool = True,
     eigs_tol: float = 1e-3,
+    eigs_max_iters: int | None = None,
+    smallest_eigenvalue: float | None = None,
 ) -> BasinVolume:
     r"""The log-volume of the basin :math:`\{\delta : \tfrac12\delta^\top(H+cI)\delta \le \text{threshold}\}`,
     the region where the quadratic model of the loss rises by at most ``threshold``:
@@ -430,13 +475,23 @@ def basin_volume(
     bound ``b`` (:func:`hessops.eigs`, ``"SA"``, bound below ``eigs_tol · max|θ|``) and requires
     :math:`\lambda_{\min} - b + c > 0` (``c`` exceeds :math:`|\lambda_{\min}|` by more than the bound), else
     raises :class:`NotPositiveDefiniteError` naming :math:`\lambda_{\min}` and a ``c`` that works, before the
-    costly part. It is the smallest eigenvalue *found*: Lanczos from a random start finds the bottom of the
-    spectrum unless the start is nearly orthogonal to its eigenvector. ``basis``, ``basis_path``, ``checkpoint``
-    and ``checkpoint_every`` are :func:`logdet`'s (the check's ``eigs`` run checkpoints to ``checkpoint`` +
-    ``".smallest"``)."""
+    costly part. A run that has not converged (``Spectrum.converged`` false: a short run, e.g. one whose steps
+    ``basis="auto"`` capped at what fits in memory, can stop far above a large negative eigenvalue) raises it
+    too, naming the fixes: a larger ``eigs_max_iters`` (the run's ``max_iters``), ``smallest_eigenvalue``, a
+    larger ``c``, or ``check_c=False`` at your own risk. It is the smallest eigenvalue *found*: Lanczos from a
+    random start finds the bottom of the spectrum unless the start is nearly orthogonal to its eigenvector.
+    ``smallest_eigenvalue``, a known lower bound on ``H``'s smallest eigenvalue (0 for a GGN or a Fisher),
+    replaces that run: then ``smallest_eigenvalue + c > 0`` is required. ``basis``, ``basis_path``,
+    ``checkpoint`` and ``checkpoint_every`` are :func:`logdet`'s (the check's ``eigs`` run checkpoints to
+    ``checkpoint`` + ``".smallest"``)."""
     threshold = real("threshold", threshold, positive=True)
     c = real("c", c)
     check_c = boolean("check_c", check_c)
+    eigs_tol = real("eigs_tol", eigs_tol, positive=True)
+    if eigs_max_iters is not None:
+        eigs_max_iters = integer("eigs_max_iters", eigs_max_iters, minimum=1)
+    if smallest_eigenvalue is not None:
+        smallest_eigenvalue = real("smallest_eigenvalue", smallest_eigenvalue)
     linear_operator("H", H)
     n = H.shape[0]
     began = time.perf_counter()
@@ -449,24 +504,25 @@ def basin_volume(
     }
     smallest = bound = None
     n_matvecs = 0
-    if check_c:
-        low = eigs(
-            H,
-            1,
-            "SA",
-            value_tol=real("eigs_tol", eigs_tol, positive=True),
-            seed=seed,
-            progress=progress,
-            **_suffixed(long_run, ".smallest"),
+    if smallest_eigenvalue is not None:
+        smallest, bound = smallest_eigenvalue, 0.0
+    elif check_c:
+        eigs_options = {"tol": eigs_tol, "max_iters": eigs_max_iters, "seed": seed, "progress": progress}
+        low = smallest_eigenvalue_of(H, eigs_options, long_run)
+        _check_converged(
+            low,
+            "H",
+            "smallest_eigenvalue=, a known lower bound on it (0 for a GGN or a Fisher)",
+            ", or use a larger c (one above the true |λ_min|), or check_c=False to skip the check at your own risk",
         )
         smallest, bound, n_matvecs = float(low.values[0]), float(low.error_bounds[0]), low.n_matvecs
-        if not smallest - bound + c > 0:
-            works = max(2 * (bound - smallest), 0.0)
-            raise NotPositiveDefiniteError(
-                f"c={c:g} does not make H + cI positive definite: H's smallest eigenvalue is {smallest:.6g} "
-                f"(± {bound:.2g}), so c must exceed {bound - smallest:.6g}; e.g. c={works:.3g} (the basin of a "
-                "point that is not a minimum is unbounded without it)"
-            )
+    if smallest is not None and not smallest - bound + c > 0:
+        works = max(2 * (bound - smallest), 0.0)
+        raise NotPositiveDefiniteError(
+            f"c={c:g} does not make H + cI positive definite: H's smallest eigenvalue is {smallest:.6g} "
+            f"(± {bound:.2g}), so c must exceed {bound - smallest:.6g}; e.g. c={works:.3g} (the basin of a "
+            "point that is not a minimum is unbounded without it)"
+        )
     estimate = logdet(
         op,
         method=method,
@@ -478,7 +534,8 @@ def basin_volume(
         deflate=deflate,
         confidence=confidence,
         eigs_tol=eigs_tol,
-        lower_bound=smallest - bound + c if check_c else None,  # checked above: positive
+        lower_bound=smallest - bound + c if smallest is not None else None,  # checked above: positive
+        eigs_max_iters=eigs_max_iters,
     )
     unit_ball = log_unit_ball_volume(n)
     threshold_term = 0.5 * n * math.log(2 * threshold)

@@ -73,6 +73,9 @@ BAD = [
     ("basin_volume", dict(threshold=0.0), "threshold=0"),
     ("basin_volume", dict(threshold=1.0, c=float("nan")), "c=nan"),
     ("basin_volume", dict(threshold=1.0, probes=0, method="slq"), "probes=0"),
+    ("basin_volume", dict(threshold=1.0, eigs_max_iters=0), "eigs_max_iters=0"),
+    ("basin_volume", dict(threshold=1.0, smallest_eigenvalue=float("inf")), "smallest_eigenvalue=inf"),
+    ("logdet", dict(eigs_max_iters=2.5), "eigs_max_iters=2.5"),
 ]
 
 

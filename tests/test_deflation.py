@@ -15,9 +15,10 @@ import pytest
 import torch
 from scipy.stats import t as student_t
 from torch import nn
-from toy_networks import mlp
+from toy_networks import hidden_bottom, mlp
 
 import hessops
+import hessops.basis
 from hessops.cli import main
 from hessops.density import quadrature
 from hessops.lanczos import rademacher
@@ -128,6 +129,58 @@ def test_basin_volume_checks_c_and_names_one_that_works(mlp_hessian):
     assert hessops.basin_volume(H, threshold=2.0, c=suggested, check_c=False).smallest_eigenvalue is None
 
 
+def test_basin_volume_refuses_a_smallest_eigenvalue_that_has_not_converged(monkeypatch):
+    """Memory for a basis of only 40 steps (basis="auto" caps the check's eigs run there): the run stops unconverged
+    at 0.25 ± 1.4 while λ_min = −10. Its bound cannot clear c = 2 (H + 2I has the eigenvalue −8), but before the
+    convergence check 0.25 − 1.4 + 2 > 0 passed. Now it is refused, naming the fixes; with the steps raised the
+    run finds −10 and c = 2 is refused as too small, c = 12 accepted."""
+    H, spectrum = hidden_bottom()
+    n = H.shape[0]
+    monkeypatch.setattr(hessops.basis, "free_device_bytes", lambda device: 2 * 40 * n * 8)
+    with (
+        pytest.warns(RuntimeWarning, match="eigs stopped after 40 Lanczos steps"),
+        pytest.raises(hessops.NotPositiveDefiniteError, match="stopped after 40 steps without converging") as error,
+    ):
+        hessops.basin_volume(H, threshold=1.0, c=2.0)
+    for fix in ("raise eigs_max_iters", "smallest_eigenvalue=", "larger c", "check_c=False"):
+        assert fix in str(error.value)
+    with pytest.raises(hessops.NotPositiveDefiniteError, match=r"smallest eigenvalue is -(9\.9|10)"):
+        hessops.basin_volume(H, threshold=1.0, c=2.0, eigs_max_iters=n)
+    volume = hessops.basin_volume(H, threshold=1.0, c=12.0, eigs_max_iters=n)
+    assert abs(volume.smallest_eigenvalue + 10) <= volume.smallest_eigenvalue_bound
+    assert volume.half_logdet == pytest.approx(0.5 * float((spectrum + 12).log().sum()), rel=1e-10)
+
+
+def test_a_given_smallest_eigenvalue_replaces_the_check():
+    """``smallest_eigenvalue``, a known lower bound, replaces the eigs run (no products for it) and is checked
+    against c like a found one."""
+    H, spectrum = hidden_bottom()
+    volume = hessops.basin_volume(H, threshold=1.0, c=12.0, smallest_eigenvalue=-10.0)
+    assert (volume.smallest_eigenvalue, volume.smallest_eigenvalue_bound) == (-10.0, 0.0)
+    assert volume.n_matvecs == volume.logdet.n_matvecs == H.shape[0]  # the dense log-determinant's only
+    with pytest.raises(hessops.NotPositiveDefiniteError, match="c=9 does not make H \\+ cI positive definite"):
+        hessops.basin_volume(H, threshold=1.0, c=9.0, smallest_eigenvalue=-10.0)
+    with pytest.raises(hessops.InvalidArgumentError, match="smallest_eigenvalue"):
+        hessops.basin_volume(H, threshold=1.0, c=9.0, smallest_eigenvalue=float("nan"))
+
+
+def test_deflated_logdet_refuses_a_smallest_eigenvalue_that_has_not_converged():
+    """logdet(method="deflated") without a lower_bound checks positivity by its own eigs run: unconverged (here
+    eigs_max_iters=40 on the operator above plus 2·I, whose smallest eigenvalue −8 that run does not reach), it
+    is refused rather than trusted; given the steps, the run finds −8 and the operator is refused as indefinite."""
+    H, _ = hidden_bottom()
+    A = hessops.Regularized(H, 2.0)
+    settings = dict(method="deflated", deflate=2, probes=4, lanczos_steps=10)
+    with (
+        pytest.warns(RuntimeWarning, match="eigs stopped after 40"),
+        pytest.raises(hessops.NotPositiveDefiniteError, match="without converging.*lower_bound=") as error,
+    ):
+        hessops.logdet(A, **settings, eigs_max_iters=40)
+    assert "raise eigs_max_iters" in str(error.value)
+    with pytest.raises(hessops.NotPositiveDefiniteError, match="smallest eigenvalue found, less its error bound, is -"):
+        hessops.logdet(A, **settings, eigs_max_iters=600)
+
+
 def test_deflated_basin_volume_against_the_dense_one(cnn_hessian):
     """On the CNN's Hessian operator: the exact log det(H + cI) lies in [low − deflation_bias, high] (deflation
     can only raise the estimate); the deflated eigenvalues are the top of the dense spectrum to within their
@@ -216,6 +269,20 @@ def test_cli_logdet_and_basin_deflated(tmp_path):
     assert result["smallest_eigenvalue"] - result["smallest_eigenvalue_bound"] + 5 > 0
     assert result["confidence_interval"][0] < result["log_volume"] < result["confidence_interval"][1]
     assert main(["basin", "--method", "slq", "--deflate", "2", *common]) == 2  # bad input
+
+
+def test_cli_basin_takes_a_known_smallest_eigenvalue_and_refuses_an_unconverged_check(tmp_path, capsys):
+    common = ("--num-examples", "40", "--dtype", "float64", "--no-progress")
+    out = tmp_path / "basin.json"
+    args = ("basin", "--operator", "ggn", "--c", "0.1", "--smallest-eigenvalue", "0", *common, "--out", str(out))
+    assert main(list(args)) == 0
+    result = json.loads(out.read_text())
+    assert (result["smallest_eigenvalue"], result["smallest_eigenvalue_bound"]) == (0.0, 0.0)
+    assert result["settings"]["smallest_eigenvalue"] == 0.0 and result["n_matvecs"] == result["logdet"]["n_matvecs"]
+    assert "at least 0 (given)" in capsys.readouterr().out
+    with pytest.warns(RuntimeWarning, match="eigs stopped after 3 Lanczos steps"):
+        assert main(["basin", "--c", "5", "--eigs-max-iters", "3", *common]) == 2
+    assert "stopped after 3 steps without converging" in capsys.readouterr().err
 
 
 def test_benchmark_smoke(tmp_path):
