@@ -167,6 +167,21 @@ def test_without_a_basis_an_extreme_eigenvalue_the_start_barely_touches_is_kept(
     assert bool(cullum_willoughby(state.tridiagonal(), theta, 1000 * 2.3e-16 * float(theta.abs().max()))[end])
 
 
+def test_without_a_basis_in_float32_a_large_negative_eigenvalue_is_found():
+    """float32, no basis (what basis="auto" picks when memory runs short), a random start: −80 below a null space
+    and a bulk over [0, 300], n = 20,000. The start's weight on −80's eigenvector is 1/141, yet the Cullum–Willoughby
+    tolerance of float32 (1000·eps·max|θ| = 0.036) took −80 for a spurious value, and the run reported 0.0039
+    ± 0.26 as the converged smallest eigenvalue (the observed failure: 6.5e-4 for a Hessian's −80). Now −80 is
+    found, and basin_volume's check names it."""
+    n = 20_000
+    diagonal = torch.cat([torch.tensor([-80.0]), torch.zeros(n // 2), torch.linspace(0, 300, n - 1 - n // 2)])
+    A = cola.SelfAdjoint(cola.ops.Diagonal(diagonal))
+    low = hessops.eigs(A, 1, "SA", value_tol=1e-3, basis="none")
+    assert low.converged and abs(float(low.values[0]) + 80) <= float(low.error_bounds[0])
+    with pytest.raises(hessops.NotPositiveDefiniteError, match=r"H's smallest eigenvalue is -79\.99"):
+        hessops.basin_volume(A, threshold=1.0, c=1.0, basis="none", method="slq", probes=4, lanczos_steps=20)
+
+
 def test_without_a_basis_value_tol_stops_on_the_bound_it_reports():
     """Without a basis eigs reports each value with its residual as the bound (Weyl), not Kato–Temple's r²/gap.
     The stopping test on the estimates used Kato–Temple, so a value_tol run stopped where that bound passed and
