@@ -23,7 +23,7 @@ from hessops._cola import cola
 from hessops.basis import Basis, check_mode, choose_mode, make_basis
 from hessops.checkpoint import Checkpoint
 from hessops.errors import DtypeMismatchError
-from hessops.numerics import column_norms
+from hessops.numerics import column_dots, column_norms
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -83,15 +83,20 @@ class LanczosState:
         coefficients = coefficients.to(device=q.device, dtype=q.dtype)
         vectors = torch.zeros(q.shape[0], coefficients.shape[1], dtype=q.dtype, device=q.device)
         for j in range(self.steps):
-            vectors += q * coefficients[j]
+            vectors.addcmul_(q, coefficients[j])
             if j + 1 == self.steps:
                 break
             w = self.op @ q
             self.n_matvecs += 1
-            w = w - alphas[j : j + 1] * q - (betas[j - 1 : j] if j else torch.zeros_like(alphas[:1])) * previous
+            # the first pass's arithmetic, operation for operation, so that the vectors come back bit for bit
+            beta_prev = betas[j - 1 : j] if j else torch.zeros_like(alphas[:1])
+            w = torch.addcmul(w, q, alphas[j : j + 1], value=-1).addcmul_(previous, beta_prev, value=-1)
             restart = self.restarts.get(j + 1)
             fresh = restart[:, p : p + 1].to(q.device) if restart is not None and float(betas[j]) == 0 else None
-            previous, q = q, fresh if fresh is not None else w / betas[j : j + 1].clamp_min(torch.finfo(q.dtype).tiny)
+            previous, q = (
+                q,
+                fresh if fresh is not None else w.div_(betas[j : j + 1].clamp_min(torch.finfo(q.dtype).tiny)),
+            )
         return vectors
 
     def close(self) -> None:
@@ -183,8 +188,10 @@ def lanczos(
             storage.append(q)
             w = op @ q
             n_matvecs += P
-            alpha = (q * w).sum(0)
-            w = w - alpha * q - beta_prev * previous
+            alpha = column_dots(q, w).to(dtype)
+            # w − αq − βq', in one new tensor (w may be the operator's own, or even q): at 124M parameters each
+            # temporary is 0.5 GB of fresh pages, and four of them had cost a GPT-2 step as much as its product
+            w = torch.addcmul(w, q, alpha, value=-1).addcmul_(previous, beta_prev, value=-1)
             if reorthogonalize:
                 for _ in range(2):
                     w = storage.orthogonalize(w)
@@ -195,7 +202,7 @@ def lanczos(
             bar.update(1)
             if j + 1 == max_steps or (stop is not None and stop(_state(storage, alphas, betas, n_matvecs, restarts))):
                 break
-            previous, q = q, w / beta.clamp_min(torch.finfo(dtype).tiny)
+            previous, q = q, w.div_(beta.clamp_min(torch.finfo(dtype).tiny))
             broken = beta <= 100 * eps * scale
             if bool(broken.any()):
                 q = _restart(q, broken, storage if reorthogonalize else None, previous, generator)

@@ -5,8 +5,10 @@ without the cascade summation that ``torch.sum`` uses, so its error grows with t
 with torch 2.14.1 we measured a relative error of 4e-4 for one Gaussian vector of 11M entries (a ResNet-18),
 1.1e-2 at 100M, and, reducing the columns of a ``(100M, 4)`` block of ones, 0.41 of the true norm
 (pytorch#169237, #151761). Every Lanczos step normalizes by such a norm, so a parameter-length float32 vector
-is never normed with it here: :func:`column_norms` scales by the largest entry (no overflow or underflow of
-the squares) and sums with ``torch.sum``, which is accurate to a few float32 roundings at these lengths.
+is never normed with it here, nor is ``Qᵀw`` one BLAS call over all rows: :func:`inner_products` and
+:func:`column_dots` sum blocks of :data:`ROWS` rows in the inputs' dtype and the blocks in float64, and
+:func:`column_norms` is built on them. At 124M parameters (GPT-2 small) a vector is 0.5 GB, so these also avoid
+temporaries of that size: a Lanczos step's element-wise temporaries had cost as much as its product there.
 """
 
 from __future__ import annotations
@@ -17,14 +19,25 @@ from torch import Tensor
 
 def column_norms(x: Tensor, dim: int | None = 0, keepdim: bool = False) -> Tensor:
     """The Euclidean norms of ``x`` along ``dim`` (the whole tensor's norm with ``dim=None``), accurate in
-    float32 for vectors of any length on every device, zero for zero columns, ``inf``/``nan`` propagated."""
+    float32 for vectors of any length on every device, zero for zero columns, ``inf``/``nan`` propagated.
+
+    Columns whose largest entry lies in [2⁻⁵⁰, 2⁵⁰] (every practical one) are summed by :func:`column_dots`,
+    without a temporary the size of ``x``; others are first scaled by their largest entry, so that no square
+    overflows or underflows."""
     if dim is None:
         return column_norms(x.reshape(-1), 0, keepdim=False)
-    scale = x.abs().amax(dim=dim, keepdim=True)
-    scaled = x / torch.where(scale > 0, scale, torch.ones_like(scale))
-    norms = scaled.square_().sum(dim=dim, keepdim=True).sqrt_() * scale
-    norms = torch.where(scale.isinf(), scale, norms)  # inf/inf made a nan of an infinite norm (a nan makes scale nan)
-    return norms if keepdim else norms.squeeze(dim)
+    columns = x.movedim(dim, 0).reshape(x.shape[dim], -1)
+    low, high = torch.aminmax(columns, dim=0)
+    largest = torch.maximum(low.abs(), high.abs())
+    if bool(((largest >= SAFE_LOW) & (largest <= SAFE_HIGH)).all()):
+        norms = column_dots(columns, columns).sqrt().to(x.dtype)
+    else:
+        scale = largest[None]
+        scaled = columns / torch.where(scale > 0, scale, torch.ones_like(scale))
+        norms = (scaled.square_().sum(dim=0).sqrt_() * largest).to(x.dtype)
+        norms = torch.where(largest.isinf(), largest, norms)  # inf/inf made a nan of an infinite norm
+    norms = norms.reshape(tuple(size for i, size in enumerate(x.shape) if i != dim % x.dim()))
+    return norms.unsqueeze(dim) if keepdim else norms
 
 
 def norm(x: Tensor) -> Tensor:
@@ -35,6 +48,24 @@ def norm(x: Tensor) -> Tensor:
 # Rows per partial product: float32 dot products of this length are accurate to about 1e-6 of |a|·|b| (measured
 # on an 11M-row random pair: 2e-6 against 6e-5 for one BLAS call over all rows, at the same speed).
 ROWS = 8192
+
+
+# Columns whose largest magnitude lies in this range are summed without scaling: squares stay within float32's
+# normal range, and a block's sum of squares (ROWS of them, at most 2¹⁰⁰ each) cannot overflow.
+SAFE_LOW, SAFE_HIGH = 2.0**-50, 2.0**50
+# Rows of the element-wise products that column_dots forms at once for several columns (a bounded temporary).
+PRODUCT_ROWS = 1 << 20
+
+
+def column_dots(a: Tensor, b: Tensor) -> Tensor:
+    """The dot product of each column of ``a`` with the same column of ``b`` (both ``n × P``), float64 ``(P,)``,
+    accumulated as :func:`inner_products` (without a temporary the size of ``a`` when both are contiguous)."""
+    if a.shape[1] == 1:
+        return inner_products(a, b)[0]
+    out = torch.zeros(a.shape[1], dtype=torch.float64, device=a.device)
+    for i in range(0, a.shape[0], PRODUCT_ROWS):  # torch.sum's cascade within a slice, float64 across slices
+        out += (a[i : i + PRODUCT_ROWS] * b[i : i + PRODUCT_ROWS]).sum(0).double()
+    return out
 
 
 def inner_products(A: Tensor, B: Tensor) -> Tensor:
