@@ -291,7 +291,8 @@ def eigs(
         ok = bool((residuals <= tol * scale).all() if value_tol is None else (bounds <= value_tol * scale).all())
     else:
         if verify:
-            verified = column_norms(torch.addcmul(op @ vectors, vectors, values.to(vectors), value=-1)).cpu().double()
+            products = _apply_columns(op, vectors)
+            verified = column_norms(torch.addcmul(products, vectors, values.to(vectors), value=-1)).cpu().double()
             everyone = torch.maximum(everyone, verified.max())
             everyone[wanted] = verified
         residuals = everyone[wanted].clone()
@@ -348,7 +349,7 @@ def _without_basis(
     vectors = vectors.div_(column_norms(vectors, keepdim=True))  # in place: k parameter-length columns
     if not verify:
         return values, vectors, estimates, torch.arange(len(values))
-    products = op @ vectors
+    products = _apply_columns(op, vectors)
     if products.data_ptr() == vectors.data_ptr():  # an operator that returns its input: updated in place below
         products = products.clone()
     quotients = column_dots(vectors, products).to(vectors.dtype)
@@ -359,6 +360,22 @@ def _without_basis(
             kept.append(i)
     index = torch.tensor(kept, dtype=torch.long)
     return quotients.cpu().double()[index], vectors[:, index.to(vectors.device)], residuals[index], index
+
+
+# Vectors at least this large are verified one column at a time: a block of ten products of a 100M-parameter
+# MLP (0.4 GB vectors) took its top-10 run to 22.3 GB of a 24 GB machine's memory; on a CPU a block saves
+# little time over its columns (benchmarks/RESULTS.md, Runs C and H2).
+ONE_COLUMN_BYTES = 1 << 26
+
+
+def _apply_columns(op: cola.ops.LinearOperator, vectors: Tensor) -> Tensor:
+    """``op @ vectors``, one column at a time when the vectors are :data:`ONE_COLUMN_BYTES` or more."""
+    if vectors.shape[1] == 1 or vectors.shape[0] * vectors.element_size() < ONE_COLUMN_BYTES:
+        return op @ vectors
+    products = torch.empty_like(vectors)
+    for i in range(vectors.shape[1]):
+        products[:, i : i + 1] = op @ vectors[:, i : i + 1]
+    return products
 
 
 def _checked_start(start: Tensor, n: int) -> Tensor:
