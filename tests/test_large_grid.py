@@ -13,7 +13,6 @@ is the same) and with the plain loss of the whole dataset at once."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor, nn
+from toy_networks import interrupted_at
 
 import hessops
 from hessops.lm import GPT, GPTConfig
@@ -159,24 +159,6 @@ def test_every_basis_mode_gives_the_device_eigenvalues(case, top, tmp_path, mode
         assert bool(((other.values.double() - exact).abs() <= other.error_bounds + slack).all())
         assert bool(((other.values - top.values).abs() <= other.error_bounds + top.error_bounds + slack).all())
     assert not path or not path.exists()  # a temporary basis file is removed
-
-
-@contextlib.contextmanager
-def interrupted_at(op, after: int):
-    """``op`` raising KeyboardInterrupt (as Ctrl-C does) at its ``after``-th product, inside the block."""
-    original, calls = op._matmat, []
-
-    def product(X):
-        calls.append(1)
-        if len(calls) == after:
-            raise KeyboardInterrupt
-        return original(X)
-
-    op._matmat = product
-    try:
-        yield op
-    finally:
-        del op._matmat
 
 
 @pytest.mark.parametrize("mode", ["device", "disk", "none"])

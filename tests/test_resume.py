@@ -4,7 +4,6 @@ after a real SIGKILL."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -16,31 +15,12 @@ import cola
 import pytest
 import torch
 from torch import nn
-from toy_networks import mlp
+from toy_networks import interrupted_at, mlp
 
 import hessops
 from hessops.errors import CheckpointMismatchError
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
-
-
-@contextlib.contextmanager
-def interrupted_at(op: cola.ops.LinearOperator, after: int):
-    """``op`` raising KeyboardInterrupt (as Ctrl-C does) at its ``after``-th product, inside the block (the
-    operator itself, so that the checkpoint's fingerprint is the same as the resumed run's)."""
-    original, calls = op._matmat, []
-
-    def product(X):
-        calls.append(1)
-        if len(calls) == after:
-            raise KeyboardInterrupt
-        return original(X)
-
-    op._matmat = product
-    try:
-        yield op
-    finally:
-        del op._matmat
 
 
 def mlp_hessian(seed: int) -> hessops.Hessian:

@@ -1,7 +1,9 @@
 """Small networks for the tests (not the library's zoo, hessops.models): the two of our users' studies among them;
-and a test operator."""
+a test operator, and an interrupted one."""
 
 from __future__ import annotations
+
+import contextlib
 
 import cola
 import torch
@@ -47,3 +49,22 @@ def hidden_bottom(low: float = -10.0, n: int = 600) -> tuple[cola.ops.LinearOper
     Q = torch.linalg.qr(Q).Q
     spectrum = torch.cat([torch.tensor([low]), torch.linspace(0, 300, n - 1)]).double()
     return cola.SelfAdjoint(cola.ops.Dense(Q @ torch.diag(spectrum) @ Q.T)), spectrum
+
+
+@contextlib.contextmanager
+def interrupted_at(op: cola.ops.LinearOperator, after: int):
+    """``op`` raising KeyboardInterrupt (as Ctrl-C does) at its ``after``-th product, inside the block (the
+    operator itself, so that the checkpoint's fingerprint is the same as the resumed run's)."""
+    original, calls = op._matmat, []
+
+    def product(X):
+        calls.append(1)
+        if len(calls) == after:
+            raise KeyboardInterrupt
+        return original(X)
+
+    op._matmat = product
+    try:
+        yield op
+    finally:
+        del op._matmat
