@@ -88,9 +88,8 @@ class LanczosState:
                 break
             w = self.op @ q
             self.n_matvecs += 1
-            # the first pass's arithmetic, operation for operation, so that the vectors come back bit for bit
             beta_prev = betas[j - 1 : j] if j else torch.zeros_like(alphas[:1])
-            w = torch.addcmul(w, q, alphas[j : j + 1], value=-1).addcmul_(previous, beta_prev, value=-1)
+            w = _three_term(w, q, alphas[j : j + 1], previous, beta_prev)
             restart = self.restarts.get(j + 1)
             fresh = restart[:, p : p + 1].to(q.device) if restart is not None and float(betas[j]) == 0 else None
             previous, q = (
@@ -189,9 +188,7 @@ def lanczos(
             w = op @ q
             n_matvecs += P
             alpha = column_dots(q, w).to(dtype)
-            # w − αq − βq', in one new tensor (w may be the operator's own, or even q): at 124M parameters each
-            # temporary is 0.5 GB of fresh pages, and four of them had cost a GPT-2 step as much as its product
-            w = torch.addcmul(w, q, alpha, value=-1).addcmul_(previous, beta_prev, value=-1)
+            w = _three_term(w, q, alpha, previous, beta_prev)
             if reorthogonalize:
                 for _ in range(2):
                     w = storage.orthogonalize(w)
@@ -222,6 +219,13 @@ def lanczos(
     state = _state(storage, alphas, betas, n_matvecs, restarts)
     state.start, state.op = start, op
     return state
+
+
+def _three_term(w: Tensor, q: Tensor, alpha: Tensor, previous: Tensor, beta_prev: Tensor) -> Tensor:
+    """``w − αq − β'q'`` in one new tensor (``w`` may be the operator's own, or even ``q``): at 124M parameters
+    each temporary is 0.5 GB of fresh pages, and four of them had cost a GPT-2 step as much as its product. Both
+    passes of a run without a basis call this, so that the second regenerates the first's vectors bit for bit."""
+    return torch.addcmul(w, q, alpha, value=-1).addcmul_(previous, beta_prev, value=-1)
 
 
 def _state(storage: Basis, alphas: list, betas: list, n_matvecs: int, restarts: dict) -> LanczosState:

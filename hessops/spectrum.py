@@ -217,15 +217,19 @@ def eigs(
 
     eps = torch.finfo(op.dtype).eps
 
-    def met(theta: Tensor, residuals: Tensor, wanted: Tensor, weyl: bool = False) -> bool:
-        """The stopping test on all Ritz values' residuals (the wanted ones' decide; the others set gaps).
+    def meets(theta: Tensor, residuals: Tensor, weyl: bool = False) -> Tensor:
+        """Which Ritz values pass the stopping test on their residuals (all values set the gaps).
         ``weyl``: bound the values by their residuals alone, as a run without a basis reports them."""
         scale = theta.abs().max().clamp_min(1e-300)
         if value_tol is None:
-            return bool((residuals[wanted] <= tol * scale).all())
+            return residuals <= tol * scale
         rounding = eps * float(scale)
         bounds = residuals + rounding if weyl else error_bounds(theta, residuals, rounding)
-        return bool((bounds[wanted] <= value_tol * scale).all())
+        return bounds <= value_tol * scale
+
+    def met(theta: Tensor, residuals: Tensor, wanted: Tensor, weyl: bool = False) -> bool:
+        """The stopping test: the wanted values all pass :func:`meets`."""
+        return bool(meets(theta, residuals, weyl)[wanted].all())
 
     def distinct(state: LanczosState, waiting: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """The Ritz triples of :func:`ritz`, one copy of each value where no basis kept them orthogonal.
@@ -244,16 +248,9 @@ def eigs(
                 S[0],
                 spurious_tolerance=GHOST_TOLERANCE * torch.finfo(torch.float64).eps * scale,
             )
-            keep = first if waiting else first & (~spurious | _converged(theta, residuals))
+            keep = first if waiting else first & (~spurious | meets(theta, residuals, weyl=True))
             theta, S, residuals = theta[keep], S[:, keep], residuals[keep]
         return theta, S, residuals
-
-    def _converged(theta: Tensor, residuals: Tensor) -> Tensor:
-        """Which Ritz values' estimated residuals meet the stopping test on their own (Weyl, as reported)."""
-        scale = float(theta.abs().max())
-        if value_tol is None:
-            return residuals <= tol * scale
-        return residuals + eps * scale <= value_tol * scale
 
     def estimated(state: LanczosState) -> bool:
         if state.steps < k:
