@@ -56,7 +56,9 @@ def test_spectrum_to_dict(hessian):
         "n_matvecs",
         "seconds",
         "basis",
+        "check_runs",
     }
+    assert d["check_runs"] == s.checks >= 1  # the deflated restart check ran, and the dict says how often
     assert d["basis"] == s.basis == "device"  # auto: a small basis stays on the device
     assert d["eigenvalues"] == s.values.tolist() and d["residuals"] == s.residuals.tolist()
     assert d["error_bounds"] == s.error_bounds.tolist() and d["lanczos_steps"] == s.steps > 0

@@ -137,7 +137,8 @@ def test_verify_false_skips_the_residual_product(indefinite):
     checked = hessops.eigs(H, 3, "LA", tol=1e-8)
     estimated = hessops.eigs(H, 3, "LA", tol=1e-8, verify=False)
     assert estimated.n_matvecs == checked.n_matvecs - 3
-    torch.testing.assert_close(estimated.values, checked.values, rtol=0, atol=0)
+    # the verified values come from a Rayleigh-Ritz step on the Ritz vectors: equal to rounding
+    torch.testing.assert_close(estimated.values, checked.values, rtol=0, atol=1e-13 * float(checked.values.abs().max()))
     assert float(estimated.residuals.max()) < 1e-7 * float(checked.values.abs().max())
 
 
