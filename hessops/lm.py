@@ -170,7 +170,9 @@ def load_hf_model(
     - a model type that transformers knows (``"gpt2"``, ``"llama"``, ...): the default config of that type as
       the installed transformers defines it (for ``"gpt2"``: GPT-2 small, 124M), random weights.
 
-    ``overrides`` changes config fields first (``{"n_layer": 2, "n_embd": 32}``). Random weights are the
+    ``overrides`` changes config fields first (``{"n_layer": 2, "n_embd": 32}``), given to the config's
+    constructor, so that fields it derives follow them as in transformers (Llama's ``head_dim =
+    hidden_size // num_attention_heads`` unless ``head_dim`` is overridden too). Random weights are the
     model's own initialization under ``torch.manual_seed(seed)``, drawn without touching the global random
     state. ``use_cache`` is turned off (no key/value cache is needed for the loss). Needs the ``hf`` extra
     (``pip install hessops[hf]``)."""
@@ -199,19 +201,40 @@ def load_hf_model(
         values = json.loads(file.read_text())
         if "model_type" not in values:
             raise CheckpointError(f"{file} has no 'model_type': it is not a HuggingFace config")
-        config = transformers.AutoConfig.for_model(**values)
+        config = transformers.AutoConfig.for_model(**_with_changes(values, changes))
     elif str(source) in transformers.CONFIG_MAPPING:
-        config = transformers.AutoConfig.for_model(str(source))
+        config = transformers.AutoConfig.for_model(str(source), **changes)
     else:
         raise UnknownModelError(
             f"{source!r} is neither a local folder, a config JSON file, nor a model type transformers knows "
             f"(e.g. gpt2, llama); nothing is downloaded: put a checkpoint in a folder and pass its path"
         )
-    for key, value in changes.items():
-        setattr(config, key, value)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = transformers.AutoModelForCausalLM.from_config(config)
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
+
+
+# Fields that Llama-style configs derive when they are not given, from the sizes they are derived from.
+_DERIVED: dict[str, tuple[tuple[str, ...], Any]] = {
+    "head_dim": (("hidden_size", "num_attention_heads"), lambda hidden, heads: hidden // heads),
+    "num_key_value_heads": (("num_attention_heads",), lambda heads: heads),
+}
+
+
+def _with_changes(values: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """A saved config's ``values`` with ``changes``, for the config's constructor to take together, so that
+    the fields it derives follow the changed sizes as transformers derives them from the same sizes.
+
+    A saved Llama or Mistral config lists its derived fields (``head_dim = hidden_size //
+    num_attention_heads``, ``num_key_value_heads = num_attention_heads``): one that the saved sizes derive is
+    left out, to be derived again, when ``changes`` set a size it comes from and not the field itself."""
+    values = dict(values)
+    for field, (sizes, derive) in _DERIVED.items():
+        known = all(isinstance(values.get(size), int) and values[size] > 0 for size in sizes)
+        resized = field not in changes and any(size in changes for size in sizes)
+        if known and resized and values.get(field) == derive(*(values[size] for size in sizes)):
+            del values[field]
+    return {**values, **changes}

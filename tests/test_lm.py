@@ -237,6 +237,27 @@ def test_load_hf_model_from_a_config_file_and_a_folder(tmp_path):
         load_hf_model(tmp_path / "missing.json")
 
 
+@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+def test_hf_overrides_derive_head_dim_as_transformers_does(tmp_path, model_type):
+    """Llama's and Mistral's head_dim (hidden_size // num_attention_heads) follows the overridden sizes (and
+    Llama's num_key_value_heads, num_attention_heads), from a model type and from a saved config that lists
+    the derived values: the model has the parameters transformers builds from the same sizes (head_dim stayed
+    128, and the model had about 100 times as many)."""
+    transformers = pytest.importorskip("transformers")
+    sizes = {"hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 1, "intermediate_size": 8}
+    sizes["vocab_size"] = 16
+    expected = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(model_type, **sizes))
+    count = sum(p.numel() for p in expected.parameters())
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps(transformers.AutoConfig.for_model(model_type).to_dict()))
+    for source in (model_type, saved):
+        model = load_hf_model(source, overrides=sizes)
+        derived = (model.config.head_dim, model.config.num_key_value_heads)
+        assert derived == (4, expected.config.num_key_value_heads), source
+        assert sum(p.numel() for p in model.parameters()) == count, source
+    assert load_hf_model(saved, overrides={**sizes, "head_dim": 2}).config.head_dim == 2
+
+
 # -- bad input -------------------------------------------------------------------------------------------
 def test_data_without_counted_tokens_or_labels_is_refused():
     model = tiny_gpt()
