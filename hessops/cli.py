@@ -142,6 +142,11 @@ def data_name(text: str) -> str:
     if text in DATASETS or text == TEXT_DATA:
         return text
     if text.startswith(TEXT_DATA + ":"):
+        if not text[len(TEXT_DATA) + 1 :].strip():
+            raise argparse.ArgumentTypeError(
+                f"{text!r} has an empty path (an unset variable in text:$FILE?): pass text:PATH, a UTF-8 .txt file "
+                f"or a folder of them, or {TEXT_DATA} for the bundled corpus"
+            )
         path = Path(text[len(TEXT_DATA) + 1 :])
         if path.is_file() or path.is_dir():
             return text

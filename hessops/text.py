@@ -33,7 +33,12 @@ BYTE_VOCAB_SIZE = 256
 def corpus_documents(source: str | os.PathLike | None = None) -> list[str]:
     """The documents of ``source``, one string per file, in file-name order: a UTF-8 ``.txt`` file, or a folder
     of them (its ``*.txt`` files, not its subfolders'); ``None``: scikit-learn's dataset descriptions, the
-    bundled corpus."""
+    bundled corpus. An empty path (``""``, an unset variable) is refused, not read as the current folder."""
+    if source is not None and not str(os.fspath(source)).strip():
+        raise DatasetNotFoundError(
+            f"the text path {source!r} is empty (an unset variable?): pass a UTF-8 .txt file or a folder of them, "
+            "or None for the bundled corpus"
+        )
     if source is not None:
         return [_read_text(f) for f in _text_files(Path(source))]
     folder = resources.files("sklearn.datasets") / "descr"

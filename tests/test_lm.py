@@ -326,6 +326,8 @@ def test_load_text_reads_a_users_file_or_folder_of_txt_files(tmp_path):
         load_text(tmp_path)
     with pytest.raises(DatasetNotFoundError, match="does not exist"):
         load_text(tmp_path / "missing.txt")
+    with pytest.raises(DatasetNotFoundError, match="is empty"):  # an unset $FILE, not the current folder
+        load_text("")
     (tmp_path / "empty").mkdir()
     with pytest.raises(EmptyDataError, match="has no .txt files"):
         load_text(tmp_path / "empty")
