@@ -302,6 +302,40 @@ def test_ctrl_c_ends_with_one_line(tmp_path):
     assert err.strip().splitlines()[-1].endswith("hessops: interrupted") and "Traceback" not in err
 
 
+@pytest.mark.parametrize("resume", [False, True], ids=["temporary-basis", "resume"])
+def test_sigterm_ends_cleanly_saving_the_checkpoint_and_leaving_no_basis_file(tmp_path, resume):
+    """`kill PID` (SIGTERM, also a scheduler's time limit) in the middle of a disk-basis run: one line, exit
+    143, no temporary basis file left in TMPDIR (the file, as large as the basis, stayed), and with --resume
+    the progress saved, as on Ctrl-C (SIGTERM killed the process before either)."""
+    scratch, checkpoint = tmp_path / "tmp", tmp_path / "density.ckpt"
+    scratch.mkdir()
+    args = ["density", "--num-probes", "4", "--lanczos-steps", "2400", "--dtype", "float64", "--basis", "disk"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hessops", *args, *(["--resume", str(checkpoint)] if resume else [])],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**ENV, "TMPDIR": str(scratch)},
+    )
+    deadline = time.monotonic() + 600  # a loaded machine can take minutes to import torch
+    seen = ""
+    while "SLQ" not in seen and time.monotonic() < deadline and process.poll() is None:
+        seen += process.stderr.read(1)  # wait until it is inside the long loop, its basis file made
+    assert "SLQ" in seen, f"the density run never reached its Lanczos loop:\n{seen[-2000:]}"
+    process.terminate()
+    try:
+        _, err = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    last = err.strip().splitlines()[-1] if err.strip() else ""
+    assert process.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-2000:]
+    assert list(scratch.iterdir()) == []
+    if resume:
+        assert f"hessops: terminated: progress saved in {checkpoint}" in last and checkpoint.exists()
+    else:
+        assert last.endswith("hessops: terminated")
+
+
 def test_python_dash_m_and_console_script_agree():
     run = hessops_cli("--version")
     assert run.returncode == 0 and run.stdout.strip() == f"hessops {hessops.__version__}"
