@@ -394,6 +394,20 @@ def test_eigs_of_a_gpt_on_text_is_hessops_eigs_on_the_same_model_and_blocks(tmp_
     )
 
 
+def test_a_broken_hf_checkpoint_is_one_line_exit_2(tmp_path, capsys):
+    """hf:FOLDER with a half-downloaded model.safetensors printed a traceback, exit 1; a cut config.json a
+    bare JSON error naming no file: one line naming the file and the fix, exit 2 (docs/cli.md's promise)."""
+    pytest.importorskip("transformers")
+    from test_lm import BROKEN, broken_checkpoints
+
+    for name, path in broken_checkpoints(tmp_path).items():
+        capsys.readouterr()
+        status = main(["eigs", "--model", f"hf:{path}", "--seq-len", "6", "--num-examples", "2", "--no-progress"])
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hessops")]
+        assert status == 2 and len(lines) == 1 and lines[0].startswith("hessops: error: "), (name, lines)
+        assert all(part in lines[0] for part in BROKEN[name]), (name, lines[0])
+
+
 def test_hf_model_from_a_config_file_on_a_users_text_file(tmp_path):
     """hf:CONFIG.json (random weights from --seed) on text:PATH, through `hessops blocks`: one block per
     transformer layer and the embeddings, and the token count of the user's file in the settings."""

@@ -258,6 +258,45 @@ def test_hf_overrides_derive_head_dim_as_transformers_does(tmp_path, model_type)
     assert load_hf_model(saved, overrides={**sizes, "head_dim": 2}).config.head_dim == 2
 
 
+def broken_checkpoints(folder) -> dict:
+    """A saved tiny GPT-2 and its broken copies, as failed downloads and mixed-up files leave them: the weights
+    cut at half, a config of other sizes, a config.json cut short (beside weights, and alone)."""
+    import shutil
+
+    tiny_hf().save_pretrained(folder / "saved")
+    broken = {name: folder / name for name in ("half", "other-sizes", "config-cut", "config-cut-alone")}
+    for name in ("half", "other-sizes", "config-cut"):
+        shutil.copytree(folder / "saved", broken[name])
+    weights = broken["half"] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    config = json.loads((folder / "saved" / "config.json").read_text())
+    (broken["other-sizes"] / "config.json").write_text(json.dumps({**config, "n_embd": 8}))
+    cut = (folder / "saved" / "config.json").read_text()[:50]
+    (broken["config-cut"] / "config.json").write_text(cut)
+    broken["config-cut-alone"].mkdir()
+    (broken["config-cut-alone"] / "config.json").write_text(cut)
+    return broken
+
+
+BROKEN = {  # what each refusal names: the file or folder, and the fix
+    "half": ("model.safetensors", "download the checkpoint again"),
+    "other-sizes": ("do not have the sizes that its config.json gives", "use the config.json saved with these"),
+    "config-cut": ("config-cut/config.json is not valid JSON", "download or save the config again"),
+    "config-cut-alone": ("config-cut-alone/config.json is not valid JSON", "download or save the config again"),
+}
+
+
+def test_broken_hf_checkpoints_are_refused_naming_the_file_and_the_fix(tmp_path):
+    """A half-downloaded safetensors file raised safetensors' own error (not a HessopsError: a traceback from the
+    command line), weights of other sizes a RuntimeError after a many-line report, a cut config.json a bare JSON
+    error naming no file. Each is now a CheckpointError that names the file and what to do."""
+    for name, path in broken_checkpoints(tmp_path).items():
+        with pytest.raises(CheckpointError) as caught:
+            load_hf_model(path)
+        message = str(caught.value)
+        assert "\n" not in message and all(part in message for part in BROKEN[name]), (name, message)
+
+
 # -- bad input -------------------------------------------------------------------------------------------
 def test_data_without_counted_tokens_or_labels_is_refused():
     model = tiny_gpt()
