@@ -7,9 +7,11 @@ so the text is there wherever hessops is, never downloaded, and fixed for a give
 
 Tokens are the UTF-8 bytes of the text (vocabulary 256, no tokenizer to fetch), or, with ``transformers``,
 those of a tokenizer in a local folder. Each document is cut into blocks of ``block_size`` tokens; a
-document's last, shorter block is padded on the right: ``attention_mask`` 0 and ``labels`` -100 there, so
-the next-token loss (:func:`hessops.losses.next_token_cross_entropy`) counts every token of the corpus
-exactly once.
+document's last, shorter block is padded on the right: ``attention_mask`` 0 and ``labels`` -100 there. Every
+token of the corpus is in exactly one block, and the next-token loss
+(:func:`hessops.losses.next_token_cross_entropy`) counts each as a label once, except the first token of each
+block, which no position predicts: a block of ``k`` tokens gives ``k - 1`` labels, the corpus its number of
+tokens less its number of blocks.
 """
 
 from __future__ import annotations

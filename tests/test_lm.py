@@ -180,12 +180,29 @@ def test_padding_is_invisible_to_the_tokens_before_it():
 
 
 @pytest.mark.parametrize("kind", OPERATORS)
-def test_gpt_operators_are_exact_under_any_batching_and_padding(gpt_references, kind):
+def test_gpt_operators_are_exact_under_any_batching_and_right_padding(gpt_references, kind):
     model, references = gpt_references
     V = probes(references[kind].shape[0])
     for data, micro in ((dict_batches([2, 4]), None), (dict_batches([6]), 1), (unpadded_batches(), None)):
         operator = OPERATORS[kind](model, next_token_cross_entropy, data, micro_batch_size=micro, chunk_size=ALL)
         assert relative_error(operator @ V, references[kind] @ V) < RTOL64, (kind, micro, len(data))
+
+
+def test_left_padding_is_another_function_for_learned_positions(gpt_references):
+    """What docs/transformers.md says: pad on the right. The same sequences padded on the left sit at other
+    absolute positions, so a GPT's Hessian is another matrix (measured ~1.0 relative; any order-one gap shows it),
+    where right padding is exact (test above)."""
+    model, references = gpt_references
+    ids, mask, labels = tokens()
+    shifts = [T - n for n in LENGTHS]
+    left = {
+        "input_ids": torch.stack([row.roll(s) for row, s in zip(ids, shifts)]),
+        "attention_mask": torch.stack([row.roll(s) for row, s in zip(mask, shifts)]),
+        "labels": torch.stack([row.roll(s) for row, s in zip(labels, shifts)]),
+    }
+    V = probes(references["hessian"].shape[0])
+    operator = hessops.Hessian(model, next_token_cross_entropy, [left], chunk_size=ALL)
+    assert relative_error(operator @ V, references["hessian"] @ V) > 0.1
 
 
 def test_the_dense_hessian_agrees_with_plain_double_backward(gpt_references):
@@ -317,7 +334,7 @@ def test_data_without_counted_tokens_or_labels_is_refused():
 
 
 # -- the offline corpus ----------------------------------------------------------------------------------
-def test_text_blocks_count_every_byte_of_the_corpus_once():
+def test_text_blocks_hold_every_byte_of_the_corpus_once():
     from hessops.text import corpus_documents, load_text
 
     documents = corpus_documents()
@@ -326,6 +343,8 @@ def test_text_blocks_count_every_byte_of_the_corpus_once():
     assert int(blocks.attention_mask.sum()) == sum(len(d.encode("utf-8")) for d in documents)
     kept = blocks.labels[blocks.labels != -100]
     assert bytes(kept.tolist()).decode("utf-8") == "".join(documents)
+    counted = loss_spec(next_token_cross_entropy).batch_weight(blocks.labels, len(blocks))
+    assert counted == len(kept) - len(blocks)  # the first token of each block is never a label
     item = load_text(block_size=16, num_blocks=3)[2]
     assert set(item) == {"input_ids", "attention_mask", "labels"} and item["input_ids"].shape == (16,)
     with pytest.raises(ValueError, match="block_size must be an int >= 2"):
