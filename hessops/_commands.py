@@ -174,7 +174,7 @@ def _language_setup(args: argparse.Namespace, device: torch.device) -> Setup:
     from hessops.text import load_text
 
     data_name = args.data or TEXT_DATA
-    source = data_name[len(TEXT_DATA) + 1 :] or None
+    source = None if data_name == TEXT_DATA else data_name[len(TEXT_DATA) + 1 :]
     dataset = load_text(source, block_size=args.seq_len, tokenizer=args.tokenizer)
     vocab_needed = int(dataset.input_ids.max()) + 1
     if args.num_examples is not None:

@@ -274,17 +274,35 @@ def call_model(
 ) -> Any:
     """``model(inputs)`` with the given parameter values, through ``torch.func.functional_call``:
     ``model(**inputs)`` for a mapping, ``model(*inputs)`` for a tuple or list, else ``model(inputs)``. An
-    output object with a tensor ``.logits`` (HuggingFace's ``ModelOutput``) is taken as its logits."""
+    output object with a tensor ``.logits`` (HuggingFace's ``ModelOutput``) is taken as its logits. Embeddings
+    with ``sparse=True`` run with dense gradients (:func:`dense_embeddings`)."""
     state = dict(constants)
     state.update(zip(names, params))
-    if isinstance(inputs, Mapping):
-        outputs = functional_call(model, state, (), dict(inputs))
-    elif isinstance(inputs, (tuple, list)):
-        outputs = functional_call(model, state, tuple(inputs))
-    else:
-        outputs = functional_call(model, state, (inputs,))
+    with dense_embeddings(model):
+        if isinstance(inputs, Mapping):
+            outputs = functional_call(model, state, (), dict(inputs))
+        elif isinstance(inputs, (tuple, list)):
+            outputs = functional_call(model, state, tuple(inputs))
+        else:
+            outputs = functional_call(model, state, (inputs,))
     logits = None if isinstance(outputs, Tensor) else getattr(outputs, "logits", None)
     return logits if isinstance(logits, Tensor) else outputs
+
+
+@contextlib.contextmanager
+def dense_embeddings(model: nn.Module) -> Iterator[None]:
+    """Run ``model``'s ``nn.Embedding`` modules with ``sparse=False`` inside the block, and give each its
+    ``sparse`` back after it. ``sparse`` chooses only the layout of the weight's gradient
+    (for sparse optimizers), not the function, so the curvature is the same; torch's sparse gradients have
+    no reshape or double backward, which every product needs."""
+    sparse = [m for m in model.modules() if isinstance(m, nn.Embedding) and m.sparse]
+    for module in sparse:
+        module.sparse = False
+    try:
+        yield
+    finally:
+        for module in sparse:
+            module.sparse = True
 
 
 def flat_to_tree(rows: Tensor, shapes: Sequence[torch.Size]) -> ParamTree:

@@ -10,7 +10,7 @@ the operator's device in every mode; only the basis moves:
   at 2 flops per element, so it is bound by memory bandwidth, and the host reads its own memory faster
   than PCIe moves it to a GPU (about 25 GB/s on PCIe 4.0 x16), so streaming the basis to the device would
   be slower.
-- ``"disk"``: a ``numpy.memmap`` file (``basis_path``, by default a temporary file deleted afterwards),
+- ``"disk"``: a ``numpy.memmap`` file (``basis_path``, by default a temporary file, unlinked once mapped),
   re-orthogonalized in chunks of steps of at most :data:`DISK_CHUNK_BYTES`. Each step reads the whole
   file four times, so a basis larger than RAM makes the run I/O-bound; it is used only when asked.
 - ``"none"``: no basis and no re-orthogonalization (eigenvalues only). Rounding then makes converged Ritz
@@ -158,8 +158,11 @@ class HostBasis(Basis):
 
 
 class DiskBasis(Basis):
-    """The vectors in a ``numpy.memmap`` file of ``capacity × n × P`` entries; ``path`` (default: a temporary
-    file) is deleted by :meth:`close`, or when the basis is garbage-collected, unless ``keep``."""
+    """The vectors in a ``numpy.memmap`` file of ``capacity × n × P`` entries at ``path`` (default: a temporary
+    file). Unless ``keep``, the file's name is removed as soon as it is mapped: the mapping holds its pages
+    until the basis is released, and nothing is left behind however the process ends (SIGTERM, SIGKILL, an
+    error whose traceback is held). Where a mapped file cannot be removed (Windows), it is deleted by
+    :meth:`close`, or when the basis is garbage-collected."""
 
     mode = "disk"
 
@@ -189,7 +192,7 @@ class DiskBasis(Basis):
         self.path = Path(path)
         numpy_dtype = torch.empty(0, dtype=dtype).numpy().dtype
         self._file = np.memmap(self.path, dtype=numpy_dtype, mode="r+" if reopen else "w+", shape=(capacity, n, P))
-        self._remove = None if keep else weakref.finalize(self, _unlink, self.path)
+        self._remove = None if keep or _unlinked(self.path) else weakref.finalize(self, _unlink, self.path)
         self._chunk = max(1, DISK_CHUNK_BYTES // max(1, n * P * numpy_dtype.itemsize))
 
     def append(self, q: Tensor) -> None:
@@ -234,7 +237,7 @@ class DiskBasis(Basis):
         self.steps = steps
 
     def close(self) -> None:
-        """Release the file (deleted unless kept)."""
+        """Release the file's mapping (and delete the file unless kept, where that waited for the release)."""
         self._file = None
         if self._remove is not None:
             self._remove()
@@ -359,3 +362,12 @@ def ghost_masks(
 
 def _unlink(path: Path) -> None:
     path.unlink(missing_ok=True)
+
+
+def _unlinked(path: Path) -> bool:
+    """Whether ``path``, a file this process has mapped, could be removed at once (POSIX; not Windows)."""
+    try:
+        path.unlink()
+    except OSError:
+        return False
+    return True

@@ -102,8 +102,24 @@ def resolve_groups(
 ) -> dict[str, tuple[str, ...]]:
     """Each group's parameter names, in ``model.named_parameters()`` order: the automatic groups
     (:func:`find_blocks`) when ``groups`` is ``None``, else each entry's members, a parameter tensor of the
-    model or a module-name prefix (``"encoder.layers.0"`` takes every parameter under that module; a full
-    parameter name takes that parameter). Groups may overlap; each is one block."""
+    model, a parameter name, or a module name (a prefix of parameter names): ``"encoder.layers.0"`` takes the
+    module's trainable parameters (``requires_grad``; frozen ones, as a LoRA model's base weights, are held
+    fixed as in the automatic blocks), a tensor or a full parameter name that parameter. A parameter tied or
+    shared between modules is found under each of its paths (``"lm_head"`` of GPT-2 takes ``wte.weight``) and
+    named by its first (as ``named_parameters()`` names it). Groups may overlap; each is one block.
+
+    Args:
+        model: the model whose parameters are grouped.
+        groups: ``{name: [members]}`` (a single member may stand for its list), or ``None``.
+
+    Returns:
+        Each group's name with its parameters' names.
+
+    Raises:
+        TypeError: ``model`` is not a module.
+        NoParametersError: ``groups`` is ``None`` and the model has no trainable parameters.
+        InvalidArgumentError: a group is empty, unnamed, or holds a member that names nothing trainable of the
+            model."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if groups is None:
@@ -114,34 +130,52 @@ def resolve_groups(
             "the automatic blocks"
         )
     named = list(model.named_parameters())
-    by_id = {id(p): name for name, p in named}
     resolved = {}
     for group, members in groups.items():
         if not isinstance(group, str):
             raise InvalidArgumentError(f"groups: the group name {group!r} is not a string: name each group")
         members = [members] if isinstance(members, (str, Tensor)) else list(members)
-        chosen: set[str] = set()
-        for member in members:
-            if isinstance(member, str):
-                found = {n for n, _ in named if n == member or n.startswith(member + ".")}
-                if not found:
-                    raise InvalidArgumentError(
-                        f"groups[{group!r}]: {member!r} names no parameter or module of the model: pass a module "
-                        f"name such as {named[0][0].rsplit('.', 1)[0]!r} or a parameter name (model.named_parameters())"
-                    )
-                chosen |= found
-            elif isinstance(member, Tensor) and id(member) in by_id:
-                chosen.add(by_id[id(member)])
-            else:
-                raise InvalidArgumentError(
-                    f"groups[{group!r}]: a {type(member).__name__} of shape {tuple(getattr(member, 'shape', ()))} "
-                    "is not a parameter of the model: pass tensors from model.parameters() (not copies) or "
-                    "module-name prefixes"
-                )
+        chosen = {id(p) for member in members for p in _member_parameters(model, group, member)}
         if not chosen:
             raise InvalidArgumentError(f"groups[{group!r}] is empty: give it at least one parameter or module name")
-        resolved[group] = tuple(n for n, _ in named if n in chosen)
+        resolved[group] = tuple(n for n, p in named if id(p) in chosen)
     return resolved
+
+
+def _member_parameters(model: nn.Module, group: str, member: Tensor | str) -> list[Tensor]:
+    """The parameters that one member of ``groups[group]`` takes (:func:`resolve_groups`): a tensor of the
+    model, the parameter of that full name, or the trainable parameters under that module name, each tied
+    parameter under any of its paths."""
+    every = list(model.named_parameters(remove_duplicate=False))
+    if isinstance(member, Tensor):
+        if any(p is member for _, p in every):
+            return [member]
+        raise InvalidArgumentError(
+            f"groups[{group!r}]: a {type(member).__name__} of shape {tuple(member.shape)} is not a parameter of the "
+            "model: pass tensors from model.parameters() (not copies) or module-name prefixes"
+        )
+    if not isinstance(member, str):
+        raise InvalidArgumentError(
+            f"groups[{group!r}]: a {type(member).__name__} is neither a parameter of the model nor a name: pass "
+            "tensors from model.parameters() or module-name prefixes"
+        )
+    exact = [p for n, p in every if n == member]
+    if exact:
+        return exact[:1]
+    under = [p for n, p in every if n.startswith(member + ".")]
+    if not under:
+        raise InvalidArgumentError(
+            f"groups[{group!r}]: {member!r} names no parameter or module of the model: pass a module name such as "
+            f"{every[0][0].rsplit('.', 1)[0]!r} or a parameter name (model.named_parameters())"
+        )
+    trainable = [p for p in under if p.requires_grad]
+    if not trainable:
+        raise InvalidArgumentError(
+            f"groups[{group!r}]: every parameter under {member!r} is frozen (requires_grad=False), and a module's "
+            "frozen parameters are held fixed: unfreeze them with requires_grad_(True), or name a frozen parameter "
+            "in full to take it"
+        )
+    return trainable
 
 
 def block_spectra(

@@ -12,13 +12,15 @@ Exit statuses (docs/cli.md): 0 done; 1 the run failed (a rank of a distributed r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import json
 import math
 import os
+import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NoReturn
@@ -56,7 +58,7 @@ SPLIT_SIZES: dict[str, tuple[int, int]] = {
 FIGURE_FORMATS = (".png", ".pdf", ".svg")
 SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes seeds below this (and negative ones, not offered here)
 
-EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
 
 
 # -- values: each a type= for argparse, raising ArgumentTypeError with what to pass instead --------------------
@@ -142,6 +144,11 @@ def data_name(text: str) -> str:
     if text in DATASETS or text == TEXT_DATA:
         return text
     if text.startswith(TEXT_DATA + ":"):
+        if not text[len(TEXT_DATA) + 1 :].strip():
+            raise argparse.ArgumentTypeError(
+                f"{text!r} has an empty path (an unset variable in text:$FILE?): pass text:PATH, a UTF-8 .txt file "
+                f"or a folder of them, or {TEXT_DATA} for the bundled corpus"
+            )
         path = Path(text[len(TEXT_DATA) + 1 :])
         if path.is_file() or path.is_dir():
             return text
@@ -703,23 +710,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line (``sys.argv[1:]`` when ``argv`` is None); returns the exit status."""
     began, started = time.perf_counter(), datetime.now(timezone.utc)
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = None
+    args, terminated = None, []
     try:
-        parser = build_parser()
-        args, extra = parser.parse_known_args(argv)
-        if extra:
-            usage_error(_unknown(args.command, extra), f"hessops {args.command}")
-        problem = check(args)
-        if problem is not None:
-            usage_error(problem, f"hessops {args.command}")
-        args.began = began
-        args.run = {"argv": ["hessops", *argv], "started": started.isoformat(timespec="seconds").replace("+00:00", "Z")}
-        args.func(args)
+        with _sigterm_as_interrupt(terminated):
+            parser = build_parser()
+            args, extra = parser.parse_known_args(argv)
+            if extra:
+                usage_error(_unknown(args.command, extra), f"hessops {args.command}")
+            problem = check(args)
+            if problem is not None:
+                usage_error(problem, f"hessops {args.command}")
+            args.began = began
+            args.run = {
+                "argv": ["hessops", *argv],
+                "started": started.isoformat(timespec="seconds").replace("+00:00", "Z"),
+            }
+            args.func(args)
         return 0
     except SystemExit as done:  # argparse: --help, --version, or a usage error already printed
         return done.code if isinstance(done.code, int) else EXIT_USAGE
     except KeyboardInterrupt as stop:  # a checkpointed run says where it saved and how to resume
-        return _fail(f"interrupted: {stop}" if str(stop) else "interrupted", EXIT_INTERRUPTED)
+        said, status = ("terminated", EXIT_TERMINATED) if terminated else ("interrupted", EXIT_INTERRUPTED)
+        return _fail(f"{said}: {stop}" if str(stop) else said, status)
     except DistributedError as error:  # another rank failed: not a bad command line
         return _fail(f"error: {error}", EXIT_FAILED)
     except _commands.OutputError as error:
@@ -729,6 +741,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if args is not None and getattr(args, "rank", None) is not None:
             _commands.end_distributed()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt(received: list[int]) -> Iterator[None]:
+    """SIGTERM (``kill PID``, a scheduler's time limit) raises ``KeyboardInterrupt``, as Ctrl-C does, noted in
+    ``received``: the run then ends cleanly (checkpoints save, ``finally`` blocks run) with its own status.
+    The previous handler comes back afterwards; outside the main thread, where no handler can be set,
+    nothing changes.
+
+    Args:
+        received: a list that each SIGTERM received appends its signal number to.
+
+    Returns:
+        A context manager for the run."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _unknown(command: str, extra: list[str]) -> str:

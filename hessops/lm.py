@@ -170,7 +170,9 @@ def load_hf_model(
     - a model type that transformers knows (``"gpt2"``, ``"llama"``, ...): the default config of that type as
       the installed transformers defines it (for ``"gpt2"``: GPT-2 small, 124M), random weights.
 
-    ``overrides`` changes config fields first (``{"n_layer": 2, "n_embd": 32}``). Random weights are the
+    ``overrides`` changes config fields first (``{"n_layer": 2, "n_embd": 32}``), given to the config's
+    constructor, so that fields it derives follow them as in transformers (Llama's ``head_dim =
+    hidden_size // num_attention_heads`` unless ``head_dim`` is overridden too). Random weights are the
     model's own initialization under ``torch.manual_seed(seed)``, drawn without touching the global random
     state. ``use_cache`` is turned off (no key/value cache is needed for the loss). Needs the ``hf`` extra
     (``pip install hessops[hf]``)."""
@@ -180,15 +182,9 @@ def load_hf_model(
         raise MissingDependencyError("load_hf_model needs transformers: pip install 'hessops[hf]'") from error
 
     path = Path(source)
-    weights = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
     changes = {**(overrides or {}), "use_cache": False}
-    if path.is_dir() and any((path / name).is_file() for name in weights):
-        kwargs = {"dtype": dtype} if dtype is not None else {}
-        try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **changes, **kwargs)
-        except (OSError, ValueError) as error:
-            raise CheckpointError(f"could not load the HuggingFace checkpoint in {path}: {error}") from error
-        return model.eval()
+    if path.is_dir() and any((path / name).is_file() for name in _WEIGHTS):
+        return _from_checkpoint(transformers, path, changes, dtype)
     if path.is_dir() or path.suffix == ".json":
         file = path / "config.json" if path.is_dir() else path
         if not file.is_file():
@@ -196,22 +192,124 @@ def load_hf_model(
                 f"{file} does not exist: pass a checkpoint folder (config.json and weights), a config JSON file, "
                 "or a model type such as 'gpt2'"
             )
-        values = json.loads(file.read_text())
-        if "model_type" not in values:
-            raise CheckpointError(f"{file} has no 'model_type': it is not a HuggingFace config")
-        config = transformers.AutoConfig.for_model(**values)
+        config = transformers.AutoConfig.for_model(**_with_changes(_read_config(file), changes))
     elif str(source) in transformers.CONFIG_MAPPING:
-        config = transformers.AutoConfig.for_model(str(source))
+        config = transformers.AutoConfig.for_model(str(source), **changes)
     else:
         raise UnknownModelError(
             f"{source!r} is neither a local folder, a config JSON file, nor a model type transformers knows "
             f"(e.g. gpt2, llama); nothing is downloaded: put a checkpoint in a folder and pass its path"
         )
-    for key, value in changes.items():
-        setattr(config, key, value)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = transformers.AutoModelForCausalLM.from_config(config)
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
+
+
+_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def _read_config(file: Path) -> dict[str, Any]:
+    """The values of the HuggingFace config ``file``.
+
+    Args:
+        file: a ``config.json``.
+
+    Returns:
+        Its values, ``model_type`` among them.
+
+    Raises:
+        CheckpointError: the file is not JSON (cut short by a failed download, say) or names no model type."""
+    try:
+        values = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(
+            f"{file} is not valid JSON ({' '.join(str(error).split())}): it may be cut short by a failed download; "
+            "download or save the config again"
+        ) from None
+    if not isinstance(values, dict) or "model_type" not in values:
+        raise CheckpointError(f"{file} has no 'model_type': it is not a HuggingFace config")
+    return values
+
+
+def _from_checkpoint(transformers: Any, path: Path, changes: dict[str, Any], dtype: torch.dtype | None) -> nn.Module:
+    """The causal LM saved in the folder ``path`` (``from_pretrained``, offline), in eval mode.
+
+    Weights of other sizes than the config gives are refused rather than drawn at random (transformers' own
+    refusal is a multi-line report); parameters the files lack, or hold besides, are warned of.
+
+    Args:
+        transformers: the imported package.
+        path: a folder with ``config.json`` and weights.
+        changes: config fields to change first.
+        dtype: the parameters' dtype (``None``: as saved).
+
+    Returns:
+        The model.
+
+    Raises:
+        CheckpointError: ``config.json`` is missing or not JSON, the weights are incomplete or unreadable (a
+            half-finished download), or their sizes are not the config's."""
+    import warnings
+
+    from safetensors import SafetensorError
+    from transformers.utils import logging as hf_logging
+
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has weights but no config.json: put the config saved with them beside them")
+    _read_config(path / "config.json")
+    found = ", ".join(name for name in _WEIGHTS if (path / name).is_file())
+    options = {"dtype": dtype} if dtype is not None else {}
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report is many lines: what matters in it is said below
+    try:
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, ignore_mismatched_sizes=True, output_loading_info=True, **changes, **options
+        )
+    except (OSError, ValueError, RuntimeError, EOFError, SafetensorError) as error:
+        raise CheckpointError(
+            f"could not load the checkpoint in {path} ({found}): {' '.join(str(error).split())[:300]}; if a "
+            "download was cut short, download the checkpoint again"
+        ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if info["mismatched_keys"]:
+        name, saved, built = sorted(info["mismatched_keys"], key=lambda entry: entry[0])[0]
+        raise CheckpointError(
+            f"the weights in {path} ({found}) do not have the sizes that its config.json gives (and overrides): "
+            f"{len(info['mismatched_keys'])} differ, e.g. {name} is {tuple(saved)} there, {tuple(built)} in the "
+            "model: use the config.json saved with these weights, without overrides of sizes"
+        )
+    for kind, keys in (("missing from", info["missing_keys"]), ("unused in", info["unexpected_keys"])):
+        if keys:
+            warnings.warn(
+                f"{len(keys)} parameters of the model are {kind} the weights in {path} (e.g. {sorted(keys)[0]}); "
+                f"{'they are drawn at random' if kind == 'missing from' else 'they are ignored'}",
+                stacklevel=3,
+            )
+    return model.eval()
+
+
+# Fields that Llama-style configs derive when they are not given, from the sizes they are derived from.
+_DERIVED: dict[str, tuple[tuple[str, ...], Any]] = {
+    "head_dim": (("hidden_size", "num_attention_heads"), lambda hidden, heads: hidden // heads),
+    "num_key_value_heads": (("num_attention_heads",), lambda heads: heads),
+}
+
+
+def _with_changes(values: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """A saved config's ``values`` with ``changes``, for the config's constructor to take together, so that
+    the fields it derives follow the changed sizes as transformers derives them from the same sizes.
+
+    A saved Llama or Mistral config lists its derived fields (``head_dim = hidden_size //
+    num_attention_heads``, ``num_key_value_heads = num_attention_heads``): one that the saved sizes derive is
+    left out, to be derived again, when ``changes`` set a size it comes from and not the field itself."""
+    values = dict(values)
+    for field, (sizes, derive) in _DERIVED.items():
+        known = all(isinstance(values.get(size), int) and values[size] > 0 for size in sizes)
+        resized = field not in changes and any(size in changes for size in sizes)
+        if known and resized and values.get(field) == derive(*(values[size] for size in sizes)):
+            del values[field]
+    return {**values, **changes}

@@ -7,9 +7,11 @@ so the text is there wherever hessops is, never downloaded, and fixed for a give
 
 Tokens are the UTF-8 bytes of the text (vocabulary 256, no tokenizer to fetch), or, with ``transformers``,
 those of a tokenizer in a local folder. Each document is cut into blocks of ``block_size`` tokens; a
-document's last, shorter block is padded on the right: ``attention_mask`` 0 and ``labels`` -100 there, so
-the next-token loss (:func:`hessops.losses.next_token_cross_entropy`) counts every token of the corpus
-exactly once.
+document's last, shorter block is padded on the right: ``attention_mask`` 0 and ``labels`` -100 there. Every
+token of the corpus is in exactly one block, and the next-token loss
+(:func:`hessops.losses.next_token_cross_entropy`) counts each as a label once, except the first token of each
+block, which no position predicts: a block of ``k`` tokens gives ``k - 1`` labels, the corpus its number of
+tokens less its number of blocks.
 """
 
 from __future__ import annotations
@@ -33,7 +35,12 @@ BYTE_VOCAB_SIZE = 256
 def corpus_documents(source: str | os.PathLike | None = None) -> list[str]:
     """The documents of ``source``, one string per file, in file-name order: a UTF-8 ``.txt`` file, or a folder
     of them (its ``*.txt`` files, not its subfolders'); ``None``: scikit-learn's dataset descriptions, the
-    bundled corpus."""
+    bundled corpus. An empty path (``""``, an unset variable) is refused, not read as the current folder."""
+    if source is not None and not str(os.fspath(source)).strip():
+        raise DatasetNotFoundError(
+            f"the text path {source!r} is empty (an unset variable?): pass a UTF-8 .txt file or a folder of them, "
+            "or None for the bundled corpus"
+        )
     if source is not None:
         return [_read_text(f) for f in _text_files(Path(source))]
     folder = resources.files("sklearn.datasets") / "descr"

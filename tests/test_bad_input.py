@@ -189,6 +189,22 @@ def test_ggn_of_nll_without_a_log_softmax_tail_is_refused(problem):
         hessops.GGN(model, nn.NLLLoss(), data)
 
 
+def test_ggn_of_a_loss_linear_in_the_outputs_is_refused(problem):
+    """A lambda NLL after a LogSoftmax: hessops cannot split it as it splits nn.NLLLoss, and its GGN was the
+    zero matrix, silently. A lambda that is curved in the outputs (cross-entropy of logits) gives the GGN of
+    nn.CrossEntropyLoss, exactly (float32: 1e-6); the Hessian of the linear one stays allowed."""
+    model, _, data = problem
+    model = nn.Sequential(model, nn.LogSoftmax(dim=1))
+    v = torch.randn(sum(p.numel() for p in model.parameters()))
+    linear = lambda out, y: nn.functional.nll_loss(out, y)  # noqa: E731
+    with pytest.raises(hessops.UnsupportedLossError, match="move the LogSoftmax into the loss"):
+        hessops.GGN(model, linear, data) @ v
+    assert torch.isfinite(hessops.Hessian(model, linear, data) @ v).all()
+    curved = lambda out, y: nn.functional.cross_entropy(out, y)  # noqa: E731
+    expected = hessops.GGN(model[0], nn.CrossEntropyLoss(), data) @ v
+    torch.testing.assert_close(hessops.GGN(model[0], curved, data) @ v, expected, rtol=1e-6, atol=1e-7)
+
+
 def test_mc_fisher_needs_a_likelihood(problem):
     model, _, data = problem
     with pytest.raises(hessops.UnsupportedLossError, match="L1Loss.*GGN"):

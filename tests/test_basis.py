@@ -249,6 +249,41 @@ def test_disk_basis_file_is_removed(tmp_path, monkeypatch, hessian):
     assert list(tmp_path.iterdir()) == []
 
 
+class Failing(RuntimeError):
+    """An error raised by the operator in the middle of a run."""
+
+
+def test_disk_basis_leaves_no_file_while_an_error_is_held(tmp_path, monkeypatch, hessian):
+    """An error raised mid-run and kept (a notebook holds the traceback, and with it the basis): the temporary
+    file, as large as the whole basis, is gone all the same (it stayed until the traceback was dropped), and so
+    is a basis_path's; the mapping still reads and writes while the basis lives."""
+    H, _, _ = hessian
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    original, calls = H._matmat, []
+
+    def product(X):
+        calls.append(1)
+        if len(calls) == 5:
+            raise Failing("a product failed")
+        return original(X)
+
+    monkeypatch.setattr(H, "_matmat", product)
+    held = []  # the errors themselves, as a notebook keeps them (pytest.raises lets go of their frames)
+    for path in (None, tmp_path / "basis.npy"):
+        calls.clear()
+        try:
+            hessops.eigs(H, 2, basis="disk", basis_path=path)
+        except Failing as error:
+            held.append(error)
+    assert len(held) == 2 and all(error.__traceback__ is not None for error in held)
+    assert list(tmp_path.iterdir()) == []
+    basis = hessops.basis.DiskBasis(3, 4, 1, torch.float64, torch.device("cpu"))
+    assert not basis.path.exists()
+    basis.append(torch.ones(4, 1, dtype=torch.float64))
+    assert torch.equal(basis.vectors(), torch.ones(1, 4, 1, dtype=torch.float64))
+    basis.close()
+
+
 def test_bad_basis_arguments(hessian):
     H, _, _ = hessian
     with pytest.raises(InvalidArgumentError, match="basis='ram'"):

@@ -15,6 +15,7 @@ from hessops._functional import differentiable_kernels
 from hessops.blocks import block_name, find_blocks, resolve_groups
 from hessops.dense import dense_hessian
 from hessops.errors import InvalidArgumentError, NoParametersError
+from hessops.lm import GPT, GPTConfig
 
 
 class TinyEncoder(nn.Module):
@@ -194,6 +195,40 @@ def test_explicit_groups_of_tensors_and_prefixes_and_the_ggn():
     assert [b["name"] for b in record["blocks"]] == list(groups) and record["operator"] == "ggn"
     assert record["blocks"][2]["n_params"] == 8 and len(record["blocks"][0]["eigenvalues"]) == 2
     assert record["n_matvecs"] == result.n_matvecs > 0 and record["seconds"] > 0
+
+
+def test_a_module_names_its_trainable_parameters_as_the_automatic_block_does():
+    """A LoRA-like model with frozen weights: the module's group is the automatic block (its trainable
+    parameters), with the same top eigenvalue; a frozen parameter named in full is taken; a module whose
+    parameters are all frozen is refused. (Frozen parameters were taken, another block with another value.)"""
+    model, loss_fn, data = encoder_problem()
+    layer = model.encoder.layers[0]
+    layer.self_attn.in_proj_weight.requires_grad_(False)
+    layer.linear1.requires_grad_(False)
+    automatic = find_blocks(model)["encoder.layers.0"]
+    assert resolve_groups(model, {"layer 0": "encoder.layers.0"}) == {"layer 0": automatic}
+    assert "encoder.layers.0.self_attn.in_proj_weight" not in automatic
+    named = resolve_groups(model, {"g": ["encoder.layers.0.self_attn.in_proj_weight"]})
+    assert named == {"g": ("encoder.layers.0.self_attn.in_proj_weight",)}
+    explicit = hessops.block_spectra(model, loss_fn, data, groups={"layer 0": ["encoder.layers.0"]}, tol=1e-10)
+    found = hessops.block_spectra(model, loss_fn, data, tol=1e-10)
+    assert explicit.sizes["layer 0"] == found.sizes["encoder.layers.0"]
+    assert torch.allclose(explicit["layer 0"].values, found["encoder.layers.0"].values, rtol=1e-8, atol=0)
+    with pytest.raises(InvalidArgumentError, match="every parameter under 'encoder.layers.0.linear1' is frozen"):
+        resolve_groups(model, {"g": ["encoder.layers.0.linear1"]})
+
+
+def test_a_tied_modules_name_takes_the_shared_parameter():
+    """GPT-2's lm_head is a module whose weight is wte.weight: named by either path, the group is that
+    parameter, under the name named_parameters() gives it (it was refused as naming nothing)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=8, block_size=4, n_layer=1, n_head=2, n_embd=4)).double().eval()
+    groups = {"head": ["lm_head"], "weight": "lm_head.weight", "both": ["wte", "lm_head"]}
+    assert resolve_groups(model, groups) == {
+        "head": ("wte.weight",),
+        "weight": ("wte.weight",),
+        "both": ("wte.weight",),
+    }
 
 
 def test_a_block_smaller_than_k_gets_all_its_eigenvalues():

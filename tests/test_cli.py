@@ -302,6 +302,40 @@ def test_ctrl_c_ends_with_one_line(tmp_path):
     assert err.strip().splitlines()[-1].endswith("hessops: interrupted") and "Traceback" not in err
 
 
+@pytest.mark.parametrize("resume", [False, True], ids=["temporary-basis", "resume"])
+def test_sigterm_ends_cleanly_saving_the_checkpoint_and_leaving_no_basis_file(tmp_path, resume):
+    """`kill PID` (SIGTERM, also a scheduler's time limit) in the middle of a disk-basis run: one line, exit
+    143, no temporary basis file left in TMPDIR (the file, as large as the basis, stayed), and with --resume
+    the progress saved, as on Ctrl-C (SIGTERM killed the process before either)."""
+    scratch, checkpoint = tmp_path / "tmp", tmp_path / "density.ckpt"
+    scratch.mkdir()
+    args = ["density", "--num-probes", "4", "--lanczos-steps", "2400", "--dtype", "float64", "--basis", "disk"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hessops", *args, *(["--resume", str(checkpoint)] if resume else [])],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**ENV, "TMPDIR": str(scratch)},
+    )
+    deadline = time.monotonic() + 600  # a loaded machine can take minutes to import torch
+    seen = ""
+    while "SLQ" not in seen and time.monotonic() < deadline and process.poll() is None:
+        seen += process.stderr.read(1)  # wait until it is inside the long loop, its basis file made
+    assert "SLQ" in seen, f"the density run never reached its Lanczos loop:\n{seen[-2000:]}"
+    process.terminate()
+    try:
+        _, err = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    last = err.strip().splitlines()[-1] if err.strip() else ""
+    assert process.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-2000:]
+    assert list(scratch.iterdir()) == []
+    if resume:
+        assert f"hessops: terminated: progress saved in {checkpoint}" in last and checkpoint.exists()
+    else:
+        assert last.endswith("hessops: terminated")
+
+
 def test_python_dash_m_and_console_script_agree():
     run = hessops_cli("--version")
     assert run.returncode == 0 and run.stdout.strip() == f"hessops {hessops.__version__}"
@@ -358,6 +392,20 @@ def test_eigs_of_a_gpt_on_text_is_hessops_eigs_on_the_same_model_and_blocks(tmp_
     torch.testing.assert_close(
         torch.tensor(record["eigenvalues"], dtype=torch.float64), expected.cpu().double(), rtol=1e-4, atol=0
     )
+
+
+def test_a_broken_hf_checkpoint_is_one_line_exit_2(tmp_path, capsys):
+    """hf:FOLDER with a half-downloaded model.safetensors printed a traceback, exit 1; a cut config.json a
+    bare JSON error naming no file: one line naming the file and the fix, exit 2 (docs/cli.md's promise)."""
+    pytest.importorskip("transformers")
+    from test_lm import BROKEN, broken_checkpoints
+
+    for name, path in broken_checkpoints(tmp_path).items():
+        capsys.readouterr()
+        status = main(["eigs", "--model", f"hf:{path}", "--seq-len", "6", "--num-examples", "2", "--no-progress"])
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hessops")]
+        assert status == 2 and len(lines) == 1 and lines[0].startswith("hessops: error: "), (name, lines)
+        assert all(part in lines[0] for part in BROKEN[name]), (name, lines[0])
 
 
 def test_hf_model_from_a_config_file_on_a_users_text_file(tmp_path):

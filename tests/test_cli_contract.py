@@ -126,6 +126,8 @@ BAD_VALUES = {
     "gpt-unknown-size": (["eigs", "--model", "gpt:gpt3"], "unknown GPT size 'gpt3'"),
     "gpt-size-misspelt": (["eigs", "--model", "gpt:gpt-bytes-tiney"], "did you mean gpt:gpt-bytes-tiny?"),
     "hf-without-source": (["eigs", "--model", "hf:"], "argument --model: hf: needs a source"),
+    "text-path-empty": (["eigs", "--model", "gpt:gpt-bytes-tiny", "--data", "text:"], "'text:' has an empty path"),
+    "text-path-blank": (["eigs", "--model", "gpt:gpt-bytes-tiny", "--data", "text: "], "'text: ' has an empty path"),
     "text-path-missing": (["eigs", "--model", "gpt:gpt-bytes-tiny", "--data", "text:no/such.txt"], "no such file"),
     "data-misspelt-text": (["eigs", "--data", "txt"], "did you mean text?"),
     "language-model-on-images": (

@@ -180,12 +180,29 @@ def test_padding_is_invisible_to_the_tokens_before_it():
 
 
 @pytest.mark.parametrize("kind", OPERATORS)
-def test_gpt_operators_are_exact_under_any_batching_and_padding(gpt_references, kind):
+def test_gpt_operators_are_exact_under_any_batching_and_right_padding(gpt_references, kind):
     model, references = gpt_references
     V = probes(references[kind].shape[0])
     for data, micro in ((dict_batches([2, 4]), None), (dict_batches([6]), 1), (unpadded_batches(), None)):
         operator = OPERATORS[kind](model, next_token_cross_entropy, data, micro_batch_size=micro, chunk_size=ALL)
         assert relative_error(operator @ V, references[kind] @ V) < RTOL64, (kind, micro, len(data))
+
+
+def test_left_padding_is_another_function_for_learned_positions(gpt_references):
+    """What docs/transformers.md says: pad on the right. The same sequences padded on the left sit at other
+    absolute positions, so a GPT's Hessian is another matrix (measured ~1.0 relative; any order-one gap shows it),
+    where right padding is exact (test above)."""
+    model, references = gpt_references
+    ids, mask, labels = tokens()
+    shifts = [T - n for n in LENGTHS]
+    left = {
+        "input_ids": torch.stack([row.roll(s) for row, s in zip(ids, shifts)]),
+        "attention_mask": torch.stack([row.roll(s) for row, s in zip(mask, shifts)]),
+        "labels": torch.stack([row.roll(s) for row, s in zip(labels, shifts)]),
+    }
+    V = probes(references["hessian"].shape[0])
+    operator = hessops.Hessian(model, next_token_cross_entropy, [left], chunk_size=ALL)
+    assert relative_error(operator @ V, references["hessian"] @ V) > 0.1
 
 
 def test_the_dense_hessian_agrees_with_plain_double_backward(gpt_references):
@@ -237,6 +254,66 @@ def test_load_hf_model_from_a_config_file_and_a_folder(tmp_path):
         load_hf_model(tmp_path / "missing.json")
 
 
+@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+def test_hf_overrides_derive_head_dim_as_transformers_does(tmp_path, model_type):
+    """Llama's and Mistral's head_dim (hidden_size // num_attention_heads) follows the overridden sizes (and
+    Llama's num_key_value_heads, num_attention_heads), from a model type and from a saved config that lists
+    the derived values: the model has the parameters transformers builds from the same sizes (head_dim stayed
+    128, and the model had about 100 times as many)."""
+    transformers = pytest.importorskip("transformers")
+    sizes = {"hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 1, "intermediate_size": 8}
+    sizes["vocab_size"] = 16
+    expected = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(model_type, **sizes))
+    count = sum(p.numel() for p in expected.parameters())
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps(transformers.AutoConfig.for_model(model_type).to_dict()))
+    for source in (model_type, saved):
+        model = load_hf_model(source, overrides=sizes)
+        derived = (model.config.head_dim, model.config.num_key_value_heads)
+        assert derived == (4, expected.config.num_key_value_heads), source
+        assert sum(p.numel() for p in model.parameters()) == count, source
+    assert load_hf_model(saved, overrides={**sizes, "head_dim": 2}).config.head_dim == 2
+
+
+def broken_checkpoints(folder) -> dict:
+    """A saved tiny GPT-2 and its broken copies, as failed downloads and mixed-up files leave them: the weights
+    cut at half, a config of other sizes, a config.json cut short (beside weights, and alone)."""
+    import shutil
+
+    tiny_hf().save_pretrained(folder / "saved")
+    broken = {name: folder / name for name in ("half", "other-sizes", "config-cut", "config-cut-alone")}
+    for name in ("half", "other-sizes", "config-cut"):
+        shutil.copytree(folder / "saved", broken[name])
+    weights = broken["half"] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    config = json.loads((folder / "saved" / "config.json").read_text())
+    (broken["other-sizes"] / "config.json").write_text(json.dumps({**config, "n_embd": 8}))
+    cut = (folder / "saved" / "config.json").read_text()[:50]
+    (broken["config-cut"] / "config.json").write_text(cut)
+    broken["config-cut-alone"].mkdir()
+    (broken["config-cut-alone"] / "config.json").write_text(cut)
+    return broken
+
+
+BROKEN = {  # what each refusal names: the file or folder, and the fix
+    "half": ("model.safetensors", "download the checkpoint again"),
+    "other-sizes": ("do not have the sizes that its config.json gives", "use the config.json saved with these"),
+    "config-cut": ("config-cut/config.json is not valid JSON", "download or save the config again"),
+    "config-cut-alone": ("config-cut-alone/config.json is not valid JSON", "download or save the config again"),
+}
+
+
+def test_broken_hf_checkpoints_are_refused_naming_the_file_and_the_fix(tmp_path):
+    """A half-downloaded safetensors file raised safetensors' own error (not a HessopsError: a traceback from the
+    command line), weights of other sizes a RuntimeError after a many-line report, a cut config.json a bare JSON
+    error naming no file. Each is now a CheckpointError that names the file and what to do."""
+    for name, path in broken_checkpoints(tmp_path).items():
+        with pytest.raises(CheckpointError) as caught:
+            load_hf_model(path)
+        message = str(caught.value)
+        assert "\n" not in message and all(part in message for part in BROKEN[name]), (name, message)
+
+
 # -- bad input -------------------------------------------------------------------------------------------
 def test_data_without_counted_tokens_or_labels_is_refused():
     model = tiny_gpt()
@@ -257,7 +334,7 @@ def test_data_without_counted_tokens_or_labels_is_refused():
 
 
 # -- the offline corpus ----------------------------------------------------------------------------------
-def test_text_blocks_count_every_byte_of_the_corpus_once():
+def test_text_blocks_hold_every_byte_of_the_corpus_once():
     from hessops.text import corpus_documents, load_text
 
     documents = corpus_documents()
@@ -266,6 +343,8 @@ def test_text_blocks_count_every_byte_of_the_corpus_once():
     assert int(blocks.attention_mask.sum()) == sum(len(d.encode("utf-8")) for d in documents)
     kept = blocks.labels[blocks.labels != -100]
     assert bytes(kept.tolist()).decode("utf-8") == "".join(documents)
+    counted = loss_spec(next_token_cross_entropy).batch_weight(blocks.labels, len(blocks))
+    assert counted == len(kept) - len(blocks)  # the first token of each block is never a label
     item = load_text(block_size=16, num_blocks=3)[2]
     assert set(item) == {"input_ids", "attention_mask", "labels"} and item["input_ids"].shape == (16,)
     with pytest.raises(ValueError, match="block_size must be an int >= 2"):
@@ -305,6 +384,8 @@ def test_load_text_reads_a_users_file_or_folder_of_txt_files(tmp_path):
         load_text(tmp_path)
     with pytest.raises(DatasetNotFoundError, match="does not exist"):
         load_text(tmp_path / "missing.txt")
+    with pytest.raises(DatasetNotFoundError, match="is empty"):  # an unset $FILE, not the current folder
+        load_text("")
     (tmp_path / "empty").mkdir()
     with pytest.raises(EmptyDataError, match="has no .txt files"):
         load_text(tmp_path / "empty")

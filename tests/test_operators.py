@@ -47,6 +47,38 @@ def test_batches_of_any_size_give_the_full_batch_operator():
         assert relative_error(hessops.Hessian(model, nn.CrossEntropyLoss(), data).to_dense(), full) < RTOL64
 
 
+class MeanOfEmbeddings(nn.Module):
+    """Token embeddings, averaged, then a linear head: ``sparse`` only chooses the gradient's layout."""
+
+    def __init__(self, sparse: bool):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4, sparse=sparse)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.embed(x).tanh().mean(dim=1))
+
+
+def test_sparse_embeddings_give_the_dense_embeddings_curvature():
+    """nn.Embedding(sparse=True) failed in torch ('reshape is not implemented for sparse tensors'); it is the
+    same function as sparse=False, so every operator and the dense Hessian are the same matrix, exactly (the
+    same arithmetic), and the modules keep sparse=True afterwards (a SparseAdam still gets sparse gradients)."""
+    x, y = torch.randint(0, 10, (8, 5), generator=torch.Generator().manual_seed(0)), torch.arange(8) % 3
+    models = {}
+    for sparse in (True, False):
+        torch.manual_seed(0)
+        models[sparse] = MeanOfEmbeddings(sparse).double()
+    V = torch.randn(sum(p.numel() for p in models[True].parameters()), 2, dtype=torch.float64)
+    for cls in (*OPERATORS.values(), hessops.MCFisher):
+        products = [
+            cls(models[sparse], nn.CrossEntropyLoss(), [(x[:5], y[:5]), (x[5:], y[5:])]) @ V for sparse in (True, False)
+        ]
+        assert torch.equal(*products), cls.__name__
+    dense = [hessops.dense_hessian(models[sparse], nn.CrossEntropyLoss(), [(x, y)]) for sparse in (True, False)]
+    assert torch.equal(*dense)
+    assert models[True].embed.sparse
+
+
 def test_parameter_subset_in_the_given_order():
     torch.manual_seed(0)
     model, x, y = mlp().double(), torch.randn(9, 4, dtype=torch.float64), torch.randint(0, 3, (9,))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -28,7 +30,8 @@ class GGN(JacobianSandwich):
     it) is linear in log-probabilities, so its GGN would be zero. A ``nn.Sequential`` that ends in
     ``nn.LogSoftmax`` with an NLL loss is therefore split before the ``LogSoftmax`` (logits and
     cross-entropy with the same ``ignore_index``, ``weight`` and reduction: the same loss); any other NLL
-    model is refused, as is ``KLDivLoss`` (linear in its input too). The arguments are
+    model is refused, as is ``KLDivLoss`` (linear in its input too), and a loss hessops does not know (a
+    ``lambda``) whose Hessian with respect to the outputs is zero on the first batch. The arguments are
     :class:`~hessops.CurvatureOperator`'s.
     """
 
@@ -61,4 +64,31 @@ class GGN(JacobianSandwich):
             with torch.enable_grad():
                 return block_vjp([g], [o], [u], retain_graph=True)[0].detach()
 
+        if loss_fn.kind is None and "ggn_loss_is_curved" not in self.problem.memo:
+            _refuse_a_linear_loss(matmat, o, loss_fn.name)
+            self.problem.memo["ggn_loss_is_curved"] = True
         return matmat
+
+
+def _refuse_a_linear_loss(matmat: Callable[[Tensor], Tensor], outputs: Tensor, name: str) -> None:
+    """Refuse a loss that hessops does not know whose Hessian with respect to the model's outputs is zero on
+    the first batch (applied to a random direction, it gives exactly zero), as a ``lambda o, t: F.nll_loss(o,
+    t)`` after a ``LogSoftmax`` is: the GGN of such a loss is the zero matrix.
+
+    Args:
+        matmat: the batch's output-space product ``U ↦ ∇²_f L U``.
+        outputs: the batch's outputs.
+        name: the loss's name, for the message.
+
+    Raises:
+        UnsupportedLossError: the product is zero."""
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    direction = torch.randn((1, *outputs.shape), generator=generator, dtype=outputs.dtype).to(outputs.device)
+    if bool((matmat(direction) == 0).all()):
+        raise UnsupportedLossError(
+            f"{name} is linear in the model's outputs on the first batch (its Hessian with respect to them is zero, "
+            "as the NLL of log-probabilities is), so the GGN at that split is the zero matrix: move the LogSoftmax "
+            "into the loss (return logits and use nn.CrossEntropyLoss, the same loss), or split the model before "
+            "the LogSoftmax (an nn.Sequential ending in nn.LogSoftmax(dim=1) with nn.NLLLoss or F.nll_loss "
+            "itself, which hessops splits there); for a piecewise-linear loss, use hessops.Hessian"
+        )
