@@ -7,6 +7,7 @@ parameters, in the order given (default: ``model.parameters()`` with ``requires_
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -310,6 +311,20 @@ def add_tree_(flat: Tensor, tree: ParamTree, alpha: float = 1.0) -> None:
         size = t[0].numel()
         flat[:, start : start + size].add_(t.reshape(t.shape[0], size), alpha=alpha)
         start += size
+
+
+def digest(*parts: Tensor | str | None) -> str:
+    """A SHA-256 (hex) of ``parts`` in order: a string by its UTF-8 bytes, a tensor by its dtype, shape and
+    entries (moved to the CPU), ``None`` as a marker of its own."""
+    sha = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, Tensor):
+            t = part.detach().cpu().contiguous()
+            sha.update(f"<tensor {t.dtype} {tuple(t.shape)}>".encode())
+            sha.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            sha.update(f"<{type(part).__name__} {part}>".encode())
+    return sha.hexdigest()
 
 
 def all_finite(t: Tensor) -> bool:
