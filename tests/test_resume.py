@@ -174,6 +174,21 @@ def test_a_resume_on_other_data_is_refused_before_anything_is_computed_from_it(t
     assert products.problem.memo["data_fingerprint"][0] == 30  # taken by a pass of its own
 
 
+def test_trace_products_saved_from_other_data_are_refused_at_once(tmp_path):
+    """trace takes its saved products back without a product of its own, so the data are compared when the file is
+    opened, by a pass over the data that runs no model."""
+    x, y = examples(60)
+    path = tmp_path / "trace.ckpt"
+    with interrupted_at(run_on(x, y), 3) as H, pytest.raises(KeyboardInterrupt):
+        hessops.trace(H, probes=12, checkpoint=path, checkpoint_every=0)
+    fewer = run_on(x[:30], y[:30])
+    with interrupted_at(fewer, 1), pytest.raises(CheckpointMismatchError, match="from 60 to 30"):
+        hessops.trace(fewer, probes=12, checkpoint=path)  # a product would raise KeyboardInterrupt instead
+    assert hessops.trace(run_on(x, y), probes=12, checkpoint=path).estimate == pytest.approx(
+        hessops.trace(run_on(x, y), probes=12, checkpoint=tmp_path / "whole.ckpt").estimate, rel=1e-12
+    )
+
+
 def recalibrated(model: nn.Module, x: torch.Tensor) -> nn.Module:
     """BatchNorm's running statistics recomputed over ``x`` with the same weights, as SWA's ``update_bn`` does."""
     for module in model.modules():
