@@ -180,9 +180,9 @@ def train(
     progress: bool = True,
     on_epoch_end: Callable[[int, dict], None] | None = None,
 ) -> list[dict]:
-    """Plain SGD over ``loader`` for ``epochs`` (classification: outputs are logits or log-probabilities);
+    r"""Plain SGD over ``loader`` for ``epochs`` (classification: outputs are logits or log-probabilities);
     sharpness measured before training and every ``every`` epochs, gradient norms every step. Returns each
-    epoch's training loss, :math:`\frac1W \\sum_b W_b L_b` over its steps' batches as the parameters moved (the
+    epoch's training loss, :math:`\frac1W \sum_b W_b L_b` over its steps' batches as the parameters moved (the
     dataset loss's rule, :class:`hessops.operators.evaluation.LossMean`: ignored targets and class weights
     count as the operators count them; the sum for ``reduction="sum"``; a batch whose targets are all ignored is
     skipped), and, for class scores, the accuracy over counted targets. Batches are ``(inputs, targets)`` or
@@ -195,7 +195,7 @@ def train(
     spec = loss_spec(loss_fn)
     device = next(model.parameters()).device
     optimizer = _SGD(list(model.parameters()), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    history = []
+    history, unknown = [], spec.kind is None
     if sharpness is not None:
         sharpness.measure(0)
     for epoch in tqdm(range(1, epochs + 1), desc="training", disable=not progress, unit="epoch"):
@@ -209,8 +209,9 @@ def train(
                 continue
             optimizer.zero_grad()
             out = call_model(model, (), (), {}, inputs)
-            if not history and mean.examples == n_b and spec.kind is None:  # a loss hessops does not know: a mean?
+            if unknown:  # a loss hessops does not know: a mean over examples? (on the first counted batch)
                 probe_mean(spec, out.detach(), targets, n_b)
+                unknown = False
             loss = spec(out, targets)
             loss.backward()
             if grad_norms is not None:

@@ -163,3 +163,22 @@ def test_a_wider_dtype_and_points_of_the_wrong_shape():
     assert float(wide.loss[0]) == pytest.approx(float(exact), rel=RTOL)
     with pytest.raises(hessops.InvalidArgumentError, match="points\\[0\\]"):
         dataset_loss(model, nn.CrossEntropyLoss(), batched(x, y), points=[[torch.zeros(3)]])
+
+
+def test_train_skips_a_batch_of_padding_only_and_probes_a_loss_it_does_not_know():
+    """A batch whose targets are all ignored has no loss to descend (torch's mean is 0/0, whose NaN gradient would
+    ruin the parameters): skipped, as the operators skip it. A callable hessops does not know is probed on the
+    first batch, as the operators probe it: a hidden sum is refused."""
+    model, x, y = problem(ignored=0.2)
+    y[:10] = -100
+    (epoch,) = hessops.train(model, nn.CrossEntropyLoss(), batched(x, y, [10, 50]), epochs=1, lr=0.1, progress=False)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters()) and epoch["loss"] == epoch["loss"]
+    with pytest.raises(hessops.UnsupportedLossError, match="looks like a sum"):
+        hessops.train(
+            model,
+            lambda o, t: F.cross_entropy(o, t, reduction="sum"),
+            batched(x[10:], y[10:], [25, 25]),
+            epochs=1,
+            lr=0.1,
+            progress=False,
+        )
