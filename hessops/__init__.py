@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers, IDEs and linter
     from hessops.lm import GPT, GPTConfig, gpt_config, load_hf_model
     from hessops.losses import next_token_cross_entropy
     from hessops.operators import GGN, CurvatureOperator, EmpiricalFisher, Hessian, MCFisher, Regularized
+    from hessops.operators.evaluation import DatasetLoss, dataset_loss
     from hessops.spectrum import Spectrum, eigs
     from hessops.text import load_text
     from hessops.trace_estimation import TraceEstimate, trace
@@ -38,6 +39,7 @@ __version__ = "0.1.0"
 # Each public name, by the module that defines it: loaded at first access.
 _LAZY: dict[str, str] = {
     **dict.fromkeys(("Hessian", "GGN", "EmpiricalFisher", "MCFisher", "Regularized", "CurvatureOperator"), "operators"),
+    **dict.fromkeys(("dataset_loss", "DatasetLoss"), "operators.evaluation"),
     **dict.fromkeys(("eigs", "Spectrum"), "spectrum"),
     **dict.fromkeys(("block_spectra", "BlockSpectra"), "blocks"),
     **dict.fromkeys(("spectral_density", "SpectralDensity"), "density"),
@@ -61,6 +63,8 @@ __all__ = [
     "MCFisher",
     "Regularized",
     "CurvatureOperator",
+    "dataset_loss",
+    "DatasetLoss",
     # analysis
     "eigs",
     "Spectrum",

@@ -7,6 +7,7 @@ parameters, in the order given (default: ``model.parameters()`` with ``requires_
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -247,17 +248,26 @@ def cast_floating(obj: Any, dtype: torch.dtype) -> Any:
     )
 
 
+def model_constants(
+    model: nn.Module, names: Sequence[str], model_dtype: torch.dtype, dtype: torch.dtype
+) -> dict[str, Tensor]:
+    """What ``functional_call`` must be given besides the parameters ``names`` to evaluate ``model`` in
+    ``dtype``: nothing in the model's dtype; else the other parameters and the buffers, floating ones cast."""
+    if dtype == model_dtype:
+        return {}
+    selected = set(names)
+    constants = {n: p.detach().to(dtype) for n, p in model.named_parameters() if n not in selected}
+    constants.update({n: cast_floating(b, dtype) for n, b in model.named_buffers()})
+    return constants
+
+
 def model_state(problem: Problem, dtype: torch.dtype) -> tuple[ParamTree, dict[str, Tensor]]:
     """The current values of the selected parameters (detached, as ``dtype``) and of everything else the
     model holds (other parameters and buffers), cast too when ``dtype`` is not the model's."""
     model = problem.model
     all_params = dict(model.named_parameters())
     params = tuple(all_params[n].detach().to(dtype) for n in problem.names)
-    constants: dict[str, Tensor] = {}
-    if dtype != problem.model_dtype:
-        selected = set(problem.names)
-        constants = {n: p.detach().to(dtype) for n, p in all_params.items() if n not in selected}
-        constants.update({n: cast_floating(b, dtype) for n, b in model.named_buffers()})
+    constants = model_constants(model, problem.names, problem.model_dtype, dtype)
     if problem.allow_train_mode:
         # Train-mode BatchNorm normalizes by batch statistics and updates its running statistics in place,
         # which torch.func forbids; hiding the running statistics (None) skips the update and leaves the
@@ -319,6 +329,20 @@ def add_tree_(flat: Tensor, tree: ParamTree, alpha: float = 1.0) -> None:
         size = t[0].numel()
         flat[:, start : start + size].add_(t.reshape(t.shape[0], size), alpha=alpha)
         start += size
+
+
+def digest(*parts: Tensor | str | None) -> str:
+    """A SHA-256 (hex) of ``parts`` in order: a string by its UTF-8 bytes, a tensor by its dtype, shape and
+    entries (moved to the CPU), ``None`` as a marker of its own."""
+    sha = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, Tensor):
+            t = part.detach().cpu().contiguous()
+            sha.update(f"<tensor {t.dtype} {tuple(t.shape)}>".encode())
+            sha.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            sha.update(f"<{type(part).__name__} {part}>".encode())
+    return sha.hexdigest()
 
 
 def all_finite(t: Tensor) -> bool:

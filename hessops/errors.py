@@ -135,5 +135,6 @@ class AttentionKernelWarning(UserWarning):
 
 
 class CheckpointMismatchError(HessopsError):
-    """A resumed run's checkpoint file belongs to another run (other arguments, operator or parameters), or is
-    not a hessops checkpoint."""
+    """A resumed run's checkpoint file belongs to another run (other arguments, operator, model, parameters,
+    buffers, loss or data: :mod:`hessops.checkpoint`), is of another format version, or is not a hessops
+    checkpoint."""

@@ -23,19 +23,16 @@ from hessops._arguments import integer, real
 from hessops._functional import (
     ParamTree,
     all_finite,
-    batch_size,
-    call_model,
-    check_batch,
     check_train_mode,
     first_batch,
     normalize_device,
     select_parameters,
-    split_batch,
 )
 from hessops.constants import LANDSCAPE_DIRECTIONS
-from hessops.errors import EmptyDataError, InvalidArgumentError, NonFiniteLossError
-from hessops.losses import CLASSIFICATION, LossSpec, check_counted, loss_spec, probe_mean
+from hessops.errors import InvalidArgumentError, NonFiniteLossError
+from hessops.losses import loss_spec
 from hessops.numerics import column_norms, norm
+from hessops.operators.evaluation import dataset_loss
 from hessops.spectrum import Spectrum
 from hessops.vectors import Eigenvectors, parameter_norms
 
@@ -180,8 +177,14 @@ def loss_landscape(
     shape = tuple(counts)
     loss = torch.empty(grid.shape[0], dtype=torch.float64)
     accuracy = torch.empty(grid.shape[0], dtype=torch.float64)
-    evaluate = _Evaluator(model, spec, data, names, device, dtype)
-    losses, accuracies, examples = evaluate([center], probe=True)
+    selected = [all_params[name] for name in names]
+
+    def evaluate(points: list[ParamTree]) -> tuple[Tensor, Tensor, int]:
+        result = dataset_loss(model, spec, data, points=points, params=selected)
+        accuracy = torch.full_like(result.loss, float("nan")) if result.accuracy is None else result.accuracy
+        return result.loss, accuracy, result.examples
+
+    losses, accuracies, examples = evaluate([center])
     center_loss, center_accuracy = losses[0], accuracies[0]
     if not torch.isfinite(center_loss):
         raise NonFiniteLossError(
@@ -230,72 +233,6 @@ def loss_landscape(
         n_passes=passes,
         seconds=time.perf_counter() - began,
     )
-
-
-class _Evaluator:
-    """The dataset loss and accuracy at several parameter values: one pass over the data, without gradients,
-    each batch evaluated at every point while it is at hand."""
-
-    def __init__(self, model: nn.Module, spec: LossSpec, data: Iterable, names: tuple[str, ...], device, dtype) -> None:
-        self.model, self.spec, self.data, self.names, self.device, self.dtype = model, spec, data, names, device, dtype
-
-    @torch.no_grad()
-    def __call__(self, points: list[ParamTree], probe: bool = False) -> tuple[Tensor, Tensor, int]:
-        """``(loss, accuracy, examples)``: float64 ``(len(points),)`` on the CPU, the accuracy NaN when the outputs
-        are not class scores with class-index targets. ``probe``: verify a loss hessops does not know on the first
-        batch (:func:`hessops.losses.probe_mean`)."""
-        spec = self.spec
-        total_loss = torch.zeros(len(points), dtype=torch.float64, device=self.device)
-        hits = torch.zeros(len(points), dtype=torch.float64, device=self.device)
-        counted = torch.zeros((), dtype=torch.float64, device=self.device)
-        total, examples, classifier = 0.0, 0, True
-        for index, raw in enumerate(self.data):
-            inputs, targets = split_batch(raw, index)
-            check_batch(inputs, targets, index, self.device, self.dtype)
-            n_b = batch_size(inputs, index)
-            if n_b == 0:
-                continue
-            examples += n_b
-            weight = spec.batch_weight(targets, n_b)  # W_b, the same at every point
-            if weight == 0:  # every target ignored
-                continue
-            mask = _counted(spec, targets) if classifier else None
-            for i, params in enumerate(points):
-                outputs = call_model(self.model, self.names, params, {}, inputs)
-                if probe and total == 0 and i == 0 and spec.kind is None:
-                    probe_mean(spec, outputs, targets, n_b)
-                batch_loss = spec(outputs, targets).detach().reshape(()).to(torch.float64)
-                total_loss[i] += weight * batch_loss if spec.mean else batch_loss
-                classifier = classifier and _class_scores(outputs, targets)
-                if classifier:
-                    hits[i] += ((outputs.argmax(1) == targets) & mask).sum()
-            if classifier:
-                counted += mask.sum()
-            total += weight
-        if examples == 0:
-            raise EmptyDataError(EmptyDataError.NO_EXAMPLES)
-        check_counted(total, examples)
-        loss = (total_loss / total if spec.mean else total_loss).cpu()
-        accuracy = (hits / counted).cpu() if classifier else torch.full_like(loss, float("nan"))
-        return loss, accuracy, examples
-
-
-def _class_scores(outputs: Any, targets: Any) -> bool:
-    """Whether ``outputs`` are class scores ``(B, C)`` and ``targets`` class indices ``(B,)``."""
-    return (
-        isinstance(outputs, Tensor)
-        and isinstance(targets, Tensor)
-        and outputs.dim() == 2
-        and targets.dim() == 1
-        and not targets.is_floating_point()
-    )
-
-
-def _counted(spec: LossSpec, targets: Tensor) -> Tensor:
-    """The targets that count: all but ``ignore_index`` for a classification loss."""
-    if spec.kind in CLASSIFICATION and spec.ignore_index is not None:
-        return targets != spec.ignore_index
-    return torch.ones_like(targets, dtype=torch.bool)
 
 
 def _moved(p: Tensor, steps: list[tuple[float, Tensor]]) -> Tensor:

@@ -28,6 +28,7 @@ if it behaves as a plain mean over examples (:func:`probe_mean`).
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hessops._functional import _leaves, map_examples
+from hessops._functional import _leaves, digest, map_examples
 from hessops.errors import EmptyDataError, TargetShapeError, UnsupportedLossError
 
 DEFAULT_IGNORE_INDEX = -100
@@ -153,6 +154,21 @@ class LossSpec:
     def weight(self) -> Tensor | None:
         """The per-class weights of a classification loss, or ``None``."""
         return self.options.get("weight") if self.kind in CLASSIFICATION else None
+
+    @property
+    def identity(self) -> str:
+        """What defines this loss, as a string (a checkpoint's fingerprint compares it): a loss hessops knows by
+        its kind and every option it takes, defaults filled in, so that ``nn.CrossEntropyLoss()``,
+        ``F.cross_entropy`` and ``partial(F.cross_entropy, reduction="mean")`` are one loss
+        (``cross_entropy(ignore_index=-100, label_smoothing=0.0, reduction='mean', weight=None)``; a tensor
+        option by its SHA-256); any other callable by its qualified name and its reduction."""
+        if self.kind is None:
+            return f"{_qualified(self.fn)}(reduction={self.reduction!r})"
+        _, functional, keywords = KINDS[self.kind]
+        defaults = inspect.signature(functional).parameters
+        options = {**{key: defaults[key].default for key in keywords}, **self.options, "reduction": self.reduction}
+        shown = {key: f"sha256:{digest(v)[:16]}" if isinstance(v, Tensor) else repr(v) for key, v in options.items()}
+        return f"{self.kind}({', '.join(f'{key}={value}' for key, value in sorted(shown.items()))})"
 
     def __call__(self, outputs: Any, targets: Any) -> Tensor:
         """The loss of ``outputs`` against ``targets``, after checking that their shapes match."""
@@ -319,6 +335,15 @@ def check_counted(total_weight: float, examples: int) -> None:
 def _shapes(obj: Any) -> str:
     shapes = [tuple(t.shape) for t in _leaves(obj)]
     return str(shapes[0]) if len(shapes) == 1 else str(shapes)
+
+
+def _qualified(loss_fn: Callable) -> str:
+    """``module.qualname`` of a function or of a module's class; a ``functools.partial`` with its keywords."""
+    if isinstance(loss_fn, functools.partial):
+        keywords = ", ".join(f"{k}={v!r}" for k, v in sorted(loss_fn.keywords.items()))
+        return f"functools.partial({_qualified(loss_fn.func)}, {keywords})"
+    named = loss_fn if hasattr(loss_fn, "__qualname__") else type(loss_fn)
+    return f"{getattr(named, '__module__', '?')}.{named.__qualname__}"
 
 
 def _name(loss_fn: Callable) -> str:

@@ -13,8 +13,11 @@ import torch
 from torch import Tensor, nn
 
 from hessops._arguments import integer, real
-from hessops.errors import EmptyDataError, InvalidArgumentError
+from hessops._functional import batch_size, call_model, split_batch
+from hessops.errors import InvalidArgumentError
+from hessops.losses import loss_spec, probe_mean
 from hessops.numerics import norm
+from hessops.operators.evaluation import LossMean, dataset_loss
 from hessops.operators.hessian import Hessian
 from hessops.spectrum import eigs
 
@@ -177,38 +180,53 @@ def train(
     progress: bool = True,
     on_epoch_end: Callable[[int, dict], None] | None = None,
 ) -> list[dict]:
-    """Plain SGD over ``loader`` for ``epochs`` (classification: outputs are logits or log-probabilities);
-    sharpness measured before training and every ``every`` epochs, gradient norms every step. Returns the
-    per-epoch mean training loss and accuracy (over the epoch's steps, as the parameters moved).
+    r"""Plain SGD over ``loader`` for ``epochs`` (classification: outputs are logits or log-probabilities);
+    sharpness measured before training and every ``every`` epochs, gradient norms every step. Returns each
+    epoch's training loss, :math:`\frac1W \sum_b W_b L_b` over its steps' batches as the parameters moved (the
+    dataset loss's rule, :class:`hessops.operators.evaluation.LossMean`: ignored targets and class weights
+    count as the operators count them; the sum for ``reduction="sum"``; a batch whose targets are all ignored is
+    skipped), and, for class scores, the accuracy over counted targets. Batches are ``(inputs, targets)`` or
+    HuggingFace dicts with ``"labels"``.
 
     ``on_epoch_end(epoch, record)`` is called after each epoch's measurements, the model in eval mode, with
     that epoch's record (add keys to it, e.g. ``record.update(test=evaluate(model, loss_fn, test_loader))``)."""
     from tqdm.auto import tqdm
 
+    spec = loss_spec(loss_fn)
+    device = next(model.parameters()).device
     optimizer = _SGD(list(model.parameters()), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    history = []
+    history, unknown = [], spec.kind is None
     if sharpness is not None:
         sharpness.measure(0)
     for epoch in tqdm(range(1, epochs + 1), desc="training", disable=not progress, unit="epoch"):
         model.train()
-        total, correct, loss_sum = 0, 0, torch.zeros(())
-        for x, y in loader:
+        mean = LossMean(spec, device=device)
+        for index, batch in enumerate(loader):
+            inputs, targets = split_batch(batch, index)
+            n_b = batch_size(inputs, index)
+            weight = mean.count(targets, n_b)
+            if weight == 0:  # every target ignored: no loss to descend, as the operators skip it
+                continue
             optimizer.zero_grad()
-            out = model(x)
-            loss = loss_fn(out, y)
+            out = call_model(model, (), (), {}, inputs)
+            if unknown:  # a loss hessops does not know: a mean over examples? (on the first counted batch)
+                probe_mean(spec, out.detach(), targets, n_b)
+                unknown = False
+            loss = spec(out, targets)
             loss.backward()
             if grad_norms is not None:
                 grad_norms.step()
             optimizer.step()
-            loss_sum = loss_sum + loss.detach().cpu() * len(y)
-            correct += int((out.argmax(1) == y).sum())
-            total += len(y)
+            mean.add(loss, out, targets, weight)
         model.eval()
         if grad_norms is not None:
             grad_norms.end_epoch(epoch)
         if sharpness is not None and epoch % every == 0:
             sharpness.measure(epoch)
-        record = {"epoch": epoch, "loss": float(loss_sum) / total, "accuracy": correct / total}
+        epoch_mean = mean.result()
+        record = {"epoch": epoch, "loss": float(epoch_mean.loss[0])}
+        if epoch_mean.accuracy is not None:
+            record["accuracy"] = float(epoch_mean.accuracy[0])
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)
         history.append(record)
@@ -243,23 +261,27 @@ class _SGD:
             p.add_(d, alpha=-self.lr)
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], data: Iterable) -> dict[str, float]:
-    """The mean loss of ``model`` over the examples of ``data`` (each batch's mean loss weighted by its size)
-    and, when the outputs are class scores ``(B, C)`` and the targets class indices, the accuracy. Runs in
-    eval mode without gradients and restores the model's mode."""
-    losses, hits, total, classes = [], [], 0, True  # kept on the device: no host sync per batch
+    r"""The dataset loss of ``model`` over ``data``, the one its operators are the curvature of
+    (:func:`hessops.operators.evaluation.dataset_loss`: :math:`\frac1W \sum_b W_b L_b`, each batch's mean
+    weighted by what it averages over, its examples, elements, counted targets or their class weights; the
+    dataset sum for ``reduction="sum"``) and, when the outputs are class scores ``(B, C)`` and the targets class
+    indices, the accuracy over counted targets. Runs in eval mode without gradients and restores the model's mode.
+
+    Args:
+        model: the network.
+        loss_fn: the batch loss (mean or sum), as the operators take it.
+        data: an iterable of ``(inputs, targets)`` batches (or HuggingFace dicts with ``"labels"``).
+
+    Returns:
+        ``{"loss": L}``, with ``"accuracy"`` for class scores.
+
+    Raises:
+        EmptyDataError: the data hold no example, or every target is ignored.
+    """
     with _eval_mode(model):
-        for x, y in data:
-            out = model(x)
-            losses.append(loss_fn(out, y).detach().to(torch.float64) * len(y))
-            classes = classes and out.dim() == 2 and y.dim() == 1 and not y.is_floating_point()
-            if classes:
-                hits.append((out.argmax(1) == y).sum())
-            total += len(y)
-    if total == 0:
-        raise EmptyDataError(EmptyDataError.NO_EXAMPLES)
-    result = {"loss": float(torch.stack(losses).sum()) / total}
-    if classes:
-        result["accuracy"] = int(torch.stack(hits).sum()) / total
-    return result
+        result = dataset_loss(model, loss_fn, data)
+    record = {"loss": float(result.loss[0])}
+    if result.accuracy is not None:
+        record["accuracy"] = float(result.accuracy[0])
+    return record

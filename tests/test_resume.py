@@ -15,7 +15,7 @@ import cola
 import pytest
 import torch
 from torch import nn
-from toy_networks import interrupted_at, mlp
+from toy_networks import bn_mlp, interrupted_at, mlp
 
 import hessops
 from hessops.errors import CheckpointMismatchError
@@ -127,6 +127,119 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path):
         hessops.eigs(H, 2, checkpoint=tmp_path / "junk")
 
 
+def run_on(x, y, model=None, loss_fn=None, operator=hessops.Hessian, **options):
+    """An operator over ``x, y`` in batches of 10 (an MLP at a fixed point by default)."""
+    if model is None:
+        torch.manual_seed(0)
+        model = mlp(4, 8, 3).double()
+    batches = list(zip(x.split(10), y.split(10)))
+    return operator(model, loss_fn or nn.CrossEntropyLoss(), batches, **options)
+
+
+def examples(n: int, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, dtype=torch.float64, generator=generator), torch.randint(0, 3, (n,), generator=generator)
+
+
+DENSITY = dict(num_probes=2, lanczos_steps=12, grid=50)
+
+
+def test_a_resume_on_other_data_is_refused_before_anything_is_computed_from_it(tmp_path):
+    """Finding (a): interrupted on 60 examples, resumed on their first 30 (or 60 others): the resumed run's first
+    product compares its data with the saved fingerprint and raises before it returns. The same examples in
+    another order and batching resume; the same data resume bit for bit; a finished checkpoint is compared at
+    once, by a pass over the data without a product."""
+    x, y = examples(60)
+    path = tmp_path / "density.ckpt"
+    reference = hessops.spectral_density(run_on(x, y), **DENSITY)
+    with interrupted_at(run_on(x, y), 5) as H, pytest.raises(KeyboardInterrupt):
+        hessops.spectral_density(H, **DENSITY, checkpoint=path, checkpoint_every=0)
+    saved = torch.load(path, weights_only=True)
+    assert saved["version"] == 2 and saved["data"][0][0] == 60  # the first product's fingerprint: 60 examples
+    fewer = run_on(x[:30], y[:30])
+    with pytest.raises(CheckpointMismatchError, match="its data differ.*number of examples went from 60 to 30"):
+        hessops.spectral_density(fewer, **DENSITY, checkpoint=path)
+    other = run_on(*examples(60, seed=2))
+    with pytest.raises(CheckpointMismatchError, match="its data differ.*hold other values"):
+        hessops.spectral_density(other, **DENSITY, checkpoint=path)
+    assert torch.equal(torch.load(path, weights_only=True)["state"]["alphas"], saved["state"]["alphas"])  # kept
+    shuffled = torch.randperm(60, generator=torch.Generator().manual_seed(0))
+    reordered = hessops.spectral_density(run_on(x[shuffled], y[shuffled]), **DENSITY, checkpoint=tmp_path / "copy")
+    assert torch.allclose(reordered.density, reference.density, rtol=1e-9, atol=1e-12)
+    resumed = hessops.spectral_density(run_on(x, y), **DENSITY, checkpoint=path)
+    assert torch.equal(resumed.density, reference.density) and resumed.n_matvecs == reference.n_matvecs
+    products = run_on(x[:30], y[:30])
+    with interrupted_at(products, 10**9), pytest.raises(CheckpointMismatchError, match="from 60 to 30"):
+        hessops.spectral_density(products, **DENSITY, checkpoint=path)  # finished: no product follows
+    assert products.problem.memo["data_fingerprint"][0] == 30  # taken by a pass of its own
+
+
+def test_trace_products_saved_from_other_data_are_refused_at_once(tmp_path):
+    """trace takes its saved products back without a product of its own, so the data are compared when the file is
+    opened, by a pass over the data that runs no model."""
+    x, y = examples(60)
+    path = tmp_path / "trace.ckpt"
+    with interrupted_at(run_on(x, y), 3) as H, pytest.raises(KeyboardInterrupt):
+        hessops.trace(H, probes=12, checkpoint=path, checkpoint_every=0)
+    fewer = run_on(x[:30], y[:30])
+    with interrupted_at(fewer, 1), pytest.raises(CheckpointMismatchError, match="from 60 to 30"):
+        hessops.trace(fewer, probes=12, checkpoint=path)  # a product would raise KeyboardInterrupt instead
+    assert hessops.trace(run_on(x, y), probes=12, checkpoint=path).estimate == pytest.approx(
+        hessops.trace(run_on(x, y), probes=12, checkpoint=tmp_path / "whole.ckpt").estimate, rel=1e-12
+    )
+
+
+def recalibrated(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """BatchNorm's running statistics recomputed over ``x`` with the same weights, as SWA's ``update_bn`` does."""
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm1d):
+            module.reset_running_stats()
+            module.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(x)
+    return model.eval()
+
+
+def test_other_buffers_another_loss_or_other_samples_are_refused(tmp_path):
+    """Findings (b) and (c): the same weights with recalibrated BatchNorm statistics, another label smoothing, and
+    MCFisher's other samples or seed are other matrices: a resumed SLQ log-determinant names what differs."""
+    x, y = examples(60)
+    settings = dict(method="slq", probes=2, lanczos_steps=40)
+
+    def interrupted(op, path):
+        with interrupted_at(op, 4), pytest.raises(KeyboardInterrupt):
+            hessops.logdet(hessops.Regularized(op, 5.0), **settings, checkpoint=path, checkpoint_every=0)
+
+    torch.manual_seed(0)
+    model = bn_mlp(4, 8, 3).double()
+    interrupted(run_on(x, y, model), tmp_path / "bn.ckpt")
+    with pytest.raises(CheckpointMismatchError, match="its buffers .*BatchNorm's running statistics.* differ"):
+        hessops.logdet(
+            hessops.Regularized(run_on(x, y, recalibrated(model, x)), 5.0), **settings, checkpoint=tmp_path / "bn.ckpt"
+        )
+
+    interrupted(run_on(x, y), tmp_path / "loss.ckpt")
+    smoothed = run_on(x, y, loss_fn=nn.CrossEntropyLoss(label_smoothing=0.3))
+    with pytest.raises(CheckpointMismatchError, match="its loss is .*label_smoothing=0.0.* this run's .*=0.3"):
+        hessops.logdet(hessops.Regularized(smoothed, 5.0), **settings, checkpoint=tmp_path / "loss.ckpt")
+    functional = run_on(x, y, loss_fn=torch.nn.functional.cross_entropy)  # the same loss, another spelling
+    assert hessops.logdet(hessops.Regularized(functional, 5.0), **settings, checkpoint=tmp_path / "loss.ckpt")
+
+    interrupted(run_on(x, y, operator=hessops.MCFisher, samples=2), tmp_path / "mc.ckpt")
+    for options in ({"samples": 3}, {"samples": 2, "seed": 1}):
+        other = run_on(x, y, operator=hessops.MCFisher, **options)
+        with pytest.raises(CheckpointMismatchError, match="its operator is .*MCFisher\\(samples=2, seed=0\\)"):
+            hessops.logdet(hessops.Regularized(other, 5.0), **settings, checkpoint=tmp_path / "mc.ckpt")
+
+
+def test_a_checkpoint_of_the_earlier_format_is_refused(tmp_path):
+    path = tmp_path / "old.ckpt"
+    torch.save({"format": "hessops-checkpoint", "version": 1, "fingerprint": {}, "state": {}}, path)
+    with pytest.raises(CheckpointMismatchError, match="another version of hessops \\(format 1; this one reads 2\\)"):
+        hessops.spectral_density(run_on(*examples(20)), **DENSITY, checkpoint=path)
+
+
 def _run(*args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "hessops", *args],
@@ -185,3 +298,22 @@ def test_cli_resumes_after_sigkill_and_ctrl_c(tmp_path):
     results = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in runs}
     for key in ("nodes", "weights", "density", "grid", "n_matvecs"):
         assert results["killed"][key] == results["interrupted"][key] == results["uninterrupted"][key], key
+
+
+def test_cli_refuses_to_resume_on_other_data_in_one_line(tmp_path):
+    """Finding (a) as a user meets it: `hessops density --model mlp-digits --num-examples 600 --resume ck` killed,
+    then the same with --num-examples 300: one line naming the data, exit status 2, nothing written."""
+    path, out = tmp_path / "ck", tmp_path / "density.json"
+    common = ["density", "--model", "mlp-digits", "--num-probes", "2", "--lanczos-steps", "150", "--no-progress"]
+    killed = _stop_after_first_checkpoint(path, *common, "--num-examples", "600", how=signal.SIGKILL)
+    killed.communicate()
+    assert killed.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-way"
+    other = _run(*common, "--num-examples", "300", "--resume", str(path), "--out", str(out))
+    _, err = other.communicate(timeout=600)
+    assert other.returncode == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        f"hessops: error: checkpoint {path} belongs to another run: its data differ from this run's (the number of "
+        "examples went from 600 to 300). Resume with the same model, data and settings, or pass another checkpoint "
+        "path (or delete the file) to start afresh"
+    )
+    assert not out.exists()

@@ -25,6 +25,7 @@ from hessops._functional import (
     cast_floating,
     check_batch,
     check_train_mode,
+    digest,
     first_batch,
     flat_to_tree,
     model_state,
@@ -339,11 +340,82 @@ class CurvatureOperator(cola.ops.LinearOperator):
         return super().__matmul__(X)
 
     def _check_same_data(self, fingerprint: Tensor) -> None:
-        """The first product keeps its data's fingerprint; every later one must match it."""
+        """The first product keeps its data's fingerprint; every later one must match it, and the first must
+        match what a resumed run expects (:meth:`expect_data`)."""
+        expected = self.problem.memo.pop("expected_data", None)
+        if expected is not None:
+            saved, mismatch = expected
+            change = fingerprint_change(saved, fingerprint)
+            if change is not None:
+                raise mismatch(change)
         first = self.problem.memo.setdefault("data_fingerprint", fingerprint)
         change = fingerprint_change(first, fingerprint)
         if change is not None:
             raise data_changed_error(change)
+
+    # -- what identifies the matrix (hessops.checkpoint) -------------------------------------------------
+    def identity(self) -> dict[str, Any]:
+        """What makes this operator's matrix, besides the data, as strings a resumed run must match
+        (:mod:`hessops.checkpoint`).
+
+        Returns:
+            ``operator``: the class and its own options (``MCFisher(samples=4, seed=0)``); ``model``: the
+            model's class, qualified; ``parameters``: a SHA-256 of the differentiated parameters (names, dtypes,
+            shapes, values, in the flat vector's order); ``buffers``: a SHA-256 of everything else the model
+            computes with, by name: the floating buffers (BatchNorm's running statistics) and the frozen
+            parameters (integer buffers such as ``num_batches_tracked`` do not enter an eval-mode forward and
+            are left out); ``loss``: :attr:`hessops.losses.LossSpec.identity`.
+        """
+        problem = self.problem
+        named = dict(problem.model.named_parameters())
+        selected = set(problem.names)
+        constants = [(n, p) for n, p in named.items() if n not in selected]
+        constants += [(n, b) for n, b in problem.model.named_buffers() if b is not None and b.is_floating_point()]
+        options = ", ".join(f"{key}={value!r}" for key, value in self._options().items())
+        model = type(problem.model)
+        return {
+            "operator": f"{type(self).__name__}({options})" if options else type(self).__name__,
+            "model": f"{model.__module__}.{model.__qualname__}",
+            "parameters": digest(*(part for name in problem.names for part in (name, named[name]))),
+            "buffers": digest(*(part for name, t in sorted(constants, key=lambda c: c[0]) for part in (name, t))),
+            "loss": problem.loss_fn.identity,
+        }
+
+    def _options(self) -> dict[str, Any]:
+        """This operator's own options that change its matrix (MCFisher's ``samples`` and ``seed``), for
+        :meth:`identity`: none by default; a subclass with such options returns them by name."""
+        return {}
+
+    def data_fingerprint(self, take: bool = False) -> Tensor | None:
+        """The data's order-independent fingerprint (:func:`hessops._determinism.batch_fingerprint`, float64
+        ``(5,)`` on the CPU) that the first product took, or ``None`` before it and with
+        ``check_determinism=False``. ``take``: when no product has run, take it now, by one pass over the data
+        without the model (batches prepared and counted as a product prepares them)."""
+        problem = self.problem
+        if take and problem.check_determinism and "data_fingerprint" not in problem.memo:
+            total = torch.zeros(5, dtype=torch.float64, device=self.device)
+            for index, raw in enumerate(problem.data):
+                inputs, targets = self._prepare(raw, index)
+                n_b = batch_size(inputs, index, problem.batch_size_fn)
+                if n_b > 0:
+                    total += batch_fingerprint(inputs, targets, n_b).to(self.device)
+            problem.memo["data_fingerprint"] = total
+        fingerprint = problem.memo.get("data_fingerprint")
+        return None if fingerprint is None else fingerprint.cpu()
+
+    def expect_data(self, fingerprint: Tensor, mismatch: Callable[[str], Exception]) -> None:
+        """Have the data compared with ``fingerprint`` (another run's :meth:`data_fingerprint`): now when a product
+        has run, else by the first product, before it returns; a difference raises ``mismatch(what differs)``.
+        Nothing is compared with ``check_determinism=False`` (no fingerprint is taken)."""
+        problem = self.problem
+        if not problem.check_determinism:
+            return
+        if "data_fingerprint" in problem.memo:
+            change = fingerprint_change(fingerprint, problem.memo["data_fingerprint"].cpu())
+            if change is not None:
+                raise mismatch(change)
+            return
+        problem.memo["expected_data"] = (fingerprint, mismatch)
 
     def _check_vectors(self, X: Tensor) -> None:
         if not isinstance(X, Tensor):

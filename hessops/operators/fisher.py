@@ -139,6 +139,10 @@ class MCFisher(JacobianSandwich):
         self.samples = samples
         self.seed = seed
 
+    def _options(self) -> dict[str, Any]:
+        """The labels drawn per target and their seed: each pair is another matrix."""
+        return {"samples": self.samples, "seed": self.seed}
+
     @staticmethod
     def _sampler_for(spec: LossSpec) -> Sampler:
         """``(outputs, targets, S, generator) -> labels`` of shape ``(S, *targets.shape)`` (classification:
