@@ -179,3 +179,20 @@ def test_random_spectra_with_repeats(seed):
     result = hessops.eigs(op, k, which, seed=seed)
     assert result.converged
     check_promise(result, truth, k, which, torch.float64)
+
+
+def test_a_run_interrupted_in_a_check_run_resumes_bit_identically(tmp_path):
+    """Ctrl-C inside the first check run: the first run resumes from its finished checkpoint, the check run from
+    its own (``PATH.check1``), and the result is the uninterrupted one, bit for bit."""
+    from toy_networks import interrupted_at
+
+    op, _, _ = operator(CASES["top x3"][0])
+    whole = hessops.eigs(op, 3, "LA", tol=1e-8)
+    first = hessops.eigs(op, 3, "LA", tol=1e-8, check=False, verify=False).n_matvecs
+    path = tmp_path / "eigs.ckpt"
+    with interrupted_at(op, first + 4), pytest.raises(KeyboardInterrupt):
+        hessops.eigs(op, 3, "LA", tol=1e-8, checkpoint=path, checkpoint_every=0)
+    assert path.exists() and (tmp_path / "eigs.ckpt.check1").exists()
+    resumed = hessops.eigs(op, 3, "LA", tol=1e-8, checkpoint=path, checkpoint_every=0)
+    assert torch.equal(resumed.values, whole.values) and torch.equal(resumed.vectors, whole.vectors)
+    assert torch.equal(resumed.error_bounds, whole.error_bounds) and resumed.checks == whole.checks
