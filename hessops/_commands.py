@@ -365,6 +365,7 @@ def eigs(args: argparse.Namespace) -> None:
         value_tol=args.value_tol,
         max_iters=args.max_iters,
         seed=args.seed,
+        check=not args.no_check,
         progress=not args.no_progress,
         **long_run_options(args),
     )
@@ -374,8 +375,8 @@ def eigs(args: argparse.Namespace) -> None:
     ):
         print(f"λ{i:<3d} = {value: .8g}   ‖Hv − λv‖ = {residual:.2g}   error ≤ {bound:.2g}")
     print(
-        f"{result['n_matvecs']} products in {result['seconds']:.2f} s ({result['lanczos_steps']} Lanczos steps), "
-        f"converged: {result['converged']}"
+        f"{result['n_matvecs']} products in {result['seconds']:.2f} s ({result['lanczos_steps']} Lanczos steps, "
+        f"{result['check_runs']} check runs), converged: {result['converged']}"
     )
     name = type(s.op).__name__
     what = (
@@ -393,6 +394,7 @@ def eigs(args: argparse.Namespace) -> None:
         "tol": args.tol,
         "value_tol": args.value_tol,
         "max_iters": args.max_iters,
+        "check": not args.no_check,
     }
     if args.save_vectors is not None and not getattr(args, "rank", None):  # rank 0 alone writes
         spectrum.save_vectors(args.save_vectors, s.op)

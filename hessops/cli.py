@@ -431,6 +431,12 @@ def build_parser() -> Parser:
         "(hessops.load_eigenvectors; `hessops landscape --vectors PATH`) (default: not written)",
     )
     _stopping(p, "")
+    p.add_argument(
+        "--no-check",
+        action="store_true",
+        help="skip the check runs that find further copies of repeated eigenvalues: one Lanczos run, fewer "
+        "products, and 'converged' no longer certifies the k extreme values with multiplicity (default: checked)",
+    )
     _long_runs(p)
 
     p = _subparser(

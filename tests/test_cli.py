@@ -130,6 +130,21 @@ def test_eigs_value_tol_stops_on_eigenvalue_error_bounds(tmp_path, capsys, exact
     errors = (torch.tensor(result["eigenvalues"], dtype=torch.float64) - exact_200.flip(0)[:2]).abs()
     assert float(errors.max()) <= 1e-6 * float(exact_200.abs().max())
     assert all(float(e) <= b * (1 + 1e-6) + 1e-14 for e, b in zip(errors, result["error_bounds"]))
+    assert result["check_runs"] >= 1 and result["settings"]["check"] is True
+    # --no-check: one Lanczos run, fewer products, the same values to within their bounds
+    assert (
+        main(
+            ["eigs", "--num-examples", "200", "--k", "2", "--which", "LA", "--dtype", "float64"]
+            + ["--value-tol", "1e-6", "--no-check", "--no-progress", "--out", str(out)]
+        )
+        == 0
+    )
+    unchecked = json.loads(out.read_text())
+    assert unchecked["check_runs"] == 0 and unchecked["settings"]["check"] is False
+    assert unchecked["n_matvecs"] < result["n_matvecs"]
+    assert all(
+        abs(a - b) <= e for a, b, e in zip(unchecked["eigenvalues"], result["eigenvalues"], result["error_bounds"])
+    )
 
 
 def test_density_trace_logdet_basin_and_their_figures(tmp_path, exact_200):
