@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor
 
 from hessops._cola import cola
-from hessops.numerics import inner_products
+from hessops.numerics import inner_products, orthonormal_basis
 
 
 class Complement(cola.ops.LinearOperator):
@@ -24,7 +23,8 @@ class Complement(cola.ops.LinearOperator):
     def __init__(self, op: cola.ops.LinearOperator, V: Tensor, shift: float):
         super().__init__(dtype=op.dtype, shape=op.shape)
         self.op = op
-        self.V = torch.linalg.qr(V.to(device=op.device, dtype=op.dtype)).Q  # orthonormal to rounding
+        # orthonormal to rounding: LAPACK's QR alone is not, at millions of float32 rows (hessops.numerics)
+        self.V = orthonormal_basis(V.to(device=op.device, dtype=op.dtype))
         self.shift = shift
         self.device = op.device
         self.annotations = {cola.SelfAdjoint}
