@@ -192,9 +192,11 @@ def load_hf_model(
                 f"{file} does not exist: pass a checkpoint folder (config.json and weights), a config JSON file, "
                 "or a model type such as 'gpt2'"
             )
-        config = transformers.AutoConfig.for_model(**_with_changes(_read_config(file), changes))
+        values = _read_config(file)
+        config = transformers.AutoConfig.for_model(**_with_changes(values, _special_ids_within(values, changes)))
     elif str(source) in transformers.CONFIG_MAPPING:
-        config = transformers.AutoConfig.for_model(str(source), **changes)
+        defaults = transformers.CONFIG_MAPPING[str(source)]().to_dict()
+        config = transformers.AutoConfig.for_model(str(source), **_special_ids_within(defaults, changes))
     else:
         raise UnknownModelError(
             f"{source!r} is neither a local folder, a config JSON file, nor a model type transformers knows "
@@ -297,6 +299,26 @@ _DERIVED: dict[str, tuple[tuple[str, ...], Any]] = {
     "head_dim": (("hidden_size", "num_attention_heads"), lambda hidden, heads: hidden // heads),
     "num_key_value_heads": (("num_attention_heads",), lambda heads: heads),
 }
+
+
+_SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
+def _special_ids_within(values: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``changes``, with the special token ids of ``values`` that a smaller ``vocab_size`` in ``changes`` leaves
+    outside the vocabulary set to ``None`` (GPT-2's 50256 under ``vocab_size=100``): no token can have them,
+    the model's forward pass never reads them, and transformers would warn about each on stderr. Ids that
+    ``changes`` sets itself are left as given."""
+    vocabulary = changes.get("vocab_size")
+    if not isinstance(vocabulary, int):
+        return changes
+    changes = dict(changes)
+    for field in _SPECIAL_IDS:
+        value = values.get(field)
+        ids = value if isinstance(value, list) else [value]
+        if field not in changes and any(isinstance(i, int) and i >= vocabulary for i in ids):
+            changes[field] = None
+    return changes
 
 
 def _with_changes(values: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:

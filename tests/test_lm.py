@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 
 import pytest
 import torch
@@ -273,6 +274,34 @@ def test_hf_overrides_derive_head_dim_as_transformers_does(tmp_path, model_type)
         assert derived == (4, expected.config.num_key_value_heads), source
         assert sum(p.numel() for p in model.parameters()) == count, source
     assert load_hf_model(saved, overrides={**sizes, "head_dim": 2}).config.head_dim == 2
+
+
+def test_a_smaller_vocabulary_drops_the_special_ids_it_leaves_out(tmp_path):
+    """GPT-2's bos/eos id 50256 under vocab_size=100 (a model type, a saved config): set to None instead of a
+    transformers warning on stderr per id (which broke the CLI's one-line errors); an id the overrides give is
+    kept, and ids inside the smaller vocabulary stay."""
+    transformers = pytest.importorskip("transformers")
+    sizes = {"n_layer": 1, "n_embd": 8, "n_head": 2, "vocab_size": 100}
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps(transformers.AutoConfig.for_model("gpt2").to_dict()))
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    logger = logging.getLogger("transformers")
+    handler = Keep(level=logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        for source in ("gpt2", saved):
+            config = load_hf_model(source, overrides=sizes).config
+            assert (config.bos_token_id, config.eos_token_id, config.vocab_size) == (None, None, 100), source
+        assert load_hf_model("gpt2", overrides={**sizes, "eos_token_id": 7}).config.eos_token_id == 7
+        assert load_hf_model("gpt2", overrides={**sizes, "vocab_size": 60000}).config.bos_token_id == 50256
+    finally:
+        logger.removeHandler(handler)
+    assert not [r for r in records if "token_id" in r], records
 
 
 def broken_checkpoints(folder) -> dict:
