@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hessops import _written_out
 from hessops._functional import (
     announce_attention_kernels,
     batch_size,
@@ -37,7 +38,8 @@ def dense_hessian(
     :math:`\sum_b \frac{W_b}W \nabla^2 L_b` (:math:`\sum_b \nabla^2 L_b` for ``reduction="sum"``), by double
     backward: the gradient's graph is differentiated once per row (``chunk_size`` rows at a time,
     ``is_grads_batched``). Not ``jacrev(jacrev)`` nor ``torch.func.hessian``, which are 2-10 % off through
-    LayerNorm, InstanceNorm and train-mode BatchNorm in torch 2.14 (docs/torch-pitfalls.md). Same parameter
+    LayerNorm, InstanceNorm and train-mode BatchNorm in torch 2.14 (docs/torch-pitfalls.md); weight norm, whose
+    double backward torch gets wrong, is written out in plain operations (hessops/_written_out.py). Same parameter
     order as the operators. Memory ``n²``: for models up to a few thousand parameters."""
     check_train_mode(model, False)
     announce_attention_kernels(model)
@@ -70,7 +72,7 @@ def dense_hessian(
             params = tuple(t[0] for t in flat_to_tree(flat[None], shapes))
             return spec(call_model(model, names, params, constants, inputs), targets)
 
-        with differentiable_kernels():  # attention's fused kernels have no double backward
+        with differentiable_kernels(), _written_out.written_out(model):  # no double backward, or a wrong one
             result += (weight if spec.mean else 1.0) * _double_backward(loss, theta, chunk_size or theta.numel())
         total += weight
     if examples == 0:

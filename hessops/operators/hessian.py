@@ -14,6 +14,7 @@ from hessops._functional import ParamTree, call_model, split_examples
 from hessops.constants import HVP_MODES
 from hessops.errors import HvpFormulationError
 from hessops.operators import _hvp, hvp_tuning
+from hessops.operators import witness as first_order
 from hessops.operators._base import Batch, CurvatureOperator
 from hessops.operators.hvp_tuning import _TUNED, CANDIDATES, Tuning  # noqa: F401 - where tests and users look
 
@@ -41,6 +42,10 @@ class Hessian(CurvatureOperator):
       at most 10 % of the time the products took, plus one step (hessops/operators/hvp_tuning.py;
       ``HESSOPS_HVP_TUNING=0`` turns this off). What it did is in :attr:`hvp_tuning`.
 
+    Whatever the formulation, the first product is checked against central differences of the gradient on a
+    slice of the first batch (``witness``, hessops/operators/witness.py): torch's double backward is itself wrong
+    through weight norm, which hessops therefore writes out in plain operations (hessops/_written_out.py).
+
     An explicit mode other than ``"autograd"`` is checked against double backward on its first product, and
     refused (:class:`~hessops.errors.HvpFormulationError`) if it disagrees. Attention runs in torch's math
     kernel, the one with second derivatives. The other arguments are :class:`CurvatureOperator`'s.
@@ -64,6 +69,7 @@ class Hessian(CurvatureOperator):
         check_determinism: bool = True,
         distributed: bool | None = None,
         group: Any = None,
+        witness: bool = True,
     ):
         if hvp_mode not in HVP_MODES:
             raise ValueError(f"hvp_mode={hvp_mode!r}: choose one of {HVP_MODES}")
@@ -88,6 +94,7 @@ class Hessian(CurvatureOperator):
             check_determinism=check_determinism,
             distributed=distributed,
             group=group,
+            witness=witness,
         )
         self.hvp_mode = hvp_mode
         self.annotations = self.annotations | {cola.SelfAdjoint}
@@ -147,6 +154,15 @@ class Hessian(CurvatureOperator):
         if worth is False:
             self.hvp_tuning[kind] = hvp_tuning.Tuning(kind, _hvp.REFERENCE, "cheap product")
         return not worth
+
+    def _first_order(self, probe, batch: Batch, direction: ParamTree, step: float) -> Tensor:
+        r"""Central differences of the gradient, :math:`(\nabla L_b(\theta + hd) - \nabla L_b(\theta - hd)) / 2h`
+        with :math:`h = \mathrm{step} \cdot \max(\lVert\theta\rVert, 1)`: two first-order gradients."""
+        h = step * max(first_order.tree_norm(batch.params), 1.0)
+        return first_order.central(lambda s: probe.gradient(batch, first_order.shifted(batch.params, direction, s)), h)
+
+    def _witness_key(self) -> tuple:
+        return (*super()._witness_key(), self.hvp_mode)
 
     def _key(self, kind: str) -> tuple:
         return (str(self.device), self.dtype, self.problem.names, kind)
