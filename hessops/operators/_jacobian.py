@@ -45,8 +45,8 @@ class JacobianSandwich(CurvatureOperator):
         h = step * max(first_order.tree_norm(batch.params), 1.0)
         model, at = self.output_model, lambda s: first_order.shifted(batch.params, direction, s)
         u = first_order.central(lambda s: probe.outputs(batch, at(s), model), h)
-        outputs = probe.outputs(batch, batch.params, model)
-        return probe.pullback(batch, model, self._output_witness(probe, batch, outputs, u, step))
+        outputs = probe.linearized(batch, model)
+        return probe.pullback(self._output_witness(probe, batch, outputs, u, step))
 
     def _output_witness(self, probe, batch: Batch, outputs: Tensor, u: Tensor, step: float) -> Tensor:
         """:math:`M_b u` for the witness, from first derivatives only: the subclass's own output-space matrix,

@@ -39,11 +39,13 @@ the largest over the pairs of :data:`DIRECTIONS` directions, is the operator's `
 inside (a HuggingFace Llama's RMSNorm and rotary embeddings), which then gets one
 :class:`~hessops.errors.ProductNoiseWarning` (above :data:`NOISE_WARNING` times eps).
 
-**Cost**: one call of the operator's batch product on the slice with :data:`DIRECTIONS` columns, and for each of
-the :data:`CHECKED` checked directions four evaluations at shifted parameters (a forward and a first-order
-backward on the slice for the Hessian; a forward for the others, which add one forward and a backward per
-witness at :math:`\theta`). Once per model and kind of operator in a process (a later operator on the same model
-reuses the verdict, ``source="in-process"``). ``witness=False`` on the operator, or ``HESSOPS_WITNESS=0`` in the
+**Cost**: one call of the operator's batch product on the slice with :data:`DIRECTIONS` columns (one column
+at a time, so that no first product imports sympy: hessops/_autograd.py), and for each of the :data:`CHECKED`
+checked directions four evaluations at shifted parameters: for the Hessian a forward and a first-order backward
+each (8 of each in all); for the others a forward each, plus one forward at :math:`\theta` shared by all and a
+first-order backward per witness (9 forwards, 4 backwards in all). Once per model and kind of operator in a
+process (a later operator on the same model reuses the verdict, ``source="in-process"``). ``witness=False`` on
+the operator, or ``HESSOPS_WITNESS=0`` in the
 environment, turns it off. What it did is :class:`WitnessReport`, exposed as ``op.witness_report``.
 """
 
@@ -84,8 +86,8 @@ class WitnessReport:
     ``step``: the relative step :math:`\\varepsilon_w^{1/3}`. ``errors``: each checked direction's
     :math:`\\lVert Cd - W\\rVert / \\lVert W\\rVert`; ``tolerances``: the same for the tolerance;
     ``fd_errors``: :math:`e / \\lVert W\\rVert`. ``noise``: the symmetry defect (the operator's
-    ``product_noise``). ``products``: columns the operator multiplied on the slice; ``evaluations``: model
-    evaluations (forward passes, each with at most one first-order backward) the witness made. ``written_out``:
+    ``product_noise``). ``products``: columns the operator multiplied on the slice; ``evaluations``: forward passes
+    of the model the witness made, ``backwards``: its first-order backward passes. ``written_out``:
     the layers whose second derivatives hessops computes in plain operations (weight norm). ``seconds``: its cost."""
 
     operator: str
@@ -100,6 +102,7 @@ class WitnessReport:
     noise: float | None = None
     products: int = 0
     evaluations: int = 0
+    backwards: int = 0
     written_out: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -154,16 +157,19 @@ def _directions(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 
 class Probe:
-    """First-order evaluations of the model on the witness's slice, counted in ``evaluations``: forward passes
-    (each with at most one first-order backward), never a second derivative."""
+    """First-order evaluations of the model on the witness's slice, never a second derivative: ``evaluations``
+    counts the forward passes, ``backwards`` the first-order backward passes."""
 
     def __init__(self) -> None:
         self.evaluations = 0
+        self.backwards = 0
+        self._linearized: tuple | None = None
 
     def gradient(self, batch, params: ParamTree) -> Tensor:
-        """:math:`\\nabla_\\theta L_b(\\theta)` at ``params`` on ``batch`` (a :class:`~hessops.operators.Batch`),
-        flat."""
+        """:math:`\\nabla_\\theta L_b(\\theta)` at ``params`` on ``batch`` (a
+        :class:`~hessops.operators.Batch`), flat."""
         self.evaluations += 1
+        self.backwards += 1
         with torch.enable_grad():
             p = tuple(t.detach().requires_grad_() for t in params)
             loss = batch.loss(batch.outputs(p))
@@ -176,14 +182,24 @@ class Probe:
         with torch.no_grad():
             return batch.outputs(params, model)
 
-    def pullback(self, batch, model: nn.Module, cotangent: Tensor) -> Tensor:
-        """:math:`J^\\top u` at :math:`\\theta` for ``cotangent`` :math:`u` shaped like the outputs, flat: one forward
-        and one first-order backward of :math:`\\langle f(\\theta), u\\rangle`."""
-        self.evaluations += 1
+    def linearized(self, batch, model: nn.Module) -> Tensor:
+        """The outputs of ``model`` at :math:`\\theta` (``batch.params``), detached; their graph is kept for
+        :meth:`pullback` (one forward for every witness of the slice)."""
+        if self._linearized is None:
+            self.evaluations += 1
+            with torch.enable_grad():
+                p = tuple(t.detach().requires_grad_() for t in batch.params)
+                self._linearized = (p, batch.outputs(p, model))
+        return self._linearized[1].detach()
+
+    def pullback(self, cotangent: Tensor) -> Tensor:
+        """:math:`J^\\top u` at :math:`\\theta` for ``cotangent`` :math:`u` shaped like the outputs of
+        :meth:`linearized`, flat: one first-order backward of :math:`\\langle f(\\theta), u\\rangle`."""
+        self.backwards += 1
+        p, outputs = self._linearized
         with torch.enable_grad():
-            p = tuple(t.detach().requires_grad_() for t in batch.params)
-            outputs = batch.outputs(p, model)
-            grads = torch.autograd.grad((outputs * cotangent).sum(), p, allow_unused=True, materialize_grads=True)
+            total = (outputs * cotangent).sum()
+            grads = torch.autograd.grad(total, p, retain_graph=True, allow_unused=True, materialize_grads=True)
         return torch.cat([g.reshape(-1) for g in grads])
 
 
@@ -226,7 +242,7 @@ def _run(op, batch) -> WitnessReport:
             raise
         verdicts = _compare(op, probe, piece, blocks, products, report)  # the model cannot run in float64
     report.passed = all(verdicts) if verdicts else None
-    report.evaluations = probe.evaluations
+    report.evaluations, report.backwards = probe.evaluations, probe.backwards
     return report
 
 
