@@ -292,9 +292,15 @@ class CurvatureOperator(cola.ops.LinearOperator):
             raise first_order.refusal(self, memo["witness"])
         return self._guarded_products(batch, blocks)
 
-    def _guarded_products(self, batch: Batch, blocks: list[ParamTree]) -> tuple[list[ParamTree], Tensor]:
+    def _guarded_products(self, batch: Batch, blocks: list[ParamTree], witness: bool = False):
+        """:meth:`_matmat_batch` (or, for the witness, :meth:`_witness_products`) with weight norm written out."""
         with _written_out.written_out(self.problem.model):
-            return self._matmat_batch(batch, blocks)
+            return (self._witness_products if witness else self._matmat_batch)(batch, blocks)
+
+    def _witness_products(self, batch: Batch, blocks: list[ParamTree]) -> tuple[list[ParamTree], Tensor]:
+        """The products the witness checks on its slice: :meth:`_matmat_batch`'s, unless a subclass has a reference
+        formulation that vouches for its others."""
+        return self._matmat_batch(batch, blocks)
 
     # -- the data loop ------------------------------------------------------------------------------------
     def _matmat(self, X: Tensor) -> Tensor:

@@ -110,13 +110,7 @@ class Hessian(CurvatureOperator):
         randomness = "same" if problem.allow_train_mode else "error"
 
         def loss_on(inputs: Any, targets: Any):
-            def batch_loss(p: ParamTree) -> tuple[Tensor, Tensor]:
-                loss = problem.loss_fn(call_model(problem.model, problem.names, p, batch.constants, inputs), targets)
-                if loss.dim() != 0:
-                    raise _not_scalar(loss)
-                return loss, loss
-
-            return batch_loss
+            return _batch_loss(problem, batch, inputs, targets)
 
         kind = _kind(blocks[0][0].shape[0] if len(blocks) == 1 else 2)
         if kind not in self.hvp_tuning and not self._tuning_deferred(kind):
@@ -161,8 +155,14 @@ class Hessian(CurvatureOperator):
         h = step * max(first_order.tree_norm(batch.params), 1.0)
         return first_order.central(lambda s: probe.gradient(batch, first_order.shifted(batch.params, direction, s)), h)
 
-    def _witness_key(self) -> tuple:
-        return (*super()._witness_key(), self.hvp_mode)
+    def _witness_products(self, batch: Batch, blocks: list[ParamTree]) -> tuple[list[ParamTree], Tensor]:
+        """Double backward, whatever ``hvp_mode``: the reference that every other formulation is checked against
+        on its first use (hvp_tuning), so the witness vouches for those too; the tuner's state is left alone."""
+        loss = _batch_loss(self.problem, batch, batch.inputs, batch.targets)
+        run = _hvp.run
+        return hvp_tuning.run_reference(
+            lambda: run(_hvp.REFERENCE, loss, batch.params, blocks, "error", self.problem.memo)
+        )
 
     def _key(self, kind: str) -> tuple:
         return (str(self.device), self.dtype, self.problem.names, kind)
@@ -193,6 +193,18 @@ class Hessian(CurvatureOperator):
             self.dtype,
             spent=problem.memo.get("hvp_usage", {}).get(kind, (0, 0.0))[1],
         )
+
+
+def _batch_loss(problem, batch: Batch, inputs: Any, targets: Any) -> Callable:
+    """``p ↦ (L_b(p), L_b(p))`` on ``inputs``, ``targets`` with ``batch``'s constants, as the formulations take it."""
+
+    def batch_loss(p: ParamTree) -> tuple[Tensor, Tensor]:
+        loss = problem.loss_fn(call_model(problem.model, problem.names, p, batch.constants, inputs), targets)
+        if loss.dim() != 0:
+            raise _not_scalar(loss)
+        return loss, loss
+
+    return batch_loss
 
 
 def _kind(columns: int) -> str:

@@ -7,7 +7,9 @@ passes are not where torch's bugs are, so on the first product of an operator (:
 :math:`C d` on a *slice* (the first :data:`WITNESS_EXAMPLES` examples of the batch at hand; unit directions
 :math:`d` drawn from a fixed seed) are compared with a witness that uses no second derivative:
 
-- Hessian: central differences of the gradient, :math:`D_h = (\nabla L(\theta + h d) - \nabla L(\theta - h d)) / 2h`;
+- Hessian: central differences of the gradient, :math:`D_h = (\nabla L(\theta + h d) - \nabla L(\theta - h d)) / 2h`,
+  against double backward (the reference every other formulation is checked against on its first use, by
+  hessops/operators/hvp_tuning.py: so the witness vouches for them all, and leaves the tuner's state alone);
 - GGN: :math:`J^\top \tilde H_\ell \tilde u` with :math:`\tilde u = (f(\theta + h d) - f(\theta - h d)) / 2h` the
   central difference of the model's outputs, :math:`\tilde H_\ell \tilde u` the central difference of the loss's
   output gradient along :math:`\tilde u` and :math:`J^\top` one first-order backward;
@@ -230,7 +232,7 @@ def _run(op, batch) -> WitnessReport:
     d = _directions(op.shape[0], op.dtype, op.device)
     blocks = [flat_to_tree(d[i : i + 1], problem.shapes) for i in range(DIRECTIONS)]
     report = WitnessReport(type(op).__name__, "checked", examples=examples, products=DIRECTIONS)
-    products, _ = op._guarded_products(piece, blocks)
+    products, _ = op._guarded_products(piece, blocks, witness=True)
     products = torch.cat([flat(p) for p in products])
     report.noise = symmetry_defect(d, products)
     report.written_out = op._written_out_layers()
