@@ -179,6 +179,15 @@ def test_torch_weight_norm_is_refused_naming_the_layer(kind, monkeypatch):
         assert op.witness_report.passed is False
 
 
+def test_dense_hessian_refuses_torch_weight_norm(monkeypatch):
+    model, x, y, data = labelled("parametrization-dim1")
+    with torch_weight_norm(monkeypatch):
+        with pytest.raises(WitnessError, match=r"dense_hessian's matrix is .* off.*'0' \(weight norm of 'weight'"):
+            hessops.dense_hessian(model, nn.CrossEntropyLoss(), data)
+        unchecked = hessops.dense_hessian(model, nn.CrossEntropyLoss(), data, witness=False)
+    assert float((unchecked - unchecked.T).norm()) > 0.01 * float(unchecked.norm())  # torch's: asymmetric
+
+
 def _raw_product(op, v: torch.Tensor) -> torch.Tensor:
     """The operator's product with the witness off: what it computes, unchecked."""
     unchecked = hessops.Hessian(op.problem.model, nn.CrossEntropyLoss(), op.problem.data, witness=False)
@@ -310,6 +319,27 @@ def test_normal_models_pass_the_witness_quietly(name, dtype):
         assert report.passed and report.precision == "float64", (cls.__name__, report)
         assert max(report.errors) < 1e-3 * max(report.tolerances) or dtype == torch.float32, report
         assert op.product_noise < witness.NOISE_WARNING * torch.finfo(dtype).eps
+
+
+class Float32Only(nn.Module):
+    """A float32 model that cannot run in float64: a constant kept as a plain float32 attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.mix = torch.randn(6, 6, generator=torch.Generator().manual_seed(3)) / 3
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.inp(x) @ self.mix))
+
+
+def test_a_model_that_cannot_run_in_float64_is_witnessed_in_its_own_dtype():
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    for cls in OPERATORS:
+        op = cls(Float32Only(), nn.CrossEntropyLoss(), [(x, y)])
+        op @ torch.ones(op.shape[0])
+        assert op.witness_report.passed and op.witness_report.precision == "float32", op.witness_report
 
 
 class Counted(nn.Module):

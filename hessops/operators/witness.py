@@ -236,13 +236,14 @@ def _run(op, batch) -> WitnessReport:
     products = torch.cat([flat(p) for p in products])
     report.noise = symmetry_defect(d, products)
     report.written_out = op._written_out_layers()
-    probe, witness = Probe(), _in_float64(op, piece)
+    probe = Probe()
     try:
-        verdicts = _compare(op, probe, witness, blocks, products, report)
-    except RuntimeError:
-        if witness is piece:
+        verdicts = _compare(op, probe, _in_float64(op, piece), blocks, products, report)
+    except Exception:
+        if op.dtype == torch.float64:
             raise
-        verdicts = _compare(op, probe, piece, blocks, products, report)  # the model cannot run in float64
+        probe._linearized = None  # the model cannot run in float64 (a cast inside, memory): its own dtype
+        verdicts = _compare(op, probe, piece, blocks, products, report)
     report.passed = all(verdicts) if verdicts else None
     report.evaluations, report.backwards = probe.evaluations, probe.backwards
     return report
@@ -262,15 +263,24 @@ def _compare(op, probe: Probe, witness, blocks: list[ParamTree], products: Tenso
         if one is None:  # an operator of a kind without a first-order witness
             break
         two = op._first_order(probe, witness, direction, 2 * report.step)
-        w, product = ((4 * one - two) / 3).double(), products[i].double()
-        fd_error, error = float((one - two).double().norm()), float((product - w).norm())
-        allowed = SAFETY * fd_error + rho * max(float(w.norm()), float(product.norm()))
-        scale = max(float(w.norm()), torch.finfo(torch.float64).tiny)
-        report.errors.append(error / scale)
-        report.tolerances.append(allowed / scale)
-        report.fd_errors.append(fd_error / scale)
+        error, allowed, fd_error = agreement(products[i], one, two, rho)
+        report.errors.append(error)
+        report.tolerances.append(allowed)
+        report.fd_errors.append(fd_error)
         verdicts.append(error <= allowed)
     return verdicts
+
+
+def agreement(product: Tensor, one: Tensor, two: Tensor, rho: float) -> tuple[float, float, float]:
+    r"""How far ``product`` :math:`Cd` is from the witness :math:`W = (4D_h - D_{2h})/3` of the central differences
+    ``one`` :math:`D_h` and ``two`` :math:`D_{2h}`, and how far it may be: ``(error, allowed, fd_error)``, each
+    relative to :math:`\lVert W\rVert`, with ``allowed`` :math:`= 10e + \rho \max(\lVert W\rVert,
+    \lVert Cd\rVert)` and ``fd_error`` :math:`= e = \lVert D_h - D_{2h}\rVert`; computed in float64."""
+    w, product = ((4 * one.double() - two.double()) / 3), product.double()
+    fd_error, error = float((one.double() - two.double()).norm()), float((product - w).norm())
+    allowed = SAFETY * fd_error + rho * max(float(w.norm()), float(product.norm()))
+    scale = max(float(w.norm()), torch.finfo(torch.float64).tiny)
+    return error / scale, allowed / scale, fd_error / scale
 
 
 # The measured noise widens the witness's steps (a model computing in float32 inside is that noisy) up to this
@@ -298,9 +308,7 @@ def _in_float64(op, piece):
 def refusal(op, report: WitnessReport) -> WitnessError:
     """The error that refuses ``op`` after a failed witness: how far off, where hessops suspects the cause, the fix."""
     worst = max(range(len(report.errors)), key=lambda i: report.errors[i] / max(report.tolerances[i], 1e-300))
-    model = op.problem.model
-    suspects = weight_norm_layers(model) + [f"{t} layers" for t in _hvp.suspect_modules(model)]
-    where = f" (hessops suspects {', '.join(suspects)})" if suspects else ""
+    where = suspects(op.problem.model)
     return WitnessError(
         f"{report.operator}'s products are {report.errors[worst]:.2g} off the first-order witness (central finite "
         f"differences, tolerance {report.tolerances[worst]:.1g}) on the first {report.examples} examples: torch's "
@@ -308,6 +316,13 @@ def refusal(op, report: WitnessReport) -> WitnessError:
         "operations, or use an operator that needs first derivatives only (EmpiricalFisher); witness=False (or "
         "HESSOPS_WITNESS=0) skips this check at the risk of a wrong matrix (docs/torch-pitfalls.md)"
     )
+
+
+def suspects(model: nn.Module) -> str:
+    """`` (hessops suspects ...)``: the layers of ``model`` whose second derivatives torch may get wrong (weight norm,
+    normalization layers), for messages; empty when it holds none."""
+    found = weight_norm_layers(model) + [f"{t} layers" for t in _hvp.suspect_modules(model)]
+    return f" (hessops suspects {', '.join(found)})" if found else ""
 
 
 def warn_noise(op, report: WitnessReport) -> None:
