@@ -317,7 +317,7 @@ def test_normal_models_pass_the_witness_quietly(name, dtype):
             op @ torch.ones(op.shape[0], dtype=dtype)
         report = op.witness_report
         assert report.passed and report.precision == "float64", (cls.__name__, report)
-        assert max(report.errors) < 1e-3 * max(report.tolerances) or dtype == torch.float32, report
+        assert max(report.errors) < 1e-2 * min(report.tolerances), report  # a check with power, not a vacuous one
         assert op.product_noise < witness.NOISE_WARNING * torch.finfo(dtype).eps
 
 

@@ -19,9 +19,10 @@ passes are not where torch's bugs are, so on the first product of an operator (:
 
 **Steps and tolerance.** :math:`h = \varepsilon_w^{1/3} \max(\lVert\theta\rVert, 1)` for :math:`\lVert d\rVert = 1`
 (the outputs' step likewise, scaled by :math:`\max(\lVert f\rVert, 1)`), where :math:`\varepsilon_w` is the larger
-of the witness dtype's eps and the measured product noise (below): the step that balances the truncation error
-:math:`O(h^2)` against the rounding error :math:`O(\varepsilon_w / h)`. Each witness is computed with :math:`h`
-and :math:`2h`; the Richardson value :math:`W = (4 D_h - D_{2h}) / 3` is the witness and
+of the witness dtype's eps and the measured product noise (below; only where the witness runs in the operator's
+dtype, since a float32 operator's noise is its own rounding, not the float64 copy's): the step that balances the
+truncation error :math:`O(h^2)` against the rounding error :math:`O(\varepsilon_w / h)`. Each witness is computed
+with :math:`h` and :math:`2h`; the Richardson value :math:`W = (4 D_h - D_{2h}) / 3` is the witness and
 :math:`e = \lVert D_h - D_{2h}\rVert` estimates what finite differences get wrong (three times the truncation
 error of :math:`D_h`, and at least the rounding error of both). A product passes when
 
@@ -254,7 +255,8 @@ def _compare(op, probe: Probe, witness, blocks: list[ParamTree], products: Tenso
     dtype it is in); fills ``report``'s precision, step and errors and returns each direction's verdict."""
     precision = witness.params[0].dtype
     report.precision = str(precision).removeprefix("torch.")
-    report.step = max(torch.finfo(precision).eps, min(report.noise, NOISE_STEP_CAP)) ** (1 / 3)
+    noise = min(report.noise, NOISE_STEP_CAP) if precision == op.dtype else 0.0  # else the products' own rounding
+    report.step = max(torch.finfo(precision).eps, noise) ** (1 / 3)
     report.errors, report.tolerances, report.fd_errors = [], [], []
     rho, verdicts = tolerance(op.dtype), []
     for i in range(CHECKED):
