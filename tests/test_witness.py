@@ -256,6 +256,28 @@ def test_a_model_computing_in_float32_inside_is_measured_and_said(cls):
     assert op.witness_report.passed  # noisy, not wrong: its finite differences take wider steps
 
 
+def test_a_float64_hugging_face_llama_is_said_to_compute_in_float32_inside():
+    """Issue 21, finding 3: its RMSNorm and rotary embedding run in float32 whatever the model's dtype."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        head_dim=8,
+    )
+    model = transformers.LlamaForCausalLM(config).double().eval()
+    ids = torch.randint(0, 50, (4, 8))
+    op = hessops.Hessian(model, hessops.next_token_cross_entropy, [({"input_ids": ids}, ids)])
+    with pytest.warns(ProductNoiseWarning, match="float64 Hessian .*float32 RMSNorm"):
+        op @ torch.ones(op.shape[0], dtype=torch.float64)
+    assert op.product_noise > 1e3 * torch.finfo(torch.float64).eps and op.witness_report.passed  # measured: 2e-10
+
+
 def test_the_noise_is_the_symmetry_defect(monkeypatch):
     """An antisymmetric perturbation of relative size 1e-9 shows up as product_noise of that order."""
     model, x, y, data = labelled("parametrization-dim1")
