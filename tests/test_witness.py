@@ -343,6 +343,16 @@ def test_normal_models_pass_the_witness_quietly(name, dtype):
         assert op.product_noise < witness.NOISE_WARNING * torch.finfo(dtype).eps
 
 
+def test_a_slice_whose_targets_are_all_ignored_leaves_the_witness_to_the_next_batch():
+    model, x, y, _ = labelled("legacy-dim0")
+    ignored = torch.full((4,), -100)
+    op = hessops.Hessian(model, nn.CrossEntropyLoss(), [(x[:4], ignored), (x[4:], y[4:])])
+    v = random_vector(op.shape[0])
+    product = op @ v
+    assert op.witness_report.passed and op.witness_report.examples == 2  # the second batch's two examples
+    assert relative_error(product, fd_hessian_product(model, x[4:], y[4:], v)) < FD_RTOL
+
+
 class Float32Only(nn.Module):
     """A float32 model that cannot run in float64: a constant kept as a plain float32 attribute."""
 

@@ -286,9 +286,11 @@ class CurvatureOperator(cola.ops.LinearOperator):
         witness has passed (run on the first batch of the first product)."""
         memo = self.problem.memo
         if "witness" not in memo:
-            memo["witness"] = report = first_order.check(self, batch)
-            first_order.warn_noise(self, report)
-        if memo["witness"].passed is False:
+            report = first_order.check(self, batch)
+            if report is not None:  # None: this batch's first examples count no target; the next batch is tried
+                memo["witness"] = report
+                first_order.warn_noise(self, report)
+        if "witness" in memo and memo["witness"].passed is False:
             raise first_order.refusal(self, memo["witness"])
         return self._guarded_products(batch, blocks)
 

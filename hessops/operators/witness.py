@@ -54,6 +54,7 @@ environment, turns it off. What it did is :class:`WitnessReport`, exposed as ``o
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import warnings
@@ -206,10 +207,11 @@ class Probe:
         return torch.cat([g.reshape(-1) for g in grads])
 
 
-def check(op, batch) -> WitnessReport:
+def check(op, batch) -> WitnessReport | None:
     """The witness's verdict for ``op`` (a :class:`~hessops.CurvatureOperator`) from a slice of ``batch`` (the first
     batch of its first product), or an earlier operator's on the same model in this process; see the module's
-    docstring. Raises nothing: the caller refuses a failed verdict (:func:`refusal`)."""
+    docstring. ``None`` when the slice counts no target (all ignored): the next batch is tried. Raises nothing:
+    the caller refuses a failed verdict (:func:`refusal`)."""
     problem, name = op.problem, type(op).__name__
     if not (problem.witness and enabled()):
         return WitnessReport(name, "disabled")
@@ -221,14 +223,18 @@ def check(op, batch) -> WitnessReport:
         return WitnessReport(**{**earlier.to_dict(), "source": "in-process", "seconds": 0.0})
     began = time.perf_counter()
     report = _run(op, batch)
+    if report is None:
+        return None
     report.seconds = time.perf_counter() - began
     _WITNESSED.setdefault(problem.model, {})[key] = report
     return report
 
 
-def _run(op, batch) -> WitnessReport:
+def _run(op, batch) -> WitnessReport | None:
     problem = op.problem
     inputs, targets, examples = split_examples(batch.inputs, batch.targets, batch.size, WITNESS_EXAMPLES)[0]
+    if problem.loss_fn.batch_weight(targets, examples) == 0:
+        return None
     piece = type(batch)(inputs, targets, examples, batch.index, batch.part, batch.params, batch.constants, problem)
     d = _directions(op.shape[0], op.dtype, op.device)
     blocks = [flat_to_tree(d[i : i + 1], problem.shapes) for i in range(DIRECTIONS)]
@@ -245,14 +251,16 @@ def _run(op, batch) -> WitnessReport:
             raise
         probe._linearized = None  # the model cannot run in float64 (a cast inside, memory): its own dtype
         verdicts = _compare(op, probe, piece, blocks, products, report)
-    report.passed = all(verdicts) if verdicts else None
+    checked = [v for v in verdicts if v is not None]
+    report.passed = all(checked) if checked else None
     report.evaluations, report.backwards = probe.evaluations, probe.backwards
     return report
 
 
-def _compare(op, probe: Probe, witness, blocks: list[ParamTree], products: Tensor, report: WitnessReport) -> list[bool]:
+def _compare(op, probe: Probe, witness, blocks: list[ParamTree], products: Tensor, report: WitnessReport) -> list:
     """Check the first :data:`CHECKED` products against the witness evaluated on ``witness`` (the slice, in the
-    dtype it is in); fills ``report``'s precision, step and errors and returns each direction's verdict."""
+    dtype it is in); fills ``report``'s precision, step and errors and returns each direction's verdict (``None``
+    where the witness is not finite)."""
     precision = witness.params[0].dtype
     report.precision = str(precision).removeprefix("torch.")
     noise = min(report.noise, NOISE_STEP_CAP) if precision == op.dtype else 0.0  # else the products' own rounding
@@ -269,7 +277,8 @@ def _compare(op, probe: Probe, witness, blocks: list[ParamTree], products: Tenso
         report.errors.append(error)
         report.tolerances.append(allowed)
         report.fd_errors.append(fd_error)
-        verdicts.append(error <= allowed)
+        finite = math.isfinite(error) and math.isfinite(allowed)  # a witness that overflowed checks nothing
+        verdicts.append(error <= allowed if finite else None)
     return verdicts
 
 
@@ -309,7 +318,8 @@ def _in_float64(op, piece):
 
 def refusal(op, report: WitnessReport) -> WitnessError:
     """The error that refuses ``op`` after a failed witness: how far off, where hessops suspects the cause, the fix."""
-    worst = max(range(len(report.errors)), key=lambda i: report.errors[i] / max(report.tolerances[i], 1e-300))
+    finite = [i for i, e in enumerate(report.errors) if math.isfinite(e) and math.isfinite(report.tolerances[i])]
+    worst = max(finite, key=lambda i: report.errors[i] / max(report.tolerances[i], 1e-300))
     where = suspects(op.problem.model)
     return WitnessError(
         f"{report.operator}'s products are {report.errors[worst]:.2g} off the first-order witness (central finite "
