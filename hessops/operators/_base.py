@@ -282,17 +282,21 @@ class CurvatureOperator(cola.ops.LinearOperator):
         return _written_out.weight_norm_layers(self.problem.model)
 
     def _batch_products(self, batch: Batch, blocks: list[ParamTree]) -> tuple[list[ParamTree], Tensor]:
-        """:meth:`_matmat_batch` with the model's wrongly differentiated layers written out, after the first-order
-        witness has passed (run on the first batch of the first product)."""
+        """:meth:`_matmat_batch` with the model's wrongly differentiated layers written out; the first-order witness
+        runs on the first batch of the first product, after that batch's own products (so that the model's and the
+        loss's own errors come from the whole batch), and an operator it refuses raises from then on."""
         memo = self.problem.memo
+        if "witness" in memo and memo["witness"].passed is False:
+            raise first_order.refusal(self, memo["witness"])
+        products = self._guarded_products(batch, blocks)
         if "witness" not in memo:
             report = first_order.check(self, batch)
             if report is not None:  # None: this batch's first examples count no target; the next batch is tried
                 memo["witness"] = report
+                if report.passed is False:
+                    raise first_order.refusal(self, report)
                 first_order.warn_noise(self, report)
-        if "witness" in memo and memo["witness"].passed is False:
-            raise first_order.refusal(self, memo["witness"])
-        return self._guarded_products(batch, blocks)
+        return products
 
     def _guarded_products(self, batch: Batch, blocks: list[ParamTree], witness: bool = False):
         """:meth:`_matmat_batch` (or, for the witness, :meth:`_witness_products`) with weight norm written out."""
