@@ -54,11 +54,16 @@ def weight_norm_layers(model: nn.Module) -> list[str]:
         for tensor, parametrizations in getattr(module, "parametrizations", {}).items():
             for p in parametrizations:
                 if type(p).__name__ == "_WeightNorm":
-                    found.append(f"'{label}' (weight norm of '{tensor}', dim={p.dim})")
+                    found.append(f"'{label}' (weight norm of '{tensor}', dim={_dim(p.dim)})")
         for hook in getattr(module, "_forward_pre_hooks", {}).values():
             if isinstance(hook, WeightNorm):
-                found.append(f"'{label}' (legacy weight norm of '{hook.name}', dim={hook.dim})")
+                found.append(f"'{label}' (legacy weight norm of '{hook.name}', dim={_dim(hook.dim)})")
     return found
+
+
+def _dim(dim: int) -> int | None:
+    """The ``dim`` the user passed: both forms store ``dim=None`` (the whole tensor's norm) as -1."""
+    return None if dim == -1 else dim
 
 
 @contextlib.contextmanager

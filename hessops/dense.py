@@ -46,7 +46,20 @@ def dense_hessian(
     ``witness`` (and unless ``HESSOPS_WITNESS=0``), :math:`Hd` for one random unit :math:`d` is then checked
     against central differences of the dataset gradient (four more gradient passes over ``data``; the rule of
     hessops/operators/witness.py), and a matrix that disagrees is refused with a ``WitnessError``. Same
-    parameter order as the operators. Memory ``n²``: for models up to a few thousand parameters."""
+    parameter order as the operators. Memory ``n²``: for models up to a few thousand parameters.
+
+    Args:
+        model, loss_fn, data, params, dtype: as for the operators (:class:`~hessops.CurvatureOperator`).
+        chunk_size: rows differentiated together (``is_grads_batched``); ``None``: all at once.
+        witness: check the matrix against central differences of the gradient, as above.
+
+    Returns:
+        The ``(n, n)`` Hessian, in ``dtype``.
+
+    Raises:
+        WitnessError: the matrix disagrees with the first-order witness (torch's second derivatives are wrong
+            through a layer of the model).
+        TrainModeError, EmptyDataError, UnsupportedLossError: as the operators raise them."""
     check_train_mode(model, False)
     announce_attention_kernels(model)
     spec = loss_spec(loss_fn)

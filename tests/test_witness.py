@@ -33,6 +33,7 @@ def legacy_weight_norm(module: nn.Module, dim: int) -> nn.Module:
 WEIGHT_NORMS = {
     "parametrization-dim0": lambda m: parametrizations.weight_norm(m, dim=0),
     "parametrization-dim1": lambda m: parametrizations.weight_norm(m, dim=1),
+    "parametrization-whole": lambda m: parametrizations.weight_norm(m, dim=None),  # torch's unfused path
     "legacy-dim0": lambda m: legacy_weight_norm(m, 0),
     "legacy-dim1": lambda m: legacy_weight_norm(m, 1),
 }
