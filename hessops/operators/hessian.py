@@ -42,9 +42,10 @@ class Hessian(CurvatureOperator):
       at most 10 % of the time the products took, plus one step (hessops/operators/hvp_tuning.py;
       ``HESSOPS_HVP_TUNING=0`` turns this off). What it did is in :attr:`hvp_tuning`.
 
-    Whatever the formulation, the first product is checked against central differences of the gradient on a
-    slice of the first batch (``witness``, hessops/operators/witness.py): torch's double backward is itself wrong
-    through weight norm, which hessops therefore writes out in plain operations (hessops/_written_out.py).
+    The reference itself is checked on the first product: double backward against central differences of the
+    gradient on a slice of the first batch (``witness``, hessops/operators/witness.py), and the operator is
+    refused (:class:`~hessops.errors.WitnessError`) if they disagree. torch's double backward is wrong through
+    weight norm, which hessops therefore writes out in plain operations (hessops/_written_out.py).
 
     An explicit mode other than ``"autograd"`` is checked against double backward on its first product, and
     refused (:class:`~hessops.errors.HvpFormulationError`) if it disagrees. Attention runs in torch's math
