@@ -249,6 +249,7 @@ class CurvatureOperator(cola.ops.LinearOperator):
         determinism and finiteness checks."""
         raise NotImplementedError(f"{type(self).__name__} must implement _matmat_batch(batch, blocks)")
 
+    # -- the first-order witness --------------------------------------------------------------------------
     def _first_order(self, probe: first_order.Probe, batch: Batch, direction: ParamTree, step: float) -> Tensor | None:
         r"""The first-order witness of this batch's curvature times ``direction`` (a unit vector laid out like
         ``batch.params``), flat, from central differences whose step is ``step`` relative to the scale of what is
@@ -256,7 +257,6 @@ class CurvatureOperator(cola.ops.LinearOperator):
         default) where an operator has none: it then gets the symmetry probe only."""
         return None
 
-    # -- the first-order witness --------------------------------------------------------------------------
     @property
     def product_noise(self) -> float | None:
         r"""The relative noise of one product, measured by the first-order witness on the first product (``None``
