@@ -56,6 +56,7 @@ class Problem:
     batch_size_fn: Callable[[Any], int] | None = None  # inputs -> number of examples (default: their shared dim 0)
     unpack_inputs: bool = True  # model(*tuple) / model(**mapping), or model(inputs) when False
     check_determinism: bool = True
+    witness: bool = True  # check the first product against first derivatives (hessops/operators/witness.py)
     distributed: tuple | None = None  # (group, rank, world size) when data-parallel
     memo: dict = field(default_factory=dict)
 

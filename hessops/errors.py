@@ -27,6 +27,8 @@ __all__ = [
     "TargetShapeError",
     "HvpFormulationError",
     "HvpFormulationWarning",
+    "WitnessError",
+    "ProductNoiseWarning",
     "AttentionKernelWarning",
 ]
 
@@ -127,6 +129,17 @@ class HvpFormulationError(HessopsError):
 
 class HvpFormulationWarning(UserWarning):
     """A fast Hessian-vector product formulation disagreed with double backward and was set aside."""
+
+
+class WitnessError(HessopsError):
+    """An operator's products disagree with the first-order witness (central finite differences of the gradient,
+    or of the model's outputs) on a slice of the first batch: torch's second derivatives are wrong through some
+    layer of the model (hessops/operators/witness.py)."""
+
+
+class ProductNoiseWarning(UserWarning):
+    """An operator's products carry far more rounding noise than its dtype's: the model computes in a lower
+    precision inside (a float64 operator over layers that cast to float32)."""
 
 
 class AttentionKernelWarning(UserWarning):

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from hessops import _written_out
 from hessops._cola import cola
 from hessops._determinism import batch_fingerprint, check_model, data_changed_error, fingerprint_change
 from hessops._functional import (
@@ -47,6 +48,7 @@ from hessops.errors import (
 )
 from hessops.losses import check_counted, loss_spec, probe_mean
 from hessops.numerics import norm
+from hessops.operators import witness as first_order
 
 DEFAULT_CHUNK_SIZE = 16
 
@@ -136,6 +138,10 @@ class CurvatureOperator(cola.ops.LinearOperator):
             ``torch.distributed`` is initialized or a ``group`` is given). Each rank passes its own shard as
             ``data``; every product is the exact mean over all ranks' examples, on every rank
             (docs/distributed.md).
+        witness: check the first product, on a slice of the first batch, against a first-order witness (central
+            finite differences of the gradient or of the outputs: hessops/operators/witness.py), which catches
+            torch's wrong second derivatives; refuse the operator (``WitnessError``) if it disagrees, and measure
+            the products' noise (:attr:`product_noise`). ``HESSOPS_WITNESS=0`` turns it off for every operator.
     """
 
     def __init__(
@@ -155,6 +161,7 @@ class CurvatureOperator(cola.ops.LinearOperator):
         check_determinism: bool = True,
         distributed: bool | None = None,
         group: Any = None,
+        witness: bool = True,
     ):
         names, tensors = select_parameters(model, params)
         setup = resolve_distributed(distributed, group)
@@ -199,6 +206,7 @@ class CurvatureOperator(cola.ops.LinearOperator):
             batch_size_fn=batch_size_fn,
             unpack_inputs=unpack_inputs,
             check_determinism=check_determinism,
+            witness=witness,
             distributed=setup,
         )
         n = problem.numel
@@ -242,6 +250,65 @@ class CurvatureOperator(cola.ops.LinearOperator):
         determinism and finiteness checks."""
         raise NotImplementedError(f"{type(self).__name__} must implement _matmat_batch(batch, blocks)")
 
+    # -- the first-order witness --------------------------------------------------------------------------
+    def _first_order(self, probe: first_order.Probe, batch: Batch, direction: ParamTree, step: float) -> Tensor | None:
+        r"""The first-order witness of this batch's curvature times ``direction`` (a unit vector laid out like
+        ``batch.params``), flat, from central differences whose step is ``step`` relative to the scale of what is
+        shifted (hessops/operators/witness.py), using only ``probe``'s first-order evaluations; ``None`` (the
+        default) where an operator has none: it then gets the symmetry probe only."""
+        return None
+
+    @property
+    def product_noise(self) -> float | None:
+        r"""The relative noise of one product, measured by the first-order witness on the first product (``None``
+        before it, or when the witness is off): the largest symmetry defect
+        :math:`|w^\top Av - v^\top Aw| / (\lVert w\rVert \lVert Av\rVert + \lVert v\rVert \lVert Aw\rVert)` over
+        pairs of random unit vectors on a slice of the first batch. About eps of the dtype for a model computed in
+        it; far more for a model that computes in lower precision inside."""
+        report = self.problem.memo.get("witness")
+        return None if report is None else report.noise
+
+    @property
+    def witness_report(self) -> first_order.WitnessReport | None:
+        """What the first-order witness did (:class:`~hessops.operators.witness.WitnessReport`), ``None`` before
+        the first product."""
+        return self.problem.memo.get("witness")
+
+    def _witness_key(self) -> tuple:
+        """What a verdict depends on besides the model: kept per model in a process (a later operator reuses it)."""
+        spec = self.problem.loss_fn
+        return (type(self).__qualname__, str(self.device), self.dtype, self.problem.names, spec.name, spec.reduction)
+
+    def _written_out_layers(self) -> list[str]:
+        return _written_out.weight_norm_layers(self.problem.model)
+
+    def _batch_products(self, batch: Batch, blocks: list[ParamTree]) -> tuple[list[ParamTree], Tensor]:
+        """:meth:`_matmat_batch` with the model's wrongly differentiated layers written out; the first-order witness
+        runs on the first batch of the first product, after that batch's own products (so that the model's and the
+        loss's own errors come from the whole batch), and an operator it refuses raises from then on."""
+        memo = self.problem.memo
+        if "witness" in memo and memo["witness"].passed is False:
+            raise first_order.refusal(self, memo["witness"])
+        products = self._guarded_products(batch, blocks)
+        if "witness" not in memo:
+            report = first_order.check(self, batch)
+            if report is not None:  # None: this batch's first examples count no target; the next batch is tried
+                memo["witness"] = report
+                if report.passed is False:
+                    raise first_order.refusal(self, report)
+                first_order.warn_noise(self, report)
+        return products
+
+    def _guarded_products(self, batch: Batch, blocks: list[ParamTree], witness: bool = False):
+        """:meth:`_matmat_batch` (or, for the witness, :meth:`_witness_products`) with weight norm written out."""
+        with _written_out.written_out(self.problem.model):
+            return (self._witness_products if witness else self._matmat_batch)(batch, blocks)
+
+    def _witness_products(self, batch: Batch, blocks: list[ParamTree]) -> tuple[list[ParamTree], Tensor]:
+        """The products the witness checks on its slice: :meth:`_matmat_batch`'s, unless a subclass has a reference
+        formulation that vouches for its others."""
+        return self._matmat_batch(batch, blocks)
+
     # -- the data loop ------------------------------------------------------------------------------------
     def _matmat(self, X: Tensor) -> Tensor:
         self._check_vectors(X)
@@ -283,7 +350,7 @@ class CurvatureOperator(cola.ops.LinearOperator):
                         if weight == 0:
                             continue
                         batch = Batch(piece_inputs, piece_targets, n_m, index, part, params, constants, problem)
-                        products, loss = self._matmat_batch(batch, blocks)
+                        products, loss = self._batch_products(batch, blocks)
                         for i, product in zip(range(0, k, chunk), products):
                             add_tree_(acc[i : i + chunk], product, alpha=weight if spec.mean else 1.0)
                         losses.append(loss.detach().reshape(()))

@@ -11,6 +11,7 @@ from torch.func import jvp, vmap
 from hessops._autograd import block_vjp
 from hessops._cola import cola
 from hessops._functional import ParamTree, differentiable_kernels
+from hessops.operators import witness as first_order
 from hessops.operators._base import Batch, CurvatureOperator
 
 OutputMatmat = Callable[[Tensor], Tensor]
@@ -36,6 +37,21 @@ class JacobianSandwich(CurvatureOperator):
         """``U ↦ M_b U`` for a block ``U`` of shape ``(c, *outputs.shape)``, where ``M_b`` belongs to the batch
         loss as the loss reduces it (a mean: the data loop multiplies by :math:`W_b`)."""
         raise NotImplementedError
+
+    def _first_order(self, probe, batch: Batch, direction: ParamTree, step: float) -> Tensor:
+        r""":math:`J^\top M \tilde u`, :math:`\tilde u = (f(\theta + hd) - f(\theta - hd)) / 2h` the central
+        difference of the outputs (:math:`h = \mathrm{step} \cdot \max(\lVert\theta\rVert, 1)`), :math:`M` as
+        :meth:`_output_witness` applies it, :math:`J^\top` one first-order backward."""
+        h = step * max(first_order.tree_norm(batch.params), 1.0)
+        model, at = self.output_model, lambda s: first_order.shifted(batch.params, direction, s)
+        u = first_order.central(lambda s: probe.outputs(batch, at(s), model), h)
+        outputs = probe.linearized(batch, model)
+        return probe.pullback(self._output_witness(probe, batch, outputs, u, step))
+
+    def _output_witness(self, probe, batch: Batch, outputs: Tensor, u: Tensor, step: float) -> Tensor:
+        """:math:`M_b u` for the witness, from first derivatives only: the subclass's own output-space matrix,
+        which for the Fishers is built from the loss's first derivatives."""
+        return self._output_operator(outputs, batch)(u.unsqueeze(0))[0]
 
     def _matmat_batch(self, batch: Batch, blocks: list[ParamTree]) -> tuple[list[ParamTree], Tensor]:
         randomness = "same" if self.problem.allow_train_mode else "error"

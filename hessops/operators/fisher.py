@@ -116,6 +116,7 @@ class MCFisher(JacobianSandwich):
         check_determinism: bool = True,
         distributed: bool | None = None,
         group: Any = None,
+        witness: bool = True,
     ):
         if samples < 1:
             raise ValueError(f"samples must be at least 1, got {samples}")
@@ -135,6 +136,7 @@ class MCFisher(JacobianSandwich):
             check_determinism=check_determinism,
             distributed=distributed,
             group=group,
+            witness=witness,
         )
         self.samples = samples
         self.seed = seed

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from hessops._autograd import block_vjp, gradient
 from hessops.errors import UnsupportedLossError
+from hessops.operators import witness as first_order
 from hessops.operators._base import Batch
 from hessops.operators._jacobian import JacobianSandwich
 
@@ -53,6 +54,22 @@ class GGN(JacobianSandwich):
                 )
             self.output_model = model[:-1]
             self.output_loss = spec.as_cross_entropy()
+
+    def _output_witness(self, probe, batch: Batch, outputs: Tensor, u: Tensor, step: float) -> Tensor:
+        r"""The central difference of the loss's output gradient along ``u``,
+        :math:`(\nabla_f L_b(f + \eta u) - \nabla_f L_b(f - \eta u)) / 2\eta` with
+        :math:`\eta = \mathrm{step} \cdot \max(\lVert f\rVert, 1) / \lVert u\rVert`: no second derivative."""
+        size = float(u.norm())
+        if size == 0.0:
+            return torch.zeros_like(u)
+        eta = step * max(float(outputs.norm()), 1.0) / size
+
+        def output_gradient(s: float) -> Tensor:
+            with torch.enable_grad():
+                o = (outputs + s * u).detach().requires_grad_()
+                return gradient(self.output_loss(o, batch.targets), [o])[0]
+
+        return first_order.central(output_gradient, eta)
 
     def _output_operator(self, outputs: Tensor, batch: Batch):
         loss_fn, targets = self.output_loss, batch.targets

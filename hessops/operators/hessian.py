@@ -14,6 +14,7 @@ from hessops._functional import ParamTree, call_model, split_examples
 from hessops.constants import HVP_MODES
 from hessops.errors import HvpFormulationError
 from hessops.operators import _hvp, hvp_tuning
+from hessops.operators import witness as first_order
 from hessops.operators._base import Batch, CurvatureOperator
 from hessops.operators.hvp_tuning import _TUNED, CANDIDATES, Tuning  # noqa: F401 - where tests and users look
 
@@ -41,6 +42,11 @@ class Hessian(CurvatureOperator):
       at most 10 % of the time the products took, plus one step (hessops/operators/hvp_tuning.py;
       ``HESSOPS_HVP_TUNING=0`` turns this off). What it did is in :attr:`hvp_tuning`.
 
+    The reference itself is checked on the first product: double backward against central differences of the
+    gradient on a slice of the first batch (``witness``, hessops/operators/witness.py), and the operator is
+    refused (:class:`~hessops.errors.WitnessError`) if they disagree. torch's double backward is wrong through
+    weight norm, which hessops therefore writes out in plain operations (hessops/_written_out.py).
+
     An explicit mode other than ``"autograd"`` is checked against double backward on its first product, and
     refused (:class:`~hessops.errors.HvpFormulationError`) if it disagrees. Attention runs in torch's math
     kernel, the one with second derivatives. The other arguments are :class:`CurvatureOperator`'s.
@@ -64,6 +70,7 @@ class Hessian(CurvatureOperator):
         check_determinism: bool = True,
         distributed: bool | None = None,
         group: Any = None,
+        witness: bool = True,
     ):
         if hvp_mode not in HVP_MODES:
             raise ValueError(f"hvp_mode={hvp_mode!r}: choose one of {HVP_MODES}")
@@ -88,6 +95,7 @@ class Hessian(CurvatureOperator):
             check_determinism=check_determinism,
             distributed=distributed,
             group=group,
+            witness=witness,
         )
         self.hvp_mode = hvp_mode
         self.annotations = self.annotations | {cola.SelfAdjoint}
@@ -103,13 +111,7 @@ class Hessian(CurvatureOperator):
         randomness = "same" if problem.allow_train_mode else "error"
 
         def loss_on(inputs: Any, targets: Any):
-            def batch_loss(p: ParamTree) -> tuple[Tensor, Tensor]:
-                loss = problem.loss_fn(call_model(problem.model, problem.names, p, batch.constants, inputs), targets)
-                if loss.dim() != 0:
-                    raise _not_scalar(loss)
-                return loss, loss
-
-            return batch_loss
+            return _batch_loss(problem, batch, inputs, targets)
 
         kind = _kind(blocks[0][0].shape[0] if len(blocks) == 1 else 2)
         if kind not in self.hvp_tuning and not self._tuning_deferred(kind):
@@ -148,6 +150,21 @@ class Hessian(CurvatureOperator):
             self.hvp_tuning[kind] = hvp_tuning.Tuning(kind, _hvp.REFERENCE, "cheap product")
         return not worth
 
+    def _first_order(self, probe, batch: Batch, direction: ParamTree, step: float) -> Tensor:
+        r"""Central differences of the gradient, :math:`(\nabla L_b(\theta + hd) - \nabla L_b(\theta - hd)) / 2h`
+        with :math:`h = \mathrm{step} \cdot \max(\lVert\theta\rVert, 1)`: two first-order gradients."""
+        h = step * max(first_order.tree_norm(batch.params), 1.0)
+        return first_order.central(lambda s: probe.gradient(batch, first_order.shifted(batch.params, direction, s)), h)
+
+    def _witness_products(self, batch: Batch, blocks: list[ParamTree]) -> tuple[list[ParamTree], Tensor]:
+        """Double backward, whatever ``hvp_mode``: the reference that every other formulation is checked against
+        on its first use (hvp_tuning), so the witness vouches for those too; the tuner's state is left alone."""
+        loss = _batch_loss(self.problem, batch, batch.inputs, batch.targets)
+        run = _hvp.run
+        return hvp_tuning.run_reference(
+            lambda: run(_hvp.REFERENCE, loss, batch.params, blocks, "error", self.problem.memo)
+        )
+
     def _key(self, kind: str) -> tuple:
         return (str(self.device), self.dtype, self.problem.names, kind)
 
@@ -177,6 +194,18 @@ class Hessian(CurvatureOperator):
             self.dtype,
             spent=problem.memo.get("hvp_usage", {}).get(kind, (0, 0.0))[1],
         )
+
+
+def _batch_loss(problem, batch: Batch, inputs: Any, targets: Any) -> Callable:
+    """``p ↦ (L_b(p), L_b(p))`` on ``inputs``, ``targets`` with ``batch``'s constants, as the formulations take it."""
+
+    def batch_loss(p: ParamTree) -> tuple[Tensor, Tensor]:
+        loss = problem.loss_fn(call_model(problem.model, problem.names, p, batch.constants, inputs), targets)
+        if loss.dim() != 0:
+            raise _not_scalar(loss)
+        return loss, loss
+
+    return batch_loss
 
 
 def _kind(columns: int) -> str:

@@ -37,6 +37,13 @@ class Regularized(cola.ops.LinearOperator):
             annotations.add(cola.PSD)
         self.annotations = annotations
 
+    @property
+    def product_noise(self) -> float | None:
+        """The wrapped operator's measured relative noise of one product (:attr:`CurvatureOperator.product_noise
+        <hessops.CurvatureOperator.product_noise>`), ``None`` before its first product or for an operator that
+        measures none."""
+        return getattr(self.op, "product_noise", None)
+
     def _matmat(self, X: Tensor) -> Tensor:
         return self.op @ X + self.c * X
 
