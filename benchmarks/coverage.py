@@ -116,7 +116,9 @@ class Coverage:
     """Of ``seeds`` runs of ``estimator`` on ``problem``, ``misses`` intervals at level ``nominal`` missed the
     truth; ``matvecs`` products (columns) per run (the largest over the runs), ``settings`` the estimator's
     arguments, ``resolved``: whether the Lanczos steps make the quadrature exact (``None``: no quadrature).
-    ``at_least``: the interval is widened by bounds on its biases, so only under-coverage breaks its promise."""
+    ``at_least``: the interval is widened by bounds on its biases, so only under-coverage breaks its promise.
+    ``refused``: runs that raised :class:`hessops.NotPositiveDefiniteError` instead of returning an interval (not
+    counted in ``seeds``)."""
 
     estimator: str
     problem: str
@@ -127,6 +129,7 @@ class Coverage:
     settings: dict = field(default_factory=dict)
     resolved: bool | None = None
     at_least: bool = False
+    refused: int = 0
 
     @property
     def coverage(self) -> float:
@@ -149,13 +152,15 @@ class Coverage:
         verdict = "yes" if self.consistent() else ("**under**" if self.misses > high else "**over**")
         return (
             f"| {self.estimator} | {self.problem} | {settings} | {resolved} | {'≥ ' * self.at_least}{self.nominal:.0%} | "
-            f"{self.coverage:.3f} | {self.misses} ({low}–{high}) | {verdict} | {self.seeds} | {self.matvecs} |"
+            f"{self.coverage:.3f} | {self.misses} ({low}–{high}) | {verdict} | {self.seeds} | {self.refused} | "
+            f"{self.matvecs} |"
         )
 
 
 HEADER = (
     "| estimator | problem | settings | quadrature resolved | nominal | observed coverage | misses (consistent range) "
-    "| consistent | seeds | matvecs per run |\n| --- | --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: |"
+    "| consistent | seeds | refused | matvecs per run |\n| --- | --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: "
+    "| ---: |"
 )
 
 
@@ -211,31 +216,47 @@ def basin_coverage(
     problem: Problem, c: float, probes: int, lanczos_steps: int, seeds: int, deflate: int, threshold: float = 1.0
 ) -> Coverage:
     """``basin_volume(H, c=c, method="deflated")``'s ``confidence_interval`` of the log-volume against the dense
-    one over ``seeds`` runs, each with its own check of ``c`` (``eigs`` for the smallest eigenvalue of ``H``)."""
+    one over ``seeds`` runs, each with its own check of ``c`` (``eigs`` for the smallest eigenvalue of ``H``); a
+    run whose check refuses (:class:`hessops.NotPositiveDefiniteError`) counts as ``refused``, and the next seed
+    is run in its place, so that ``seeds`` intervals are counted."""
     n = problem.n
     truth = (
         hessops.log_unit_ball_volume(n)
         + 0.5 * n * math.log(2 * threshold)
         - 0.5 * float((problem.eigenvalues + c).log().sum())
     )
-    op, misses, matvecs = problem.op, 0, 0
-    for seed in range(seeds):
-        volume = hessops.basin_volume(
-            op,
-            threshold=threshold,
-            c=c,
-            method="deflated",
-            deflate=deflate,
-            probes=probes,
-            lanczos_steps=lanczos_steps,
-            seed=seed,
-        )
+    op, misses, matvecs, refused, seed = problem.op, 0, 0, 0, -1
+    while (seed := seed + 1) < seeds + refused:
+        try:
+            volume = hessops.basin_volume(
+                op,
+                threshold=threshold,
+                c=c,
+                method="deflated",
+                deflate=deflate,
+                probes=probes,
+                lanczos_steps=lanczos_steps,
+                seed=seed,
+            )
+        except hessops.NotPositiveDefiniteError:
+            refused += 1
+            continue
         low, high = volume.confidence_interval
         misses += not low <= truth <= high
         matvecs = max(matvecs, volume.n_matvecs)
     settings = {"c": c, "probes": probes, "lanczos_steps": lanczos_steps, "deflate": deflate}
     resolved = lanczos_steps >= n - deflate
-    return Coverage("basin_volume (deflated)", problem.label, CONFIDENCE, seeds, misses, matvecs, settings, resolved)
+    return Coverage(
+        "basin_volume (deflated)",
+        problem.label,
+        CONFIDENCE,
+        seeds,
+        misses,
+        matvecs,
+        settings,
+        resolved,
+        refused=refused,
+    )
 
 
 MLP_C = 1.0  # the damping of the MLP Hessian (λ_min = −0.82): H + I has eigenvalues in [0.18, 3.26]
@@ -288,9 +309,9 @@ def main(argv: list[str] | None = None) -> None:
         coverage = runs[key](args.seeds)
         rows.append({"key": key, **asdict(coverage), "coverage": coverage.coverage, "bounds": coverage.bounds()})
         print(coverage.row(), flush=True)
-    if args.out:
-        command = "python -m benchmarks.coverage " + " ".join(argv)
-        args.out.write_text(json.dumps({"command": command, "level": LEVEL, "rows": rows}, indent=1))
+        if args.out:  # after each row, so that a long run keeps what it finished
+            command = "python -m benchmarks.coverage " + " ".join(argv)
+            args.out.write_text(json.dumps({"command": command, "level": LEVEL, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
