@@ -29,7 +29,9 @@ class Quadrature:
     ``weights`` are ``(P, m)``, each row's weights sum to one. For a probe ``v``, ``Σ_j w_j f(θ_j) ≈
     vᵀ f(A) v / ‖v‖²``, exact for polynomials of degree < 2m. ``residuals`` ``(P, m)`` are the Lanczos
     residual estimates ``|β_m s_mj|`` of the nodes as Ritz values: an eigenvalue lies within each of its
-    node (in exact arithmetic). ``basis``: where the Lanczos basis lived (:mod:`hessops.basis`)."""
+    node (in exact arithmetic). ``basis``: where the Lanczos basis lived (:mod:`hessops.basis`). ``couplings``
+    ``(P, m)``: ``β_m s_mj sign(s_1j)``, the signed residuals that extend each rule to its Gauss-Radau rule
+    (:meth:`radau`; ``s_j`` the eigenvectors of ``T_p``)."""
 
     nodes: Tensor
     weights: Tensor
@@ -37,6 +39,7 @@ class Quadrature:
     n_matvecs: int
     residuals: Tensor
     basis: str = "device"
+    couplings: Tensor | None = None
 
     def per_probe(self, f) -> Tensor:
         """``Σ_j w_pj f(θ_pj)`` for each probe: unbiased estimates of ``tr f(A) / n``."""
@@ -47,6 +50,36 @@ class Quadrature:
         samples = self.n * self.per_probe(f)
         error = float(samples.std(unbiased=True) / math.sqrt(len(samples))) if len(samples) > 1 else float("nan")
         return float(samples.mean()), error
+
+    def radau(self, f, a: float) -> Tensor:
+        r"""``Σ_j ŵ_pj f(θ̂_pj)`` for each probe by the Gauss-Radau rule with the node ``a`` prescribed: the
+        ``m + 1``-point rule of :math:`\hat T = \begin{pmatrix} T_m & \beta_m e_m \\ \beta_m e_m^\top &
+        a + \delta_m \end{pmatrix}`, :math:`(T_m - aI)\,\delta = \beta_m^2 e_m`, which has ``a`` among its
+        nodes and is exact for polynomials of degree ≤ 2m (Golub & Meurant, *Matrices, Moments and Quadrature
+        with Applications*, 2010, §6.2). Built in the eigenbasis of ``T_m``: the arrowhead matrix with diagonal
+        ``(θ, a + Σ_j b_j²/(θ_j − a))`` and border ``b`` = :attr:`couplings`, read at ``(√w, 0)``.
+
+        For ``a`` at or below the smallest eigenvalue and ``f`` whose derivatives of odd order ``2m + 1`` are
+        positive on the spectrum (``log``: :math:`f^{(k)}(x) = (-1)^{k-1}(k-1)!/x^k`), the remainder
+        :math:`\frac{f^{(2m+1)}(\eta)}{(2m+1)!}\int (\lambda - a)\prod_j(\lambda - \hat\theta_j)^2\, d\mu`
+        is non-negative: the rule is a lower bound on ``vᵀ f(A) v / ‖v‖²``, while Gauss's (:meth:`per_probe`),
+        whose remainder has the sign of :math:`f^{(2m)} < 0`, is an upper bound. ``a`` above a Ritz value (the
+        smallest Ritz value is at least the smallest eigenvalue, so only by rounding) is lowered to just below
+        it, which keeps the bound."""
+        if self.couplings is None:
+            raise InvalidArgumentError("this quadrature has no couplings: build it with hessops.density.quadrature")
+        theta, b = self.nodes.double(), self.couplings.double()
+        P, m = theta.shape
+        span = float(theta.max() - theta.min()) or 1.0
+        a = torch.minimum(
+            torch.full((P,), float(a), dtype=theta.dtype, device=theta.device), theta[:, 0] - 1e-12 * span
+        )
+        arrow = torch.diag_embed(torch.cat([theta, (a + (b**2 / (theta - a[:, None])).sum(1))[:, None]], dim=1))
+        arrow[:, :m, m] = arrow[:, m, :m] = b
+        values, vectors = torch.linalg.eigh(arrow)
+        values = torch.maximum(values, a[:, None])  # a is the smallest node in exact arithmetic
+        weights = (vectors[:, :m, :] * self.weights.double().sqrt()[:, :, None]).sum(1) ** 2
+        return (weights * f(values)).sum(1)
 
     def moment(self, k: int) -> float:
         """The ``k``-th moment of the spectral density, ``tr(A^k)/n``, estimated."""
@@ -139,14 +172,21 @@ def quadrature(
         checkpoint=saving,
     )
     state.close()
-    nodes, weights, residuals = [], [], []
+    nodes, weights, residuals, couplings = [], [], [], []
     for p in range(num_probes):
         theta, S, estimates = ritz(state, p)
         nodes.append(theta)
         weights.append(S[0] ** 2)
         residuals.append(estimates)
+        couplings.append(state.betas[-1, p] * S[-1] * torch.where(S[0] < 0, -1.0, 1.0).to(S.dtype))
     return Quadrature(
-        torch.stack(nodes), torch.stack(weights), n, state.n_matvecs, torch.stack(residuals), basis=state.mode
+        torch.stack(nodes),
+        torch.stack(weights),
+        n,
+        state.n_matvecs,
+        torch.stack(residuals),
+        basis=state.mode,
+        couplings=torch.stack(couplings),
     )
 
 

@@ -38,8 +38,9 @@ class LogdetEstimate:
     SLQ and deflation (``None`` when dense) add the Student-t ``confidence_interval`` at level ``confidence``
     over the probes' ``samples`` (each probe's estimate of the SLQ part); deflation adds the exact
     ``deflated_eigenvalues``, ``deflation_bias`` (a bound on how far deflating approximate eigenvectors raises
-    the estimate) and ``quadrature_decay`` (the rate ``ρ^{−2m}`` at which the quadrature's error falls with the
-    Lanczos steps ``m``); see :func:`logdet`."""
+    the estimate), ``quadrature_bias`` (a bound on how far the Lanczos quadrature raises it: the Gauss rules'
+    mean less their Gauss-Radau counterparts') and ``quadrature_decay`` (the rate ``ρ^{−2m}`` at which the
+    quadrature's error falls with the Lanczos steps ``m``); see :func:`logdet`."""
 
     estimate: float
     std_error: float
@@ -54,6 +55,7 @@ class LogdetEstimate:
     deflated_eigenvalues: Tensor | None = None
     deflation_bias: float | None = None
     quadrature_decay: float | None = None
+    quadrature_bias: float | None = None
 
     def __iter__(self):
         return iter((self.estimate, self.std_error))
@@ -61,7 +63,8 @@ class LogdetEstimate:
     def to_dict(self) -> dict:
         """The result as JSON-ready values: ``logdet``, ``std_error``, ``method``, ``n_matvecs``, ``seconds``,
         for SLQ the ``quadrature``'s ``nodes``, ``weights`` (one row per probe) and ``basis``, ``confidence_interval``
-        and ``confidence``, and for deflation ``deflated_eigenvalues``, ``deflation_bias``, ``quadrature_decay``."""
+        and ``confidence``, and for deflation ``deflated_eigenvalues``, ``deflation_bias``, ``quadrature_decay``,
+        ``quadrature_bias``."""
         result = {
             "logdet": self.estimate,
             "std_error": self.std_error,
@@ -82,6 +85,7 @@ class LogdetEstimate:
             result["deflated_eigenvalues"] = self.deflated_eigenvalues.tolist()
             result["deflation_bias"] = self.deflation_bias
             result["quadrature_decay"] = self.quadrature_decay
+            result["quadrature_bias"] = self.quadrature_bias
         return result
 
 
@@ -122,7 +126,11 @@ def logdet(
       :math:`\log A` (not where ``c`` does). The quadrature's error falls like :math:`\rho^{-2m}`,
       :math:`\rho = (\sqrt\kappa + 1)/(\sqrt\kappa - 1)`, with the Lanczos steps ``m`` (Ubaru, Chen &
       Saad, 2017, Thm. 4.2; reported as ``quadrature_decay``, with :math:`\kappa` from the largest Ritz
-      value and the smallest eigenvalue). Positivity is checked first,
+      value and the smallest eigenvalue). For :math:`\log` the Gauss rule of each probe is an upper bound on
+      its exact value and the Gauss-Radau rule with the node :math:`\lambda_{\min}` (less its bound, or
+      ``lower_bound``) a lower bound (:meth:`hessops.density.Quadrature.radau`; Golub & Meurant, 2010, §6.2;
+      for log-determinants Bai, Fahey & Golub, 1996): the mean gap of the probes' samples, ``quadrature_bias``,
+      bounds how far the quadrature raises the estimate. Positivity is checked first,
       by the smallest eigenvalue (:func:`hessops.eigs`, ``"SA"``, error bound below ``eigs_tol · max|θ|``),
       which must exceed its bound; a run that has not converged (the bottom of the spectrum not yet reached)
       raises :class:`NotPositiveDefiniteError` naming the fixes. ``eigs_max_iters`` is both ``eigs`` runs'
@@ -134,9 +142,11 @@ def logdet(
       runs plus ``probes × lanczos_steps`` products.
     - ``"auto"``: dense when ``n <= 3000``, else SLQ.
 
-    SLQ and deflation report a ``confidence_interval`` at level ``confidence``: Student t with ``probes − 1``
-    degrees of freedom over the probes' estimates. It covers the probes' noise only, not the quadrature's
-    bias (which ``lanczos_steps`` bounds, see above) nor deflation's.
+    SLQ and deflation report a ``confidence_interval`` ``[low, high]`` at level ``confidence``: Student t with
+    ``probes − 1`` degrees of freedom over the probes' estimates. It covers the probes' noise only, not the
+    quadrature's bias (which ``lanczos_steps`` bounds, see above) nor deflation's. Both biases only raise the
+    estimate, so for deflation ``[low − quadrature_bias − deflation_bias, high]`` covers :math:`\log\det A` at
+    about the level (the Gauss samples' standard error standing in for the exact quadrature's).
 
     A non-positive eigenvalue raises :class:`NotPositiveDefiniteError`, never a NaN. SLQ sees the spectrum
     only through Ritz values, so it also raises unless every probe's smallest Ritz value ``θ`` is verified
@@ -275,6 +285,7 @@ def _deflated(
     # times the mean log-eigenvalue, which would otherwise dominate the variance when that mean is large.
     m = 0.5 * (math.log(smallest) + math.log(float(values[-1]))) if deflate else 0.0
     samples = norms * (rule.per_probe(torch.log) - m) + (n - deflate) * m
+    below = norms * (rule.radau(torch.log, smallest) - m) + (n - deflate) * m  # Gauss-Radau: a lower bound
     mean, error, low, high = student_t_interval(samples, confidence)
     share = float((residuals**2 / values).sum()) / smallest
     kappa = max(float(rule.nodes.max()) / smallest, 1.0)
@@ -291,6 +302,7 @@ def _deflated(
         deflated_eigenvalues=values,
         deflation_bias=-math.log1p(-share) if share < 1 else math.inf,
         quadrature_decay=((math.sqrt(kappa) - 1) / (math.sqrt(kappa) + 1)) ** (2 * steps),
+        quadrature_bias=max(float((samples - below).mean()), 0.0),
     )
 
 
