@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
                 "logdet": est.estimate,
                 "std_error": est.std_error,
                 "confidence_interval": list(est.confidence_interval),
+                "noise_interval": list(est.noise_interval),
                 "width_by_probes": {str(p): w for p, w in widths.items()},
                 "half_logdet_width_by_probes": {str(p): w / 2 for p, w in widths.items()},
                 "deflated_eigenvalues": est.deflated_eigenvalues.tolist(),

@@ -194,16 +194,15 @@ def logdet_coverage(
 ) -> Coverage:
     """``logdet(method=method)``'s ``confidence_interval`` ``[low, high]`` at :data:`CONFIDENCE` against
     ``Σ log λ`` over ``seeds`` runs; the deflated runs get the true smallest eigenvalue as their ``lower_bound``.
-    ``biases`` (deflated): ``[low − quadrature_bias − deflation_bias, high]`` instead, which should cover at
-    least at the level."""
+    For the deflated method without ``biases``, its ``noise_interval`` ``[low, high]`` (the probes' noise only);
+    with ``biases``, its ``confidence_interval`` ``[low − quadrature_bias − deflation_bias, high]``, which should
+    cover at least at the level."""
     truth = float(problem.eigenvalues.log().sum())
     extra = {"deflate": deflate, "lower_bound": float(problem.eigenvalues[0])} if method == "deflated" else {}
     op, misses, matvecs = problem.op, 0, 0
     for seed in range(seeds):
         result = hessops.logdet(op, method=method, probes=probes, lanczos_steps=lanczos_steps, seed=seed, **extra)
-        low, high = result.confidence_interval
-        if biases:
-            low -= result.quadrature_bias + result.deflation_bias
+        low, high = result.noise_interval if method == "deflated" and not biases else result.confidence_interval
         misses += not low <= truth <= high
         matvecs = max(matvecs, result.n_matvecs)
     settings = {"probes": probes, "lanczos_steps": lanczos_steps} | ({"deflate": deflate} if extra else {})

@@ -39,7 +39,8 @@ class LogdetEstimate:
     over the probes' ``samples`` (each probe's estimate of the SLQ part); deflation adds the exact
     ``deflated_eigenvalues``, ``deflation_bias`` (a bound on how far deflating approximate eigenvectors raises
     the estimate), ``quadrature_bias`` (a bound on how far the Lanczos quadrature raises it: the Gauss rules'
-    mean less their Gauss-Radau counterparts') and ``quadrature_decay`` (the rate ``ρ^{−2m}`` at which the
+    mean less their Gauss-Radau counterparts'), whose sum lowers the low end of its ``confidence_interval``
+    (``noise_interval``: the Student-t interval alone, the probes' noise only) and ``quadrature_decay`` (the rate ``ρ^{−2m}`` at which the
     quadrature's error falls with the Lanczos steps ``m``); see :func:`logdet`."""
 
     estimate: float
@@ -56,6 +57,7 @@ class LogdetEstimate:
     deflation_bias: float | None = None
     quadrature_decay: float | None = None
     quadrature_bias: float | None = None
+    noise_interval: tuple[float, float] | None = None
 
     def __iter__(self):
         return iter((self.estimate, self.std_error))
@@ -64,7 +66,7 @@ class LogdetEstimate:
         """The result as JSON-ready values: ``logdet``, ``std_error``, ``method``, ``n_matvecs``, ``seconds``,
         for SLQ the ``quadrature``'s ``nodes``, ``weights`` (one row per probe) and ``basis``, ``confidence_interval``
         and ``confidence``, and for deflation ``deflated_eigenvalues``, ``deflation_bias``, ``quadrature_decay``,
-        ``quadrature_bias``."""
+        ``quadrature_bias``, ``noise_interval``."""
         result = {
             "logdet": self.estimate,
             "std_error": self.std_error,
@@ -86,6 +88,7 @@ class LogdetEstimate:
             result["deflation_bias"] = self.deflation_bias
             result["quadrature_decay"] = self.quadrature_decay
             result["quadrature_bias"] = self.quadrature_bias
+            result["noise_interval"] = list(self.noise_interval) if self.noise_interval is not None else None
         return result
 
 
@@ -142,11 +145,13 @@ def logdet(
       runs plus ``probes × lanczos_steps`` products.
     - ``"auto"``: dense when ``n <= 3000``, else SLQ.
 
-    SLQ and deflation report a ``confidence_interval`` ``[low, high]`` at level ``confidence``: Student t with
-    ``probes − 1`` degrees of freedom over the probes' estimates. It covers the probes' noise only, not the
-    quadrature's bias (which ``lanczos_steps`` bounds, see above) nor deflation's. Both biases only raise the
-    estimate, so for deflation ``[low − quadrature_bias − deflation_bias, high]`` covers :math:`\log\det A` at
-    about the level (the Gauss samples' standard error standing in for the exact quadrature's).
+    SLQ and deflation report a ``confidence_interval`` at level ``confidence``, built on the Student t interval
+    ``[low, high]`` with ``probes − 1`` degrees of freedom over the probes' estimates. For SLQ it is that
+    interval: the probes' noise only, not the quadrature's bias (which ``lanczos_steps`` bounds, see above).
+    For deflation both biases are bounded and can only raise the estimate, so its ``confidence_interval`` is
+    ``[low − quadrature_bias − deflation_bias, high]``, which covers :math:`\log\det A` at least at about the
+    level (the Gauss samples' standard error standing in for the exact quadrature's); ``noise_interval`` is
+    ``[low, high]`` alone.
 
     A non-positive eigenvalue raises :class:`NotPositiveDefiniteError`, never a NaN. SLQ sees the spectrum
     only through Ritz values, so it also raises unless every probe's smallest Ritz value ``θ`` is verified
@@ -289,6 +294,8 @@ def _deflated(
     mean, error, low, high = student_t_interval(samples, confidence)
     share = float((residuals**2 / values).sum()) / smallest
     kappa = max(float(rule.nodes.max()) / smallest, 1.0)
+    deflation_bias = -math.log1p(-share) if share < 1 else math.inf
+    quadrature_bias = max(float((samples - below).mean()), 0.0)
     return LogdetEstimate(
         exact + mean,
         error,
@@ -296,13 +303,15 @@ def _deflated(
         n_matvecs + rule.n_matvecs,
         time.perf_counter() - began,
         quadrature=rule,
-        confidence_interval=(exact + low, exact + high),
+        # both biases can only raise the estimate: the interval's low end makes room for them
+        confidence_interval=(exact + low - quadrature_bias - deflation_bias, exact + high),
         confidence=confidence,
         samples=samples,
         deflated_eigenvalues=values,
-        deflation_bias=-math.log1p(-share) if share < 1 else math.inf,
+        deflation_bias=deflation_bias,
         quadrature_decay=((math.sqrt(kappa) - 1) / (math.sqrt(kappa) + 1)) ** (2 * steps),
-        quadrature_bias=max(float((samples - below).mean()), 0.0),
+        quadrature_bias=quadrature_bias,
+        noise_interval=(exact + low, exact + high),
     )
 
 

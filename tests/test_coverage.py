@@ -100,16 +100,16 @@ def test_basin_volume_interval_covers_the_dense_volume(runs):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="the deflated confidence_interval covers the probes' noise only, not the quadrature's bias (as "
-    "documented): on κ = 10⁶, n = 200, 30 Lanczos steps it covered 0 of 1000 runs (60 steps: 60 %; Run S); widened by "
-    "the reported quadrature_bias and deflation_bias it covers (the next test)",
+    reason="the deflated noise_interval covers the probes' noise only, not the quadrature's bias (as "
+    "documented): on κ = 10⁶, n = 200, 30 Lanczos steps it covered 0 of 1000 runs (60 steps: 60 %; Run S); the "
+    "confidence_interval, widened by the reported quadrature_bias and deflation_bias, covers (the next test)",
 )
-def test_deflated_interval_alone_with_unresolved_quadrature(runs):
+def test_deflated_noise_interval_alone_with_unresolved_quadrature(runs):
     check(runs["deflated-ill-conditioned-30-steps"](UNRESOLVED_SEEDS))
 
 
 def test_deflated_interval_widened_by_its_biases_covers_unresolved_quadrature(runs):
-    """``[low − quadrature_bias − deflation_bias, high]`` covers ``log det A`` in at least 95 % of runs when 30
+    """The deflated ``confidence_interval``, ``[low − quadrature_bias − deflation_bias, high]``, covers ``log det A`` in at least 95 % of runs when 30
     Lanczos steps leave the quadrature of a κ = 10⁶ spectrum unresolved (n = 200)."""
     check(runs["deflated-ill-conditioned-30-steps-biases"](UNRESOLVED_SEEDS))
 

@@ -198,8 +198,10 @@ def test_deflated_basin_volume_against_the_dense_one(cnn_hessian):
     )
     est = volume.logdet
     truth = float((exact + c).log().sum())
-    low, high = est.confidence_interval
-    assert low - est.deflation_bias <= truth <= high and est.confidence == 0.95
+    low, high = est.noise_interval
+    biases = est.deflation_bias + est.quadrature_bias
+    assert est.confidence_interval == pytest.approx((low - biases, high), rel=1e-15)
+    assert low - biases <= truth <= high and est.confidence == 0.95
     assert est.method == volume.method == "deflated" and low < est.estimate < high
     top = (exact + c).flip(0)[:6]
     assert torch.allclose(est.deflated_eigenvalues, top, rtol=0, atol=1e-3 * float(top[0]))
@@ -209,8 +211,8 @@ def test_deflated_basin_volume_against_the_dense_one(cnn_hessian):
     exact_volume = unit_ball + 0.5 * n * math.log(2 * threshold) - 0.5 * truth
     v_low, v_high = volume.confidence_interval
     terms = unit_ball + 0.5 * n * math.log(2 * threshold)
-    assert (v_low, v_high) == pytest.approx((terms - 0.5 * high, terms - 0.5 * low), rel=1e-12)
-    assert v_low <= exact_volume <= v_high + 0.5 * est.deflation_bias
+    assert (v_low, v_high) == pytest.approx((terms - 0.5 * high, terms - 0.5 * (low - biases)), rel=1e-12)
+    assert v_low <= exact_volume <= v_high
     assert volume.log_volume == pytest.approx(volume.log_unit_ball + volume.log_threshold_term - volume.half_logdet)
     assert volume.n_matvecs > est.n_matvecs  # the c check's products
     result = volume.to_dict()
@@ -315,8 +317,9 @@ def test_benchmark_smoke(tmp_path):
         "smallest_eigenvalue_bound"
     ] + result["c"] > 0
     for row in result["rows"]:
-        low, high = row["confidence_interval"]
+        low, high = row["noise_interval"]  # the probes' Student t interval, which width_by_probes measures
         assert row["width_by_probes"]["3"] == pytest.approx(high - low, rel=1e-12)  # all probes: the run's own
+        assert row["confidence_interval"][1] == high and row["confidence_interval"][0] <= low
     assert len(result["rows"][1]["deflated_eigenvalues"]) == 2
     kfac = result["kfac"]
     assert kfac["n_params"] == 3072 * 4 + 4 + 4 * 10 + 10 and math.isfinite(kfac["kfac_logdet"])

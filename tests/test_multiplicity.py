@@ -9,6 +9,8 @@ forming ``Q diag(λ) Qᵀ`` and of ``eigvalsh``, which the operator's products c
 
 from __future__ import annotations
 
+import warnings
+
 import cola
 import pytest
 import torch
@@ -262,3 +264,24 @@ def test_a_tiny_tanh_mlp_with_a_loose_tolerance(tol):
     for which in ("LA", "LM", "SA"):
         result = hessops.eigs(hessops.Hessian(model, nn.MSELoss(), data), 5, which, tol=tol)
         check_promise(result, truth, 5, which, torch.float64)
+
+
+@pytest.mark.parametrize("seed", [772, 833, 863, 1038])
+def test_the_stopping_test_matches_the_reported_bound(seed):
+    """A tanh MLP's float64 Hessian (benchmarks/coverage.py's, n = 50), ``"SA"`` with ``value_tol=1e-3``: for these
+    seeds the first run stopped where its own test (the Lanczos estimates with the rest's bare residuals) passed but
+    the reported bound (the rest's residuals at least the wanted one's, as :func:`hessops.eigs` reports them)
+    missed the tolerance by 1–6 %, so the run said "not converged" and blamed float64 products; basin_volume's c
+    check then refused 3 of 1003 runs (benchmarks/RESULTS.md, Run S). The run now goes on until the reported bound
+    passes, and keeps its promise against the double-backward truth."""
+    from reference import dense_hessian
+
+    from benchmarks.coverage import mlp_hessian
+
+    problem = mlp_hessian(dense_hessian)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        spectrum = hessops.eigs(problem.op, 1, "SA", value_tol=1e-3, seed=seed)
+    assert spectrum.converged and float(spectrum.error_bounds[0]) <= 1e-3 * 2.26
+    check_promise(spectrum, problem.eigenvalues, 1, "SA", torch.float64)
+
