@@ -21,7 +21,12 @@ __all__ = [
     "TEXT_DATA",
     "is_language_model",
     "is_text",
+    "NOISE_WARNING",
 ]
+
+# A product noise (hessops.operators.witness) above this many eps of the operator's dtype means the model computes
+# in a lower precision inside: the operator warns, and eigs bounds the rounding by that precision.
+NOISE_WARNING = 100.0
 
 # The curvature operators by name (hessops.operators.OPERATORS maps each to its class).
 OPERATOR_NAMES: tuple[str, ...] = ("hessian", "ggn", "ef", "mcfisher")

@@ -65,6 +65,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
+from hessops import constants
 from hessops._functional import ParamTree, cast_floating, flat_to_tree, model_state, split_examples
 from hessops._written_out import weight_norm_layers
 from hessops.errors import ProductNoiseWarning, WitnessError
@@ -75,7 +76,7 @@ WITNESS_EXAMPLES = 4  # examples of the first batch the witness runs on
 DIRECTIONS = 3  # random unit directions multiplied: the symmetry probe runs on each pair
 CHECKED = 2  # of which the first CHECKED are checked against finite differences
 SAFETY = 10.0  # the multiple of the finite differences' error estimate e that a product may be off
-NOISE_WARNING = 100.0  # warn when the measured product noise exceeds this many eps of the operator's dtype
+NOISE_WARNING = constants.NOISE_WARNING  # warn when the measured product noise exceeds this many eps of the dtype
 # The verdict for a model in this process: model -> {key: WitnessReport}, held weakly (it dies with the model).
 _WITNESSED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, WitnessReport]] = weakref.WeakKeyDictionary()
 
@@ -346,7 +347,8 @@ def warn_noise(op, report: WitnessReport) -> None:
     warnings.warn(
         f"a {dtype} {report.operator} whose products carry {report.noise:.1g} relative noise ({report.noise / eps:.0e} "
         f"eps of {dtype}, measured as their asymmetry): the model computes in lower precision somewhere inside "
-        "(float32 RMSNorm or rotary embeddings, a cast in forward); bounds use the measured level, op.product_noise",
+        "(float32 RMSNorm or rotary embeddings, a cast in forward); eigs' error bounds take that lower precision's "
+        "rounding (hessops.spectrum.rounding), not the dtype's",
         ProductNoiseWarning,
         stacklevel=5,
     )
