@@ -176,11 +176,13 @@ def lanczos(
             state["generator"] = vectors[-1]
         return state
 
-    bar = tqdm(total=max_steps, initial=first, desc=description, disable=not progress, leave=False, unit="step")
-    point = None
+    # Where a Ctrl-C or SIGTERM resumes from: the state before the step ``at`` (from the start on, so that a signal
+    # while the progress bar is drawn, before the first step, saves too).
+    at, point, bar = first, (q, previous, beta_prev, scale, n_matvecs, generator.get_state()), None
     try:
+        bar = tqdm(total=max_steps, initial=first, desc=description, disable=not progress, leave=False, unit="step")
         for j in range(first, max_steps if not done else first):
-            point = (q, previous, beta_prev, scale, n_matvecs, generator.get_state())
+            at, point = j, (q, previous, beta_prev, scale, n_matvecs, generator.get_state())
             if checkpoint is not None and j > first and checkpoint.due():
                 checkpoint.save(snapshot(j, False, point))
             storage.truncate(j)
@@ -208,12 +210,13 @@ def lanczos(
                 betas[-1] = beta
             beta_prev = beta
     except KeyboardInterrupt:
-        if checkpoint is None or point is None:
+        if checkpoint is None or done:
             raise
-        checkpoint.save(snapshot(j, False, point))
+        checkpoint.save(snapshot(at, False, point))
         raise checkpoint.interrupted() from None
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     if checkpoint is not None and not done:
         checkpoint.save(snapshot(len(alphas), True))
     state = _state(storage, alphas, betas, n_matvecs, restarts)

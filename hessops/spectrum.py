@@ -123,9 +123,9 @@ def error_bounds(theta: Tensor, residuals: Tensor, rounding: float = 0.0, gaps: 
     The gap estimates are exact once the neighbouring eigenvalues have been found; they are optimistic only
     while an eigenvalue that no Krylov space has yet seen lies closer than the Ritz values do. Both bounds hold for
     the operator as its products are computed; ``rounding`` (in :func:`eigs`: :func:`rounding` ``· max|θ|``,
-    ``ROUNDING`` eps of the precision the products are computed in) adds how far rounding in those products moves the eigenvalues, since a residual
-    cannot show it. ``gaps=False``: ``r_i + rounding`` (where the other Ritz values are not trustworthy: a run
-    without a basis)."""
+    ``ROUNDING`` eps of the precision the products are computed in) adds how far rounding in those products
+    moves the eigenvalues, since a residual cannot show it. ``gaps=False``: ``r_i + rounding`` (where the other
+    Ritz values are not trustworthy: a run without a basis)."""
     m = theta.shape[0]
     if m == 1 or not gaps:
         return residuals + rounding
@@ -210,10 +210,11 @@ def eigs(
     ``r = ‖Av − θv‖`` come from it, and ``error_bounds`` (:func:`error_bounds`, counting clusters of values
     together) from those residuals and the gaps to the other values and to the rest of the first run's Ritz values,
     plus the rounding of the products (:func:`rounding` ``· max|θ|``: ``ROUNDING`` eps of the dtype, or of the
-    lower precision the model computes in inside when the measured :func:`product_noise` says so). ``converged=True`` means every
-    reported value passes the test on these verified residuals and the check ended with a run that found
-    nothing beyond: the ``i``-th reported value lies within its bound of the ``i``-th extreme eigenvalue,
-    counted with multiplicity. ``converged`` is ``False``, with a ``RuntimeWarning``, otherwise.
+    lower precision the model computes in inside when the measured :func:`product_noise` says so).
+    ``converged=True`` means every reported value passes the test on these verified residuals and the check
+    ended with a run that found nothing beyond: the ``i``-th reported value lies within its bound of the
+    ``i``-th extreme eigenvalue, counted with multiplicity. ``converged`` is ``False``, with a
+    ``RuntimeWarning``, otherwise.
     ``verify=False`` saves those products and reports the Lanczos estimates (``Spectrum.verified`` is then
     ``False``). ``start`` warm-starts the first run from a vector (a previous top eigenvector, say).
 

@@ -40,8 +40,8 @@ class LogdetEstimate:
     ``deflated_eigenvalues``, ``deflation_bias`` (a bound on how far deflating approximate eigenvectors raises
     the estimate), ``quadrature_bias`` (a bound on how far the Lanczos quadrature raises it: the Gauss rules'
     mean less their Gauss-Radau counterparts'), whose sum lowers the low end of its ``confidence_interval``
-    (``noise_interval``: the Student-t interval alone, the probes' noise only) and ``quadrature_decay`` (the rate ``ρ^{−2m}`` at which the
-    quadrature's error falls with the Lanczos steps ``m``); see :func:`logdet`."""
+    (``noise_interval``: the Student-t interval alone, the probes' noise only) and ``quadrature_decay`` (the
+    rate ``ρ^{−2m}`` at which the quadrature's error falls with the Lanczos steps ``m``); see :func:`logdet`."""
 
     estimate: float
     std_error: float

@@ -109,8 +109,8 @@ def test_deflated_noise_interval_alone_with_unresolved_quadrature(runs):
 
 
 def test_deflated_interval_widened_by_its_biases_covers_unresolved_quadrature(runs):
-    """The deflated ``confidence_interval``, ``[low − quadrature_bias − deflation_bias, high]``, covers ``log det A`` in at least 95 % of runs when 30
-    Lanczos steps leave the quadrature of a κ = 10⁶ spectrum unresolved (n = 200)."""
+    """The deflated ``confidence_interval``, ``[low − quadrature_bias − deflation_bias, high]``, covers ``log det A``
+    in at least 95 % of runs when 30 Lanczos steps leave the quadrature of a κ = 10⁶ spectrum unresolved (n = 200)."""
     check(runs["deflated-ill-conditioned-30-steps-biases"](UNRESOLVED_SEEDS))
 
 

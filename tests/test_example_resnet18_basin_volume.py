@@ -37,10 +37,14 @@ def test_quick_basin_log_volume_and_its_interval(quick):
     assert volume["log_volume"] == pytest.approx(
         volume["log_unit_ball"] + volume["log_threshold_term"] - 0.5 * logdet["logdet"], rel=1e-12
     )
-    # the interval: Student t over 2 probes, the volume's from the log-determinant's, which holds the estimate
+    # the interval: Student t over 2 probes (noise_interval), its low end lowered by the two biases; the volume's
+    # from the log-determinant's, which holds the estimate
     low, high = logdet["confidence_interval"]
     assert low < logdet["logdet"] < high and volume["confidence"] == logdet["confidence"] == 0.95
-    assert (high - low) / 2 == pytest.approx(student_t.ppf(0.975, 1) * logdet["std_error"], rel=1e-9)
+    noise_low, noise_high = logdet["noise_interval"]
+    assert (noise_high - noise_low) / 2 == pytest.approx(student_t.ppf(0.975, 1) * logdet["std_error"], rel=1e-9)
+    biases = logdet["quadrature_bias"] + logdet["deflation_bias"]
+    assert (low, high) == pytest.approx((noise_low - biases, noise_high), rel=1e-12)
     v_low, v_high = volume["confidence_interval"]
     assert v_high - v_low == pytest.approx((high - low) / 2, rel=1e-9) and v_low < volume["log_volume"] < v_high
     # the c check passed: c exceeds |λ_min| by more than the bound; every eigenvalue of H + cI then exceeds

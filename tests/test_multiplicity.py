@@ -284,4 +284,3 @@ def test_the_stopping_test_matches_the_reported_bound(seed):
         spectrum = hessops.eigs(problem.op, 1, "SA", value_tol=1e-3, seed=seed)
     assert spectrum.converged and float(spectrum.error_bounds[0]) <= 1e-3 * 2.26
     check_promise(spectrum, problem.eigenvalues, 1, "SA", torch.float64)
-

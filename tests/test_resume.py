@@ -4,6 +4,7 @@ after a real SIGKILL."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -53,6 +54,32 @@ def test_eigs_resumes_bit_identically(tmp_path, hessian, mode):
     assert resumed.steps == reference.steps and resumed.n_matvecs == reference.n_matvecs
     again = hessops.eigs(hessian, 3, tol=1e-9, basis=mode, checkpoint=path)  # a finished checkpoint: no products
     assert torch.equal(again.values, reference.values)
+
+
+@pytest.mark.parametrize("where", ["drawing the progress bar", "the first product"])
+def test_an_interrupt_before_the_first_step_saves_and_resumes(tmp_path, hessian, monkeypatch, where):
+    """A SIGTERM read as the progress bar appears (the CLI test's `kill` on seeing "SLQ") arrives before the
+    first step: it saves a checkpoint of step 0 and says so, as an interrupt later does (it was a bare
+    "terminated", one run in four), and the resumed run is the uninterrupted one."""
+    import hessops.lanczos as lanczos_module
+
+    path = tmp_path / "run.ckpt"
+    reference = hessops.eigs(hessian, 3, tol=1e-9)
+    if where == "drawing the progress bar":
+
+        def bar(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(lanczos_module, "tqdm", bar)
+        context = contextlib.nullcontext(hessian)
+    else:
+        context = interrupted_at(hessian, 1)
+    with context as op, pytest.raises(KeyboardInterrupt, match=f"progress saved in {path}"):
+        hessops.eigs(op, 3, tol=1e-9, checkpoint=path)
+    assert torch.load(path, weights_only=True)["state"]["steps"] == 0
+    monkeypatch.undo()
+    resumed = hessops.eigs(hessian, 3, tol=1e-9, checkpoint=path)
+    assert torch.equal(resumed.values, reference.values) and resumed.n_matvecs == reference.n_matvecs
 
 
 def test_slq_functions_resume_bit_identically(tmp_path, hessian):

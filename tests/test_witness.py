@@ -9,10 +9,9 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import autograd_hessian
 from torch import nn
 from torch.nn.utils import parametrizations
-
-from reference import autograd_hessian
 
 import hessops
 from hessops import _written_out
