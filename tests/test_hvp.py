@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from toy_networks import Attention
 
 import hessops
 from hessops.errors import HvpFormulationError, HvpFormulationWarning
@@ -19,17 +20,6 @@ from hessops.operators import _hvp, hvp_tuning
 
 BUDGET = hvp_tuning.budget  # the real rule, which the fixture below lifts for most tests
 RTOL64 = 1e-12  # float64: formulations agree with double backward to ~5e-16 on these models (measured)
-
-
-class Attention(nn.Module):
-    """Self-attention through nn.MultiheadAttention (its fast path and flash kernel lack double backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.attention, self.out = nn.MultiheadAttention(4, 2, batch_first=True), nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.out(self.attention(x, x, x, need_weights=False)[0].mean(1))
 
 
 class ScaledDotProduct(nn.Module):

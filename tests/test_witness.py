@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from reference import autograd_hessian
 from torch import nn
 from torch.nn.utils import parametrizations
+from toy_networks import Attention
 
 import hessops
 from hessops import _written_out
@@ -304,15 +305,6 @@ def test_the_noise_is_the_symmetry_defect(monkeypatch):
     with pytest.warns(ProductNoiseWarning):
         op @ random_vector(n)
     assert 1e-12 < op.product_noise < 1e-8 and op.witness_report.passed
-
-
-class Attention(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.attention, self.out = nn.MultiheadAttention(4, 2, batch_first=True), nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.out(self.attention(x, x, x, need_weights=False)[0].mean(1))
 
 
 def normal_model(name: str) -> tuple[nn.Module, tuple[int, ...]]:
