@@ -435,3 +435,11 @@ def test_ctrl_c_while_torch_loads_is_one_line():
         process.kill()
     lines = [line for line in err.splitlines() if not line.startswith("import time:")]
     assert process.returncode == cli.EXIT_INTERRUPTED and lines == ["hessops: interrupted"], err[-3000:]
+
+
+def test_a_bad_timeout_in_the_environment_is_refused_before_joining(monkeypatch):
+    """$HESSOPS_DIST_TIMEOUT sets --timeout's default; a value that is not a positive number of seconds is a
+    one-line CommandError, raised before the process group is joined."""
+    monkeypatch.setenv("HESSOPS_DIST_TIMEOUT", "soon")
+    with pytest.raises(_commands.CommandError, match="HESSOPS_DIST_TIMEOUT='soon': expected a positive number"):
+        _commands._start_distributed(argparse.Namespace(timeout=None, device="cpu"))
