@@ -228,8 +228,13 @@ def _check_fits(model: torch.nn.Module, dataset: Any, device: torch.device, name
 
 def _start_distributed(args: argparse.Namespace) -> torch.device:
     """Join the process group torchrun set up; only rank 0 prints, shows progress and writes files."""
-    from hessops.distributed import init_from_environment
+    from hessops.distributed import default_timeout, init_from_environment
 
+    if args.timeout is None:
+        try:
+            args.timeout = default_timeout()  # $HESSOPS_DIST_TIMEOUT, else 30 minutes
+        except ValueError as error:
+            raise CommandError(str(error)) from None
     args.rank, args.world_size, device = init_from_environment(args.device, args.timeout)
     if args.rank != 0:
         args.no_progress, args.out, args.plot = True, None, None

@@ -371,8 +371,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     par.add_argument(
         "--timeout",
         type=number(above=0),
-        default=600.0,
-        help="seconds a rank waits for the others before the run fails",
+        default=None,
+        help="seconds a rank waits for the others before the run fails (default: $HESSOPS_DIST_TIMEOUT, else 1800)",
     )
 
 

@@ -25,6 +25,10 @@ from hessops.errors import DistributedError
 AGREEMENT_RTOL = 1e-9  # checksums further apart than this (relative) mean the ranks hold different numbers
 STATUS_BYTES = 4096  # room for one rank's pickled status; error messages are cut to fit
 RELEASE_TIMEOUT_S = 1.0  # the longest all_reduce waits for gloo's worker thread to let go of a tensor
+# How long a rank waits in a collective for the others before the run fails: long enough for the slowest
+# rank's shard of a product (or rank 0 writing a checkpoint) on a loaded machine; torch's own gloo default.
+DEFAULT_TIMEOUT_S = 1800.0
+TIMEOUT_ENV = "HESSOPS_DIST_TIMEOUT"  # seconds, overrides DEFAULT_TIMEOUT_S where no timeout is passed
 
 
 def resolve(distributed: bool | None, group: Any) -> tuple[Any, int, int] | None:
@@ -197,11 +201,29 @@ def _pickled(status: dict) -> bytes:
     return payload
 
 
-def init_from_environment(device: str = "cpu", timeout_seconds: float = 600.0) -> tuple[int, int, torch.device]:
+def default_timeout() -> float:
+    """The process group's timeout, in seconds, where none is given: ``$HESSOPS_DIST_TIMEOUT`` when set,
+    else ``DEFAULT_TIMEOUT_S`` (30 minutes). Raises ``ValueError`` when the variable is not a positive number."""
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_TIMEOUT_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not (0 < seconds < float("inf")):
+        raise ValueError(f"{TIMEOUT_ENV}={text!r}: expected a positive number of seconds")
+    return seconds
+
+
+def init_from_environment(device: str = "cpu", timeout_seconds: float | None = None) -> tuple[int, int, torch.device]:
     """Initialize the default process group from torchrun's environment (``RANK``, ``WORLD_SIZE``,
     ``MASTER_ADDR``, ``MASTER_PORT``, ``LOCAL_RANK``): NCCL for CUDA, gloo for the CPU, with a timeout so
-    that a rank that dies does not leave the others waiting forever. Returns ``(rank, world_size, device)``;
+    that a rank that dies does not leave the others waiting forever (``timeout_seconds``; by default
+    :func:`default_timeout`, 30 minutes or ``$HESSOPS_DIST_TIMEOUT``). Returns ``(rank, world_size, device)``;
     on CUDA each process takes GPU ``LOCAL_RANK``."""
+    if timeout_seconds is None:
+        timeout_seconds = default_timeout()
     use_cuda = torch.device(device).type == "cuda"
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:

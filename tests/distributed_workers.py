@@ -12,6 +12,7 @@ from torch import nn
 from toy_networks import mlp
 
 import hessops
+from hessops.distributed import default_timeout
 
 N_EXAMPLES = 23
 
@@ -38,10 +39,31 @@ def single_process_results() -> dict:
     return {"HV": H @ V, "GV": G @ V, "top5": hessops.eigs(H, 5, "LM", tol=1e-10).values, "V": V}
 
 
-def _init(rank: int, world: int, store: str, timeout: float = 30.0) -> None:
+def _init(rank: int, world: int, store: str) -> None:
+    """Join the gloo group with the library's timeout ($HESSOPS_DIST_TIMEOUT, else 30 minutes): long enough for
+    a rank that a loaded machine slows down; no test waits for it (a failing or dead rank ends the others at
+    once, which the tests check by the collectives each rank ran, not by the clock)."""
     dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout)
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=default_timeout()),
     )
+
+
+def _count_collectives() -> dict:
+    """Count this process's calls to ``torch.distributed.all_reduce`` (hessops' only collective) into the
+    returned dict's ``"calls"``, a failed call included."""
+    counter = {"calls": 0}
+    original = dist.all_reduce
+
+    def counted(*args, **kwargs):
+        counter["calls"] += 1
+        return original(*args, **kwargs)
+
+    dist.all_reduce = counted
+    return counter
 
 
 def products(rank: int, world: int, store: str, out_dir: str) -> None:
@@ -63,8 +85,12 @@ def products(rank: int, world: int, store: str, out_dir: str) -> None:
 
 
 def failing(rank: int, world: int, store: str, out_dir: str) -> None:
-    """Rank 1's data holds a batch the model cannot take; every rank must end with an error naming rank 1."""
+    """Rank 1's data holds a batch the model cannot take; every rank must end with an error naming rank 1,
+    after the one status exchange of the product (no sum, no wait for the timeout)."""
+    import json
+
     _init(rank, world, store)
+    collectives = _count_collectives()
     try:
         model, loss_fn, x, y = problem()
         data = [(x[:5], y[:5])] if rank == 0 else [(x[5:10], y[5:10]), (torch.randn(4, 7, dtype=torch.float64), y[:4])]
@@ -74,15 +100,19 @@ def failing(rank: int, world: int, store: str, out_dir: str) -> None:
             message = "no error"
         except Exception as error:  # noqa: BLE001 - the test reads what each rank saw
             message = f"{type(error).__name__}: {error}"
-        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
-            f.write(message)
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump({"message": message, "collectives": collectives["calls"]}, f)
     finally:
         dist.destroy_process_group()
 
 
 def dying(rank: int, world: int, store: str, out_dir: str) -> None:
-    """Rank 1 dies before the product; rank 0 must end with an error within the process group's timeout."""
-    _init(rank, world, store, timeout=20.0)
+    """Rank 1 dies before the product; rank 0 must end with an error at its first collective (rank 1's
+    connections closed with it), or at worst after the process group's timeout."""
+    import json
+
+    _init(rank, world, store)
+    collectives = _count_collectives()
     model, loss_fn, x, y = problem()
     H = hessops.Hessian(model, loss_fn, [(x, y)])
     if rank == 1:
@@ -92,8 +122,8 @@ def dying(rank: int, world: int, store: str, out_dir: str) -> None:
         message = "no error"
     except Exception as error:  # noqa: BLE001
         message = f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=1)}"
-    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
-        f.write(message)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"message": message, "collectives": collectives["calls"]}, f)
 
 
 def releasing(rank: int, world: int, store: str, out_dir: str) -> None:

@@ -17,8 +17,21 @@ from reference import relative_error
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
 
+# Tests bound work, not time: a guard against a hang only, far beyond any run on a loaded machine (the
+# workers' process group waits $HESSOPS_DIST_TIMEOUT, else 30 minutes, for a rank that stalls).
+HANG_GUARD_S = 3600
+
+
 def spawn(fn, world: int, tmp_path) -> None:
-    mp.spawn(fn, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world, join=True)
+    """Run ``fn(rank, world, store, out_dir)`` in ``world`` processes; raises if a rank failed (SIGABRT
+    included), fails the test if they still run after ``HANG_GUARD_S``."""
+    context = mp.spawn(fn, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world, join=False)
+    deadline = time.monotonic() + HANG_GUARD_S
+    while not context.join(timeout=max(1.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{fn.__name__}: the ranks still ran after {HANG_GUARD_S} s (a hang)")
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -35,12 +48,16 @@ def test_distributed_products_and_eigenvalues_match_one_process(world, tmp_path)
 
 
 def test_a_failing_rank_stops_every_rank_with_its_name(tmp_path):
-    began = time.monotonic()
+    """No rank waits for the timeout: each ends after the product's one status exchange (no sum follows),
+    rank 0 with rank 1's error, which only that exchange carries (a timeout says "a collective failed")."""
+    import json
+
     spawn(workers.failing, 2, tmp_path)
-    messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
-    assert messages[0].startswith("DistributedError: rank 1 failed: RuntimeError")
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    messages = [result["message"] for result in results]
+    assert messages[0].startswith("DistributedError: rank 1 failed: RuntimeError"), messages[0]
     assert "RuntimeError" in messages[1] and "mat1 and mat2 shapes cannot be multiplied" in messages[1]
-    assert time.monotonic() - began < 120
+    assert [result["collectives"] for result in results] == [1, 1]
 
 
 def test_all_reduce_returns_only_once_gloo_lets_go_of_the_tensor(tmp_path):
@@ -66,21 +83,41 @@ def test_a_long_error_message_is_cut_to_fit_the_status_table():
     assert pickle.loads(_pickled({"count": 1, "error": None})) == {"count": 1, "error": None}
 
 
-def test_a_dead_rank_ends_the_others_within_the_timeout(tmp_path):
-    """Rank 1 exits abruptly; rank 0 must end with a DistributedError, not wait forever (timeout 20 s)."""
-    began = time.monotonic()
+def test_a_dead_rank_ends_the_others_with_an_error(tmp_path):
+    """Rank 1 exits abruptly; rank 0 must end with a DistributedError at its first collective (the product's
+    status exchange), not wait forever."""
+    import json
+
     context = mp.get_context("spawn")
     processes = [
         context.Process(target=workers.dying, args=(r, 2, str(tmp_path / "store"), str(tmp_path))) for r in range(2)
     ]
     for process in processes:
         process.start()
-    for process in processes:
-        process.join(timeout=120)
-    assert processes[1].exitcode == 3 and processes[0].exitcode == 0
-    message = (tmp_path / "rank0.txt").read_text()
-    assert message.startswith("DistributedError: rank 0: a collective failed"), message
-    assert time.monotonic() - began < 120
+    deadline = time.monotonic() + HANG_GUARD_S  # a guard against a hang only
+    try:
+        for process in processes:
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
+    finally:
+        for process in processes:
+            process.kill()
+    assert processes[1].exitcode == 3 and processes[0].exitcode == 0, [p.exitcode for p in processes]
+    result = json.loads((tmp_path / "rank0.json").read_text())
+    assert result["message"].startswith("DistributedError: rank 0: a collective failed"), result["message"]
+    assert result["collectives"] == 1
+
+
+def test_the_default_timeout_is_generous_and_set_by_the_environment(monkeypatch):
+    from hessops.distributed import DEFAULT_TIMEOUT_S, TIMEOUT_ENV, default_timeout
+
+    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    assert default_timeout() == DEFAULT_TIMEOUT_S == 1800.0  # torch's own gloo default: room for a loaded machine
+    monkeypatch.setenv(TIMEOUT_ENV, " 7200 ")
+    assert default_timeout() == 7200.0
+    for wrong in ("0", "-5", "nan", "inf", "ten minutes"):
+        monkeypatch.setenv(TIMEOUT_ENV, wrong)
+        with pytest.raises(ValueError, match=f"{TIMEOUT_ENV}="):
+            default_timeout()
 
 
 def test_shard_covers_every_example_once():
@@ -115,7 +152,10 @@ def test_torchrun_cli_matches_one_process(tmp_path):
         "--no-progress",
     ]
     one = subprocess.run(
-        [sys.executable, *args, "--out", str(tmp_path / "one.json")], capture_output=True, text=True, timeout=300
+        [sys.executable, *args, "--out", str(tmp_path / "one.json")],
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
     )
     assert one.returncode == 0, one.stderr
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -123,7 +163,7 @@ def test_torchrun_cli_matches_one_process(tmp_path):
         [str(torchrun), "--nproc_per_node=2", "--master_port=29547", *args, "--out", str(tmp_path / "two.json")],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_GUARD_S,  # a guard against a hang only
         env=env,
         cwd=tmp_path,
     )

@@ -40,7 +40,7 @@ _FRESH = textwrap.dedent(
 
 def test_import_hessops_is_torch_free_and_cola_loads_quietly():
     run = subprocess.run(
-        [sys.executable, "-W", "error::FutureWarning", "-c", _FRESH], capture_output=True, text=True, timeout=600
+        [sys.executable, "-W", "error::FutureWarning", "-c", _FRESH], capture_output=True, text=True, timeout=3600
     )
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
     assert "Warning" not in run.stderr, run.stderr[-3000:]
@@ -95,5 +95,5 @@ _FIRST_PRODUCTS = textwrap.dedent(
 
 
 def test_first_products_import_neither_dynamo_nor_sympy():
-    run = subprocess.run([sys.executable, "-c", _FIRST_PRODUCTS], capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, "-c", _FIRST_PRODUCTS], capture_output=True, text=True, timeout=3600)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]

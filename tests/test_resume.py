@@ -287,7 +287,7 @@ def _as_a_terminal_foreground_job() -> None:
 def _stop_after_first_checkpoint(path, *args: str, how: signal.Signals) -> subprocess.Popen:
     """Run the command with ``--resume path`` and send it ``how`` once ``path`` exists (its first checkpoint)."""
     process = _run(*args, "--resume", str(path), "--checkpoint-every", "0.2")
-    deadline = time.monotonic() + 600  # importing torch on a loaded machine can take minutes
+    deadline = time.monotonic() + 3600  # a hang guard only: importing torch on a loaded machine can take minutes
     while not path.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
     process.send_signal(how)
@@ -305,7 +305,7 @@ def test_cli_resumes_after_sigkill_and_ctrl_c(tmp_path):
     killed.communicate()
     assert killed.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-way"
     interrupted = _stop_after_first_checkpoint(interrupted_at, *common, how=signal.SIGINT)
-    _, err = interrupted.communicate(timeout=600)
+    _, err = interrupted.communicate(timeout=3600)
     assert interrupted.returncode == 130 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == (
         f"hessops: interrupted: progress saved in {interrupted_at}; run the same call again with "
@@ -320,7 +320,7 @@ def test_cli_resumes_after_sigkill_and_ctrl_c(tmp_path):
         "uninterrupted": _run(*common, "--out", str(tmp_path / "uninterrupted.json")),
     }
     for process in runs.values():
-        _, err = process.communicate(timeout=600)
+        _, err = process.communicate(timeout=3600)
         assert process.returncode == 0, err
     results = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in runs}
     for key in ("nodes", "weights", "density", "grid", "n_matvecs"):
@@ -336,7 +336,7 @@ def test_cli_refuses_to_resume_on_other_data_in_one_line(tmp_path):
     killed.communicate()
     assert killed.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-way"
     other = _run(*common, "--num-examples", "300", "--resume", str(path), "--out", str(out))
-    _, err = other.communicate(timeout=600)
+    _, err = other.communicate(timeout=3600)
     assert other.returncode == 2 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == (
         f"hessops: error: checkpoint {path} belongs to another run: its data differ from this run's (the number of "
