@@ -17,7 +17,8 @@ Python with an import, a definition or an assignment in it fails, so that such c
 
 Each `# -> ` line after a print (inline, then the comment lines right below it) is one line of its output, in
 order; a print in a loop consumes the lines one call after another, and every shown line must be printed by the
-end of its block. A printed line matches a shown line when their text without the numbers agrees (whitespace
+end of its block. `ruff format` formats these blocks and moves a comment that overflows 120 columns: put long shown
+lines below the print. A printed line matches a shown line when their text without the numbers agrees (whitespace
 ignored) and each number agrees to the precision shown: `4.343` accepts anything that rounds to it (within half a
 unit of the last digit shown, |printed - 4.343| <= 0.0005), `58` only 58, `2e-16` anything in [1.5e-16, 2.5e-16].
 A shown line with `...` in it matches text pieces in order, any text in between (doctest's ELLIPSIS), with the
