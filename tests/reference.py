@@ -7,7 +7,7 @@ batch weighting, chunking or vmapping.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -97,3 +97,23 @@ def dense_empirical_fisher(model: nn.Module, loss_fn: Callable, data, params=Non
 def relative_error(a: Tensor, b: Tensor) -> float:
     a, b = a.detach(), b.detach()
     return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+
+def enumerated_fisher(
+    model: nn.Module, inputs: Tensor, terms: Callable[[Tensor], Iterable[tuple[Tensor, Tensor]]], divisor: float
+) -> Tensor:
+    """The expectation of a Monte-Carlo Fisher, with every label enumerated: (1/W) Σ_(t, y) p_t(y) g_ty g_tyᵀ,
+    where ``terms(model(inputs))`` yields, for every target t and every label y it can take, the pair
+    (p_t(y), ℓ_t(y)): the label's probability under the model (no gradient flows through it) and the per-target
+    loss whose parameter gradient is g_ty, by plain backward on the module. Continuous labels enter through an
+    exact quadrature rule (for a loss quadratic in the label, two points per element match the Gaussian's
+    first two moments, which is all E[g gᵀ] depends on). ``divisor``: W, the number of counted targets for a
+    mean, 1 for a sum. Trainable parameters in ``model.parameters()`` order."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    outputs = model(inputs)
+    total = torch.zeros(sum(p.numel() for p in params), sum(p.numel() for p in params), dtype=outputs.dtype)
+    for probability, loss in terms(outputs):
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True, materialize_grads=True)
+        g = torch.cat([t.reshape(-1) for t in grads])
+        total += float(probability) * torch.outer(g, g)
+    return total / divisor

@@ -217,8 +217,9 @@ def test_the_dense_hessian_agrees_with_plain_double_backward(gpt_references):
 
 
 def test_mc_fisher_samples_each_shifted_token_from_its_own_position(gpt_references):
-    """E[MCFisher] = GGN (categorical likelihood): with S samples the error is a Monte-Carlo one, ~1/√S. A
-    sample drawn from the wrong position (no shift) would be off by O(1), not by this."""
+    """On the GPT: E[MCFisher] = GGN (categorical likelihood), so with S samples the error is a Monte-Carlo one,
+    ~1/√S. A sample drawn from the wrong position (no shift) would be off by O(1), not by this; a bias of a few
+    percent would pass: the exact test of the next-token MCFisher (shift and padding) is tests/test_mcfisher.py."""
     model, references = gpt_references
     samples = 1000
     data = dict_batches([2, 4])
