@@ -1,6 +1,7 @@
-"""The suite catches a broken product: with every operator's products made 1 % off (MCFisher's 2 %) (tests/mutation/sitecustomize.py,
-in a child pytest process and the command-line processes it starts), the tests that check each operator's numbers
-against independent references must fail: its products, its blocks and the command line. The first-order witness
+"""The suite catches a broken product: with every operator's products made 1 % off (MCFisher's 2 %;
+tests/mutation/sitecustomize.py, in a child pytest process and the command-line processes it starts), the tests
+that check each operator's numbers against independent references must fail: its products, its blocks, MCFisher's
+exact expectation and the command line. The first-order witness
 is switched off (``HESSOPS_WITNESS=0``) so that the tests' references, not the library's own check, must catch it;
 with the witness on, the first product is refused instead (tests/test_witness.py).
 
