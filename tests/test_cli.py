@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from reference import as_float64, dense_ggn
+from reference import as_float64, dense_ggn, next_token_loss
 from reference import dense_hessian as reference_hessian
 
 import hessops
@@ -513,6 +513,18 @@ def test_hf_model_from_a_config_file_on_a_users_text_file(tmp_path):
     assert record["settings"]["hf_overrides"] == {"n_layer": 1}
     names = [block["name"] for block in record["blocks"]]
     assert "transformer.h.0" in names and "transformer.h.1" not in names  # the override took
+    # each block's top eigenvalue against tests/reference.py's float64 Hessian of that block (its own next-token
+    # loss), on the model and text blocks the command builds (value-tol 1e-3 on float32 products: rtol 2e-3)
+    from hessops.lm import load_hf_model
+    from hessops.text import load_text
+
+    model = load_hf_model(str(config), overrides={"n_layer": 1}, seed=0).double().eval()
+    data = as_float64(make_loader(load_text(text, block_size=16)))
+    tensors = dict(model.named_parameters())
+    for block in record["blocks"]:
+        params = [tensors[name] for name in block["parameters"]]
+        exact = float(torch.linalg.eigvalsh(reference_hessian(model, next_token_loss, data, params=params)).max())
+        assert block["eigenvalues"][0] == pytest.approx(exact, rel=2e-3), (block["name"], exact)
 
 
 @pytest.mark.parametrize(
