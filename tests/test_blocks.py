@@ -7,13 +7,11 @@ import json
 
 import pytest
 import torch
-from reference import dense_ggn
+from reference import as_float64, dense_ggn, dense_hessian
 from torch import nn
 
 import hessops
-from hessops._functional import differentiable_kernels
 from hessops.blocks import block_name, find_blocks, resolve_groups
-from hessops.dense import dense_hessian
 from hessops.errors import InvalidArgumentError, NoParametersError
 from hessops.lm import GPT, GPTConfig
 
@@ -125,8 +123,7 @@ def test_each_block_matches_the_dense_hessians_diagonal_block(problem):
     """Tolerance 1e-8 relative to the block's largest |λ|: float64 products, and eigs stops at residuals below
     1e-10·max|λ| (tol), so each value is within residual²/gap of an eigenvalue, far below this."""
     model, loss_fn, data = problem()
-    with differentiable_kernels():  # hessops.dense runs attention as called: here in the twice-differentiable kernel
-        full = dense_hessian(model, loss_fn, data)
+    full = dense_hessian(model, loss_fn, data)  # tests/reference.py: attention in torch's math kernel
     result = hessops.block_spectra(model, loss_fn, data, k=2, which="LA", tol=1e-10)
     assert list(result) == list(find_blocks(model))
     for name in result:
@@ -164,8 +161,7 @@ def test_a_timm_vits_blocks_match_the_dense_hessian_of_each_group():
     result = hessops.block_spectra(model, loss_fn, data, groups=groups, k=2, tol=1e-10)
     tensors = dict(model.named_parameters())
     for name in groups:
-        with differentiable_kernels():
-            block = dense_hessian(model, loss_fn, data, params=[tensors[p] for p in result.parameters[name]])
+        block = dense_hessian(model, loss_fn, data, params=[tensors[p] for p in result.parameters[name]])
         exact = torch.linalg.eigvalsh(block).flip(0)[:2]
         assert torch.allclose(result[name].values, exact, rtol=0, atol=1e-8 * float(exact.abs().max())), name
 
@@ -288,7 +284,7 @@ def test_the_command_writes_each_blocks_exact_values_and_a_figure(tmp_path, caps
     assert [b["name"] for b in record["blocks"]] == ["output", "biases"]
     for block in record["blocks"]:
         params = [tensors[name] for name in block["parameters"]]
-        full = dense_hessian(model, make_loss(model_spec("mlp-digits")), data, params=params, dtype=torch.float64)
+        full = dense_hessian(model, make_loss(model_spec("mlp-digits")), as_float64(data), params=params)
         exact = torch.linalg.eigvalsh(full).flip(0)[:2]
         found = torch.tensor(block["eigenvalues"], dtype=torch.float64)
         assert block["n_params"] == full.shape[0] and block["converged"]

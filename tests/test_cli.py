@@ -5,6 +5,7 @@ importing torch again (seconds per process on a busy machine)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference import as_float64, dense_ggn, next_token_loss
+from reference import dense_hessian as reference_hessian
 
 import hessops
 from hessops.cli import main
@@ -35,11 +38,18 @@ def hessops_cli(*args: str, timeout: int = 3600) -> subprocess.CompletedProcess:
 
 
 def digits_dense_hessian(num_examples: int, seed: int = 0, model_seed: int | None = None) -> torch.Tensor:
-    """The float64 reference the CLI's numbers are checked against: hessops.dense_hessian (double backward, row
-    by row), independent of the operators' products and far cheaper than ``Hessian(...).to_dense()`` here."""
-    model = build_model("mlp-digits", seed=seed if model_seed is None else model_seed)
+    """The float64 reference the CLI's numbers are checked against: tests/reference.py's double backward on the
+    whole dataset at once (no hessops code; the model and data are the zoo's, as the command builds them)."""
+    model = build_model("mlp-digits", seed=seed if model_seed is None else model_seed).double()
     data = make_loader(load_dataset("digits", num_examples=num_examples, seed=seed), batch_size=128)
-    return hessops.dense_hessian(model, make_loss(model_spec("mlp-digits")), data, dtype=torch.float64)
+    return reference_hessian(model, make_loss(model_spec("mlp-digits")), as_float64(data))
+
+
+def digits_dense_ggn(num_examples: int, seed: int = 0) -> torch.Tensor:
+    """The float64 GGN (tests/reference.py's Jᵀ H_ℓ J on the whole dataset) of the same problem."""
+    model = build_model("mlp-digits", seed=seed).double()
+    data = make_loader(load_dataset("digits", num_examples=num_examples, seed=seed), batch_size=128)
+    return dense_ggn(model, make_loss(model_spec("mlp-digits")), as_float64(data))
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +184,14 @@ def test_density_trace_logdet_basin_and_their_figures(tmp_path, exact_200):
     assert (
         abs(2 * basin["half_logdet"] - float(torch.log(exact_200 + 5.0).sum())) < 3 * basin["logdet_std_error"] + 1e-3
     )
-    assert results["logdet"]["method"] == "slq" and results["logdet"]["std_error"] > 0
+    logdet = results["logdet"]
+    assert logdet["method"] == "slq" and logdet["std_error"] > 0
+    # log det(GGN + 0.01·I) of the reference GGN by slogdet (positive definite: sign +1); SLQ within 3 standard
+    # errors, plus 1e-3 for the quadrature (30 Lanczos steps), as for the basin's above
+    ggn = digits_dense_ggn(200)
+    sign, exact_logdet = torch.linalg.slogdet(ggn + 0.01 * torch.eye(ggn.shape[0], dtype=ggn.dtype))
+    assert float(sign) == 1.0
+    assert abs(logdet["logdet"] - float(exact_logdet)) < 3 * logdet["std_error"] + 1e-3, (logdet, float(exact_logdet))
     assert all(r["n_matvecs"] > 0 and r["seconds"] > 0 for r in results.values())
 
 
@@ -209,7 +226,20 @@ def test_checkpoint_is_loaded(tmp_path):
     assert json.loads(out.read_text())["eigenvalues"][0] == pytest.approx(expected, rel=1e-8)  # tol 1e-10
 
 
-def test_track_writes_history_and_one_two_panel_figure(tmp_path):
+def test_track_writes_history_and_one_two_panel_figure(tmp_path, monkeypatch):
+    """Its history and figure, and each recorded sharpness against the top eigenvalue of the reference Hessian
+    (tests/reference.py, float64) of the model as it was when measured, on the fixed 128 examples (rtol 1e-3: a
+    float32 operator, Lanczos tol 1e-4)."""
+    from hessops.tracking import SharpnessTracker
+
+    states = {}
+    measure = SharpnessTracker.measure
+
+    def recording(self, step):
+        states[step] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return measure(self, step)
+
+    monkeypatch.setattr(SharpnessTracker, "measure", recording)
     out, plot = tmp_path / "track.json", tmp_path / "track.png"
     assert (
         main(
@@ -233,16 +263,34 @@ def test_track_writes_history_and_one_two_panel_figure(tmp_path):
     result = json.loads(out.read_text())
     assert [s["step"] for s in result["sharpness"]] == [0, 1, 2] and result["settings"]["sharpness_examples"] == 128
     assert len(result["training"]) == 2 and len(result["grad_norms"]) == 2
+    subset = torch.utils.data.Subset(load_dataset("digits", num_examples=256, seed=0), range(128))
+    fixed = as_float64(make_loader(subset))
+    for record in result["sharpness"]:
+        model = build_model("mlp-digits", seed=0).double()
+        model.load_state_dict(states[record["step"]])
+        exact = float(torch.linalg.eigvalsh(reference_hessian(model.eval(), make_loss("mlp-digits"), fixed)).max())
+        assert record["values"][0] == pytest.approx(exact, rel=1e-3), (record["step"], exact)
     assert plot.stat().st_size > FIGURE_BYTES and sorted(p.name for p in tmp_path.iterdir()) == [
         "track.json",
         "track.png",
     ]
 
 
-def test_demo_writes_its_result_and_one_figure(tmp_path):
+def test_demo_writes_its_result_and_one_figure(tmp_path, monkeypatch, recwarn):
+    """In-process, to get hold of the trained model (the Hessian it builds is recorded): its spectrum, trace and
+    basin volume against tests/reference.py's float64 Hessian of that model on the 1,437 training images. The
+    top-10 (LM, tol 1e-6) to 1e-5·max|λ|; the trace within 3 standard errors; the basin's log det(H + c·I) by
+    slogdet within 3 standard errors plus 1e-3 (SLQ's quadrature, 40 steps)."""
+    built = []
+    real = hessops.Hessian
+
+    def recording(model, loss_fn, data, **kwargs):
+        built.append((model, loss_fn, data))
+        return real(model, loss_fn, data, **kwargs)
+
+    monkeypatch.setattr(hessops, "Hessian", recording)
     out, plot = tmp_path / "demo" / "result.json", tmp_path / "demo" / "demo.png"
-    run = hessops_cli("demo", "--out", str(out), "--plot", str(plot), "--no-progress")
-    assert run.returncode == 0, run.stderr
+    assert main(["demo", "--out", str(out), "--plot", str(plot), "--no-progress"]) == 0
     result = json.loads(out.read_text())
     assert result["command"] == "demo" and result["settings"]["model"] == "mlp-digits"
     assert len(result["spectrum"]["eigenvalues"]) == 10 and result["test_accuracy"] > 0.9
@@ -251,7 +299,19 @@ def test_demo_writes_its_result_and_one_figure(tmp_path):
         "demo.png",
         "result.json",
     ]
-    assert "FutureWarning" not in run.stderr
+    assert not [w for w in recwarn if issubclass(w.category, FutureWarning)]
+    (model, loss_fn, data), c = built[-1], result["settings"]["c"]
+    model64 = copy.deepcopy(model).double()
+    exact = torch.linalg.eigvalsh(reference_hessian(model64, loss_fn, as_float64(data)))
+    top = exact[exact.abs().argsort(descending=True)[:10]]
+    found = torch.tensor(result["spectrum"]["eigenvalues"], dtype=torch.float64)
+    scale = float(exact.abs().max())
+    assert torch.allclose(found.sort().values, top.sort().values, rtol=0, atol=1e-5 * scale), (found, top)
+    trace = result["trace"]
+    assert abs(trace["trace"] - float(exact.sum())) < 3 * trace["std_error"], (trace, float(exact.sum()))
+    basin = result["basin_volume"]
+    exact_logdet = float(torch.log(exact + c).sum())
+    assert abs(2 * basin["half_logdet"] - exact_logdet) < 3 * basin["logdet_std_error"] + 1e-3, (basin, exact_logdet)
 
 
 @pytest.mark.parametrize(
@@ -453,6 +513,18 @@ def test_hf_model_from_a_config_file_on_a_users_text_file(tmp_path):
     assert record["settings"]["hf_overrides"] == {"n_layer": 1}
     names = [block["name"] for block in record["blocks"]]
     assert "transformer.h.0" in names and "transformer.h.1" not in names  # the override took
+    # each block's top eigenvalue against tests/reference.py's float64 Hessian of that block (its own next-token
+    # loss), on the model and text blocks the command builds (value-tol 1e-3 on float32 products: rtol 2e-3)
+    from hessops.lm import load_hf_model
+    from hessops.text import load_text
+
+    model = load_hf_model(str(config), overrides={"n_layer": 1}, seed=0).double().eval()
+    data = as_float64(make_loader(load_text(text, block_size=16)))
+    tensors = dict(model.named_parameters())
+    for block in record["blocks"]:
+        params = [tensors[name] for name in block["parameters"]]
+        exact = float(torch.linalg.eigvalsh(reference_hessian(model, next_token_loss, data, params=params)).max())
+        assert block["eigenvalues"][0] == pytest.approx(exact, rel=2e-3), (block["name"], exact)
 
 
 @pytest.mark.parametrize(

@@ -260,6 +260,11 @@ def test_kfac_is_exact_for_one_linear_layer_and_agrees_with_deflation():
 
 
 def test_cli_logdet_and_basin_deflated(tmp_path):
+    """The deflated CLI estimates against tests/reference.py's float64 GGN and Hessian of the same 40 digits: the
+    true log det(GGN + 0.1·I) (slogdet) and log volume (with c = 5) inside the reported intervals, widened by the
+    reported deflation bias where there is one (as the Python test above)."""
+    from test_cli import digits_dense_ggn, digits_dense_hessian
+
     common = ("--num-examples", "40", "--dtype", "float64", "--no-progress", "--probes", "3", "--lanczos-steps", "10")
     out = tmp_path / "logdet.json"
     args = ("logdet", "--operator", "ggn", "--c", "0.1", "--method", "deflated", "--deflate", "3")
@@ -267,6 +272,10 @@ def test_cli_logdet_and_basin_deflated(tmp_path):
     result = json.loads(out.read_text())
     assert result["method"] == "deflated" and len(result["deflated_eigenvalues"]) == 3
     assert result["confidence_interval"][0] < result["logdet"] < result["confidence_interval"][1]
+    ggn = digits_dense_ggn(40)
+    sign, truth = torch.linalg.slogdet(ggn + 0.1 * torch.eye(ggn.shape[0], dtype=torch.float64))
+    low, high = result["confidence_interval"]
+    assert float(sign) == 1.0 and low - result.get("deflation_bias", 0.0) <= float(truth) <= high, (result, truth)
     assert result["settings"]["deflate"] == 3 and result["settings"]["confidence"] == 0.95
     out = tmp_path / "basin.json"
     assert main(["basin", "--c", "5", "--deflate", "2", "--confidence", "0.9", *common, "--out", str(out)]) == 0
@@ -274,6 +283,11 @@ def test_cli_logdet_and_basin_deflated(tmp_path):
     assert result["method"] == "deflated" and result["confidence"] == 0.9  # --deflate implies the method
     assert result["smallest_eigenvalue"] - result["smallest_eigenvalue_bound"] + 5 > 0
     assert result["confidence_interval"][0] < result["log_volume"] < result["confidence_interval"][1]
+    exact = torch.linalg.eigvalsh(digits_dense_hessian(40))
+    truth = result["log_unit_ball"] + result["log_threshold_term"] - 0.5 * float(torch.log(exact + 5).sum())
+    low, high = result["confidence_interval"]
+    slack = 0.5 * abs(result.get("deflation_bias", 0.0))
+    assert low - slack <= truth <= high + slack, (result, truth)
     assert main(["basin", "--method", "slq", "--deflate", "2", *common]) == 2  # bad input
 
 

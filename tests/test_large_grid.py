@@ -7,9 +7,9 @@ and float64, with uneven batches (the last one smaller):
 - ``encoder``: a classifier around ``nn.TransformerEncoderLayer`` (eval mode, no dropout; 399 parameters) under
   cross-entropy, tuple batches of 5, 5 and 3.
 
-References are float64: the dense Hessian by double backward (``hessops.dense_hessian``) of a float64 copy of the
-model, and its eigenvalues. The other checks compare the features with each other (bit for bit where the arithmetic
-is the same) and with the plain loss of the whole dataset at once."""
+References are float64: the dense Hessian by double backward on the whole dataset (tests/reference.py, no hessops
+code) of a float64 copy of the model, and its eigenvalues. The other checks compare the features with each other
+(bit for bit where the arithmetic is the same) and with the plain loss of the whole dataset at once."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 import torch
+from reference import dense_hessian as reference_hessian
+from reference import next_token_loss
 from torch import Tensor, nn
 from toy_networks import interrupted_at
 
@@ -116,7 +118,8 @@ def case(request) -> Case:
     name, dtype_name = request.param
     model, loss_fn, data, whole = (gpt_case if name == "gpt" else encoder_case)(DTYPES[dtype_name])
     reference = copy.deepcopy(model).double()
-    dense = hessops.dense_hessian(reference, loss_fn, [as_float64(b) for b in data], dtype=torch.float64)
+    reference_loss = next_token_loss if name == "gpt" else loss_fn  # the reference's own next-token loss
+    dense = reference_hessian(reference, reference_loss, [as_float64(b) for b in data])
     exact_loss = float(whole_loss(reference, loss_fn, as_float64(whole)))
     H = hessops.Hessian(model, loss_fn, data, hvp_mode="autograd")
     return Case(name, model, loss_fn, data, whole, H, reference, torch.linalg.eigvalsh(dense), exact_loss)

@@ -1,5 +1,6 @@
 """The first-order witness (hessops/operators/witness.py) and weight norm written out (hessops/_written_out.py):
-products against central finite differences computed here, independently of hessops, in float64."""
+products against central finite differences (tests/reference.py's fd_hessian_product, and the GGN's here),
+independently of hessops, in float64."""
 
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
-from reference import autograd_hessian
+from reference import autograd_hessian, fd_hessian_product
 from torch import nn
 from torch.nn.utils import parametrizations
 from toy_networks import Attention
@@ -61,24 +61,6 @@ def labelled(kind: str):
     model, x = weight_normed(kind)
     y = torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(1))
     return model, x, y, [(x[:4], y[:4]), (x[4:], y[4:])]
-
-
-def fd_hessian_product(model: nn.Module, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """(∇L(θ + hv) − ∇L(θ − hv)) / 2h for L the cross-entropy over all of (x, y), with ``loss.backward()``: first
-    derivatives of the module as the user wrote it, no hessops code; the parameters are put back after."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    theta = nn.utils.parameters_to_vector(params).detach().clone()
-
-    def grad_at(point: torch.Tensor) -> torch.Tensor:
-        nn.utils.vector_to_parameters(point, params)
-        model.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        return torch.cat([p.grad.reshape(-1) for p in params])
-
-    product = (grad_at(theta + FD_STEP * v) - grad_at(theta - FD_STEP * v)) / (2 * FD_STEP)
-    nn.utils.vector_to_parameters(theta, params)
-    model.zero_grad()
-    return product
 
 
 def fd_ggn_product(model: nn.Module, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
