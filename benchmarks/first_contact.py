@@ -108,10 +108,14 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=groups, default=list(groups))
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per command (heavy ones: 1)")
     parser.add_argument("--out", type=Path, default=Path("first_contact.json"))
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="write the demo's and examples' outputs here (default: a temporary folder)"
+    )
     args = parser.parse_args()
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+        work = Path(tmp) if args.keep is None else args.keep
+        work.mkdir(parents=True, exist_ok=True)
         for label, command in cases(set(args.only), work).items():
             heavy = "demo" in label or "--quick" in label
             repeats = 1 if heavy else args.repeats

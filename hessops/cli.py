@@ -45,6 +45,7 @@ from hessops.constants import (
     is_text,
 )
 from hessops.demo import DEMO_MODEL
+from hessops.distributed import DEFAULT_TIMEOUT_S, TIMEOUT_ENV
 from hessops.errors import DistributedError, HessopsError
 from hessops.zoo import MODELS, TIMM_PREFIX
 
@@ -372,7 +373,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--timeout",
         type=number(above=0),
         default=None,
-        help="seconds a rank waits for the others before the run fails (default: $HESSOPS_DIST_TIMEOUT, else 1800)",
+        help=(
+            f"seconds a rank waits for the others before the run fails (default: ${TIMEOUT_ENV}, "
+            f"else {DEFAULT_TIMEOUT_S:g})"
+        ),
     )
 
 

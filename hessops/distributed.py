@@ -24,7 +24,9 @@ from hessops.errors import DistributedError
 
 AGREEMENT_RTOL = 1e-9  # checksums further apart than this (relative) mean the ranks hold different numbers
 STATUS_BYTES = 4096  # room for one rank's pickled status; error messages are cut to fit
-RELEASE_TIMEOUT_S = 1.0  # the longest all_reduce waits for gloo's worker thread to let go of a tensor
+# The longest all_reduce waits for gloo's worker thread to let go of a tensor. The wait ends as soon as it
+# does (about a millisecond when idle), so the bound only matters on a starved machine: generous, not a clock.
+RELEASE_TIMEOUT_S = 60.0
 # How long a rank waits in a collective for the others before the run fails: long enough for the slowest
 # rank's shard of a product (or rank 0 writing a checkpoint) on a loaded machine; torch's own gloo default.
 DEFAULT_TIMEOUT_S = 1800.0
