@@ -33,7 +33,7 @@ from torch import nn
 
 import hessops
 from benchmarks.workloads import make_workload
-from hessops.deflation import student_t_interval
+from hessops.linalg.deflation import student_t_interval
 
 
 def kfac_logdet(model: nn.Module, loss_fn: nn.Module, data: list, params: list, c: float) -> float:

@@ -13,8 +13,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 
 import hessops
-from hessops.models import build_model
 from hessops.numerics import norm
+from hessops.zoo.models import build_model
 
 N, BATCH, REPEATS = 256, 128, 7
 

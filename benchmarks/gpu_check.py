@@ -42,10 +42,10 @@ from torch.func import functional_call, grad, jvp
 import hessops
 from benchmarks.memory import peak_bytes
 from benchmarks.peers import interleaved_times, timer
-from hessops.data import load_dataset
 from hessops.errors import DatasetNotFoundError
-from hessops.models import build_model, load_checkpoint, model_spec
 from hessops.numerics import norm
+from hessops.zoo.data import load_dataset
+from hessops.zoo.models import build_model, load_checkpoint, model_spec
 
 MODEL = "resnet18_cifar10"
 TARGET_TOP_SECONDS = 60.0

@@ -50,8 +50,8 @@ SMOKE_GRID = [("mlp-small", "top", "device"), ("mlp-small", "top", "disk"), ("ml
 
 def workload(name: str) -> tuple[nn.Module, nn.Module, list]:
     """The model (eval mode, seeded), the loss and the batches of workload ``name``."""
-    from hessops.data import load_dataset
-    from hessops.models import build_model
+    from hessops.zoo.data import load_dataset
+    from hessops.zoo.models import build_model
 
     torch.manual_seed(0)
     if name == "resnet18":

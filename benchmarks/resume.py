@@ -30,7 +30,7 @@ from torch import nn
 def child(checkpoint: str | None, every: float, smoke: bool, out: str) -> None:
     """The measured run, in this process; writes its quadrature to ``out``."""
     import hessops
-    from hessops.models import build_model
+    from hessops.zoo.models import build_model
 
     torch.manual_seed(0)
     model = build_model("cnn-cifar-5k" if smoke else "resnet18_cifar10").eval()

@@ -44,10 +44,10 @@ SIZES = ("gpt2-small", "gpt-bytes-mini", "gpt-bytes-tiny")
 
 
 def language_workload(name: str, *, num_examples: int, batch_size: int, seq_len: int, seed: int) -> Workload:
-    """hessops.lm's GPT of size ``name`` (block size ``seq_len``) on random tokens; labels are the inputs
+    """hessops.zoo.lm's GPT of size ``name`` (block size ``seq_len``) on random tokens; labels are the inputs
     (the next-token loss shifts them), no padding."""
-    from hessops.lm import GPT, gpt_config
-    from hessops.losses import NextTokenCrossEntropy
+    from hessops.operators.losses import NextTokenCrossEntropy
+    from hessops.zoo.lm import GPT, gpt_config
 
     torch.manual_seed(seed)
     config = gpt_config(name, block_size=seq_len)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hessops.models import build_model
+from hessops.zoo.models import build_model
 
 
 @dataclass

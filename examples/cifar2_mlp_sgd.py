@@ -40,8 +40,8 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, random_split  # noqa: E402
 
 import hessops  # noqa: E402
-from hessops.data import ImageDataset, load_dataset, make_loader, on_device  # noqa: E402
-from hessops.models import build_model, make_loss  # noqa: E402
+from hessops.zoo.data import ImageDataset, load_dataset, make_loader, on_device  # noqa: E402
+from hessops.zoo.models import build_model, make_loss  # noqa: E402
 
 GRID = ((0.0, 0.0), (0.0, 0.01), (0.9, 0.001), (0.8, 0.01))  # (momentum, weight decay)
 LR = 0.01

@@ -54,10 +54,10 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset  # noqa:
 from torchvision.transforms import v2  # noqa: E402
 
 import hessops  # noqa: E402
-from hessops.data import NORMALIZATION, DeviceLoader, load_dataset, make_loader, on_device  # noqa: E402
-from hessops.models import build_model  # noqa: E402
+from hessops.analysis.tracking import train  # noqa: E402
 from hessops.plot import plot_sharpness  # noqa: E402
-from hessops.tracking import train  # noqa: E402
+from hessops.zoo.data import NORMALIZATION, DeviceLoader, load_dataset, make_loader, on_device  # noqa: E402
+from hessops.zoo.models import build_model  # noqa: E402
 
 CNN = "cnn-cifar-5k"
 LR, MOMENTUM = 0.01, 0.9

@@ -55,8 +55,8 @@ from torch import Tensor, nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, TensorDataset  # noqa: E402
 
 import hessops  # noqa: E402
-from hessops.data import load_dataset, make_loader, on_device  # noqa: E402
-from hessops.models import build_model, make_loss  # noqa: E402
+from hessops.zoo.data import load_dataset, make_loader, on_device  # noqa: E402
+from hessops.zoo.models import build_model, make_loss  # noqa: E402
 
 MODEL = "mlp-mnist"
 LR = 0.01

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import hessops
-from hessops.data import load_dataset, make_loader
-from hessops.models import build_model, make_loss
 from hessops.plot import plot_density
+from hessops.zoo.data import load_dataset, make_loader
+from hessops.zoo.models import build_model, make_loss
 
 THRESHOLD = 2.0
 INIT_STD = 0.5

@@ -35,9 +35,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import hessops
-from hessops.data import make_loader, on_device
-from hessops.models import build_model, load_checkpoint
 from hessops.plot import plot_log_volume
+from hessops.zoo.data import make_loader, on_device
+from hessops.zoo.models import build_model, load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import resnet18_cifar10_spectrum as spectrum_study  # noqa: E402  the sibling's weights and data loading

@@ -2,7 +2,7 @@
 Hessian eigenvalues over the CIFAR-10 test set and the Hessian's spectral density, timed and counted.
 
 The model is the zoo's ``resnet18_cifar10`` (torchvision's ResNet-18 with a 3×3 stride-1 stem and no
-max-pool, 11,173,962 parameters), its weights read by ``hessops.models.load_checkpoint`` (strict, tensors
+max-pool, 11,173,962 parameters), its weights read by ``hessops.zoo.models.load_checkpoint`` (strict, tensors
 only). The Hessian is that of the mean cross-entropy over the 10,000 test images,
 L(θ) = (1/N) Σ_n ℓ(f(x_n; θ), y_n), in eval mode (BatchNorm uses its running statistics). Its 10
 eigenvalues of largest magnitude come from ``hessops.eigs`` (Lanczos, stopped when their residuals
@@ -44,9 +44,9 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
 import hessops
-from hessops.data import load_dataset, make_loader, on_device
-from hessops.models import build_model, load_checkpoint, model_spec
 from hessops.plot import plot_density, plot_eigenvalues
+from hessops.zoo.data import load_dataset, make_loader, on_device
+from hessops.zoo.models import build_model, load_checkpoint, model_spec
 
 MODEL = "resnet18_cifar10"
 PUBLISHED = "https://huggingface.co/edadaltocg/resnet18_cifar10/resolve/main/pytorch_model.bin"

@@ -35,10 +35,10 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset  # noqa: E402
 
 import hessops  # noqa: E402
-from hessops.data import load_dataset  # noqa: E402
-from hessops.models import build_model  # noqa: E402
+from hessops.analysis.tracking import evaluate  # noqa: E402
 from hessops.plot import plot_density, plot_eigenvalues  # noqa: E402
-from hessops.tracking import evaluate  # noqa: E402
+from hessops.zoo.data import load_dataset  # noqa: E402
+from hessops.zoo.models import build_model  # noqa: E402
 
 DIGITS_MEAN, DIGITS_STD = (0.3049,), (0.3758,)  # the digits' pixel mean and std: standardized as CIFAR's are
 SIZES = {  # mode -> model, training examples, epochs, batch size, curvature examples, k, probes, Lanczos steps

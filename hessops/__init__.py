@@ -14,25 +14,27 @@ import importlib
 import importlib.util
 from typing import TYPE_CHECKING, Any
 
-from hessops import errors
+from hessops import _moved, errors
 from hessops.errors import *  # noqa: F403 - every exception is public
 
+_moved.install()  # the module paths of 0.1 keep working, with a DeprecationWarning (hessops/_moved.py)
+
 if TYPE_CHECKING:  # what the lazy names are, for type checkers, IDEs and linters (tests/test_imports.py: = _LAZY)
-    from hessops.blocks import BlockSpectra, block_spectra
-    from hessops.data import on_device
-    from hessops.dense import dense_hessian
-    from hessops.density import SpectralDensity, spectral_density
-    from hessops.landscape import LandscapeSlice, filter_normalized_direction, loss_landscape
-    from hessops.lm import GPT, GPTConfig, gpt_config, load_hf_model
-    from hessops.losses import next_token_cross_entropy
+    from hessops.analysis.blocks import BlockSpectra, block_spectra
+    from hessops.analysis.density import SpectralDensity, spectral_density
+    from hessops.analysis.eigenvectors import Eigenvectors, load_eigenvectors, save_eigenvectors
+    from hessops.analysis.landscape import LandscapeSlice, filter_normalized_direction, loss_landscape
+    from hessops.analysis.spectrum import Spectrum, eigs
+    from hessops.analysis.trace import TraceEstimate, trace
+    from hessops.analysis.tracking import GradNormTracker, SharpnessTracker, evaluate, train
+    from hessops.analysis.volume import BasinVolume, LogdetEstimate, basin_volume, log_unit_ball_volume, logdet
     from hessops.operators import GGN, CurvatureOperator, EmpiricalFisher, Hessian, MCFisher, Regularized
+    from hessops.operators.dense import dense_hessian
     from hessops.operators.evaluation import DatasetLoss, dataset_loss
-    from hessops.spectrum import Spectrum, eigs
-    from hessops.text import load_text
-    from hessops.trace_estimation import TraceEstimate, trace
-    from hessops.tracking import GradNormTracker, SharpnessTracker, evaluate, train
-    from hessops.vectors import Eigenvectors, load_eigenvectors, save_eigenvectors
-    from hessops.volume import BasinVolume, LogdetEstimate, basin_volume, log_unit_ball_volume, logdet
+    from hessops.operators.losses import next_token_cross_entropy
+    from hessops.zoo.data import on_device
+    from hessops.zoo.lm import GPT, GPTConfig, gpt_config, load_hf_model
+    from hessops.zoo.text import load_text
 
 __version__ = "0.1.0"
 
@@ -40,19 +42,21 @@ __version__ = "0.1.0"
 _LAZY: dict[str, str] = {
     **dict.fromkeys(("Hessian", "GGN", "EmpiricalFisher", "MCFisher", "Regularized", "CurvatureOperator"), "operators"),
     **dict.fromkeys(("dataset_loss", "DatasetLoss"), "operators.evaluation"),
-    **dict.fromkeys(("eigs", "Spectrum"), "spectrum"),
-    **dict.fromkeys(("block_spectra", "BlockSpectra"), "blocks"),
-    **dict.fromkeys(("spectral_density", "SpectralDensity"), "density"),
-    **dict.fromkeys(("trace", "TraceEstimate"), "trace_estimation"),
-    **dict.fromkeys(("logdet", "LogdetEstimate", "basin_volume", "BasinVolume", "log_unit_ball_volume"), "volume"),
-    "dense_hessian": "dense",
-    "on_device": "data",
-    "next_token_cross_entropy": "losses",
-    **dict.fromkeys(("GPT", "GPTConfig", "gpt_config", "load_hf_model"), "lm"),
-    "load_text": "text",
-    **dict.fromkeys(("loss_landscape", "LandscapeSlice", "filter_normalized_direction"), "landscape"),
-    **dict.fromkeys(("save_eigenvectors", "load_eigenvectors", "Eigenvectors"), "vectors"),
-    **dict.fromkeys(("SharpnessTracker", "GradNormTracker", "train", "evaluate"), "tracking"),
+    **dict.fromkeys(("eigs", "Spectrum"), "analysis.spectrum"),
+    **dict.fromkeys(("block_spectra", "BlockSpectra"), "analysis.blocks"),
+    **dict.fromkeys(("spectral_density", "SpectralDensity"), "analysis.density"),
+    **dict.fromkeys(("trace", "TraceEstimate"), "analysis.trace"),
+    **dict.fromkeys(
+        ("logdet", "LogdetEstimate", "basin_volume", "BasinVolume", "log_unit_ball_volume"), "analysis.volume"
+    ),
+    "dense_hessian": "operators.dense",
+    "on_device": "zoo.data",
+    "next_token_cross_entropy": "operators.losses",
+    **dict.fromkeys(("GPT", "GPTConfig", "gpt_config", "load_hf_model"), "zoo.lm"),
+    "load_text": "zoo.text",
+    **dict.fromkeys(("loss_landscape", "LandscapeSlice", "filter_normalized_direction"), "analysis.landscape"),
+    **dict.fromkeys(("save_eigenvectors", "load_eigenvectors", "Eigenvectors"), "analysis.eigenvectors"),
+    **dict.fromkeys(("SharpnessTracker", "GradNormTracker", "train", "evaluate"), "analysis.tracking"),
 }
 
 __all__ = [
@@ -108,7 +112,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     """A public name's value, imported from its module on first access (then cached here); a submodule
-    (``hessops.data``, ``hessops.plot``, ...) imported on first access, as after ``import hessops.data``."""
+    (``hessops.analysis``, ``hessops.plot``, ...) imported on first access, as after ``import hessops.plot``."""
     if name in _LAZY:
         value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
         globals()[name] = value

@@ -5,6 +5,7 @@ imports nothing heavy."""
 from __future__ import annotations
 
 __all__ = [
+    "OPERATOR_CLASSES",
     "OPERATOR_NAMES",
     "HVP_MODES",
     "WHICH",
@@ -22,14 +23,34 @@ __all__ = [
     "is_language_model",
     "is_text",
     "NOISE_WARNING",
+    "DEFAULT_TIMEOUT_S",
+    "TIMEOUT_ENV",
+    "DEFAULT_IGNORE_INDEX",
 ]
+
+# The label a loss does not count (torch's cross_entropy default; padding in hessops.zoo.text).
+DEFAULT_IGNORE_INDEX = -100
+
+# How long a rank waits in a collective for the others before the run fails (hessops.operators.distributed):
+# long enough for the slowest rank's shard of a product (or rank 0 writing a checkpoint) on a loaded machine;
+# torch's own gloo default.
+DEFAULT_TIMEOUT_S = 1800.0
+TIMEOUT_ENV = "HESSOPS_DIST_TIMEOUT"  # seconds, overrides DEFAULT_TIMEOUT_S where no timeout is passed
 
 # A product noise (hessops.operators.witness) above this many eps of the operator's dtype means the model computes
 # in a lower precision inside: the operator warns, and eigs bounds the rounding by that precision.
 NOISE_WARNING = 100.0
 
-# The curvature operators by name (hessops.operators.OPERATORS maps each to its class).
-OPERATOR_NAMES: tuple[str, ...] = ("hessian", "ggn", "ef", "mcfisher")
+# The registry of curvature operators: each name (the CLI's --operator choices, block_spectra's operator=) and
+# where its class lives, torch-free. Registering an operator is one line here; its class carries the same
+# ``name`` (tests/test_registry.py), and hessops.operators.OPERATORS maps each name to its class.
+OPERATOR_CLASSES: dict[str, str] = {
+    "hessian": "hessops.operators.hessian:Hessian",
+    "ggn": "hessops.operators.ggn:GGN",
+    "ef": "hessops.operators.fisher:EmpiricalFisher",
+    "mcfisher": "hessops.operators.fisher:MCFisher",
+}
+OPERATOR_NAMES: tuple[str, ...] = tuple(OPERATOR_CLASSES)
 
 # Hessian(hvp_mode=...): "auto" or one of the exact formulations of hessops/operators/_hvp.py.
 HVP_MODES: tuple[str, ...] = (
@@ -53,18 +74,18 @@ TRACE_METHODS: tuple[str, ...] = ("hutch++", "hutchinson")
 # logdet(method=...) and basin_volume(method=...); "deflated": top eigenvalues exactly, the rest by SLQ.
 LOGDET_METHODS: tuple[str, ...] = ("auto", "dense", "slq", "deflated")
 
-# lanczos(basis=...) and the functions built on it: where the Lanczos basis lives (hessops/basis.py).
+# lanczos(basis=...) and the functions built on it: where the Lanczos basis lives (hessops/linalg/basis.py).
 BASIS_MODES: tuple[str, ...] = ("auto", "device", "host", "disk", "none")
 
-# hessops.data.load_dataset knows these; download_dataset fetches the last three (digits ship with scikit-learn).
+# hessops.zoo.data.load_dataset knows these; download_dataset fetches the last three (digits ship with scikit-learn).
 DATASETS: tuple[str, ...] = ("digits", "mnist", "cifar10", "cifar2")
 DOWNLOADABLE: tuple[str, ...] = ("mnist", "cifar10", "cifar2")
 
 # The operator dtypes the CLI offers (torch.float32, torch.float64).
 DTYPES: tuple[str, ...] = ("float32", "float64")
 
-# The command line's language models: gpt:SIZE (SIZE a named size, the keys of hessops.lm.GPT_CONFIGS) and
-# hf:SOURCE (hessops.lm.load_hf_model); their data is text (hessops.text's corpus) or text:PATH (a user's).
+# The command line's language models: gpt:SIZE (SIZE a named size, the keys of hessops.zoo.lm.GPT_CONFIGS) and
+# hf:SOURCE (hessops.zoo.lm.load_hf_model); their data is text (hessops.zoo.text's corpus) or text:PATH (a user's).
 GPT_PREFIX, HF_PREFIX, TEXT_DATA = "gpt:", "hf:", "text"
 GPT_SIZES: tuple[str, ...] = ("gpt2-small", "gpt2-medium", "gpt-bytes-mini", "gpt-bytes-tiny")
 

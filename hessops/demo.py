@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from hessops.density import SpectralDensity
-    from hessops.spectrum import Spectrum
-    from hessops.trace_estimation import TraceEstimate
-    from hessops.tracking import GradNormTracker, SharpnessTracker
-    from hessops.volume import BasinVolume
+    from hessops.analysis.density import SpectralDensity
+    from hessops.analysis.spectrum import Spectrum
+    from hessops.analysis.trace import TraceEstimate
+    from hessops.analysis.tracking import GradNormTracker, SharpnessTracker
+    from hessops.analysis.volume import BasinVolume
 
 DEMO_MODEL = "mlp-digits"
 THRESHOLD = 2.0
@@ -87,8 +87,8 @@ def run_demo(*, k: int = 10, epochs: int = 30, seed: int = 0, progress: bool = T
     import torch
 
     from hessops import GradNormTracker, Hessian, SharpnessTracker, basin_volume, eigs, spectral_density, trace, train
-    from hessops.data import load_dataset, make_loader
-    from hessops.models import build_model, make_loss, model_spec
+    from hessops.zoo.data import load_dataset, make_loader
+    from hessops.zoo.models import build_model, make_loss, model_spec
 
     began = time.perf_counter()
     spec = model_spec(DEMO_MODEL)

@@ -30,6 +30,8 @@ __all__ = [
     "WitnessError",
     "ProductNoiseWarning",
     "AttentionKernelWarning",
+    "CommandError",
+    "OutputError",
 ]
 
 
@@ -72,7 +74,7 @@ class NondeterministicOperatorError(HessopsError):
 
 
 class UnknownModelError(HessopsError):
-    """The name is neither in ``hessops.models.MODEL_NAMES`` nor a model timm knows (``timm:NAME``)."""
+    """The name is neither in ``hessops.zoo.models.MODEL_NAMES`` nor a model timm knows (``timm:NAME``)."""
 
 
 class CheckpointError(HessopsError):
@@ -84,7 +86,7 @@ class MissingDependencyError(HessopsError, ImportError):
 
 
 class UnknownDatasetError(HessopsError):
-    """The name is not in ``hessops.data.DATA_NAMES``."""
+    """The name is not in ``hessops.zoo.data.DATA_NAMES``."""
 
 
 class DatasetNotFoundError(HessopsError):
@@ -149,5 +151,13 @@ class AttentionKernelWarning(UserWarning):
 
 class CheckpointMismatchError(HessopsError):
     """A resumed run's checkpoint file belongs to another run (other arguments, operator, model, parameters,
-    buffers, loss or data: :mod:`hessops.checkpoint`), is of another format version, or is not a hessops
+    buffers, loss or data: :mod:`hessops.linalg.checkpoint`), is of another format version, or is not a hessops
     checkpoint."""
+
+
+class CommandError(HessopsError):
+    """A command line that cannot run here (no CUDA, a model that does not take the data's inputs)."""
+
+
+class OutputError(HessopsError):
+    """A result, a figure, a checkpoint or eigenvectors could not be written (:func:`hessops._io.atomic_write`)."""

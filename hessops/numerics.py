@@ -13,6 +13,8 @@ temporaries of that size: a Lanczos step's element-wise temporaries had cost as 
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torch import Tensor
 
@@ -103,3 +105,17 @@ def orthonormal_basis(Y: Tensor) -> Tensor:
         inverse = torch.linalg.solve_triangular(factor.T, torch.eye(len(factor), dtype=factor.dtype), upper=True)
         Q = Q @ inverse.to(device=Q.device, dtype=Q.dtype)
     return Q
+
+
+def digest(*parts: Tensor | str | None) -> str:
+    """A SHA-256 (hex) of ``parts`` in order: a string by its UTF-8 bytes, a tensor by its dtype, shape and
+    entries (moved to the CPU), ``None`` as a marker of its own."""
+    sha = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, Tensor):
+            t = part.detach().cpu().contiguous()
+            sha.update(f"<tensor {t.dtype} {tuple(t.shape)}>".encode())
+            sha.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            sha.update(f"<{type(part).__name__} {part}>".encode())
+    return sha.hexdigest()

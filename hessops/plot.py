@@ -22,10 +22,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 if TYPE_CHECKING:
-    from hessops.blocks import BlockSpectra
-    from hessops.landscape import LandscapeSlice
-    from hessops.trace_estimation import TraceEstimate
-    from hessops.volume import BasinVolume, LogdetEstimate
+    from hessops.analysis.blocks import BlockSpectra
+    from hessops.analysis.landscape import LandscapeSlice
+    from hessops.analysis.trace import TraceEstimate
+    from hessops.analysis.volume import BasinVolume, LogdetEstimate
 
 __all__ = [
     "plot_eigenvalues",

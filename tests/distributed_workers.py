@@ -12,7 +12,7 @@ from torch import nn
 from toy_networks import mlp
 
 import hessops
-from hessops.distributed import default_timeout
+from hessops.operators.distributed import default_timeout
 
 N_EXAMPLES = 23
 
@@ -127,11 +127,11 @@ def dying(rank: int, world: int, store: str, out_dir: str) -> None:
 
 
 def releasing(rank: int, world: int, store: str, out_dir: str) -> None:
-    """200 sums through hessops.distributed.all_reduce: each must be right and, once it returns, no longer
+    """200 sums through hessops.operators.distributed.all_reduce: each must be right and, once it returns, no longer
     held by gloo's worker thread (the tensor's Python reference count is back where it was)."""
     import sys
 
-    from hessops.distributed import all_reduce
+    from hessops.operators.distributed import all_reduce
 
     _init(rank, world, store)
     try:

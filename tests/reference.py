@@ -57,7 +57,7 @@ def logits_of(outputs) -> Tensor:
 
 def next_token_loss(outputs, labels: Tensor) -> Tensor:
     """Mean cross-entropy of logits[:, t] predicting labels[:, t + 1] over the counted (not -100) targets of the
-    whole batch, written out here (the loss hessops.losses.next_token_cross_entropy computes)."""
+    whole batch, written out here (the loss hessops.operators.losses.next_token_cross_entropy computes)."""
     logits = logits_of(outputs)
     return F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="mean"

@@ -15,7 +15,7 @@ from torch import nn
 from toy_networks import mlp
 
 import hessops
-from hessops._functional import all_finite
+from hessops.operators.functional import all_finite
 
 
 @pytest.fixture(scope="module")

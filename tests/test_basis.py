@@ -1,4 +1,4 @@
-"""Where the Lanczos basis lives (hessops.basis): each mode against the in-memory one and the exact spectrum, the
+"""Where the Lanczos basis lives (hessops.linalg.basis): each mode against the in-memory one and the exact spectrum, the
 Cullum–Willoughby guard on a matrix where plain Lanczos makes ghost copies, the automatic choice, the disk file."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from torch import nn
 from toy_networks import hidden_bottom, mlp
 
 import hessops
-import hessops.basis
-from hessops.basis import choose_mode, cullum_willoughby
+import hessops.linalg.basis
 from hessops.errors import InvalidArgumentError
-from hessops.lanczos import lanczos, ritz
+from hessops.linalg.basis import choose_mode, cullum_willoughby
+from hessops.linalg.lanczos import lanczos, ritz
 
 
 @pytest.fixture(scope="module")
@@ -212,12 +212,12 @@ def test_auto_chooses_from_free_memory(monkeypatch):
     """Mocked free memory: the device when the basis fits in half of it, else the host, else none."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     for device_free, host_free, wanted in ((10_000, 0, "device"), (1_000, 10_000, "host"), (1_000, 1_000, "none")):
-        monkeypatch.setattr(hessops.basis, "free_device_bytes", lambda device, free=device_free: free)
-        monkeypatch.setattr(hessops.basis, "available_host_bytes", lambda free=host_free: free)
+        monkeypatch.setattr(hessops.linalg.basis, "free_device_bytes", lambda device, free=device_free: free)
+        monkeypatch.setattr(hessops.linalg.basis, "available_host_bytes", lambda free=host_free: free)
         assert choose_mode("auto", 4_000, cuda) == wanted
     assert choose_mode("disk", 10**15, cpu) == "disk"  # asked for: not second-guessed
-    monkeypatch.setattr(hessops.basis, "free_device_bytes", lambda device: 1_000)
-    monkeypatch.setattr(hessops.basis, "available_host_bytes", lambda: 10**12)
+    monkeypatch.setattr(hessops.linalg.basis, "free_device_bytes", lambda device: 1_000)
+    monkeypatch.setattr(hessops.linalg.basis, "available_host_bytes", lambda: 10**12)
     assert choose_mode("auto", 4_000, cpu) == "none"  # a CPU operator's device memory is the host's
     A, _ = ghost_matrix(50)
     assert hessops.eigs(A, 1, "LA").basis == "none"
@@ -229,12 +229,12 @@ def test_auto_caps_the_default_steps_at_what_fits_rather_than_go_without_a_basis
     are capped at what fits and the basis stays in memory (no second pass); below 40 steps, no basis."""
     H, exact, _ = hessian
     vector = 131 * 8
-    monkeypatch.setattr(hessops.basis, "free_device_bytes", lambda device: 2 * 60 * vector)
+    monkeypatch.setattr(hessops.linalg.basis, "free_device_bytes", lambda device: 2 * 60 * vector)
     capped = hessops.eigs(H, 2, "LM", tol=1e-8)
     assert capped.basis == "device" and capped.steps <= 60 and capped.converged
     top = exact[torch.argsort(exact.abs(), descending=True)[:2]]
     torch.testing.assert_close(capped.values, top, rtol=0, atol=1e-9 * float(exact.abs().max()))
-    monkeypatch.setattr(hessops.basis, "free_device_bytes", lambda device: 2 * 30 * vector)
+    monkeypatch.setattr(hessops.linalg.basis, "free_device_bytes", lambda device: 2 * 30 * vector)
     assert hessops.eigs(H, 2, "LM", tol=1e-8).basis == "none"
     assert hessops.eigs(H, 2, "LM", tol=1e-8, max_iters=131).basis == "none"  # steps asked for: not capped
 
@@ -277,7 +277,7 @@ def test_disk_basis_leaves_no_file_while_an_error_is_held(tmp_path, monkeypatch,
             held.append(error)
     assert len(held) == 2 and all(error.__traceback__ is not None for error in held)
     assert list(tmp_path.iterdir()) == []
-    basis = hessops.basis.DiskBasis(3, 4, 1, torch.float64, torch.device("cpu"))
+    basis = hessops.linalg.basis.DiskBasis(3, 4, 1, torch.float64, torch.device("cpu"))
     assert not basis.path.exists()
     basis.append(torch.ones(4, 1, dtype=torch.float64))
     assert torch.equal(basis.vectors(), torch.ones(1, 4, 1, dtype=torch.float64))
@@ -321,19 +321,19 @@ def test_without_a_basis_in_float32_at_millions_no_eigenvalue_of_the_top_k_is_sk
 def test_large_vectors_are_verified_one_column_at_a_time_with_the_same_result(hessian, basis, monkeypatch):
     """Vectors of ONE_COLUMN_BYTES or more are verified column by column (a block of ten products of a 100M MLP
     took 22 GB): the values, bounds and products counted are those of the block."""
-    import hessops.spectrum
+    import hessops.analysis.spectrum
 
     op = hessian[0]
     block = hessops.eigs(op, 3, "LA", basis=basis)
     calls = []
-    original = hessops.spectrum._apply_columns
+    original = hessops.analysis.spectrum._apply_columns
 
     def spy(op, vectors):
         calls.append(vectors.shape[1])
         return original(op, vectors)
 
-    monkeypatch.setattr(hessops.spectrum, "ONE_COLUMN_BYTES", 0)
-    monkeypatch.setattr(hessops.spectrum, "_apply_columns", spy)
+    monkeypatch.setattr(hessops.analysis.spectrum, "ONE_COLUMN_BYTES", 0)
+    monkeypatch.setattr(hessops.analysis.spectrum, "_apply_columns", spy)
     single = hessops.eigs(op, 3, "LA", basis=basis)
     assert calls == [3]
     torch.testing.assert_close(single.values, block.values, rtol=1e-10, atol=0)

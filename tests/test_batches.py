@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 import hessops
-from hessops.data import LogitsOf, labels_from
+from hessops.zoo.data import LogitsOf, labels_from
 
 RTOL64 = 1e-10
 OPERATORS = {"hessian": hessops.Hessian, "ggn": hessops.GGN, "ef": hessops.EmpiricalFisher}

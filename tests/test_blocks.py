@@ -1,4 +1,4 @@
-"""Per-block spectra (hessops.blocks): the automatic groups of transformers and ResNets, and each block's top
+"""Per-block spectra (hessops.analysis.blocks): the automatic groups of transformers and ResNets, and each block's top
 eigenvalues against the eigenvalues of the dense float64 Hessian's (or GGN's) diagonal block."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from reference import as_float64, dense_ggn, dense_hessian
 from torch import nn
 
 import hessops
-from hessops.blocks import block_name, find_blocks, resolve_groups
+from hessops.analysis.blocks import block_name, find_blocks, resolve_groups
 from hessops.errors import InvalidArgumentError, NoParametersError
-from hessops.lm import GPT, GPTConfig
+from hessops.zoo.lm import GPT, GPTConfig
 
 
 class TinyEncoder(nn.Module):
@@ -269,8 +269,8 @@ def test_the_command_writes_each_blocks_exact_values_and_a_figure(tmp_path, caps
     parameters, read back from --out (tolerance 1e-8 relative: as above); --plot draws a figure. In-process
     (tests/test_cli.py says why)."""
     from hessops.cli import main
-    from hessops.data import load_dataset, make_loader
-    from hessops.models import build_model, make_loss, model_spec
+    from hessops.zoo.data import load_dataset, make_loader
+    from hessops.zoo.models import build_model, make_loss, model_spec
 
     out, plot = tmp_path / "blocks.json", tmp_path / "blocks.png"
     args = ["blocks", "--num-examples", "64", "--k", "2", "--dtype", "float64", "--tol", "1e-10", "--no-progress"]

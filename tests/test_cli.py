@@ -22,8 +22,8 @@ from reference import dense_hessian as reference_hessian
 
 import hessops
 from hessops.cli import main
-from hessops.data import load_dataset, make_loader
-from hessops.models import build_model, make_loss, model_spec
+from hessops.zoo.data import load_dataset, make_loader
+from hessops.zoo.models import build_model, make_loss, model_spec
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 FIGURE_BYTES = 10_000  # a drawn PNG figure of these sizes is 30-100 kB; an empty canvas is about 3 kB
@@ -264,7 +264,7 @@ def test_track_writes_history_and_one_two_panel_figure(tmp_path, monkeypatch):
     """Its history and figure, and each recorded sharpness against the top eigenvalue of the reference Hessian
     (tests/reference.py, float64) of the model as it was when measured, on the fixed 128 examples (rtol 1e-3: a
     float32 operator, Lanczos tol 1e-4)."""
-    from hessops.tracking import SharpnessTracker
+    from hessops.analysis.tracking import SharpnessTracker
 
     states = {}
     measure = SharpnessTracker.measure
@@ -484,8 +484,8 @@ def test_eigs_of_a_gpt_on_text_against_the_reference_on_the_same_model_and_block
     import scipy.sparse.linalg
     from reference import hessian_product
 
-    from hessops.lm import GPT, gpt_config
-    from hessops.text import load_text
+    from hessops.zoo.lm import GPT, gpt_config
+    from hessops.zoo.text import load_text
 
     out = tmp_path / "eigs.json"
     args = ["--model", "gpt:gpt-bytes-tiny", "--data", "text", "--seq-len", "16", "--num-examples", "8", "--k", "2"]
@@ -564,8 +564,8 @@ def test_hf_model_from_a_config_file_on_a_users_text_file(tmp_path):
     assert "transformer.h.0" in names and "transformer.h.1" not in names  # the override took
     # each block's top eigenvalue against tests/reference.py's float64 Hessian of that block (its own next-token
     # loss), on the model and text blocks the command builds (value-tol 1e-3 on float32 products: rtol 2e-3)
-    from hessops.lm import load_hf_model
-    from hessops.text import load_text
+    from hessops.zoo.lm import load_hf_model
+    from hessops.zoo.text import load_text
 
     model = load_hf_model(str(config), overrides={"n_layer": 1}, seed=0).double().eval()
     data = as_float64(make_loader(load_text(text, block_size=16)))

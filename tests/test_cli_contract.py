@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 import hessops.demo
-from hessops import _commands, cli
+from hessops.cli import app as cli
+from hessops.cli import commands as _commands
 from hessops.errors import DistributedError, InvalidArgumentError
 from hessops.zoo import MODELS
 
@@ -291,9 +292,9 @@ def test_choices_are_the_library_constants():
 
 
 def test_gpt_sizes_are_the_named_configs():
-    """The CLI's torch-free tuple of gpt:SIZE names is hessops.lm's table."""
+    """The CLI's torch-free tuple of gpt:SIZE names is hessops.zoo.lm's table."""
     from hessops import constants
-    from hessops.lm import GPT_CONFIGS
+    from hessops.zoo.lm import GPT_CONFIGS
 
     assert constants.GPT_SIZES == tuple(GPT_CONFIGS)
 
@@ -311,7 +312,7 @@ def test_hf_override_values_are_read_as_json_else_text():
 def test_split_sizes_are_the_datasets():
     """SPLIT_SIZES lets --num-examples be checked without loading; digits (embedded) is checked against the
     data itself, the others are the published split sizes (cifar2: airplane and bird, 5,000 + 5,000 train)."""
-    from hessops.data import load_dataset
+    from hessops.zoo.data import load_dataset
 
     assert set(cli.SPLIT_SIZES) == set(cli.DATASETS)
     assert cli.SPLIT_SIZES["digits"] == (

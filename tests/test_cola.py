@@ -109,7 +109,7 @@ def test_regularized_refuses_what_it_cannot_wrap(problem):
 
 def test_cuda_device_is_normalized(monkeypatch):
     """CoLA's Sum asserts equal devices, and torch.device('cuda') != torch.device('cuda:0')."""
-    from hessops._functional import normalize_device
+    from hessops.operators.functional import normalize_device
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert normalize_device("cuda") == torch.device("cuda:0")

@@ -22,8 +22,8 @@ import torch
 from reference import dense_hessian
 
 from benchmarks.coverage import Coverage, experiments, in_random_basis, mlp_hessian, regularized, spectra
-from hessops.density import quadrature
-from hessops.lanczos import rademacher
+from hessops.linalg.lanczos import rademacher
+from hessops.linalg.quadrature import quadrature
 
 TRACE_SEEDS, LOGDET_SEEDS, UNRESOLVED_SEEDS = 400, 100, 40
 BUDGET = 60_000  # products (columns) per experiment: 400 trace runs of 100 probes, or 100 SLQ runs of 600

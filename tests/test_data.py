@@ -15,7 +15,8 @@ import torchvision
 from torch.utils.data import Subset
 from torchvision.transforms import functional as TF
 
-from hessops.data import (
+from hessops.errors import CorruptDatasetError, DatasetNotFoundError, UnknownDatasetError
+from hessops.zoo.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     DATA_NAMES,
@@ -27,7 +28,6 @@ from hessops.data import (
     make_loader,
     on_device,
 )
-from hessops.errors import CorruptDatasetError, DatasetNotFoundError, UnknownDatasetError
 
 N_MNIST = {True: 20, False: 10}
 N_CIFAR_BATCH = 20

@@ -18,10 +18,10 @@ from torch import nn
 from toy_networks import hidden_bottom, mlp
 
 import hessops
-import hessops.basis
+import hessops.linalg.basis
 from hessops.cli import main
-from hessops.density import quadrature
-from hessops.lanczos import rademacher
+from hessops.linalg.lanczos import rademacher
+from hessops.linalg.quadrature import quadrature
 
 
 def logdet_of(dense: torch.Tensor) -> float:
@@ -140,7 +140,7 @@ def test_basin_volume_refuses_a_smallest_eigenvalue_that_has_not_converged(monke
     run finds −10 and c = 2 is refused as too small, c = 12 accepted."""
     H, spectrum = hidden_bottom()
     n = H.shape[0]
-    monkeypatch.setattr(hessops.basis, "free_device_bytes", lambda device: 2 * 40 * n * 8)
+    monkeypatch.setattr(hessops.linalg.basis, "free_device_bytes", lambda device: 2 * 40 * n * 8)
     with (
         pytest.warns(RuntimeWarning, match="eigs stopped after 40 Lanczos steps"),
         pytest.raises(hessops.NotPositiveDefiniteError, match="stopped after 40 steps without converging") as error,

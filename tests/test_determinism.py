@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from toy_networks import mlp
 
 import hessops
-from hessops._determinism import batch_fingerprint, fingerprint_change
+from hessops.operators._determinism import batch_fingerprint, fingerprint_change
 
 RTOL64 = 1e-10
 OPERATORS = [hessops.Hessian, hessops.GGN, hessops.EmpiricalFisher]

@@ -63,7 +63,7 @@ def test_a_failing_rank_stops_every_rank_with_its_name(tmp_path):
 def test_all_reduce_returns_only_once_gloo_lets_go_of_the_tensor(tmp_path):
     """A gloo worker thread that drops its reference while the process exits aborts it ("terminate called
     without an active exception", pytorch/pytorch#190489). Measured on torch 2.15: dist.all_reduce returns with
-    the tensor still held in ~25% of calls; hessops.distributed.all_reduce waits until it is let go."""
+    the tensor still held in ~25% of calls; hessops.operators.distributed.all_reduce waits until it is let go."""
     spawn(workers.releasing, 2, tmp_path)
     for rank in range(2):
         assert torch.load(tmp_path / f"rank{rank}.pt") == {"held": 0, "wrong": 0}
@@ -72,7 +72,7 @@ def test_all_reduce_returns_only_once_gloo_lets_go_of_the_tensor(tmp_path):
 def test_a_long_error_message_is_cut_to_fit_the_status_table():
     import pickle
 
-    from hessops.distributed import STATUS_BYTES, _pickled
+    from hessops.operators.distributed import STATUS_BYTES, _pickled
 
     message = "RuntimeError: " + "é shape mismatch " * 1000  # multi-byte characters: the cut is by bytes
     payload = _pickled({"count": 3, "error": message, "nonfinite": (2, float("nan"))})
@@ -108,7 +108,7 @@ def test_a_dead_rank_ends_the_others_with_an_error(tmp_path):
 
 
 def test_the_default_timeout_is_generous_and_set_by_the_environment(monkeypatch):
-    from hessops.distributed import DEFAULT_TIMEOUT_S, TIMEOUT_ENV, default_timeout
+    from hessops.operators.distributed import DEFAULT_TIMEOUT_S, TIMEOUT_ENV, default_timeout
 
     monkeypatch.delenv(TIMEOUT_ENV, raising=False)
     assert default_timeout() == DEFAULT_TIMEOUT_S == 1800.0  # torch's own gloo default: room for a loaded machine
@@ -121,7 +121,7 @@ def test_the_default_timeout_is_generous_and_set_by_the_environment(monkeypatch)
 
 
 def test_shard_covers_every_example_once():
-    from hessops.distributed import shard
+    from hessops.operators.distributed import shard
 
     dataset = list(range(10))
     assert list(shard(dataset)) == dataset  # outside torch.distributed: everything

@@ -14,9 +14,9 @@ from torch import nn
 from toy_networks import mlp
 
 import hessops
-from hessops.lm import GPT, GPTConfig
-from hessops.losses import next_token_cross_entropy
 from hessops.operators.evaluation import dataset_loss
+from hessops.operators.losses import next_token_cross_entropy
+from hessops.zoo.lm import GPT, GPTConfig
 
 # float64 sums of the same terms in another order (batch by batch, not in one call): ~1e-16 relative each.
 RTOL = 1e-12

@@ -14,7 +14,7 @@ import pytest
 import torch
 from test_data import write_cifar
 
-import hessops.data
+import hessops.zoo.data
 
 GRID = [[0.0, 0.0], [0.0, 0.01], [0.9, 0.001], [0.8, 0.01]]
 
@@ -33,7 +33,7 @@ def test_quick_runs_the_grid_and_learns(quick):
     assert result["mode"] == "quick" and result["lr"] == 0.01 and result["batch_size"] == 4
     assert result["split"] == {"fractions": [0.9, 0.1], "seed": 123}
     assert [[r["momentum"], r["weight_decay"]] for r in result["runs"]] == GRID
-    digits = hessops.data.load_dataset("digits")
+    digits = hessops.zoo.data.load_dataset("digits")
     n_images = int(torch.isin(digits.labels, torch.tensor([3, 8])).sum())  # the digits 3 and 8 of the train split
     assert result["n_train"] + result["n_val"] == n_images and abs(result["n_train"] - 0.9 * n_images) <= 1
     for r in result["runs"]:
@@ -71,7 +71,7 @@ def test_full_mode_path_on_cifar_format_files(tmp_path, monkeypatch):
     write_cifar(tmp_path)
     example = load_example()
     # the files are not the published ones, so their MD5 sums differ: read them unverified
-    monkeypatch.setattr(example, "load_dataset", functools.partial(hessops.data.load_dataset, verify=False))
+    monkeypatch.setattr(example, "load_dataset", functools.partial(hessops.zoo.data.load_dataset, verify=False))
     args = argparse.Namespace(
         quick=False,
         data_dir=tmp_path,

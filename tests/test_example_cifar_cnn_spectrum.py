@@ -15,8 +15,8 @@ import pytest
 import torch
 from test_data import write_cifar
 
-import hessops.data
-from hessops.data import CIFAR10_MEAN, CIFAR10_STD
+import hessops.zoo.data
+from hessops.zoo.data import CIFAR10_MEAN, CIFAR10_STD
 
 FLOAT32_EPS = torch.finfo(torch.float32).eps
 
@@ -104,12 +104,12 @@ def test_full_mode_data_path_on_cifar_format_files(tmp_path, monkeypatch):
     write_cifar(tmp_path)
     example = load_example()
     # the files are not the published ones, so their MD5 sums differ: read them unverified
-    monkeypatch.setattr(example, "load_dataset", functools.partial(hessops.data.load_dataset, verify=False))
+    monkeypatch.setattr(example, "load_dataset", functools.partial(hessops.zoo.data.load_dataset, verify=False))
     args = argparse.Namespace(
         quick=False, data_dir=tmp_path, train_examples=None, seed=0, batch_size=10, device=torch.device("cpu")
     )
     data, fill = example.training_set(args)
-    reference = hessops.data.load_dataset("cifar10", data_dir=tmp_path, verify=False)
+    reference = hessops.zoo.data.load_dataset("cifar10", data_dir=tmp_path, verify=False)
     assert len(data) == 100 and torch.equal(data[7][0], reference[7][0]) and torch.equal(data[7][0], data[7][0])
     assert fill == pytest.approx([-m / s for m, s in zip(CIFAR10_MEAN, CIFAR10_STD)])  # a black pixel, normalized
     x, y = next(iter(example.training_loader(data, fill, args)))

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import hessops
-from hessops.models import build_model
+from hessops.zoo.models import build_model
 
 REPLAYED = 6  # epochs of the quick run that test_gradient_norms_match_a_recomputation replays
 WEIGHTS = ["1.weight", "3.weight", "5.weight", "7.weight"]  # mlp-mnist's four bias-free Linear layers

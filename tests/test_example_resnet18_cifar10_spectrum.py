@@ -17,8 +17,8 @@ from test_data import write_cifar
 from torch import nn
 
 import hessops
-import hessops.data
-from hessops.models import build_model, load_checkpoint, model_spec
+import hessops.zoo.data
+from hessops.zoo.models import build_model, load_checkpoint, model_spec
 
 MODEL = "resnet18_cifar10"
 
@@ -90,7 +90,7 @@ def test_full_mode_test_set_uses_the_checkpoints_normalization(tmp_path, monkeyp
     write_cifar(tmp_path)
     example = load_example()
     # the files are not the published ones, so their MD5 sums differ: read them unverified
-    monkeypatch.setattr(example, "load_dataset", functools.partial(hessops.data.load_dataset, verify=False))
+    monkeypatch.setattr(example, "load_dataset", functools.partial(hessops.zoo.data.load_dataset, verify=False))
     data = example.load_test_set(argparse.Namespace(quick=False, data_dir=tmp_path))
     spec = model_spec(MODEL)
     assert len(data) == 20 and spec.std == (0.2023, 0.1994, 0.2010)

@@ -379,10 +379,10 @@ def test_dense_hessian_is_right_through_normalization_layers(name):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_the_scalar_form_of_a_single_column_is_grad_outputs_to_rounding(dtype, monkeypatch):
-    """hessops/_autograd.py differentiates one column of a small problem as the scalar <∇L, v> (no sympy
+    """hessops/operators/_autograd.py differentiates one column of a small problem as the scalar <∇L, v> (no sympy
     import), a large one with v as grad_outputs (no copy of v): the same products to rounding (the backward adds
     the same terms in another order: measured 9e-8 relative in float32, 1e-16 in float64)."""
-    from hessops import _autograd
+    from hessops.operators import _autograd
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3), nn.LayerNorm(3)).to(dtype).eval()

@@ -25,7 +25,7 @@ _FRESH = textwrap.dedent(
     assert not [m for m in heavy if m in sys.modules], [m for m in heavy if m in sys.modules]
     assert sorted(hessops.zoo.MODELS) and "hessian" in hessops.constants.OPERATOR_NAMES
     assert not [m for m in heavy if m in sys.modules], "reading the registry imported " + str(heavy)
-    from hessops.spectrum import eigs  # a heavy module first, not through hessops.__getattr__
+    from hessops.analysis.spectrum import eigs  # a heavy module first, not through hessops.__getattr__
     import torch
     from torch import nn
     model = nn.Sequential(nn.Linear(3, 2)).double()
@@ -52,11 +52,11 @@ def test_public_names_resolve_lazily_to_their_modules():
         value = getattr(hessops, name)
         assert value.__name__ == name, name
     from hessops import Hessian, trace
+    from hessops.analysis.trace import trace as trace_function
     from hessops.operators import Hessian as defined
-    from hessops.trace_estimation import trace as trace_function
 
     assert Hessian is defined and trace is trace_function
-    assert hessops.data.load_dataset.__module__ == "hessops.data"  # a submodule, imported on first access
+    assert hessops.zoo.data.load_dataset.__module__ == "hessops.zoo.data"  # a submodule, imported on first access
     with pytest.raises(AttributeError, match="no_such_name"):
         hessops.no_such_name  # noqa: B018 - the attribute access is what is tested
 
@@ -74,7 +74,7 @@ def test_the_names_type_checkers_see_are_the_lazy_ones():
 
 # A user's first products: each operator's single-column product, on a fresh interpreter, must not import
 # torch._dynamo (1.5-3 s on 2 cores, through torch.func.grad/vjp) nor sympy (0.8 s, through a tensor
-# grad_outputs); hessops/_autograd.py says why. Checked by the modules imported, not by time.
+# grad_outputs); hessops/operators/_autograd.py says why. Checked by the modules imported, not by time.
 _FIRST_PRODUCTS = textwrap.dedent(
     """
     import sys, torch

@@ -16,7 +16,6 @@ from torch import nn
 import hessops
 from hessops._cola import cola
 from hessops.cli import main
-from hessops.data import load_dataset, make_loader
 from hessops.errors import (
     EigenvectorsFileError,
     EmptyDataError,
@@ -24,8 +23,9 @@ from hessops.errors import (
     NonFiniteLossError,
     TrainModeError,
 )
-from hessops.models import build_model, make_loss, model_spec
 from hessops.plot import plot_landscape
+from hessops.zoo.data import load_dataset, make_loader
+from hessops.zoo.models import build_model, make_loss, model_spec
 
 SIZES = [7, 13, 20]  # unequal batches: an unweighted mean of batch means would differ from the dataset mean
 

@@ -26,8 +26,8 @@ from torch import Tensor, nn
 from toy_networks import interrupted_at
 
 import hessops
-from hessops.lm import GPT, GPTConfig
-from hessops.losses import next_token_cross_entropy
+from hessops.operators.losses import next_token_cross_entropy
+from hessops.zoo.lm import GPT, GPTConfig
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 VOCAB, SEQ = 8, 6

@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 import hessops
 from hessops.errors import CheckpointError, EmptyDataError, TargetShapeError, UnknownModelError
-from hessops.lm import GPT, GPTConfig, gpt_config, load_hf_model
-from hessops.losses import NextTokenCrossEntropy, loss_spec, next_token_cross_entropy
+from hessops.operators.losses import NextTokenCrossEntropy, loss_spec, next_token_cross_entropy
+from hessops.zoo.lm import GPT, GPTConfig, gpt_config, load_hf_model
 
 RTOL64 = 1e-10  # float64 sums in another order: ~1e-15 relative, room for the conditioning of tiny models
 B, T, V = 6, 6, 8
@@ -367,7 +367,7 @@ def test_data_without_counted_tokens_or_labels_is_refused():
 
 # -- the offline corpus ----------------------------------------------------------------------------------
 def test_text_blocks_hold_every_byte_of_the_corpus_once():
-    from hessops.text import corpus_documents, load_text
+    from hessops.zoo.text import corpus_documents, load_text
 
     documents = corpus_documents()
     blocks = load_text(block_size=64)
@@ -384,8 +384,8 @@ def test_text_blocks_hold_every_byte_of_the_corpus_once():
 
 
 def test_a_gpt_on_text_blocks_through_a_loader():
-    from hessops.data import make_loader
-    from hessops.text import load_text
+    from hessops.zoo.data import make_loader
+    from hessops.zoo.text import load_text
 
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=256, block_size=16, n_layer=1, n_head=2, n_embd=4)
@@ -401,7 +401,7 @@ def test_a_gpt_on_text_blocks_through_a_loader():
 
 def test_load_text_reads_a_users_file_or_folder_of_txt_files(tmp_path):
     from hessops.errors import CorruptDatasetError, DatasetNotFoundError, EmptyDataError
-    from hessops.text import corpus_documents, load_text
+    from hessops.zoo.text import corpus_documents, load_text
 
     (tmp_path / "b.txt").write_text("second é", encoding="utf-8")
     (tmp_path / "a.txt").write_text("first", encoding="utf-8")

@@ -28,7 +28,7 @@ from reference import enumerated_fisher
 from torch import Tensor, nn
 
 import hessops
-from hessops.losses import next_token_cross_entropy
+from hessops.operators.losses import next_token_cross_entropy
 
 Z = 5.0  # standard errors allowed between the seeds' mean and the exact expectation
 SEEDS = 24  # independent draws of the estimator

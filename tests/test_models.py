@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from hessops.errors import CheckpointError, MissingDependencyError, UnknownModelError
-from hessops.models import MODEL_NAMES, ModelSpec, build_model, load_checkpoint, make_loss, model_spec
+from hessops.zoo.models import MODEL_NAMES, ModelSpec, build_model, load_checkpoint, make_loss, model_spec
 
 N_PARAMS = {
     "mlp-digits": 2_410,

@@ -57,7 +57,7 @@ def attention():
 
 def tiny_gpt():
     """hessops' GPT (the model under test elsewhere) on right-padded dict batches, the next-token loss written out."""
-    from hessops.lm import GPT, GPTConfig
+    from hessops.zoo.lm import GPT, GPTConfig
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=8, block_size=6, n_layer=1, n_head=2, n_embd=4)).double().eval()
@@ -71,7 +71,7 @@ def tiny_gpt():
 def hf_gpt2():
     """A one-layer HuggingFace GPT-2 returning an object with ``.logits``."""
     pytest.importorskip("transformers")
-    from hessops.lm import load_hf_model
+    from hessops.zoo.lm import load_hf_model
 
     overrides = {"n_layer": 1, "n_embd": 4, "n_head": 2, "vocab_size": 8, "n_positions": 6}
     model = load_hf_model("gpt2", overrides=overrides, seed=0, dtype=torch.float64)

@@ -13,7 +13,7 @@ from torch import nn
 from toy_networks import mlp
 
 import hessops
-from hessops.lanczos import rademacher
+from hessops.linalg.lanczos import rademacher
 
 
 @pytest.fixture(scope="module")

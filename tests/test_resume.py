@@ -1,4 +1,4 @@
-"""Resumable runs (hessops.checkpoint): interrupted and resumed runs give the bit-identical result of an
+"""Resumable runs (hessops.linalg.checkpoint): interrupted and resumed runs give the bit-identical result of an
 uninterrupted one, a checkpoint of another run is refused, Ctrl-C says how to resume, and the command line resumes
 after a real SIGKILL."""
 
@@ -61,7 +61,7 @@ def test_an_interrupt_before_the_first_step_saves_and_resumes(tmp_path, hessian,
     """A SIGTERM read as the progress bar appears (the CLI test's `kill` on seeing "SLQ") arrives before the
     first step: it saves a checkpoint of step 0 and says so, as an interrupt later does (it was a bare
     "terminated", one run in four), and the resumed run is the uninterrupted one."""
-    import hessops.lanczos as lanczos_module
+    import hessops.linalg.lanczos as lanczos_module
 
     path = tmp_path / "run.ckpt"
     reference = hessops.eigs(hessian, 3, tol=1e-9)

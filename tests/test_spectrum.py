@@ -118,8 +118,8 @@ def test_value_tol_bounds_the_eigenvalue_errors(indefinite, which):
 def test_error_bounds_on_a_known_spectrum():
     """Kato–Temple: on a diagonal operator with separated top eigenvalues, every Lanczos Ritz value lies within
     its bound of an eigenvalue, at every step count, and the bound is far below the residual once converged."""
-    from hessops.lanczos import lanczos, ritz
-    from hessops.spectrum import error_bounds
+    from hessops.analysis.spectrum import error_bounds
+    from hessops.linalg.lanczos import lanczos, ritz
 
     spectrum = torch.cat([torch.tensor([10.0, 7.0, 5.0]), torch.linspace(-1, 1, 197)]).double()
     A = cola.SelfAdjoint(cola.ops.Dense(torch.diag(spectrum)))

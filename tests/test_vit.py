@@ -18,8 +18,8 @@ from reference import dense_empirical_fisher, dense_ggn, dense_hessian, relative
 from torch import nn
 
 import hessops
-from hessops import _functional
 from hessops.errors import AttentionKernelWarning
+from hessops.operators import functional as _functional
 
 timm = pytest.importorskip("timm")
 
@@ -87,8 +87,8 @@ def test_fused_attention_is_on_in_the_models_as_built():
 
 
 def test_dense_hessian_is_plain_double_backward(case):
-    """hessops.dense (batched, in differentiable kernels) = tests/reference.py's row-by-row double backward on the
-    module, on the whole dataset at once (the case's reference)."""
+    """hessops.operators.dense (batched, in differentiable kernels) = tests/reference.py's row-by-row double backward
+    on the module, on the whole dataset at once (the case's reference)."""
     model, loss, data, hessian = case
     result = hessops.dense_hessian(model, loss, data)
     assert relative_error(result, hessian) < RTOL64
@@ -190,13 +190,13 @@ def test_the_users_kernel_settings_are_restored(user):
 @pytest.mark.parametrize("name", ["vit-tiny-cifar", "vit-micro-cifar"])
 def test_zoo_vits_have_fused_attention(name):
     """Sizes and inputs are tests/test_models.py's; here: products on them switch kernels (and say so)."""
-    from hessops.models import build_model
+    from hessops.zoo.models import build_model
 
     assert _functional.fused_attention(build_model(name))
 
 
 def test_timm_sizes_reach_create_model_and_the_spec():
-    from hessops.models import build_model, model_spec
+    from hessops.zoo.models import build_model, model_spec
 
     options = {"img_size": 32, "patch_size": 4, "num_classes": 10}
     spec = model_spec("timm:vit_tiny_patch16_224", options=options)
@@ -217,14 +217,14 @@ def test_timm_sizes_reach_create_model_and_the_spec():
 )
 def test_bad_timm_sizes_are_refused(name, options, message):
     from hessops.errors import InvalidArgumentError
-    from hessops.models import build_model
+    from hessops.zoo.models import build_model
 
     with pytest.raises(InvalidArgumentError, match=re.escape(message)):
         build_model(name, options=options)
 
 
 def test_cli_passes_timm_sizes():
-    from hessops import cli
+    from hessops.cli import app as cli
 
     args = cli.build_parser().parse_args(
         ["eigs", "--model", "timm:vit_tiny_patch16_224", "--data", "cifar10", "--img-size", "32", "--patch-size", "4"]

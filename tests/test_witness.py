@@ -1,6 +1,6 @@
-"""The first-order witness (hessops/operators/witness.py) and weight norm written out (hessops/_written_out.py):
-products against central finite differences (tests/reference.py's fd_hessian_product, and the GGN's here),
-independently of hessops, in float64."""
+"""The first-order witness (hessops/operators/witness.py) and weight norm written out
+(hessops/operators/_written_out.py): products against central finite differences (tests/reference.py's
+fd_hessian_product, and the GGN's here), independently of hessops, in float64."""
 
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ from torch.nn.utils import parametrizations
 from toy_networks import Attention
 
 import hessops
-from hessops import _written_out
 from hessops.errors import ProductNoiseWarning, WitnessError
-from hessops.operators import _hvp, witness
+from hessops.operators import _hvp, _written_out, witness
 
 # Central differences with h = 1e-5 in float64 are within ~1e-8 of the true product on these models (truncation
 # h² ≈ 1e-10 times third derivatives of order one, rounding eps/h ≈ 2e-11 times the gradient); torch's weight

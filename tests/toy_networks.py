@@ -1,4 +1,4 @@
-"""Small networks for the tests (not the library's zoo, hessops.models): the two of our users' studies among them;
+"""Small networks for the tests (not the library's zoo, hessops.zoo.models): the two of our users' studies among them;
 a test operator, and an interrupted one."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import cola
 import torch
 from torch import nn
 
-from hessops.models import build_model
+from hessops.zoo.models import build_model
 
 
 class Attention(nn.Module):

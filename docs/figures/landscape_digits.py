@@ -13,8 +13,8 @@ import torch
 
 import hessops
 from hessops.cli import main
-from hessops.data import load_dataset, make_loader
-from hessops.models import build_model, make_loss, model_spec
+from hessops.zoo.data import load_dataset, make_loader
+from hessops.zoo.models import build_model, make_loss, model_spec
 
 FIGURES = Path(__file__).resolve().parent
 RISE = 2.0  # the eigenvector plane spans ±a with ½λ₁a² = RISE nats: the top curvature's rise at the edge

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from hessops.constants import OPERATOR_NAMES
+import importlib
+
+from hessops.constants import OPERATOR_CLASSES
 from hessops.operators._base import Batch, CurvatureOperator
 from hessops.operators.fisher import EmpiricalFisher, MCFisher
 from hessops.operators.ggn import GGN
@@ -11,7 +13,12 @@ from hessops.operators.regularized import Regularized
 
 __all__ = ["CurvatureOperator", "Batch", "Hessian", "GGN", "EmpiricalFisher", "MCFisher", "Regularized", "OPERATORS"]
 
-# The one table of operators by name (the CLI's --operator choices are its keys).
-OPERATORS: dict[str, type[CurvatureOperator]] = dict(
-    zip(OPERATOR_NAMES, (Hessian, GGN, EmpiricalFisher, MCFisher), strict=True)
-)
+
+def _load(where: str) -> type[CurvatureOperator]:
+    module, _, name = where.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+# Every registered operator by name (hessops.constants.OPERATOR_CLASSES, the one registry; the CLI's --operator
+# choices are its keys).
+OPERATORS: dict[str, type[CurvatureOperator]] = {name: _load(where) for name, where in OPERATOR_CLASSES.items()}

@@ -12,10 +12,23 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from hessops import _written_out
 from hessops._cola import cola
-from hessops._determinism import batch_fingerprint, check_model, data_changed_error, fingerprint_change
-from hessops._functional import (
+from hessops.errors import (
+    DeviceMismatchError,
+    DistributedError,
+    DtypeMismatchError,
+    EmptyDataError,
+    InvalidArgumentError,
+    NondeterministicOperatorError,
+    NonFiniteLossError,
+)
+from hessops.numerics import digest, norm
+from hessops.operators import _written_out
+from hessops.operators import witness as first_order
+from hessops.operators._determinism import batch_fingerprint, check_model, data_changed_error, fingerprint_change
+from hessops.operators.distributed import fingerprint, synchronize
+from hessops.operators.distributed import resolve as resolve_distributed
+from hessops.operators.functional import (
     ParamTree,
     Problem,
     add_tree_,
@@ -26,7 +39,6 @@ from hessops._functional import (
     cast_floating,
     check_batch,
     check_train_mode,
-    digest,
     first_batch,
     flat_to_tree,
     model_state,
@@ -35,20 +47,7 @@ from hessops._functional import (
     split_batch,
     split_examples,
 )
-from hessops.distributed import fingerprint, synchronize
-from hessops.distributed import resolve as resolve_distributed
-from hessops.errors import (
-    DeviceMismatchError,
-    DistributedError,
-    DtypeMismatchError,
-    EmptyDataError,
-    InvalidArgumentError,
-    NondeterministicOperatorError,
-    NonFiniteLossError,
-)
-from hessops.losses import check_counted, loss_spec, probe_mean
-from hessops.numerics import norm
-from hessops.operators import witness as first_order
+from hessops.operators.losses import check_counted, loss_spec, probe_mean
 
 DEFAULT_CHUNK_SIZE = 16
 
@@ -89,7 +88,7 @@ class Batch:
 class CurvatureOperator(cola.ops.LinearOperator):
     r"""Curvature of the dataset loss :math:`L(\theta) = \frac1W \sum_b W_b L_b(\theta)` (``reduction="mean"``;
     :math:`W = \sum_b W_b`) or :math:`\sum_b L_b(\theta)` (``reduction="sum"``), :math:`L_b` the loss of batch
-    :math:`b` (:mod:`hessops.losses`).
+    :math:`b` (:mod:`hessops.operators.losses`).
 
     One matmat is one pass over ``data``. Batch :math:`b` contributes :math:`W_b \cdot C_b V` (mean) or
     :math:`C_b V` (sum), where :math:`C_b` is the curvature of the batch loss and :math:`W_b` what the batch
@@ -105,12 +104,12 @@ class CurvatureOperator(cola.ops.LinearOperator):
         model: the network; its current parameters are the point :math:`\theta`. Buffers are used as they are.
         loss_fn: ``loss_fn(outputs, targets)`` returning the batch mean or sum: a loss hessops knows (module,
             functional form or ``functools.partial`` of it), or a callable verified to be a mean over
-            examples on the first batch (:func:`hessops.losses.probe_mean`).
+            examples on the first batch (:func:`hessops.operators.losses.probe_mean`).
         data: a re-iterable of ``(inputs, targets)`` batches (a DataLoader, a list of tuples; a one-shot
             iterator is refused). ``inputs`` is a tensor, a tuple of positional tensors or a mapping of keyword
             tensors; the examples in a batch are counted from the first dimension its input tensors share
             (0-d tensors are constants). A dict holding ``"labels"`` (a HuggingFace batch) is ``(the rest, labels)``;
-            for labels under another key, use ``hessops.data.labels_from``.
+            for labels under another key, use ``hessops.zoo.data.labels_from``.
         params: parameters to differentiate, in the flat vector's order; default the trainable ones.
         dtype: the operator's dtype; default the parameters'. A wider dtype than the model's evaluates the
             model in that dtype (parameters, buffers and floating inputs are cast on the fly).
@@ -143,6 +142,8 @@ class CurvatureOperator(cola.ops.LinearOperator):
             torch's wrong second derivatives; refuse the operator (``WitnessError``) if it disagrees, and measure
             the products' noise (:attr:`product_noise`). ``HESSOPS_WITNESS=0`` turns it off for every operator.
     """
+
+    name: str | None = None  # a registered operator's key in hessops.constants.OPERATOR_CLASSES
 
     def __init__(
         self,
@@ -219,8 +220,8 @@ class CurvatureOperator(cola.ops.LinearOperator):
 
     def _check_first_batch(self, batch: Any) -> None:
         """Count batch 0's examples (an uncountable batch fails here, not in the first product), probe a loss
-        hessops does not know (:func:`hessops.losses.probe_mean`) and, with ``check_determinism``, check the
-        model on its first micro-batch (:func:`hessops._determinism.check_model`)."""
+        hessops does not know (:func:`hessops.operators.losses.probe_mean`) and, with ``check_determinism``, check the
+        model on its first micro-batch (:func:`hessops.operators._determinism.check_model`)."""
         problem = self.problem
         inputs, targets = self._prepare(batch, 0)
         n_b = batch_size(inputs, 0, problem.batch_size_fn)
@@ -420,10 +421,10 @@ class CurvatureOperator(cola.ops.LinearOperator):
         if change is not None:
             raise data_changed_error(change)
 
-    # -- what identifies the matrix (hessops.checkpoint) -------------------------------------------------
+    # -- what identifies the matrix (hessops.linalg.checkpoint) -------------------------------------------------
     def identity(self) -> dict[str, Any]:
         """What makes this operator's matrix, besides the data, as strings a resumed run must match
-        (:mod:`hessops.checkpoint`).
+        (:mod:`hessops.linalg.checkpoint`).
 
         Returns:
             ``operator``: the class and its own options (``MCFisher(samples=4, seed=0)``); ``model``: the
@@ -431,7 +432,7 @@ class CurvatureOperator(cola.ops.LinearOperator):
             shapes, values, in the flat vector's order); ``buffers``: a SHA-256 of everything else the model
             computes with, by name: the floating buffers (BatchNorm's running statistics) and the frozen
             parameters (integer buffers such as ``num_batches_tracked`` do not enter an eval-mode forward and
-            are left out); ``loss``: :attr:`hessops.losses.LossSpec.identity`.
+            are left out); ``loss``: :attr:`hessops.operators.losses.LossSpec.identity`.
         """
         problem = self.problem
         named = dict(problem.model.named_parameters())
@@ -454,7 +455,7 @@ class CurvatureOperator(cola.ops.LinearOperator):
         return {}
 
     def data_fingerprint(self, take: bool = False) -> Tensor | None:
-        """The data's order-independent fingerprint (:func:`hessops._determinism.batch_fingerprint`, float64
+        """The data's order-independent fingerprint (:func:`hessops.operators._determinism.batch_fingerprint`, float64
         ``(5,)`` on the CPU) that the first product took, or ``None`` before it and with
         ``check_determinism=False``. ``take``: when no product has run, take it now, by one pass over the data
         without the model (batches prepared and counted as a product prepares them)."""

@@ -16,9 +16,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
-from hessops._autograd import block_vjp, column_vjp
-from hessops._functional import differentiable_kernels
 from hessops.constants import HVP_MODES
+from hessops.operators._autograd import block_vjp, column_vjp
+from hessops.operators.functional import differentiable_kernels
 
 ParamTree = tuple[Tensor, ...]
 

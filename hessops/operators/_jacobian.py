@@ -8,11 +8,11 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vmap
 
-from hessops._autograd import block_vjp
 from hessops._cola import cola
-from hessops._functional import ParamTree, differentiable_kernels
 from hessops.operators import witness as first_order
+from hessops.operators._autograd import block_vjp
 from hessops.operators._base import Batch, CurvatureOperator
+from hessops.operators.functional import ParamTree, differentiable_kernels
 
 OutputMatmat = Callable[[Tensor], Tensor]
 
@@ -30,7 +30,7 @@ class JacobianSandwich(CurvatureOperator):
 
     def _setup(self) -> None:
         self.output_model = self.problem.model
-        self.output_loss = self.problem.loss_fn  # a hessops.losses.LossSpec
+        self.output_loss = self.problem.loss_fn  # a hessops.operators.losses.LossSpec
         self.annotations = self.annotations | {cola.PSD}
 
     def _output_operator(self, outputs: Tensor, batch: Batch) -> OutputMatmat:

@@ -1,12 +1,13 @@
 r"""The dataset loss the operators are the curvature of, evaluated: one pass over the data without gradients.
 
-Every operator is the curvature of the dataset loss that :mod:`hessops.losses` defines,
+Every operator is the curvature of the dataset loss that :mod:`hessops.operators.losses` defines,
 
 .. math:: L(\theta) = \frac1W \sum_b W_b\, L_b(\theta), \qquad W = \sum_b W_b \quad (\texttt{reduction="mean"}),
           \qquad L(\theta) = \sum_b L_b(\theta) \quad (\texttt{reduction="sum"}),
 
 with :math:`L_b` the loss of batch :math:`b` and :math:`W_b` what it divides by
-(:meth:`hessops.losses.LossSpec.batch_weight`: its examples, elements, counted targets or their class weights).
+(:meth:`hessops.operators.losses.LossSpec.batch_weight`: its examples, elements, counted targets or their class
+weights).
 It is the loss of the whole dataset in one call, whatever the batching: the mean over counted tokens with
 ``ignore_index`` padding, the class-weighted mean with ``weight=``, the dataset sum with ``reduction="sum"``.
 :class:`LossMean` combines batch losses by this rule, in one place, for :func:`dataset_loss` (and through it
@@ -23,7 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hessops._functional import (
+from hessops.errors import EmptyDataError, InvalidArgumentError
+from hessops.operators.functional import (
     ParamTree,
     batch_size,
     call_model,
@@ -35,8 +37,7 @@ from hessops._functional import (
     select_parameters,
     split_batch,
 )
-from hessops.errors import EmptyDataError, InvalidArgumentError
-from hessops.losses import CLASSIFICATION, LossSpec, check_counted, loss_spec, probe_mean
+from hessops.operators.losses import CLASSIFICATION, LossSpec, check_counted, loss_spec, probe_mean
 
 
 @dataclass
@@ -136,7 +137,7 @@ def dataset_loss(
     Args:
         model: the network, in eval mode.
         loss_fn: the batch loss, reduced as the operators accept (a loss hessops knows, or a callable verified to
-            be a mean over examples on the first batch: :func:`hessops.losses.probe_mean`).
+            be a mean over examples on the first batch: :func:`hessops.operators.losses.probe_mean`).
         data: an iterable of batches; one pass is made (a one-shot iterator will do).
         points: parameter values at which to evaluate; default one, the model's parameters.
         params: the parameters the points give values to; default the trainable ones.

@@ -9,11 +9,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hessops._autograd import gradient
 from hessops.errors import UnsupportedLossError
-from hessops.losses import LossSpec, loss_spec
+from hessops.operators._autograd import gradient
 from hessops.operators._base import Batch
 from hessops.operators._jacobian import JacobianSandwich
+from hessops.operators.losses import LossSpec, loss_spec
 
 Sampler = Callable[[Tensor, Any, int, torch.Generator], Tensor]
 
@@ -49,7 +49,7 @@ class EmpiricalFisher(JacobianSandwich):
               F = \sum_n g_n g_n^\top \quad (\texttt{reduction="sum"}),
 
     with :math:`g_n = \nabla_\theta\, \mathrm{loss\_fn}(f(x_n;\theta), y_n)` the gradient of example
-    :math:`n`'s loss alone, :math:`w_n` its weight in the batch divisor (:mod:`hessops.losses`: 1 per example
+    :math:`n`'s loss alone, :math:`w_n` its weight in the batch divisor (:mod:`hessops.operators.losses`: 1 per example
     for a plain mean, so :math:`F = \frac1N\sum_n g_n g_n^\top`; its counted targets, or their class weights,
     for cross-entropy with ``ignore_index``/``weight=``; its elements for MSE) and :math:`W = \sum_n w_n`.
     Examples whose targets are all ignored contribute nothing.
@@ -58,6 +58,8 @@ class EmpiricalFisher(JacobianSandwich):
     the batch's summed loss (no per-example parameter gradient is stored). The arguments are
     :class:`~hessops.CurvatureOperator`'s.
     """
+
+    name = "ef"  # its key in hessops.constants.OPERATOR_CLASSES
 
     def _output_operator(self, outputs: Tensor, batch: Batch):
         spec, n_b, targets = self.output_loss, outputs.shape[0], batch.targets
@@ -80,13 +82,13 @@ class MCFisher(JacobianSandwich):
 
     where :math:`t` runs over the counted targets (classification: positions whose target is not
     ``ignore_index``) or elements of example :math:`n`, :math:`\ell_t` is the per-target (per-element) loss, and
-    :math:`W` the dataset divisor of :mod:`hessops.losses` (the number of counted targets or elements; 1 for
+    :math:`W` the dataset divisor of :mod:`hessops.operators.losses` (the number of counted targets or elements; 1 for
     ``reduction="sum"``). Sampled targets of one example are independent, so the cross terms vanish in
     expectation and :math:`\mathbb E\hat F` is the true Fisher, which for these losses equals the GGN.
 
     The likelihood follows the loss: cross-entropy (categorical on softmax logits), NLL (categorical on
     log-probabilities), the next-token cross-entropy (each counted label :math:`t+1` drawn from the softmax of
-    position :math:`t`'s logits, :func:`hessops.losses.next_token_cross_entropy`), BCE with logits and BCE
+    position :math:`t`'s logits, :func:`hessops.operators.losses.next_token_cross_entropy`), BCE with logits and BCE
     (Bernoulli), MSE (Gaussian of variance 1/2 per element, at which the summed squared error is the negative
     log-likelihood), as modules, functional forms or
     ``partial``\ s. Class ``weight=``, ``pos_weight`` and ``label_smoothing`` define no likelihood and are
@@ -96,6 +98,8 @@ class MCFisher(JacobianSandwich):
     from a generator seeded by ``(seed, rank, b, m)``, so the operator is a fixed matrix as long as the data
     come in a fixed order (``shuffle=False``). The other arguments are :class:`~hessops.CurvatureOperator`'s.
     """
+
+    name = "mcfisher"  # its key in hessops.constants.OPERATOR_CLASSES
 
     def __init__(
         self,

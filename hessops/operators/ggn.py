@@ -7,9 +7,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from hessops._autograd import block_vjp, gradient
 from hessops.errors import UnsupportedLossError
 from hessops.operators import witness as first_order
+from hessops.operators._autograd import block_vjp, gradient
 from hessops.operators._base import Batch
 from hessops.operators._jacobian import JacobianSandwich
 
@@ -20,7 +20,7 @@ class GGN(JacobianSandwich):
     CoLA operator (PSD whenever the loss is convex in the model's outputs, as cross-entropy, MSE and BCE are).
     For a plain per-example mean this is :math:`\frac1N \sum_n J_n^\top \nabla_f^2 \ell_n J_n`; with ignored
     targets or class weights :math:`w_n`, :math:`\frac1W \sum_n w_n J_n^\top \nabla_f^2 \ell_n J_n` over the
-    counted targets (:mod:`hessops.losses`).
+    counted targets (:mod:`hessops.operators.losses`).
 
     :math:`J_b` is the Jacobian of the model's outputs on batch :math:`b`; the output Hessian
     :math:`\nabla_f^2 L_b` (cross-entropy: :math:`\mathrm{diag}(p) - pp^\top` per target, label smoothing
@@ -35,6 +35,8 @@ class GGN(JacobianSandwich):
     ``lambda``) whose Hessian with respect to the outputs is zero on the first batch. The arguments are
     :class:`~hessops.CurvatureOperator`'s.
     """
+
+    name = "ggn"  # its key in hessops.constants.OPERATOR_CLASSES
 
     def _setup(self) -> None:
         super()._setup()

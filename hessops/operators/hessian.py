@@ -10,12 +10,12 @@ import torch
 from torch import Tensor, nn
 
 from hessops._cola import cola
-from hessops._functional import ParamTree, call_model, split_examples
 from hessops.constants import HVP_MODES
 from hessops.errors import HvpFormulationError
 from hessops.operators import _hvp, hvp_tuning
 from hessops.operators import witness as first_order
 from hessops.operators._base import Batch, CurvatureOperator
+from hessops.operators.functional import ParamTree, call_model, split_examples
 from hessops.operators.hvp_tuning import _TUNED, CANDIDATES, Tuning  # noqa: F401 - where tests and users look
 
 
@@ -45,12 +45,14 @@ class Hessian(CurvatureOperator):
     The reference itself is checked on the first product: double backward against central differences of the
     gradient on a slice of the first batch (``witness``, hessops/operators/witness.py), and the operator is
     refused (:class:`~hessops.errors.WitnessError`) if they disagree. torch's double backward is wrong through
-    weight norm, which hessops therefore writes out in plain operations (hessops/_written_out.py).
+    weight norm, which hessops therefore writes out in plain operations (hessops/operators/_written_out.py).
 
     An explicit mode other than ``"autograd"`` is checked against double backward on its first product, and
     refused (:class:`~hessops.errors.HvpFormulationError`) if it disagrees. Attention runs in torch's math
     kernel, the one with second derivatives. The other arguments are :class:`CurvatureOperator`'s.
     """
+
+    name = "hessian"  # its key in hessops.constants.OPERATOR_CLASSES
 
     def __init__(
         self,

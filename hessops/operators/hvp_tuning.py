@@ -58,7 +58,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from hessops.errors import HvpFormulationError, HvpFormulationWarning
+from hessops._io import atomic_write
+from hessops.errors import HvpFormulationError, HvpFormulationWarning, OutputError
 from hessops.operators import _hvp
 
 # What "auto" may choose, for single vectors and for blocks of columns (the reference is always among them).
@@ -164,12 +165,10 @@ def _write_cache(key: str, mode: str) -> None:
     entries = _read_cache()
     entries[key] = mode
     path = cache_dir() / CACHE_FILE
+    text = json.dumps(entries, indent=1, sort_keys=True)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        scratch = path.with_suffix(f".{os.getpid()}.tmp")
-        scratch.write_text(json.dumps(entries, indent=1, sort_keys=True))
-        os.replace(scratch, path)  # atomic: a concurrent reader sees the old file or the new one
-    except OSError:
+        atomic_write(path, lambda file: file.write(text.encode()))
+    except OutputError:
         pass  # a read-only home: the choice still holds in this process
 
 

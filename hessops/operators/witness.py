@@ -1,7 +1,7 @@
 r"""The first-order witness: each operator's products checked, on their first use, against first derivatives only.
 
 Every product formulation is checked against double backward (hessops/operators/hvp_tuning.py), but where torch's
-second derivatives are themselves wrong (weight norm in torch 2.14.1: hessops/_written_out.py,
+second derivatives are themselves wrong (weight norm in torch 2.14.1: hessops/operators/_written_out.py,
 docs/torch-pitfalls.md) every formulation agrees on the wrong matrix. First-order autograd and plain forward
 passes are not where torch's bugs are, so on the first product of an operator (:func:`check`) its products
 :math:`C d` on a *slice* (the first :data:`WITNESS_EXAMPLES` examples of the batch at hand; unit directions
@@ -43,7 +43,7 @@ inside (a HuggingFace Llama's RMSNorm and rotary embeddings), which then gets on
 :class:`~hessops.errors.ProductNoiseWarning` (above :data:`NOISE_WARNING` times eps).
 
 **Cost**: one call of the operator's batch product on the slice with :data:`DIRECTIONS` columns (one column
-at a time, so that no first product imports sympy: hessops/_autograd.py), and for each of the :data:`CHECKED`
+at a time, so that no first product imports sympy: hessops/operators/_autograd.py), and for each of the :data:`CHECKED`
 checked directions four evaluations at shifted parameters: for the Hessian a forward and a first-order backward
 each (8 of each in all); for the others a forward each, plus one forward at :math:`\theta` shared by all and a
 first-order backward per witness (9 forwards, 4 backwards in all). Once per model and kind of operator in a
@@ -66,10 +66,10 @@ import torch
 from torch import Tensor, nn
 
 from hessops import constants
-from hessops._functional import ParamTree, cast_floating, flat_to_tree, model_state, split_examples
-from hessops._written_out import weight_norm_layers
 from hessops.errors import ProductNoiseWarning, WitnessError
 from hessops.operators import _hvp
+from hessops.operators._written_out import weight_norm_layers
+from hessops.operators.functional import ParamTree, cast_floating, flat_to_tree, model_state, split_examples
 from hessops.operators.hvp_tuning import tolerance
 
 WITNESS_EXAMPLES = 4  # examples of the first batch the witness runs on
@@ -348,7 +348,7 @@ def warn_noise(op, report: WitnessReport) -> None:
         f"a {dtype} {report.operator} whose products carry {report.noise:.1g} relative noise ({report.noise / eps:.0e} "
         f"eps of {dtype}, measured as their asymmetry): the model computes in lower precision somewhere inside "
         "(float32 RMSNorm or rotary embeddings, a cast in forward); eigs' error bounds take that lower precision's "
-        "rounding (hessops.spectrum.rounding), not the dtype's",
+        "rounding (hessops.analysis.spectrum.rounding), not the dtype's",
         ProductNoiseWarning,
         stacklevel=5,
     )

@@ -13,13 +13,13 @@ import torch
 from torch import Tensor, nn
 
 from hessops._arguments import integer, real
-from hessops._functional import batch_size, call_model, split_batch
+from hessops.analysis.spectrum import eigs
 from hessops.errors import InvalidArgumentError
-from hessops.losses import loss_spec, probe_mean
 from hessops.numerics import norm
 from hessops.operators.evaluation import LossMean, dataset_loss
+from hessops.operators.functional import batch_size, call_model, split_batch
 from hessops.operators.hessian import Hessian
-from hessops.spectrum import eigs
+from hessops.operators.losses import loss_spec, probe_mean
 
 
 @contextmanager

@@ -1,6 +1,6 @@
 """The one registry of zoo models: each model's spec carries its builder, input size, normalization, default
 data, loss and size. Torch-free at import (each builder imports torch when it runs), so that ``hessops
-models`` and the CLI's choices cost nothing; :mod:`hessops.models` builds, seeds and loads them.
+models`` and the CLI's choices cost nothing; :mod:`hessops.zoo.models` builds, seeds and loads them.
 
 Adding a model is one entry of :data:`MODELS` (docs/extending.md).
 """
@@ -18,7 +18,7 @@ __all__ = ["ModelSpec", "MODELS", "TIMM_PREFIX", "NORMALIZATION", "IMAGENET_MEAN
 
 TIMM_PREFIX = "timm:"
 
-# Per-channel (mean, std) of each dataset's [0, 1] inputs, which hessops.data normalizes with and the zoo's
+# Per-channel (mean, std) of each dataset's [0, 1] inputs, which hessops.zoo.data normalizes with and the zoo's
 # models are trained on; digits are left in [0, 1].
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
@@ -39,7 +39,7 @@ RESNET18_CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 class ModelSpec:
     """What a zoo model is, takes and is trained with.
 
-    ``build()`` returns a new model with parameters from torch's current RNG (``hessops.models.build_model``
+    ``build()`` returns a new model with parameters from torch's current RNG (``hessops.zoo.models.build_model``
     seeds it); ``input_shape`` is one example's ``(C, H, W)``; inputs are normalized per channel as
     ``(x - mean) / std`` with ``x`` in [0, 1]; ``default_data`` is a ``hessops.constants.DATASETS`` name, or
     ``"imagenet"``/``None`` when hessops cannot load the model's data; ``loss`` is ``"cross_entropy"`` (the
@@ -133,9 +133,9 @@ def _timm_vit(**options: int) -> Callable[[], torch.nn.Module]:
     ``options`` (patch size, width, depth, heads) passed to ``timm.create_model``."""
 
     def build() -> torch.nn.Module:
-        from hessops.models import _import_timm
+        from hessops.zoo.optional import import_timm
 
-        return _import_timm().create_model(
+        return import_timm().create_model(
             "vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=10, **options
         )
 

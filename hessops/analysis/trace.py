@@ -13,9 +13,9 @@ from torch import Tensor
 from hessops import constants
 from hessops._arguments import choice, integer, linear_operator
 from hessops._cola import cola
-from hessops.checkpoint import Checkpoint, open_checkpoint
 from hessops.errors import InvalidArgumentError
-from hessops.lanczos import check_precision, rademacher
+from hessops.linalg.checkpoint import Checkpoint, open_checkpoint
+from hessops.linalg.lanczos import check_precision, rademacher
 from hessops.numerics import inner_products, orthonormal_basis
 
 METHODS = constants.TRACE_METHODS
@@ -108,7 +108,7 @@ def trace(
     block, so it costs nothing): how the estimate converged, for :func:`hessops.plot.plot_trace`.
 
     ``checkpoint``: a file to resume from and to save the finished products to, at most every
-    ``checkpoint_every`` seconds (:mod:`hessops.checkpoint`); the products then run in :data:`CHUNKS`
+    ``checkpoint_every`` seconds (:mod:`hessops.linalg.checkpoint`); the products then run in :data:`CHUNKS`
     chunks of columns per block (more passes over the data), so that a killed run loses at most one chunk.
     """
     method = choice("method", method, METHODS)

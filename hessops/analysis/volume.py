@@ -15,13 +15,13 @@ from torch import Tensor
 from hessops import constants
 from hessops._arguments import boolean, choice, integer, linear_operator, real
 from hessops._cola import cola
-from hessops.deflation import Complement, student_t_interval
-from hessops.density import Quadrature, quadrature
+from hessops.analysis.spectrum import Spectrum, eigs
 from hessops.errors import InvalidArgumentError, NotPositiveDefiniteError
-from hessops.lanczos import check_precision, rademacher
+from hessops.linalg.deflation import Complement, student_t_interval
+from hessops.linalg.lanczos import check_precision, rademacher
+from hessops.linalg.quadrature import Quadrature, quadrature
 from hessops.numerics import column_norms
 from hessops.operators.regularized import Regularized
-from hessops.spectrum import Spectrum, eigs
 
 LOGDET_METHODS = constants.LOGDET_METHODS
 DENSE_LIMIT = 3000
@@ -131,7 +131,7 @@ def logdet(
       Saad, 2017, Thm. 4.2; reported as ``quadrature_decay``, with :math:`\kappa` from the largest Ritz
       value and the smallest eigenvalue). For :math:`\log` the Gauss rule of each probe is an upper bound on
       its exact value and the Gauss-Radau rule with the node :math:`\lambda_{\min}` (less its bound, or
-      ``lower_bound``) a lower bound (:meth:`hessops.density.Quadrature.radau`; Golub & Meurant, 2010, §6.2;
+      ``lower_bound``) a lower bound (:meth:`hessops.analysis.density.Quadrature.radau`; Golub & Meurant, 2010, §6.2;
       for log-determinants Bai, Fahey & Golub, 1996): the mean gap of the probes' samples, ``quadrature_bias``,
       bounds how far the quadrature raises the estimate. Positivity is checked first,
       by the smallest eigenvalue (:func:`hessops.eigs`, ``"SA"``, error bound below ``eigs_tol · max|θ|``),
@@ -162,7 +162,7 @@ def logdet(
     positive definite when the check passes, since an eigenvalue that the Krylov spaces have not reached
     (one the probes barely touch) can still lie below 0; ``method="dense"`` is exact. Half-precision
     operators are refused. ``basis``, ``basis_path``, ``checkpoint`` and ``checkpoint_every``: the SLQ
-    run's, as in :func:`hessops.density.quadrature` (the dense method is one step, not checkpointed); the
+    run's, as in :func:`hessops.analysis.density.quadrature` (the dense method is one step, not checkpointed); the
     deflated method's three Lanczos runs each checkpoint to ``checkpoint`` plus ``".smallest"``, ``".top"`` and
     ``".slq"``."""
     method = choice("method", method, LOGDET_METHODS)

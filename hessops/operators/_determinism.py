@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hessops._functional import ParamTree, Problem, _leaves, call_model
 from hessops.errors import NondeterministicOperatorError
+from hessops.operators.functional import ParamTree, Problem, _leaves, call_model
 
 _GOLDEN = 0.6180339887498949  # w_j = cos(φ j + 1/2): no two positions of a tensor, or two tensors, share w
 # Sums over a pass in another order differ by at most ~N·eps·Σ|terms| (2e-10 relative for a million examples);

@@ -16,11 +16,11 @@ from torch import Tensor
 from hessops import constants
 from hessops._arguments import boolean, integer, linear_operator, real
 from hessops._cola import cola
-from hessops.basis import check_mode, ghost_masks, steps_in_memory
-from hessops.checkpoint import open_checkpoint, tensor_digest
-from hessops.deflation import Complement
 from hessops.errors import InvalidArgumentError
-from hessops.lanczos import LanczosState, check_precision, lanczos, ritz
+from hessops.linalg.basis import check_mode, ghost_masks, steps_in_memory
+from hessops.linalg.checkpoint import open_checkpoint, tensor_digest
+from hessops.linalg.deflation import Complement
+from hessops.linalg.lanczos import LanczosState, check_precision, lanczos, ritz
 from hessops.numerics import column_norms, inner_products, orthonormal_basis
 
 WHICH = constants.WHICH
@@ -45,7 +45,7 @@ class Spectrum:
     Lanczos steps taken, ``converged`` whether the stopping test holds for the reported residuals,
     ``verified`` whether they are the true residuals (``False``: the estimates, which rounding can make far
     too small in float32), ``n_matvecs`` the operator products used (columns), ``seconds`` the wall time and
-    ``basis`` where the Lanczos basis lived (:mod:`hessops.basis`) and ``checks`` the deflated check runs
+    ``basis`` where the Lanczos basis lived (:mod:`hessops.linalg.basis`) and ``checks`` the deflated check runs
     made (``steps`` and ``n_matvecs`` count theirs too)."""
 
     values: Tensor
@@ -68,7 +68,7 @@ class Spectrum:
     def save_vectors(self, path: str | os.PathLike, op: cola.ops.LinearOperator) -> Path:
         """Write the eigenpairs to ``path`` with the parameter layout of ``op``, the operator they are of, and
         return the path (:func:`hessops.save_eigenvectors`; :func:`hessops.load_eigenvectors` reads them back)."""
-        from hessops.vectors import save_eigenvectors
+        from hessops.analysis.eigenvectors import save_eigenvectors
 
         return save_eigenvectors(path, self, op)
 
@@ -194,7 +194,7 @@ def eigs(
     **Multiplicity.** One Lanczos run sees one copy of a repeated eigenvalue: its Krylov space meets the
     eigenspace only in the start vector's component there. With ``check`` (default) each run is followed by a
     *check run*: Lanczos from a fresh random start on the complement of the pairs found
-    (:class:`hessops.deflation.Complement`), at least :func:`check_steps` steps and until every one of its Ritz
+    (:class:`hessops.linalg.deflation.Complement`), at least :func:`check_steps` steps and until every one of its Ritz
     values whose interval reaches beyond the current ``k``-th value passes the same test. The values it finds
     beyond the ``k``-th (a further copy, or an eigenvalue the first start barely touched) join the pairs and
     another check run follows; the check ends with a run that finds nothing beyond. Each run finds one more
@@ -218,14 +218,17 @@ def eigs(
     ``verify=False`` saves those products and reports the Lanczos estimates (``Spectrum.verified`` is then
     ``False``). ``start`` warm-starts the first run from a vector (a previous top eigenvector, say).
 
-    Memory: the ``n × steps`` basis of the steps actually taken, where ``basis`` says (:mod:`hessops.basis`:
+    Memory: the ``n × steps`` basis of the steps actually taken, where ``basis`` says (:mod:`hessops.linalg.basis`:
     ``"device"``, ``"host"``, ``"disk"`` at ``basis_path``, ``"none"``, or ``"auto"`` from the free memory; with the
     default ``max_iters``, ``"auto"`` caps the steps at what fits in half of the free memory when that is at least 40
     steps, and keeps the basis there). With ``"none"`` nothing is re-orthogonalized: the Ritz values are deduplicated
-    by the Cullum–Willoughby test (:func:`hessops.basis.cullum_willoughby`), the vectors cost a second pass of the
+    by the Cullum–Willoughby test (:func:`hessops.linalg.basis.cullum_willoughby`), the vectors cost a second pass of
+    the
     same products, and the bounds are Weyl's (the residuals). ``checkpoint``: a file to save the run to every
-    ``checkpoint_every`` seconds and to resume from (:mod:`hessops.checkpoint`; each check run saves to the same path
-    plus ``.check1``, ``.check2``, …). Half-precision operators are refused (:func:`hessops.lanczos.check_precision`).
+    ``checkpoint_every`` seconds and to resume from (:mod:`hessops.linalg.checkpoint`; each check run saves to the
+    same path
+    plus ``.check1``, ``.check2``, …). Half-precision operators are refused
+    (:func:`hessops.linalg.lanczos.check_precision`).
     """
     settings = _settings(op, k, which, tol, value_tol, max_iters, seed, verify, check, progress, basis, basis_path)
     settings.given_start = start is not None
@@ -576,7 +579,8 @@ def _ordered(values: Tensor, bounds: Tensor, reach: tuple[float, float], setting
 
 def _inside(found: _Found, which: str) -> float:
     """A value of the spectrum that is beyond none of the found ones, for the deflated span of a check run
-    (:class:`~hessops.deflation.Complement`'s shift): rounding lets that span back in with weights of order ε²."""
+    (:class:`~hessops.linalg.deflation.Complement`'s shift): rounding lets that span back in with weights of order
+    ε²."""
     return {"LA": found.low, "SA": found.high, "LM": 0.0}.get(which, 0.5 * (found.low + found.high))
 
 

@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hessops._functional import _leaves, digest, map_examples
+from hessops.constants import DEFAULT_IGNORE_INDEX
 from hessops.errors import EmptyDataError, TargetShapeError, UnsupportedLossError
-
-DEFAULT_IGNORE_INDEX = -100
+from hessops.numerics import digest
+from hessops.operators.functional import _leaves, map_examples
 
 
 def next_token_cross_entropy(

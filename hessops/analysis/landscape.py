@@ -20,7 +20,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from hessops._arguments import integer, real
-from hessops._functional import (
+from hessops.analysis.eigenvectors import Eigenvectors, parameter_norms
+from hessops.analysis.spectrum import Spectrum
+from hessops.constants import LANDSCAPE_DIRECTIONS
+from hessops.errors import InvalidArgumentError, NonFiniteLossError
+from hessops.numerics import column_norms, norm
+from hessops.operators.evaluation import dataset_loss
+from hessops.operators.functional import (
     ParamTree,
     all_finite,
     check_train_mode,
@@ -28,13 +34,7 @@ from hessops._functional import (
     normalize_device,
     select_parameters,
 )
-from hessops.constants import LANDSCAPE_DIRECTIONS
-from hessops.errors import InvalidArgumentError, NonFiniteLossError
-from hessops.losses import loss_spec
-from hessops.numerics import column_norms, norm
-from hessops.operators.evaluation import dataset_loss
-from hessops.spectrum import Spectrum
-from hessops.vectors import Eigenvectors, parameter_norms
+from hessops.operators.losses import loss_spec
 
 RANDOM = LANDSCAPE_DIRECTIONS[0]  # random filter-normalized directions
 PASS_BYTES = 2**30  # the parameter copies of the points one pass over the data evaluates, at most (by default)
@@ -138,8 +138,9 @@ def loss_landscape(
     - ``"random"`` (default): ``dims`` (default 2) independent :func:`filter_normalized_direction` draws from
       ``seed``, ``seed + 1``; the coordinates are then relative to each filter's norm (span 1: as far again as
       the weights).
-    - eigenvectors: a :class:`~hessops.spectrum.Spectrum` (its flat vectors, in the layout of ``params``, the
-      operator's) or the :class:`~hessops.vectors.Eigenvectors` of :func:`~hessops.vectors.load_eigenvectors`
+    - eigenvectors: a :class:`~hessops.analysis.spectrum.Spectrum` (its flat vectors, in the layout of ``params``, the
+      operator's) or the :class:`~hessops.analysis.eigenvectors.Eigenvectors` of
+      :func:`~hessops.analysis.eigenvectors.load_eigenvectors`
       (matched by parameter name): the first ``dims`` (default: two, or one if there is one) vectors. Unit
       vectors: the coordinates are Euclidean distances in parameter space.
     - given: a flat tensor ``(n,)`` or ``(n, dims)`` in the layout of ``params``, or a dict ``name -> tensor``

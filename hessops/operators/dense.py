@@ -8,8 +8,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hessops import _written_out
-from hessops._functional import (
+from hessops.errors import EmptyDataError, WitnessError
+from hessops.operators import _written_out
+from hessops.operators import witness as first_order
+from hessops.operators.functional import (
     announce_attention_kernels,
     batch_size,
     call_model,
@@ -21,10 +23,8 @@ from hessops._functional import (
     select_parameters,
     split_batch,
 )
-from hessops.errors import EmptyDataError, WitnessError
-from hessops.losses import check_counted, loss_spec, probe_mean
-from hessops.operators import witness as first_order
 from hessops.operators.hvp_tuning import tolerance
+from hessops.operators.losses import check_counted, loss_spec, probe_mean
 
 
 def dense_hessian(
@@ -37,12 +37,12 @@ def dense_hessian(
     chunk_size: int | None = 256,
     witness: bool = True,
 ) -> Tensor:
-    r"""The ``(n, n)`` Hessian of the dataset loss (:mod:`hessops.losses`), accumulated batch by batch as
+    r"""The ``(n, n)`` Hessian of the dataset loss (:mod:`hessops.operators.losses`), accumulated batch by batch as
     :math:`\sum_b \frac{W_b}W \nabla^2 L_b` (:math:`\sum_b \nabla^2 L_b` for ``reduction="sum"``), by double
     backward: the gradient's graph is differentiated once per row (``chunk_size`` rows at a time,
     ``is_grads_batched``). Not ``jacrev(jacrev)`` nor ``torch.func.hessian``, which are 2-10 % off through
     LayerNorm, InstanceNorm and train-mode BatchNorm in torch 2.14 (docs/torch-pitfalls.md); weight norm, whose
-    double backward torch gets wrong, is written out in plain operations (hessops/_written_out.py). With
+    double backward torch gets wrong, is written out in plain operations (hessops/operators/_written_out.py). With
     ``witness`` (and unless ``HESSOPS_WITNESS=0``), :math:`Hd` for one random unit :math:`d` is then checked
     against central differences of the dataset gradient (four more gradient passes over ``data``; the rule of
     hessops/operators/witness.py), and a matrix that disagrees is refused with a ``WitnessError``. Same

@@ -1,5 +1,5 @@
-"""Eigenvectors on disk: :func:`save_eigenvectors` writes a :class:`~hessops.spectrum.Spectrum`'s vectors with the
-parameter layout of the operator they are eigenvectors of; :func:`load_eigenvectors` reads them back as
+"""Eigenvectors on disk: :func:`save_eigenvectors` writes a :class:`~hessops.analysis.spectrum.Spectrum`'s vectors
+with the parameter layout of the operator they are eigenvectors of; :func:`load_eigenvectors` reads them back as
 parameter-shaped dicts (``name -> tensor``) or as the flat ``(n, k)`` matrix.
 
 The file is one ``torch.save`` of a dict of tensors, strings and numbers (loadable with
@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -22,10 +23,13 @@ from torch import Tensor
 from hessops import __version__
 from hessops._arguments import linear_operator
 from hessops._cola import cola
-from hessops._functional import Problem, flat_to_tree
+from hessops._io import atomic_write
 from hessops.errors import EigenvectorsFileError, InvalidArgumentError
 from hessops.numerics import norm
-from hessops.spectrum import Spectrum
+from hessops.operators.functional import Problem, flat_to_tree
+
+if TYPE_CHECKING:  # Spectrum.save calls this module: no import back at run time (tests/test_layers.py)
+    from hessops.analysis.spectrum import Spectrum
 
 FORMAT = "hessops.eigenvectors"
 VERSION = 1
@@ -62,15 +66,16 @@ class Eigenvectors:
 
 
 def save_eigenvectors(path: str | os.PathLike, spectrum: Spectrum, op: cola.ops.LinearOperator) -> Path:
-    """Write ``spectrum``'s eigenpairs (a :class:`~hessops.spectrum.Spectrum` from :func:`hessops.eigs`) to
+    """Write ``spectrum``'s eigenpairs (a :class:`~hessops.analysis.spectrum.Spectrum` from :func:`hessops.eigs`) to
     ``path``, with the parameter layout of ``op``, the hessops curvature operator (or a ``Regularized`` one)
     they were computed from. The file is written whole or not at all (a temporary file beside it, renamed).
     Returns the path."""
-    from hessops._commands import replace_file
 
     problem = _problem(op)
     n = problem.numel
-    if not isinstance(spectrum, Spectrum):
+    if not (
+        isinstance(getattr(spectrum, "values", None), Tensor) and isinstance(getattr(spectrum, "vectors", None), Tensor)
+    ):
         raise InvalidArgumentError(
             f"spectrum must be the Spectrum hessops.eigs returned, got {type(spectrum).__name__}"
         )
@@ -95,7 +100,7 @@ def save_eigenvectors(path: str | os.PathLike, spectrum: Spectrum, op: cola.ops.
         "hessops_version": __version__,
     }
     path = Path(path)
-    replace_file(path, lambda file: torch.save(record, file))
+    atomic_write(path, lambda file: torch.save(record, file))
     return path
 
 

@@ -19,9 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from hessops._arguments import boolean, choice, integer, real
+from hessops.analysis.spectrum import Spectrum, eigs
 from hessops.constants import OPERATOR_NAMES, WHICH
 from hessops.errors import InvalidArgumentError, NoParametersError
-from hessops.spectrum import Spectrum, eigs
 
 _INDEX = re.compile(r"^\d+$")
 
@@ -30,7 +30,7 @@ _INDEX = re.compile(r"^\d+$")
 class BlockSpectra:
     """The spectra of :func:`block_spectra`, one per group, in the groups' order.
 
-    ``spectra`` maps each group's name to its :class:`~hessops.spectrum.Spectrum` (values, residuals and
+    ``spectra`` maps each group's name to its :class:`~hessops.analysis.spectrum.Spectrum` (values, residuals and
     error bounds of that block alone), ``parameters`` each group's parameter names (the block's flat order),
     ``sizes`` its number of parameters; ``operator`` and ``which`` are what was computed, ``n_matvecs`` the
     block products used by all groups together (columns) and ``seconds`` the wall time, operator set-up

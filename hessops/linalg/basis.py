@@ -245,7 +245,7 @@ class DiskBasis(Basis):
 
 class NoBasis(Basis):
     """No vectors at all: :meth:`orthogonalize` is never called, :meth:`combine` needs a second pass
-    (:meth:`hessops.lanczos.LanczosState.ritz_vectors` runs it)."""
+    (:meth:`hessops.linalg.lanczos.LanczosState.ritz_vectors` runs it)."""
 
     mode = "none"
 

@@ -3,7 +3,7 @@ track, demo, download, models.
 
 This module is the command line's grammar and its contract, and imports nothing heavy: ``hessops --help``
 and ``--version`` answer without torch. Every value is checked here, before any model or data is loaded;
-what the commands do is in :mod:`hessops._commands`, which imports torch when a command runs.
+what the commands do is in :mod:`hessops.cli.commands`, which imports torch when a command runs.
 
 Exit statuses (docs/cli.md): 0 done; 1 the run failed (a rank of a distributed run, or writing a result);
 2 a bad command line or bad input, in one line on standard error; 130 interrupted (Ctrl-C).
@@ -25,10 +25,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NoReturn
 
-from hessops import __version__, _commands
+from hessops import __version__
+from hessops.cli import commands as _commands
 from hessops.constants import (
     BASIS_MODES,
     DATASETS,
+    DEFAULT_TIMEOUT_S,
     DOWNLOADABLE,
     DTYPES,
     GPT_PREFIX,
@@ -39,13 +41,13 @@ from hessops.constants import (
     LOGDET_METHODS,
     OPERATOR_NAMES,
     TEXT_DATA,
+    TIMEOUT_ENV,
     TRACE_METHODS,
     WHICH,
     is_language_model,
     is_text,
 )
 from hessops.demo import DEMO_MODEL
-from hessops.distributed import DEFAULT_TIMEOUT_S, TIMEOUT_ENV
 from hessops.errors import DistributedError, HessopsError
 from hessops.zoo import MODELS, TIMM_PREFIX
 

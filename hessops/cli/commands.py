@@ -14,7 +14,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -22,21 +21,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from hessops import __version__
+from hessops._io import atomic_write
 from hessops.constants import GPT_PREFIX, GPT_SIZES, HF_PREFIX, TEXT_DATA, is_language_model, is_text
-from hessops.errors import HessopsError
+from hessops.errors import CommandError, HessopsError, OutputError  # noqa: F401 - re-exported
 from hessops.zoo import MODELS
 
 if TYPE_CHECKING:
     import torch
     from matplotlib.figure import Figure
-
-
-class CommandError(HessopsError):
-    """A command line that cannot run here (no CUDA, a model that does not take the data's inputs)."""
-
-
-class OutputError(Exception):
-    """A result or a figure could not be written."""
 
 
 # -- set-up shared by the commands that build an operator ------------------------------------------------------
@@ -67,9 +59,9 @@ def _device(name: str) -> torch.device:
 def setup(args: argparse.Namespace) -> Setup:
     """The data first (a missing dataset is reported before a large model is built), then the model, checked
     to take the data's inputs, then the operator ``--operator`` names."""
-    from hessops.cli import timm_options
-    from hessops.data import load_dataset
-    from hessops.models import build_model, load_checkpoint, make_loss, model_spec
+    from hessops.cli.app import timm_options
+    from hessops.zoo.data import load_dataset
+    from hessops.zoo.models import build_model, load_checkpoint, make_loss, model_spec
 
     device = _device(args.device)
     if args.distributed or int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -127,12 +119,12 @@ def _operator_setup(
     """The loader (this rank's shard), the operator and the settings, for a model and dataset checked to fit."""
     import torch
 
-    from hessops.data import make_loader, on_device
     from hessops.operators import OPERATORS
+    from hessops.zoo.data import make_loader, on_device
 
     total_examples = len(dataset)
     if getattr(args, "rank", None) is not None:
-        from hessops.distributed import shard
+        from hessops.operators.distributed import shard
 
         dataset = shard(dataset)  # this rank's contiguous part; the operator sums over all ranks
     loader = on_device(make_loader(dataset, batch_size=args.batch_size), device)
@@ -167,11 +159,11 @@ def _language_setup(args: argparse.Namespace, device: torch.device) -> Setup:
     the next-token cross-entropy; the vocabulary and the context length are checked to fit first."""
     import torch
 
-    from hessops.data import _subset
-    from hessops.lm import GPT, gpt_config, load_hf_model
-    from hessops.losses import next_token_cross_entropy
-    from hessops.models import load_checkpoint
-    from hessops.text import load_text
+    from hessops.operators.losses import next_token_cross_entropy
+    from hessops.zoo.data import _subset
+    from hessops.zoo.lm import GPT, gpt_config, load_hf_model
+    from hessops.zoo.models import load_checkpoint
+    from hessops.zoo.text import load_text
 
     data_name = args.data or TEXT_DATA
     source = None if data_name == TEXT_DATA else data_name[len(TEXT_DATA) + 1 :]
@@ -228,7 +220,7 @@ def _check_fits(model: torch.nn.Module, dataset: Any, device: torch.device, name
 
 def _start_distributed(args: argparse.Namespace) -> torch.device:
     """Join the process group torchrun set up; only rank 0 prints, shows progress and writes files."""
-    from hessops.distributed import default_timeout, init_from_environment
+    from hessops.operators.distributed import default_timeout, init_from_environment
 
     if args.timeout is None:
         try:
@@ -251,33 +243,9 @@ def end_distributed() -> None:
 
 
 # -- output: JSON and figures, each written whole or not at all ------------------------------------------------
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def replace_file(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write ``path`` whole or not at all: ``write`` fills a temporary file beside it, which then replaces it
-    (``os.replace``, atomic on POSIX and Windows), so an interrupted or failed write leaves any old file as it
-    was. The folder is made if missing; the file gets the usual permissions (0666 less the umask)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    except OSError as error:
-        raise OutputError(f"cannot write {path}: {error.strerror or error}") from error
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, 0o666 & ~_umask())
-        os.replace(temporary, path)
-    except BaseException as error:
-        Path(temporary).unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise OutputError(f"cannot write {path}: {error.strerror or error}") from error
-        raise
+    """:func:`hessops._io.atomic_write`, the one atomic write."""
+    atomic_write(path, write)
 
 
 def write_json(path: Path, record: dict) -> None:
@@ -697,8 +665,8 @@ def track(args: argparse.Namespace) -> None:
     """``hessops track``: SGD, measuring the sharpness every ``--every`` epochs and the gradient norms."""
     import torch
 
-    from hessops.data import make_loader, on_device
-    from hessops.tracking import GradNormTracker, SharpnessTracker, train
+    from hessops.analysis.tracking import GradNormTracker, SharpnessTracker, train
+    from hessops.zoo.data import make_loader, on_device
 
     s = setup(args)
     subset = torch.utils.data.Subset(s.dataset, range(min(args.sharpness_examples, len(s.dataset))))
@@ -755,8 +723,8 @@ def demo(args: argparse.Namespace) -> None:
 
 
 def download(args: argparse.Namespace) -> None:
-    """``hessops download``: torchvision fetches the files (see :func:`hessops.data.download_dataset`)."""
-    from hessops.data import download_dataset
+    """``hessops download``: torchvision fetches the files (see :func:`hessops.zoo.data.download_dataset`)."""
+    from hessops.zoo.data import download_dataset
 
     print(f"{args.name} is in {download_dataset(args.name, args.data_dir)}")
 

@@ -1,26 +1,24 @@
-"""Spectral density by stochastic Lanczos quadrature (SLQ) with Gaussian broadening.
+"""Gauss quadrature of spectral measures by block Lanczos from random probes: the machinery of stochastic
+Lanczos quadrature (SLQ), shared by spectral densities, log-determinants and basin volumes.
 
-Ubaru, Chen & Saad (2017); for neural-network Hessians Ghorbani, Krishnan & Xiao (2019), Papyan (2020),
-and PyHessian (Yao et al., 2020).
+Golub & Meurant (2010); Ubaru, Chen & Saad (2017).
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 import os
-import time
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from hessops._arguments import boolean, integer, linear_operator, real
+from hessops._arguments import boolean, integer, linear_operator
 from hessops._cola import cola
-from hessops.basis import check_mode
-from hessops.checkpoint import open_checkpoint, tensor_digest
 from hessops.errors import InvalidArgumentError
-from hessops.lanczos import check_precision, lanczos, rademacher, ritz
+from hessops.linalg.basis import check_mode
+from hessops.linalg.checkpoint import open_checkpoint, tensor_digest
+from hessops.linalg.lanczos import check_precision, lanczos, rademacher, ritz
 
 
 @dataclass
@@ -29,7 +27,7 @@ class Quadrature:
     ``weights`` are ``(P, m)``, each row's weights sum to one. For a probe ``v``, ``Σ_j w_j f(θ_j) ≈
     vᵀ f(A) v / ‖v‖²``, exact for polynomials of degree < 2m. ``residuals`` ``(P, m)`` are the Lanczos
     residual estimates ``|β_m s_mj|`` of the nodes as Ritz values: an eigenvalue lies within each of its
-    node (in exact arithmetic). ``basis``: where the Lanczos basis lived (:mod:`hessops.basis`). ``couplings``
+    node (in exact arithmetic). ``basis``: where the Lanczos basis lived (:mod:`hessops.linalg.basis`). ``couplings``
     ``(P, m)``: ``β_m s_mj sign(s_1j)``, the signed residuals that extend each rule to its Gauss-Radau rule
     (:meth:`radau`; ``s_j`` the eigenvectors of ``T_p``)."""
 
@@ -67,7 +65,9 @@ class Quadrature:
         smallest Ritz value is at least the smallest eigenvalue, so only by rounding) is lowered to just below
         it, which keeps the bound."""
         if self.couplings is None:
-            raise InvalidArgumentError("this quadrature has no couplings: build it with hessops.density.quadrature")
+            raise InvalidArgumentError(
+                "this quadrature has no couplings: build it with hessops.analysis.density.quadrature"
+            )
         theta, b = self.nodes.double(), self.couplings.double()
         P, m = theta.shape
         span = float(theta.max() - theta.min()) or 1.0
@@ -119,12 +119,12 @@ def quadrature(
 ) -> Quadrature:
     """Run ``lanczos_steps`` Lanczos steps from ``num_probes`` Rademacher vectors at once (one ``(n, P)``
     product a step) and return the Gauss quadrature rules. ``basis`` says where the Lanczos basis lives
-    (:mod:`hessops.basis`); ``"auto"`` keeps it on the device, else the host, when it fits in half of the
+    (:mod:`hessops.linalg.basis`); ``"auto"`` keeps it on the device, else the host, when it fits in half of the
     free memory, else keeps none and runs the plain three-term recurrence, whose spurious Ritz copies leave
     the density's smooth shape intact but may bias sharp features. ``reorthogonalize=False`` means
     ``basis="none"``. ``checkpoint``: a file to save the run to every ``checkpoint_every`` seconds and to
-    resume from (:mod:`hessops.checkpoint`). Half-precision operators are refused
-    (:func:`hessops.lanczos.check_precision`). ``start`` ``(n, P)``: the probe vectors (any non-zero columns,
+    resume from (:mod:`hessops.linalg.checkpoint`). Half-precision operators are refused
+    (:func:`hessops.linalg.lanczos.check_precision`). ``start`` ``(n, P)``: the probe vectors (any non-zero columns,
     each normalized), in place of ``num_probes`` Rademacher vectors; the rules are then of the measures
     ``vᵀ f(A) v / ‖v‖²`` of these columns (deflation projects its probes this way)."""
     linear_operator("op", op)
@@ -202,83 +202,3 @@ def _checked_probes(start: Tensor, op: cola.ops.LinearOperator) -> Tensor:
     if not bool((start != 0).any(dim=0).all()):
         raise InvalidArgumentError("start has a zero column, which spans no Krylov space: drop it (or start=None)")
     return start.to(device=op.device, dtype=op.dtype)
-
-
-@dataclass
-class SpectralDensity:
-    """A density ``φ`` on ``grid`` (it integrates to one on the grid, trapezoid rule), smoothed with a
-    Gaussian of width ``sigma``, the quadrature it came from, the operator products it took (``n_matvecs``,
-    columns) and its wall time in ``seconds``."""
-
-    grid: Tensor
-    density: Tensor
-    sigma: float
-    quadrature: Quadrature
-    n_matvecs: int
-    seconds: float
-
-    def __iter__(self):
-        return iter((self.grid, self.density))
-
-    def to_dict(self) -> dict:
-        """The result as JSON-ready values: ``grid``, ``density``, ``sigma``, ``moments`` (``mean`` and
-        ``second``: ``tr A / n`` and ``tr A² / n``), the quadrature's ``nodes`` and ``weights`` (one row per
-        probe), ``n_matvecs``, ``seconds``, ``basis`` (where the Lanczos basis lived)."""
-        return {
-            "grid": self.grid.tolist(),
-            "density": self.density.tolist(),
-            "sigma": self.sigma,
-            "moments": {"mean": self.quadrature.moment(1), "second": self.quadrature.moment(2)},
-            "nodes": self.quadrature.nodes.tolist(),
-            "weights": self.quadrature.weights.tolist(),
-            "n_matvecs": self.n_matvecs,
-            "seconds": self.seconds,
-            "basis": self.quadrature.basis,
-        }
-
-
-def spectral_density(
-    op: cola.ops.LinearOperator,
-    *,
-    num_probes: int = 10,
-    lanczos_steps: int = 80,
-    grid: int | Tensor = 1000,
-    sigma: float | None = None,
-    seed: int = 0,
-    progress: bool = False,
-    basis: str = "auto",
-    basis_path: str | os.PathLike | None = None,
-    checkpoint: str | os.PathLike | None = None,
-    checkpoint_every: float = 60.0,
-) -> SpectralDensity:
-    r"""The spectral density :math:`\phi(t) = \frac1n\sum_i \delta(t-\lambda_i)` estimated by SLQ and
-    broadened: :math:`\hat\phi(t) = \frac1P \sum_p \sum_j w_{pj}\, g_\sigma(t - \theta_{pj})`, then normalized
-    to integrate to one on the grid. ``grid`` is a number of points spanning the Ritz values ± 5σ, or the
-    points themselves; ``sigma`` defaults to 1% of that span. Cost: ``num_probes × lanczos_steps`` products,
-    ``lanczos_steps`` passes over the data. ``basis``, ``basis_path``, ``checkpoint`` and ``checkpoint_every``
-    are :func:`quadrature`'s. Unpacks as ``grid, density = spectral_density(...)``."""
-    if not isinstance(grid, Tensor) and (isinstance(grid, bool) or not isinstance(grid, numbers.Integral)):
-        raise InvalidArgumentError(f"grid={grid!r} must be a number of points or a 1-D tensor of points")
-    if isinstance(grid, Tensor):
-        if grid.dim() != 1 or grid.numel() < 2 or not bool(torch.isfinite(grid).all()):
-            raise InvalidArgumentError(
-                f"grid must be a 1-D tensor of at least 2 finite points, got shape {tuple(grid.shape)}"
-            )
-    else:
-        grid = integer("grid", grid, minimum=2)
-    if sigma is not None:
-        sigma = real("sigma", sigma, positive=True)
-    began = time.perf_counter()
-    rule = quadrature(
-        op,
-        num_probes=num_probes,
-        lanczos_steps=lanczos_steps,
-        seed=seed,
-        progress=progress,
-        basis=basis,
-        basis_path=basis_path,
-        checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every,
-    )
-    grid, density, sigma = rule.density(grid, sigma)
-    return SpectralDensity(grid, density, sigma, rule, rule.n_matvecs, time.perf_counter() - began)

@@ -9,7 +9,7 @@ Tokens are the UTF-8 bytes of the text (vocabulary 256, no tokenizer to fetch), 
 those of a tokenizer in a local folder. Each document is cut into blocks of ``block_size`` tokens; a
 document's last, shorter block is padded on the right: ``attention_mask`` 0 and ``labels`` -100 there. Every
 token of the corpus is in exactly one block, and the next-token loss
-(:func:`hessops.losses.next_token_cross_entropy`) counts each as a label once, except the first token of each
+(:func:`hessops.operators.losses.next_token_cross_entropy`) counts each as a label once, except the first token of each
 block, which no position predicts: a block of ``k`` tokens gives ``k - 1`` labels, the corpus its number of
 tokens less its number of blocks.
 """
@@ -24,8 +24,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from hessops.errors import CorruptDatasetError, DatasetNotFoundError, EmptyDataError, MissingDependencyError
-from hessops.losses import DEFAULT_IGNORE_INDEX
+from hessops.constants import DEFAULT_IGNORE_INDEX
+from hessops.errors import CorruptDatasetError, DatasetNotFoundError, EmptyDataError
+from hessops.zoo.optional import optional_import
 
 __all__ = ["BYTE_VOCAB_SIZE", "TextBlocks", "corpus_documents", "load_text"]
 
@@ -51,7 +52,7 @@ def corpus_documents(source: str | os.PathLike | None = None) -> list[str]:
 class TextBlocks(Dataset):
     """Blocks of tokens: item ``i`` is ``{"input_ids", "attention_mask", "labels"}``, three int64 tensors of
     shape ``(block_size,)`` (labels = input ids, -100 at padding). A ``DataLoader`` over it
-    (``hessops.data.make_loader``) yields HuggingFace batches, which the operators take directly."""
+    (``hessops.zoo.data.make_loader``) yields HuggingFace batches, which the operators take directly."""
 
     def __init__(self, input_ids: Tensor, attention_mask: Tensor, vocab_size: int) -> None:
         self.input_ids = input_ids
@@ -109,11 +110,8 @@ def load_text(
 
 
 def _tokenize(documents: list[str], folder: Path) -> tuple[list[list[int]], int]:
-    try:
-        from transformers import AutoTokenizer
-    except ImportError as error:
-        raise MissingDependencyError("a tokenizer needs transformers: pip install 'hessops[hf]'") from error
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    transformers = optional_import("transformers", "a tokenizer needs transformers: pip install 'hessops[hf]'")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     return [tokenizer(d)["input_ids"] for d in documents], len(tokenizer)
 
 

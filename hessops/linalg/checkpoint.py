@@ -11,7 +11,7 @@ every ``every`` seconds and once at the end, with a fingerprint of the run (:fun
   running statistics) and the frozen parameters; the loss: its kind and every option (reduction,
   ``ignore_index``, ``label_smoothing``, ``weight=`` by its SHA-256, ...), or a callable's qualified name;
 - for a dense matrix, a SHA-256 of its entries;
-- the data: the order-independent fingerprint of the examples (:mod:`hessops._determinism`) that the
+- the data: the order-independent fingerprint of the examples (:mod:`hessops.operators._determinism`) that the
   operator's first product takes anyway for ``check_determinism``, recorded in the file when it is saved.
 
 Resuming a run whose fingerprint differs raises :class:`~hessops.errors.CheckpointMismatchError` naming what
@@ -29,7 +29,6 @@ uninterrupted one on the same machine.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,8 +38,9 @@ import torch
 
 from hessops._arguments import real
 from hessops._cola import cola
-from hessops._functional import digest
+from hessops._io import atomic_write
 from hessops.errors import CheckpointMismatchError, InvalidArgumentError
+from hessops.numerics import digest
 
 FORMAT = "hessops-checkpoint"
 VERSION = 2  # 2: loss, buffers, model, options and data in the fingerprint
@@ -144,17 +144,7 @@ class Checkpoint:
         data = [op.data_fingerprint() for op in self.operators]
         data = [taken if taken is not None else saved for taken, saved in zip(data, self._data)]
         content = {"format": FORMAT, "version": VERSION, "fingerprint": self.fingerprint, "data": data, "state": state}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(handle, "wb") as file:
-                torch.save(content, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, self.path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        atomic_write(self.path, lambda file: torch.save(content, file))
         self._last = time.monotonic()
 
     def interrupted(self) -> KeyboardInterrupt:

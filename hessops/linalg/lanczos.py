@@ -3,8 +3,8 @@
 CoLA's Lanczos (0.0.7) preallocates an n × ``max_iters`` basis and re-orthogonalizes over all of it; this one
 stores the steps actually taken, stops as soon as a caller's test says so, and runs ``P`` independent
 recurrences side by side so that each step is a single ``(n, P)`` matmat: one pass over the data for all
-probes of stochastic Lanczos quadrature. The basis lives where :mod:`hessops.basis` says (device, host,
-disk or nowhere), and a run can checkpoint its state and resume (:mod:`hessops.checkpoint`).
+probes of stochastic Lanczos quadrature. The basis lives where :mod:`hessops.linalg.basis` says (device, host,
+disk or nowhere), and a run can checkpoint its state and resume (:mod:`hessops.linalg.checkpoint`).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hessops._cola import cola
-from hessops.basis import Basis, check_mode, choose_mode, make_basis
-from hessops.checkpoint import Checkpoint
 from hessops.errors import DtypeMismatchError
+from hessops.linalg.basis import Basis, check_mode, choose_mode, make_basis
+from hessops.linalg.checkpoint import Checkpoint
 from hessops.numerics import column_dots, column_norms
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -32,7 +32,7 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 class LanczosState:
     """``P`` Lanczos recurrences after ``m`` steps: ``A Q_p = Q_p T_p + β_p q_{p,m+1} e_mᵀ``.
 
-    ``storage`` holds the vectors (:class:`hessops.basis.Basis`; ``basis`` is them as an ``(m, n, P)``
+    ``storage`` holds the vectors (:class:`hessops.linalg.basis.Basis`; ``basis`` is them as an ``(m, n, P)``
     tensor, except in the ``"none"`` mode); ``alphas`` and ``betas`` are ``(m, P)`` float64 on the CPU
     (``betas[j]`` couples steps ``j`` and ``j+1``; a zero marks a restart after an invariant subspace was
     found). ``start``, ``op`` and ``restarts`` (the restart vectors by step) let :meth:`ritz_vectors` re-run
@@ -124,10 +124,10 @@ def lanczos(
     Ritz values free of spurious copies. When a recurrence finds an invariant subspace (β ≈ 0) it restarts
     from a random vector orthogonal to its basis, so the run continues into the rest of the spectrum.
 
-    ``basis`` (:mod:`hessops.basis`): ``"device"``, ``"host"``, ``"disk"`` (a memory-mapped file at
+    ``basis`` (:mod:`hessops.linalg.basis`): ``"device"``, ``"host"``, ``"disk"`` (a memory-mapped file at
     ``basis_path``, default a temporary file), ``"none"`` (no basis, no re-orthogonalization; also what
     ``reorthogonalize=False`` means) or ``"auto"``, chosen from the free memory for ``max_steps`` steps.
-    ``checkpoint`` (a :class:`~hessops.checkpoint.Checkpoint`): resume from its file if there is one, save
+    ``checkpoint`` (a :class:`~hessops.linalg.checkpoint.Checkpoint`): resume from its file if there is one, save
     to it every so often, at the end, and on Ctrl-C (then re-raise ``KeyboardInterrupt`` saying how to
     resume). With a checkpoint, a disk basis is kept (at ``basis_path``, default the checkpoint's path
     plus ``.basis``) so that the resumed run reopens it. Call :meth:`LanczosState.close` when done with

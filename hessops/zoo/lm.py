@@ -1,6 +1,6 @@
 """Causal language models: a plain ``torch.nn`` GPT for users without HuggingFace, and HuggingFace causal LMs
 built offline (:func:`load_hf_model`). Both return logits ``(B, T, V)`` for
-:func:`hessops.losses.next_token_cross_entropy`.
+:func:`hessops.operators.losses.next_token_cross_entropy`.
 
 :class:`GPT` is GPT-2's architecture (Radford et al. 2019): learned token and position embeddings,
 pre-LayerNorm blocks of causal multi-head self-attention (``F.scaled_dot_product_attention``) and a GELU MLP
@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hessops.errors import CheckpointError, MissingDependencyError, UnknownModelError
+from hessops.errors import CheckpointError, UnknownModelError
+from hessops.zoo.optional import optional_import
 
 __all__ = ["GPTConfig", "GPT", "gpt_config", "GPT_CONFIGS", "load_hf_model"]
 
@@ -54,7 +55,7 @@ class GPTConfig:
 
 
 # Named sizes. GPT-2's are its published ones (124M: 124,439,808 parameters with the tied output layer);
-# gpt-bytes-* read byte-level tokens (vocab 256, hessops.text).
+# gpt-bytes-* read byte-level tokens (vocab 256, hessops.zoo.text).
 GPT_CONFIGS: dict[str, GPTConfig] = {
     "gpt2-small": GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768),
     "gpt2-medium": GPTConfig(vocab_size=50257, block_size=1024, n_layer=24, n_head=16, n_embd=1024),
@@ -176,10 +177,7 @@ def load_hf_model(
     model's own initialization under ``torch.manual_seed(seed)``, drawn without touching the global random
     state. ``use_cache`` is turned off (no key/value cache is needed for the loss). Needs the ``hf`` extra
     (``pip install hessops[hf]``)."""
-    try:
-        import transformers
-    except ImportError as error:
-        raise MissingDependencyError("load_hf_model needs transformers: pip install 'hessops[hf]'") from error
+    transformers = optional_import("transformers", "load_hf_model needs transformers: pip install 'hessops[hf]'")
 
     path = Path(source)
     changes = {**(overrides or {}), "use_cache": False}

@@ -7,7 +7,6 @@ parameters, in the order given (default: ``model.parameters()`` with ``requires_
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -62,10 +61,12 @@ class Problem:
 
     @property
     def rank(self) -> int:
+        """This process's rank among the data-parallel ranks (0 without them)."""
         return 0 if self.distributed is None else self.distributed[1]
 
     @property
     def numel(self) -> int:
+        """The number of parameters differentiated (the operator's size)."""
         return sum(s.numel() for s in self.shapes)
 
 
@@ -158,7 +159,7 @@ def split_batch(batch: Any, index: int) -> tuple[Any, Any]:
             raise TypeError(
                 f"batch {index} is a mapping with keys {list(batch)} but no 'labels': a HuggingFace-style batch "
                 "holds its targets under 'labels'; for another key, wrap the loader, "
-                "hessops.data.labels_from(loader, key='labels')"
+                "hessops.zoo.data.labels_from(loader, key='labels')"
             )
         return {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
@@ -233,7 +234,7 @@ def check_batch(inputs: Any, targets: Any, index: int, device: torch.device, mod
             if normalize_device(t.device) != device:
                 raise DeviceMismatchError(
                     f"batch {index} {role} are on {t.device} but the parameters are on {device}: wrap the loader, "
-                    f"hessops.data.on_device(loader, '{device}'), or move the model"
+                    f"hessops.zoo.data.on_device(loader, '{device}'), or move the model"
                 )
             if t.is_floating_point() and t.dtype != model_dtype:
                 raise DtypeMismatchError(
@@ -330,20 +331,6 @@ def add_tree_(flat: Tensor, tree: ParamTree, alpha: float = 1.0) -> None:
         size = t[0].numel()
         flat[:, start : start + size].add_(t.reshape(t.shape[0], size), alpha=alpha)
         start += size
-
-
-def digest(*parts: Tensor | str | None) -> str:
-    """A SHA-256 (hex) of ``parts`` in order: a string by its UTF-8 bytes, a tensor by its dtype, shape and
-    entries (moved to the CPU), ``None`` as a marker of its own."""
-    sha = hashlib.sha256()
-    for part in parts:
-        if isinstance(part, Tensor):
-            t = part.detach().cpu().contiguous()
-            sha.update(f"<tensor {t.dtype} {tuple(t.shape)}>".encode())
-            sha.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        else:
-            sha.update(f"<{type(part).__name__} {part}>".encode())
-    return sha.hexdigest()
 
 
 def all_finite(t: Tensor) -> bool:

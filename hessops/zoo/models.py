@@ -8,7 +8,6 @@ version, whatever the caller's RNG state, which is left untouched.
 from __future__ import annotations
 
 import difflib
-import importlib
 import os
 import pickle
 from collections.abc import Mapping
@@ -19,27 +18,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hessops.errors import CheckpointError, InvalidArgumentError, MissingDependencyError, UnknownModelError
+from hessops.errors import CheckpointError, InvalidArgumentError, UnknownModelError
 from hessops.zoo import MODELS, TIMM_PREFIX, ModelSpec
+from hessops.zoo.optional import import_timm, optional_import
 
 __all__ = ["MODEL_NAMES", "TIMM_OPTIONS", "ModelSpec", "model_spec", "build_model", "make_loss", "load_checkpoint"]
 
 MODEL_NAMES: tuple[str, ...] = tuple(MODELS)
 
 
-def _import_timm() -> ModuleType:
-    try:
-        return importlib.import_module("timm")
-    except ImportError as error:
-        raise MissingDependencyError(
-            "timm models need the optional package timm, which is not installed: "
-            "pip install 'hessops[zoo]' (or pip install timm)"
-        ) from error
-
-
 def _timm_name(name: str) -> tuple[ModuleType, str]:
     """timm and the model name after ``timm:``, checked to be one timm knows."""
-    timm = _import_timm()
+    timm = import_timm()
     arch = name[len(TIMM_PREFIX) :]
     if not arch or not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=3)
@@ -161,12 +151,10 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
 def _read(path: Path) -> Any:
     if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-        except ImportError as error:
-            raise MissingDependencyError(
-                f"{path} is a safetensors file, which needs the safetensors package: pip install safetensors"
-            ) from error
+        load_file = optional_import(
+            "safetensors.torch",
+            f"{path} is a safetensors file, which needs the safetensors package: pip install safetensors",
+        ).load_file
         try:
             return load_file(str(path), device="cpu")
         except Exception as error:

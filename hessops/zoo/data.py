@@ -27,10 +27,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from hessops.constants import DATASETS
-from hessops.errors import CorruptDatasetError, DatasetNotFoundError, MissingDependencyError, UnknownDatasetError
+from hessops.errors import CorruptDatasetError, DatasetNotFoundError, UnknownDatasetError
 
 # (mean, std) per channel of each dataset, kept with the zoo that trains on them; importable from here too
 from hessops.zoo import CIFAR10_MEAN, CIFAR10_STD, MNIST_MEAN, MNIST_STD, NORMALIZATION  # noqa: F401
+from hessops.zoo.optional import optional_import
 
 __all__ = [
     "DATA_NAMES",
@@ -306,12 +307,10 @@ def _not_found(name: str, folder: Path, missing: list[str], data_dir: Path) -> D
 
 
 def _digits(train: bool) -> ImageDataset:
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as error:
-        raise MissingDependencyError("the digits dataset ships with scikit-learn: pip install scikit-learn") from error
-
-    digits = load_digits()
+    datasets = optional_import(
+        "sklearn.datasets", "the digits dataset ships with scikit-learn: pip install scikit-learn"
+    )
+    digits = datasets.load_digits()
     images = torch.from_numpy(digits.images.astype(np.uint8)).unsqueeze(1)  # values 0..16
     labels = torch.from_numpy(digits.target.astype(np.int64))
     n = labels.shape[0]
