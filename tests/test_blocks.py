@@ -293,7 +293,8 @@ def test_the_command_writes_each_blocks_exact_values_and_a_figure(tmp_path, caps
 
 
 def test_the_command_refuses_a_group_the_model_lacks_in_one_line(capsys):
-    from hessops.cli import EXIT_USAGE, main
+    from hessops.cli import main
+    from hessops.cli.app import EXIT_USAGE
 
     status = main(["blocks", "--num-examples", "8", "--group", "attention=encoder", "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
