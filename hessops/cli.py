@@ -29,6 +29,7 @@ from hessops import __version__, _commands
 from hessops.constants import (
     BASIS_MODES,
     DATASETS,
+    DEFAULT_TIMEOUT_S,
     DOWNLOADABLE,
     DTYPES,
     GPT_PREFIX,
@@ -39,13 +40,13 @@ from hessops.constants import (
     LOGDET_METHODS,
     OPERATOR_NAMES,
     TEXT_DATA,
+    TIMEOUT_ENV,
     TRACE_METHODS,
     WHICH,
     is_language_model,
     is_text,
 )
 from hessops.demo import DEMO_MODEL
-from hessops.distributed import DEFAULT_TIMEOUT_S, TIMEOUT_ENV
 from hessops.errors import DistributedError, HessopsError
 from hessops.zoo import MODELS, TIMM_PREFIX
 

@@ -22,7 +22,15 @@ __all__ = [
     "is_language_model",
     "is_text",
     "NOISE_WARNING",
+    "DEFAULT_TIMEOUT_S",
+    "TIMEOUT_ENV",
 ]
+
+# How long a rank waits in a collective for the others before the run fails (hessops.distributed):
+# long enough for the slowest rank's shard of a product (or rank 0 writing a checkpoint) on a loaded machine;
+# torch's own gloo default.
+DEFAULT_TIMEOUT_S = 1800.0
+TIMEOUT_ENV = "HESSOPS_DIST_TIMEOUT"  # seconds, overrides DEFAULT_TIMEOUT_S where no timeout is passed
 
 # A product noise (hessops.operators.witness) above this many eps of the operator's dtype means the model computes
 # in a lower precision inside: the operator warns, and eigs bounds the rounding by that precision.

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, Subset
 
+from hessops.constants import DEFAULT_TIMEOUT_S, TIMEOUT_ENV
 from hessops.errors import DistributedError
 
 AGREEMENT_RTOL = 1e-9  # checksums further apart than this (relative) mean the ranks hold different numbers
@@ -27,10 +28,6 @@ STATUS_BYTES = 4096  # room for one rank's pickled status; error messages are cu
 # The longest all_reduce waits for gloo's worker thread to let go of a tensor. The wait ends as soon as it
 # does (about a millisecond when idle), so the bound only matters on a starved machine: generous, not a clock.
 RELEASE_TIMEOUT_S = 60.0
-# How long a rank waits in a collective for the others before the run fails: long enough for the slowest
-# rank's shard of a product (or rank 0 writing a checkpoint) on a loaded machine; torch's own gloo default.
-DEFAULT_TIMEOUT_S = 1800.0
-TIMEOUT_ENV = "HESSOPS_DIST_TIMEOUT"  # seconds, overrides DEFAULT_TIMEOUT_S where no timeout is passed
 
 
 def resolve(distributed: bool | None, group: Any) -> tuple[Any, int, int] | None:
