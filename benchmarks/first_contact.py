@@ -109,7 +109,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per command (heavy ones: 1)")
     parser.add_argument("--out", type=Path, default=Path("first_contact.json"))
     parser.add_argument(
-        "--keep", type=Path, default=None, help="write the demo's and examples' outputs here (default: a temporary folder)"
+        "--keep",
+        type=Path,
+        default=None,
+        help="write the demo's and examples' outputs here (default: a temporary folder)",
     )
     args = parser.parse_args()
     rows = {}
