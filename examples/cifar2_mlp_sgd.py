@@ -7,7 +7,7 @@ the top eigenvalue λ_max of the Hessian of the mean training loss (Lanczos, wit
 (Hutch++, with its standard error).
 
     python examples/cifar2_mlp_sgd.py --data-dir data        # CIFAR-10 (hessops download cifar2 first), GPU if any
-    python examples/cifar2_mlp_sgd.py --quick                 # offline (its time on 2 cores: docs/examples.md)
+    python examples/cifar2_mlp_sgd.py --quick                 # offline (its time: docs/examples.md)
 
 The training images (10,000 airplanes and birds) are split 0.9 / 0.1 into train and validation with
 ``random_split(generator=torch.Generator().manual_seed(123))``; the test split's 2,000 are reported too.

@@ -19,7 +19,7 @@ sharpness of a torchvision ResNet-50 over training.
    not recorded.
 
     python examples/cifar_cnn_spectrum.py --data-dir data      # CIFAR-10 (hessops download cifar10 first), GPU if any
-    python examples/cifar_cnn_spectrum.py --quick               # offline (its time on 2 cores: docs/examples.md)
+    python examples/cifar_cnn_spectrum.py --quick               # offline (its time: docs/examples.md)
 
 --quick substitutes 500 of scikit-learn's bundled 8×8 digits, standardized, upsampled to 32×32 and repeated
 over three channels, for CIFAR-10: the same CNN, optimizer, batches of 100 and augmentation, but 20 epochs

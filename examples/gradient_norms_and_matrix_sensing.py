@@ -25,7 +25,7 @@ has that rank up to eigenvalues of their size. Larger α ends at a U of full ran
 m < d(d+1)/2 measurements, other matrices fit them too), whose Hessian has many more non-negligible eigenvalues.
 
     python examples/gradient_norms_and_matrix_sensing.py --data-dir data   # MNIST (hessops download mnist), d = 100
-    python examples/gradient_norms_and_matrix_sensing.py --quick            # offline (its time on 2 cores: docs/examples.md)
+    python examples/gradient_norms_and_matrix_sensing.py --quick            # offline (its time: docs/examples.md)
 
 The full mode's d×d Hessians have n = 10⁴ (10⁴ products each, then a dense eigendecomposition): seconds on
 a GPU, long on a CPU. --quick substitutes for (a) scikit-learn's bundled 8×8 digits, standardized and

@@ -3,7 +3,7 @@ decay), then at each solution the Hessian spectrum (how negative is the smallest
 volume of the basin {δ : ½ δᵀ(H + cI)δ ≤ 2}, exact and by stochastic Lanczos quadrature, term by term.
 
     python examples/mnist_basin_volume.py --data-dir data          # MNIST (hessops download mnist first)
-    python examples/mnist_basin_volume.py --quick                   # offline (its time on 2 cores: docs/examples.md)
+    python examples/mnist_basin_volume.py --quick                   # offline (its time: docs/examples.md)
 
 The full mode follows the study: 1,500 random MNIST training examples, batches of 100, Adadelta (lr 1.0) with
 StepLR (γ 0.7 per epoch) for 10 epochs. --quick uses 150 of scikit-learn's bundled 8×8 digits, standardized

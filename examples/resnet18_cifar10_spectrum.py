@@ -13,7 +13,7 @@ Hessian-vector products (each one a pass over the test set).
 
     python examples/resnet18_cifar10_spectrum.py --pretrained --data-dir data       # published weights (online)
     python examples/resnet18_cifar10_spectrum.py --checkpoint model.pt --data-dir data
-    python examples/resnet18_cifar10_spectrum.py --quick                    # offline (its time on 2 cores: docs/examples.md)
+    python examples/resnet18_cifar10_spectrum.py --quick                    # offline (its time: docs/examples.md)
 
 CIFAR-10 comes from ``hessops download cifar10``. ``--pretrained`` fetches the published ``resnet18_cifar10``
 weights (https://huggingface.co/edadaltocg/resnet18_cifar10, a timm state_dict whose keys and shapes the zoo's

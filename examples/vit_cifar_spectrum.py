@@ -10,7 +10,7 @@ density by stochastic Lanczos quadrature (SLQ: Ghorbani et al. 2019), after a sh
    runs the products in torch's math kernel (said once, as an AttentionKernelWarning).
 
     python examples/vit_cifar_spectrum.py --data-dir data      # CIFAR-10 (hessops download cifar10 first)
-    python examples/vit_cifar_spectrum.py --quick               # offline (its time on 2 cores: docs/examples.md)
+    python examples/vit_cifar_spectrum.py --quick               # offline (its time: docs/examples.md)
 
 --quick substitutes 500 of scikit-learn's bundled 8×8 digits, standardized, upsampled to 32×32 and repeated
 over three channels, for CIFAR-10, and the zoo's ``vit-micro-cifar`` (2 blocks of width 32, 2 heads, 8×8
