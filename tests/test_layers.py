@@ -139,8 +139,9 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def _private(module: str) -> bool:
-    return any(part.startswith("_") and not part.startswith("__") for part in module.split(".")[1:])
+def _private(name: str) -> bool:
+    """A private module or name: one underscore, not a dunder."""
+    return name.startswith("_") and not name.startswith("__")
 
 
 def _folder(module: str, known: dict[str, Path]) -> str:
@@ -194,20 +195,42 @@ def test_the_cycle_check_finds_a_cycle_when_one_is_made(edge):
     assert made or cross_layer, f"adding {source} -> {target} made no cycle"
 
 
-def test_private_modules_and_names_stay_in_their_folder():
+def privacy_violations(extra: list[tuple[str, str, str | None]] = ()) -> list[str]:
+    """Each import of a private module from outside its folder, or of a private name from outside the folder of
+    the module defining it (plus ``extra`` imports ``(importer, module, name)``, for the test below)."""
     known = modules()
+    found = [
+        (name, target, imported) for name, path in known.items() for target, imported in imports(name, path, known)
+    ]
     wrong = []
-    for name, path in known.items():
-        for target, imported in imports(name, path, known):
-            if target not in known:
-                continue
-            home = target.rpartition(".")[0] if _private(target.rpartition(".")[2]) else None
-            if _private(target) and home and not name.startswith(home):
-                wrong.append(f"{name} imports the private module {target}")
-            if imported and imported.startswith("_") and not imported.startswith("__"):
-                if not name.startswith(_folder(target, known)):
-                    wrong.append(f"{name} imports the private name {target}.{imported}")
+    for name, target, imported in [*found, *extra]:
+        if target not in known:
+            continue
+        home, _, last = target.rpartition(".")
+        if _private(last) and not (name == home or name.startswith(home + ".")):
+            wrong.append(f"{name} imports the private module {target}")
+        folder = _folder(target, known)
+        if imported and _private(imported) and not (name == folder or name.startswith(folder + ".")):
+            wrong.append(f"{name} imports the private name {target}.{imported}")
+    return wrong
+
+
+def test_private_modules_and_names_stay_in_their_folder():
+    wrong = privacy_violations()
     assert not wrong, "\n".join(wrong)
+
+
+def test_the_privacy_check_finds_a_private_module_or_name_used_outside_its_folder():
+    extra = [
+        ("hessops.analysis.spectrum", "hessops.operators._base", None),  # a private module from another folder
+        ("hessops.cli.app", "hessops.zoo.models", "_timm_name"),  # a private name from another folder
+        ("hessops.operators.losses", "hessops.operators.functional", "_leaves"),  # inside its folder: allowed
+    ]
+    found = set(privacy_violations(extra)) - set(privacy_violations())
+    assert found == {
+        "hessops.analysis.spectrum imports the private module hessops.operators._base",
+        "hessops.cli.app imports the private name hessops.zoo.models._timm_name",
+    }
 
 
 def test_every_module_has_a_layer():
