@@ -123,7 +123,7 @@ class DoubledGram(CurvatureOperator):
         return products, batch.loss(outputs)
 '''
 
-TOY_RUN = '''
+TOY_RUN = """
 import json, sys
 import hessops.constants
 hessops.constants.OPERATOR_CLASSES["doubled-gram"] = "toy_operator:DoubledGram"  # the one registry line
@@ -132,7 +132,7 @@ from hessops.cli import main
 status = main(["eigs", "--operator", "doubled-gram", "--model", "mlp-digits", "--num-examples", "40",
                "--dtype", "float64", "--k", "2", "--which", "LA", "--no-check", "--no-progress", "--out", sys.argv[1]])
 print(json.dumps({"status": status}))
-'''
+"""
 
 
 def test_an_operator_is_one_module_and_one_registry_line(tmp_path):
