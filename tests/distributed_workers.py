@@ -1,4 +1,4 @@
-"""Worker functions for tests/test_distributed.py, run in spawned processes (gloo on the CPU)."""
+"""Worker functions for tests/operators/test_distributed.py, run in spawned processes (gloo on the CPU)."""
 
 from __future__ import annotations
 

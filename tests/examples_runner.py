@@ -13,7 +13,9 @@ from pathlib import Path
 from types import ModuleType
 from unittest import mock
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+from repo_root import ROOT
+
+EXAMPLES = ROOT / "examples"
 # A guard against a hung run only: a quick run's work is bounded by its sizes, and a busy machine may take
 # many times its quiet-machine minute, which must not fail a correct run.
 HANG_SECONDS = 3600

@@ -9,7 +9,7 @@ The double-backward references are checked against central finite differences of
 (:func:`fd_hessian_product`, first derivatives only) in tests/test_reference.py. Where they are wrong: through
 torch's weight norm (``nn.utils.weight_norm``, and ``parametrizations.weight_norm`` over a dimension: its fused
 kernel), whose double backward torch gets 5-40 % wrong; there the finite differences are the truth
-(tests/test_witness.py). ``parametrizations.weight_norm(dim=None)`` runs plain ops and is right.
+(tests/operators/test_witness.py). ``parametrizations.weight_norm(dim=None)`` runs plain ops and is right.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def _buffers_kept(model: nn.Module):
                 b.copy_(value)
 
 
-def dense_hessian(model: nn.Module, loss_fn: Callable, data, params=None) -> Tensor:
+def reference_hessian(model: nn.Module, loss_fn: Callable, data, params=None) -> Tensor:
     """∇²θ of loss_fn(model(X), Y) on the concatenated data, by double backward on the module itself
     (:func:`autograd_hessian`): not ``torch.func.hessian``, which torch 2.14 gets 2-10 % wrong through
     LayerNorm, InstanceNorm and train-mode BatchNorm (docs/torch-pitfalls.md)."""

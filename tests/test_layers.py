@@ -9,8 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from repo_root import ROOT
 
-PACKAGE = Path(__file__).resolve().parent.parent / "hessops"
+PACKAGE = ROOT / "hessops"
 
 # The layers, by module prefix (the longest matching prefix wins), and what each may import.
 CORE = ("hessops", "hessops.errors", "hessops.constants", "hessops.numerics", "hessops._arguments", "hessops._cola")

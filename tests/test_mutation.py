@@ -3,7 +3,7 @@ tests/mutation/sitecustomize.py, in a child pytest process and the command-line 
 that check each operator's numbers against independent references must fail: its products, its blocks, MCFisher's
 exact expectation and the command line. The first-order witness
 is switched off (``HESSOPS_WITNESS=0``) so that the tests' references, not the library's own check, must catch it;
-with the witness on, the first product is refused instead (tests/test_witness.py).
+with the witness on, the first product is refused instead (tests/operators/test_witness.py).
 
 One child pytest run over the chosen tests (each builds one kind of operator, so one run can break them all):
 every one of them must fail."""
@@ -19,12 +19,12 @@ from pathlib import Path
 TESTS = Path(__file__).parent
 BROKEN = "Hessian:1.01,GGN:1.01,EmpiricalFisher:1.01,MCFisher:1.02"
 CATCHERS = [  # each checks one operator's numbers against a reference that does not use its products
-    "tests/test_operators.py::test_matmat_matches_dense[mlp-ce-one-hessian]",
-    "tests/test_operators.py::test_matmat_matches_dense[mlp-ce-one-ggn]",
-    "tests/test_operators.py::test_matmat_matches_dense[mlp-ce-one-ef]",
-    "tests/test_mcfisher.py::test_mc_fisher_is_unbiased_for_its_exact_expectation[ce]",
-    "tests/test_blocks.py::test_each_block_matches_the_dense_hessians_diagonal_block[transformer]",
-    "tests/test_cli.py::test_eigs_writes_json_and_plot_matching_the_dense_spectrum",
+    "tests/operators/test_operators.py::test_matmat_matches_dense[mlp-ce-one-hessian]",
+    "tests/operators/test_operators.py::test_matmat_matches_dense[mlp-ce-one-ggn]",
+    "tests/operators/test_operators.py::test_matmat_matches_dense[mlp-ce-one-ef]",
+    "tests/operators/test_mcfisher.py::test_mc_fisher_is_unbiased_for_its_exact_expectation[ce]",
+    "tests/analysis/test_blocks.py::test_each_block_matches_the_dense_hessians_diagonal_block[transformer]",
+    "tests/cli/test_cli.py::test_eigs_writes_json_and_plot_matching_the_dense_spectrum",
 ]
 
 

@@ -8,15 +8,15 @@ from __future__ import annotations
 import pytest
 import torch
 import toy_networks
+from cases import make_case
 from reference import (
     as_float64,
-    dense_hessian,
     hessian_product,
     next_token_loss,
+    reference_hessian,
     relative_error,
     richardson_hessian_product,
 )
-from test_witness import WEIGHT_NORMS, weight_normed
 from torch import nn
 
 # Richardson's pair (h = 1e-4, 5e-5) cancels the h² truncation: what is left is h⁴·|∇⁵L| (~1e-16) and rounding
@@ -31,8 +31,6 @@ def _split(x, y, sizes):
 
 
 def grid_model(model_name: str, loss_name: str):
-    from conftest import make_case
-
     case = make_case(model_name, loss_name, "uneven")
     return case.model, case.loss_fn, case.data
 
@@ -105,15 +103,15 @@ def test_the_reference_hessian_matches_finite_differences(name):
     truth = richardson_hessian_product(model, loss_fn, data, v)
     assert relative_error(hessian_product(model, loss_fn, data, v), truth) < FD_RTOL
     if n <= DENSE_LIMIT:
-        assert relative_error(dense_hessian(model, loss_fn, data) @ v, truth) < FD_RTOL
+        assert relative_error(reference_hessian(model, loss_fn, data) @ v, truth) < FD_RTOL
 
 
-@pytest.mark.parametrize("kind", [*WEIGHT_NORMS, "conv"])
+@pytest.mark.parametrize("kind", [*toy_networks.WEIGHT_NORMS, "conv"])
 def test_weight_norm_is_where_the_reference_is_wrong(kind):
     """torch's double backward through weight norm is off by percents (except over the whole tensor, dim=None): the
     reference is not the truth here, the finite differences are (the operators and hessops.dense_hessian are
-    checked against them in tests/test_witness.py)."""
-    model, x = weight_normed(kind)
+    checked against them in tests/operators/test_witness.py)."""
+    model, x = toy_networks.weight_normed(kind)
     y = torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(1))
     data = [(x[:4], y[:4]), (x[4:], y[4:])]
     v = probe(sum(p.numel() for p in model.parameters()))

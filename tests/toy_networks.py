@@ -1,13 +1,15 @@
 """Small networks for the tests (not the library's zoo, hessops.zoo.models): the two of our users' studies among them;
-a test operator, and an interrupted one."""
+a test operator, and an interrupted one; networks with torch's weight norm, in each of its forms."""
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import cola
 import torch
 from torch import nn
+from torch.nn.utils import parametrizations
 
 from hessops.zoo.models import build_model
 
@@ -79,3 +81,34 @@ def interrupted_at(op: cola.ops.LinearOperator, after: int):
         yield op
     finally:
         del op._matmat
+
+
+def legacy_weight_norm(module: nn.Module, dim: int) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the legacy hook is deprecated, and still used (HiFi-GAN)
+        return nn.utils.weight_norm(module, dim=dim)
+
+
+WEIGHT_NORMS = {
+    "parametrization-dim0": lambda m: parametrizations.weight_norm(m, dim=0),
+    "parametrization-dim1": lambda m: parametrizations.weight_norm(m, dim=1),
+    "parametrization-whole": lambda m: parametrizations.weight_norm(m, dim=None),  # torch's unfused path
+    "legacy-dim0": lambda m: legacy_weight_norm(m, 0),
+    "legacy-dim1": lambda m: legacy_weight_norm(m, 1),
+}
+
+
+def weight_normed(kind: str) -> tuple[nn.Module, torch.Tensor]:
+    """A small float64 network with one weight-normed layer (an MLP, or a convolution), and 6 inputs for it."""
+    torch.manual_seed(0)
+    if kind == "conv":  # HuggingFace's wav2vec2 normalizes its positional convolution over the kernel (dim=2)
+        model = nn.Sequential(
+            parametrizations.weight_norm(nn.Conv1d(2, 3, 3), dim=0),
+            nn.Tanh(),
+            legacy_weight_norm(nn.Conv1d(3, 2, 2), dim=2),
+            nn.Flatten(),
+            nn.Linear(4, 3),
+        )
+        return model.double(), torch.randn(6, 2, 5, dtype=torch.float64)
+    model = nn.Sequential(WEIGHT_NORMS[kind](nn.Linear(4, 5)), nn.Tanh(), nn.Linear(5, 3))
+    return model.double(), torch.randn(6, 4, dtype=torch.float64)

@@ -1,0 +1,1 @@
+"""Tests of hessops.analysis: spectra, estimators, blocks, landscapes and trackers against exact answers."""

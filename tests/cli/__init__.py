@@ -1,0 +1,1 @@
+"""Tests of hessops.cli: the `hessops` command."""

@@ -1,0 +1,1 @@
+"""Tests of README.md, docs/ and the documentation site."""

@@ -1,0 +1,1 @@
+"""Tests of hessops.linalg: where the Lanczos basis lives, and resumable runs."""

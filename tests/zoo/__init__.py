@@ -1,0 +1,1 @@
+"""Tests of hessops.zoo: datasets, models and language models."""
