@@ -116,12 +116,11 @@ def resolve_groups(
         Each group's name with its parameters' names.
 
     Raises:
-        TypeError: ``model`` is not a module.
         NoParametersError: ``groups`` is ``None`` and the model has no trainable parameters.
-        InvalidArgumentError: a group is empty, unnamed, or holds a member that names nothing trainable of the
-            model."""
+        InvalidArgumentError: ``model`` is not a module; a group is empty, unnamed, or holds a member that names
+            nothing trainable of the model."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if groups is None:
         return find_blocks(model)
     if not isinstance(groups, Mapping) or not groups:

@@ -330,7 +330,7 @@ def _settings(op, k, which, tol, value_tol, max_iters, seed, verify, check, prog
         raise InvalidArgumentError(f"which={which!r}: choose one of {WHICH} (LM = largest magnitude)")
     linear_operator("op", op)
     if not op.isa(cola.SelfAdjoint):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"eigs needs a self-adjoint operator (Lanczos); {op!r} is not annotated SelfAdjoint: wrap it with "
             "cola.SelfAdjoint(op) if you know it is symmetric"
         )

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from hessops._arguments import integer, real
 from hessops.analysis.spectrum import eigs
-from hessops.errors import InvalidArgumentError
+from hessops.errors import EmptyDataError, InvalidArgumentError
 from hessops.numerics import norm
 from hessops.operators.evaluation import LossMean, dataset_loss
 from hessops.operators.functional import batch_size, call_model, split_batch
@@ -144,7 +144,7 @@ class GradNormTracker:
     def end_epoch(self, epoch: int | None = None) -> dict:
         """Close an epoch: record the mean norm of each parameter over its steps."""
         if self._steps == 0:
-            raise ValueError("end_epoch() before any step(): call step() after each loss.backward()")
+            raise EmptyDataError("end_epoch() before any step(): call step() after each loss.backward()")
         epoch = len(self.history) if epoch is None else epoch
         record = {
             "epoch": epoch,

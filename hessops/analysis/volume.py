@@ -179,7 +179,7 @@ def logdet(
         eigs_max_iters = integer("eigs_max_iters", eigs_max_iters, minimum=1)
     linear_operator("op", op)
     if not op.isa(cola.SelfAdjoint):
-        raise ValueError(f"logdet needs a symmetric operator; {op!r} is not annotated SelfAdjoint")
+        raise InvalidArgumentError(f"logdet needs a symmetric operator; {op!r} is not annotated SelfAdjoint")
     check_precision(op, "logdet")
     n = op.shape[0]
     began = time.perf_counter()

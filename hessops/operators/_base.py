@@ -172,16 +172,20 @@ class CurvatureOperator(cola.ops.LinearOperator):
         if not dtype.is_floating_point:
             raise DtypeMismatchError(f"dtype={dtype} is not a floating dtype: use torch.float32 or torch.float64")
         if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive number of columns, got {chunk_size}")
+            raise InvalidArgumentError(f"chunk_size must be a positive number of columns, got {chunk_size}")
         if micro_batch_size is not None and micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be a positive number of examples, got {micro_batch_size}")
+            raise InvalidArgumentError(
+                f"micro_batch_size must be a positive number of examples, got {micro_batch_size}"
+            )
         if micro_batch_size is not None and allow_train_mode:
-            raise ValueError(
+            raise InvalidArgumentError(
                 "micro_batch_size splits batches, which changes what train-mode BatchNorm computes (batch "
                 "statistics): call model.eval(), or drop micro_batch_size"
             )
         if batch_size_fn is not None and not callable(batch_size_fn):
-            raise TypeError(f"batch_size_fn must be a function of a batch's inputs, got {type(batch_size_fn).__name__}")
+            raise InvalidArgumentError(
+                f"batch_size_fn must be a function of a batch's inputs, got {type(batch_size_fn).__name__}"
+            )
         check_train_mode(model, allow_train_mode)
         announce_attention_kernels(model)
         spec = loss_spec(loss_fn)
@@ -487,7 +491,7 @@ class CurvatureOperator(cola.ops.LinearOperator):
 
     def _check_vectors(self, X: Tensor) -> None:
         if not isinstance(X, Tensor):
-            raise TypeError(f"{type(self).__name__} multiplies torch tensors, got {type(X).__name__}")
+            raise InvalidArgumentError(f"{type(self).__name__} multiplies torch tensors, got {type(X).__name__}")
         if X.dtype != self.dtype:
             raise DtypeMismatchError(
                 f"vector dtype {X.dtype} differs from the operator's {self.dtype}: cast it (v.to({self.dtype})) "

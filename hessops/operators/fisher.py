@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hessops.errors import UnsupportedLossError
+from hessops.errors import InvalidArgumentError, UnsupportedLossError
 from hessops.operators._autograd import gradient
 from hessops.operators._base import Batch
 from hessops.operators._jacobian import JacobianSandwich
@@ -123,7 +123,7 @@ class MCFisher(JacobianSandwich):
         witness: bool = True,
     ):
         if samples < 1:
-            raise ValueError(f"samples must be at least 1, got {samples}")
+            raise InvalidArgumentError(f"samples must be at least 1, got {samples}")
         self._sampler_for(loss_spec(loss_fn))
         super().__init__(
             model,

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from hessops._cola import cola
 from hessops.constants import HVP_MODES
-from hessops.errors import HvpFormulationError
+from hessops.errors import HvpFormulationError, InvalidArgumentError
 from hessops.operators import _hvp, hvp_tuning
 from hessops.operators import witness as first_order
 from hessops.operators._base import Batch, CurvatureOperator
@@ -75,7 +75,7 @@ class Hessian(CurvatureOperator):
         witness: bool = True,
     ):
         if hvp_mode not in HVP_MODES:
-            raise ValueError(f"hvp_mode={hvp_mode!r}: choose one of {HVP_MODES}")
+            raise InvalidArgumentError(f"hvp_mode={hvp_mode!r}: choose one of {HVP_MODES}")
         wrong = _hvp.known_wrong_on(hvp_mode, model)
         if wrong:
             raise HvpFormulationError(

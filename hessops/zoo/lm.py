@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hessops.errors import CheckpointError, UnknownModelError
+from hessops.errors import CheckpointError, InvalidArgumentError, UnknownModelError
 from hessops.zoo.optional import optional_import
 
 __all__ = ["GPTConfig", "GPT", "gpt_config", "GPT_CONFIGS", "load_hf_model"]
@@ -44,14 +44,14 @@ class GPTConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+                raise InvalidArgumentError(f"GPTConfig.{name} must be a positive int, got {value!r}")
         if self.n_embd % self.n_head:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}: each head gets "
                 "n_embd / n_head features; choose sizes that divide"
             )
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+            raise InvalidArgumentError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
 
 
 # Named sizes. GPT-2's are its published ones (124M: 124,439,808 parameters with the tied output layer);
@@ -143,7 +143,7 @@ class GPT(nn.Module):
         """Logits ``(B, T, vocab_size)`` of the next token at every position."""
         B, T = input_ids.shape
         if T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
+            raise InvalidArgumentError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
         positions = torch.arange(T, device=input_ids.device)
         x = self.drop(self.wte(input_ids) + self.wpe(positions))
         mask = None

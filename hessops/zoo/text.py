@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from hessops.constants import DEFAULT_IGNORE_INDEX
-from hessops.errors import CorruptDatasetError, DatasetNotFoundError, EmptyDataError
+from hessops.errors import CorruptDatasetError, DatasetNotFoundError, EmptyDataError, InvalidArgumentError
 from hessops.zoo.optional import optional_import
 
 __all__ = ["BYTE_VOCAB_SIZE", "TextBlocks", "corpus_documents", "load_text"]
@@ -85,9 +85,9 @@ def load_text(
     HuggingFace tokenizer's ids (``local_files_only``: nothing is downloaded). Padding holds ``pad_id``
     (ignored by the loss and masked)."""
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
-        raise ValueError(f"block_size must be an int >= 2 (one token predicts the next), got {block_size!r}")
+        raise InvalidArgumentError(f"block_size must be an int >= 2 (one token predicts the next), got {block_size!r}")
     if num_blocks is not None and (isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1):
-        raise ValueError(f"num_blocks must be a positive int or None (all), got {num_blocks!r}")
+        raise InvalidArgumentError(f"num_blocks must be a positive int or None (all), got {num_blocks!r}")
     documents = corpus_documents(source)
     if tokenizer is None:
         encoded, vocab_size = [list(d.encode("utf-8")) for d in documents], BYTE_VOCAB_SIZE
