@@ -49,7 +49,20 @@ class Hessian(CurvatureOperator):
 
     An explicit mode other than ``"autograd"`` is checked against double backward on its first product, and
     refused (:class:`~hessops.errors.HvpFormulationError`) if it disagrees. Attention runs in torch's math
-    kernel, the one with second derivatives. The other arguments are :class:`CurvatureOperator`'s.
+    kernel, the one with second derivatives. The other keyword arguments are :class:`CurvatureOperator`'s.
+
+    Args:
+        model: as in :class:`CurvatureOperator`.
+        loss_fn: as in :class:`CurvatureOperator`.
+        data: as in :class:`CurvatureOperator`.
+        hvp_mode: the formulation, above: ``"auto"`` (default), ``"autograd"``, ``"autograd-loop"``,
+            ``"forward-over-reverse"``, ``"reverse-over-forward"`` or ``"reverse-over-reverse"``.
+
+    Raises:
+        InvalidArgumentError: ``hvp_mode`` is not one of the formulations.
+        HvpFormulationError: ``hvp_mode`` is known wrong through a layer of the model, or found wrong on its first
+            product; or torch cannot differentiate the model twice.
+        TrainModeError: and the other refusals of :class:`CurvatureOperator`.
     """
 
     name = "hessian"  # its key in hessops.constants.OPERATOR_CLASSES

@@ -55,7 +55,19 @@ def next_token_cross_entropy(
     for ``logits`` :math:`z` of shape ``(B, T, V)`` and integer ``labels`` :math:`y` of shape ``(B, T)`` (the
     sum over :math:`C` for ``reduction="sum"``). The shift is HuggingFace's (labels are the input ids, -100 at
     padding): the same loss as its causal LMs compute from ``labels``. Operators weight a batch by
-    :math:`|C|`, its counted tokens (:class:`LossSpec`)."""
+    :math:`|C|`, its counted tokens (:class:`LossSpec`).
+
+    Args:
+        logits: :math:`z`, ``(B, T, V)``.
+        labels: :math:`y`, integer ``(B, T)``.
+        ignore_index: the label of positions not counted (HuggingFace's -100).
+        reduction: ``"mean"`` over :math:`C`, or ``"sum"``.
+
+    Returns:
+        The scalar loss :math:`L`.
+
+    Raises:
+        TargetShapeError: ``logits`` and ``labels`` do not have the shapes above."""
     _check_next_token(logits, labels)
     return F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]),

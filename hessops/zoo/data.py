@@ -234,7 +234,14 @@ class DeviceLoader:
 
 
 def on_device(loader: Iterable, device: torch.device | str) -> DeviceLoader:
-    """``loader``'s batches, re-iterably, with their tensors on ``device`` (e.g. ``make_loader(ds)`` on GPU)."""
+    """``loader``'s batches, re-iterably, with their tensors on ``device``.
+
+    Args:
+        loader: a re-iterable of batches (e.g. ``make_loader(ds)``).
+        device: where the batches' tensors go (e.g. ``"cuda"``).
+
+    Returns:
+        A re-iterable of the moved batches."""
     return DeviceLoader(loader, device)
 
 
