@@ -96,7 +96,6 @@ def save_eigenvectors(path: str | os.PathLike, spectrum: Spectrum, op: cola.ops.
         InvalidArgumentError: ``spectrum`` is not a ``Spectrum``, ``op`` not a hessops operator, or the vectors'
             length not ``op``'s size.
         OutputError: the file could not be written."""
-
     problem = _problem(op)
     n = problem.numel
     if not (

@@ -54,7 +54,7 @@ DEFAULT_CHUNK_SIZE = 16
 
 @dataclass(frozen=True)
 class Batch:
-    """One mini-batch (or micro-batch) of the data, as the data loop hands it to
+    r"""One mini-batch (or micro-batch) of the data, as the data loop hands it to
     :meth:`CurvatureOperator._matmat_batch`.
 
     ``inputs`` and ``targets`` are on the operator's device, floating tensors in its dtype; ``size`` is the
