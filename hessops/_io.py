@@ -48,6 +48,6 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         os.replace(temporary, path)
     except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
-        if isinstance(error, OSError):
+        if isinstance(error, OSError) and not isinstance(error, OutputError):  # an OutputError is one already
             raise OutputError(f"cannot write {path}: {error.strerror or error}") from error
         raise

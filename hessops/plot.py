@@ -21,6 +21,8 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from hessops.errors import InvalidArgumentError
+
 if TYPE_CHECKING:
     from hessops.analysis.blocks import BlockSpectra
     from hessops.analysis.landscape import LandscapeSlice
@@ -322,7 +324,9 @@ def plot_block_spectra(
     others (smaller than ``k``) has gaps."""
     values = {name: np.asarray(v, dtype=float).ravel() for name, v in _block_values(blocks).items()}
     if not values:
-        raise ValueError("plot_block_spectra: no blocks to draw; pass block_spectra's result or {name: values}")
+        raise InvalidArgumentError(
+            "plot_block_spectra: no blocks to draw; pass block_spectra's result or {name: values}"
+        )
     names, k = list(values), max(v.size for v in values.values())
     table = np.full((len(names), k), np.nan)
     for row, name in enumerate(names):

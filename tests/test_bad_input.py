@@ -246,9 +246,24 @@ def test_operators_refuse_to_move_without_their_model(problem):
         op.to("meta")
 
 
-def test_errors_are_value_errors():
-    """Code that catches ValueError for bad arguments keeps working."""
-    assert issubclass(hessops.HessopsError, ValueError)
+def test_error_hierarchy():
+    """Code that catches ValueError for bad input keeps working (every error of bad input is an InputError, a
+    ValueError); a failed run is not bad input: DistributedError is a RuntimeError, OutputError an OSError. All
+    derive from HessopsError."""
+    errors = [getattr(hessops.errors, name) for name in hessops.errors.__all__]
+    errors = [error for error in errors if not issubclass(error, Warning)]
+    assert all(issubclass(error, hessops.HessopsError) for error in errors)
+    failed_runs = {hessops.DistributedError, hessops.OutputError}
+    assert {error for error in errors if not issubclass(error, hessops.InputError)} == {
+        hessops.HessopsError,
+        *failed_runs,
+    }
+    assert all(issubclass(error, ValueError) for error in errors if issubclass(error, hessops.InputError))
+    assert not issubclass(hessops.HessopsError, ValueError)
+    assert issubclass(hessops.DistributedError, RuntimeError) and not issubclass(hessops.DistributedError, ValueError)
+    assert issubclass(hessops.OutputError, OSError) and not issubclass(hessops.OutputError, ValueError)
+    assert issubclass(hessops.InvalidArgumentError, TypeError) and issubclass(hessops.DataFormatError, TypeError)
+    assert issubclass(hessops.MissingDependencyError, ImportError)
 
 
 def test_check_deterministic_passes_on_a_fixed_operator():

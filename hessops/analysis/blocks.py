@@ -30,11 +30,17 @@ _INDEX = re.compile(r"^\d+$")
 class BlockSpectra:
     """The spectra of :func:`block_spectra`, one per group, in the groups' order.
 
-    ``spectra`` maps each group's name to its :class:`~hessops.analysis.spectrum.Spectrum` (values, residuals and
-    error bounds of that block alone), ``parameters`` each group's parameter names (the block's flat order),
-    ``sizes`` its number of parameters; ``operator`` and ``which`` are what was computed, ``n_matvecs`` the
-    block products used by all groups together (columns) and ``seconds`` the wall time, operator set-up
-    included. ``result[name]`` is a group's spectrum; iterating gives the group names."""
+    ``result[name]`` is a group's spectrum; iterating gives the group names.
+
+    Attributes:
+        spectra: each group's name with its :class:`~hessops.analysis.spectrum.Spectrum` (values, residuals and
+            error bounds of that block alone).
+        parameters: each group's parameter names (the block's flat order).
+        sizes: each group's number of parameters.
+        operator: the curvature matrix computed.
+        which: the eigenvalues computed (as in :func:`hessops.eigs`).
+        n_matvecs: the block products used by all groups together (columns).
+        seconds: the wall time, operator set-up included."""
 
     spectra: dict[str, Spectrum]
     parameters: dict[str, tuple[str, ...]]
@@ -54,8 +60,11 @@ class BlockSpectra:
         return len(self.spectra)
 
     def to_dict(self) -> dict:
-        """The result as JSON-ready values: ``blocks``, a list (in order) of ``{"name", "parameters",
-        "n_params", **Spectrum.to_dict()}``, and ``operator``, ``which``, ``n_matvecs``, ``seconds``."""
+        """The result as JSON-ready values.
+
+        Returns:
+            ``blocks``, a list (in order) of ``{"name", "parameters", "n_params", **Spectrum.to_dict()}``, and
+            ``operator``, ``which``, ``n_matvecs``, ``seconds``."""
         return {
             "blocks": [
                 {"name": name, "parameters": list(self.parameters[name]), "n_params": self.sizes[name]}
@@ -116,12 +125,11 @@ def resolve_groups(
         Each group's name with its parameters' names.
 
     Raises:
-        TypeError: ``model`` is not a module.
         NoParametersError: ``groups`` is ``None`` and the model has no trainable parameters.
-        InvalidArgumentError: a group is empty, unnamed, or holds a member that names nothing trainable of the
-            model."""
+        InvalidArgumentError: ``model`` is not a module; a group is empty, unnamed, or holds a member that names
+            nothing trainable of the model."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if groups is None:
         return find_blocks(model)
     if not isinstance(groups, Mapping) or not groups:
@@ -195,19 +203,41 @@ def block_spectra(
     operator_options: Mapping[str, Any] | None = None,
     progress: bool = False,
 ) -> BlockSpectra:
-    """The ``k`` extreme eigenvalues (``which``, as in :func:`hessops.eigs`; default the largest) of each
-    parameter group's block :math:`H_{gg}` of the curvature matrix ``operator`` (``"hessian"``, ``"ggn"``,
-    ``"ef"``, ``"mcfisher"``) of the dataset loss, each with verified residuals and error bounds.
+    """The ``k`` extreme eigenvalues of each parameter group's block :math:`H_{gg}` of the curvature matrix
+    ``operator`` of the dataset loss, each with verified residuals and error bounds.
 
-    ``groups=None`` finds the repeated blocks (:func:`find_blocks`: ``blocks.3`` of a timm ViT,
-    ``transformer.h.3`` of GPT-2, ``layers.3`` of ``nn.TransformerEncoder``, ``layer2.1`` of a ResNet, each
-    other module its own group); or pass ``{name: [parameters or module-name prefixes]}``
-    (:func:`resolve_groups`). A group smaller than ``k`` gets all its eigenvalues. Each group is one operator
-    built with ``params=`` its tensors, ``dtype`` and ``operator_options`` (the operator's other keyword
-    arguments: ``hvp_mode``, ``micro_batch_size``, ``chunk_size``, ``seed`` of ``"mcfisher"``, ...), and one
-    :func:`~hessops.eigs` run with ``tol``, ``value_tol``, ``max_iters`` and ``seed``: a block's product
-    costs about as much as the full operator's (one pass over ``data``), so ``G`` groups cost about ``G``
-    times one ``eigs`` of the same ``k``."""
+    A group smaller than ``k`` gets all its eigenvalues. Each group is one operator built with ``params=`` its
+    tensors, ``dtype`` and ``operator_options``, and one :func:`~hessops.eigs` run with ``tol``, ``value_tol``,
+    ``max_iters`` and ``seed``: a block's product costs about as much as the full operator's (one pass over
+    ``data``), so ``G`` groups cost about ``G`` times one ``eigs`` of the same ``k``.
+
+    Args:
+        model: the model (in eval mode).
+        loss_fn: the loss, as for the operators.
+        data: a re-iterable of ``(inputs, targets)`` batches.
+        groups: ``None`` finds the repeated blocks (:func:`find_blocks`: ``blocks.3`` of a timm ViT,
+            ``transformer.h.3`` of GPT-2, ``layers.3`` of ``nn.TransformerEncoder``, ``layer2.1`` of a ResNet,
+            each other module its own group); or pass ``{name: [parameters or module-name prefixes]}``
+            (:func:`resolve_groups`).
+        k: how many eigenvalues of each block.
+        operator: ``"hessian"``, ``"ggn"``, ``"ef"`` or ``"mcfisher"``.
+        which: as in :func:`hessops.eigs`; default the largest.
+        tol: as in :func:`hessops.eigs`.
+        value_tol: as in :func:`hessops.eigs`.
+        max_iters: as in :func:`hessops.eigs`.
+        seed: as in :func:`hessops.eigs`.
+        dtype: the operators' dtype (default the model's).
+        operator_options: the operator's other keyword arguments: ``hvp_mode``, ``micro_batch_size``,
+            ``chunk_size``, ``seed`` of ``"mcfisher"``, ... (not ``params`` nor ``dtype``).
+        progress: show each group's progress.
+
+    Returns:
+        The :class:`BlockSpectra`, one spectrum per group.
+
+    Raises:
+        InvalidArgumentError: an argument of the wrong type or out of range, a group that names nothing of the
+            model, or ``operator_options`` holding ``params`` or ``dtype``.
+        NoParametersError: the model has no trainable parameters."""
     from hessops.operators import OPERATORS
 
     began = time.perf_counter()

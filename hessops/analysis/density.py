@@ -23,8 +23,15 @@ from hessops.linalg.quadrature import Quadrature, quadrature
 @dataclass
 class SpectralDensity:
     """A density ``φ`` on ``grid`` (it integrates to one on the grid, trapezoid rule), smoothed with a
-    Gaussian of width ``sigma``, the quadrature it came from, the operator products it took (``n_matvecs``,
-    columns) and its wall time in ``seconds``."""
+    Gaussian of width ``sigma``; unpacks as ``grid, density``.
+
+    Attributes:
+        grid: the points.
+        density: ``φ`` at each point.
+        sigma: the width of the Gaussian it was smoothed with.
+        quadrature: the quadrature it came from.
+        n_matvecs: the operator products it took (columns).
+        seconds: its wall time."""
 
     grid: Tensor
     density: Tensor
@@ -37,9 +44,12 @@ class SpectralDensity:
         return iter((self.grid, self.density))
 
     def to_dict(self) -> dict:
-        """The result as JSON-ready values: ``grid``, ``density``, ``sigma``, ``moments`` (``mean`` and
-        ``second``: ``tr A / n`` and ``tr A² / n``), the quadrature's ``nodes`` and ``weights`` (one row per
-        probe), ``n_matvecs``, ``seconds``, ``basis`` (where the Lanczos basis lived)."""
+        """The result as JSON-ready values.
+
+        Returns:
+            ``grid``, ``density``, ``sigma``, ``moments`` (``mean`` and ``second``: ``tr A / n`` and
+            ``tr A² / n``), the quadrature's ``nodes`` and ``weights`` (one row per probe), ``n_matvecs``,
+            ``seconds``, ``basis`` (where the Lanczos basis lived)."""
         return {
             "grid": self.grid.tolist(),
             "density": self.density.tolist(),
@@ -69,10 +79,30 @@ def spectral_density(
 ) -> SpectralDensity:
     r"""The spectral density :math:`\phi(t) = \frac1n\sum_i \delta(t-\lambda_i)` estimated by SLQ and
     broadened: :math:`\hat\phi(t) = \frac1P \sum_p \sum_j w_{pj}\, g_\sigma(t - \theta_{pj})`, then normalized
-    to integrate to one on the grid. ``grid`` is a number of points spanning the Ritz values ± 5σ, or the
-    points themselves; ``sigma`` defaults to 1% of that span. Cost: ``num_probes × lanczos_steps`` products,
-    ``lanczos_steps`` passes over the data. ``basis``, ``basis_path``, ``checkpoint`` and ``checkpoint_every``
-    are :func:`quadrature`'s. Unpacks as ``grid, density = spectral_density(...)``."""
+    to integrate to one on the grid (Ghorbani et al. 2019; Papyan 2020). Cost: ``num_probes × lanczos_steps``
+    products, ``lanczos_steps`` passes over the data.
+
+    Args:
+        op: the self-adjoint operator ``A`` (annotated ``cola.SelfAdjoint``).
+        num_probes: ``P``, the Rademacher probe vectors.
+        lanczos_steps: the Lanczos steps of each probe (the nodes of its rule).
+        grid: a number of points spanning the Ritz values ± 5σ, or the points themselves (a 1-D tensor).
+        sigma: the Gaussian's width; defaults to 1% of the grid's span.
+        seed: the seed of the probes.
+        progress: show the steps as they go.
+        basis: :func:`quadrature`'s.
+        basis_path: :func:`quadrature`'s.
+        checkpoint: :func:`quadrature`'s: a file to save the run to and resume from.
+        checkpoint_every: :func:`quadrature`'s: seconds between two saves.
+
+    Returns:
+        The :class:`SpectralDensity`; unpacks as ``grid, density = spectral_density(...)``.
+
+    Raises:
+        InvalidArgumentError: an argument of the wrong type or out of range, or ``op`` not annotated
+            ``SelfAdjoint``.
+        DtypeMismatchError: a half-precision operator.
+        CheckpointMismatchError: ``checkpoint`` holds another run."""
     if not isinstance(grid, Tensor) and (isinstance(grid, bool) or not isinstance(grid, numbers.Integral)):
         raise InvalidArgumentError(f"grid={grid!r} must be a number of points or a 1-D tensor of points")
     if isinstance(grid, Tensor):

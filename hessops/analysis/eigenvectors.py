@@ -37,10 +37,18 @@ VERSION = 1
 
 @dataclass
 class Eigenvectors:
-    """Eigenpairs read by :func:`load_eigenvectors`: ``values`` (k,), ``names`` and ``shapes`` of the
-    parameters the vectors live on (the flat vector's order), ``which``, ``residuals`` and ``error_bounds`` as
-    :func:`hessops.eigs` reported them, ``parameter_norms`` (float64, each parameter's norm at the point the
-    vectors are of), and the vectors, through :meth:`as_dicts` and :meth:`flat`."""
+    """Eigenpairs read by :func:`load_eigenvectors`; the vectors through :meth:`as_dicts` and :meth:`flat`.
+
+    Attributes:
+        values: ``(k,)`` the eigenvalues.
+        rows: ``(k, n)``: one vector per row.
+        names: the names of the parameters the vectors live on (the flat vector's order).
+        shapes: those parameters' shapes.
+        which: as :func:`hessops.eigs` reported it.
+        residuals: as :func:`hessops.eigs` reported them.
+        error_bounds: as :func:`hessops.eigs` reported them.
+        operator: the class name of the operator the vectors are of.
+        parameter_norms: float64, each parameter's norm at the point the vectors are of."""
 
     values: Tensor
     rows: Tensor  # (k, n): one vector per row
@@ -56,21 +64,38 @@ class Eigenvectors:
         return self.rows.shape[0]
 
     def flat(self) -> Tensor:
-        """The vectors as the ``(n, k)`` matrix of :attr:`hessops.Spectrum.vectors` (a view)."""
+        """The vectors as one matrix.
+
+        Returns:
+            The ``(n, k)`` matrix of :attr:`hessops.Spectrum.vectors` (a view)."""
         return self.rows.T
 
     def as_dicts(self) -> list[dict[str, Tensor]]:
-        """The ``k`` vectors, each a dict ``parameter name -> tensor of that parameter's shape`` (views)."""
+        """The vectors by parameter.
+
+        Returns:
+            The ``k`` vectors, each a dict ``parameter name -> tensor of that parameter's shape`` (views)."""
         pieces = flat_to_tree(self.rows, self.shapes)
         return [{name: piece[i] for name, piece in zip(self.names, pieces)} for i in range(len(self))]
 
 
 def save_eigenvectors(path: str | os.PathLike, spectrum: Spectrum, op: cola.ops.LinearOperator) -> Path:
-    """Write ``spectrum``'s eigenpairs (a :class:`~hessops.analysis.spectrum.Spectrum` from :func:`hessops.eigs`) to
-    ``path``, with the parameter layout of ``op``, the hessops curvature operator (or a ``Regularized`` one)
-    they were computed from. The file is written whole or not at all (a temporary file beside it, renamed).
-    Returns the path."""
+    """Write ``spectrum``'s eigenpairs to ``path``, with the parameter layout of ``op``.
 
+    The file is written whole or not at all (a temporary file beside it, renamed).
+
+    Args:
+        path: the file to write.
+        spectrum: a :class:`~hessops.analysis.spectrum.Spectrum` from :func:`hessops.eigs`.
+        op: the hessops curvature operator (or a ``Regularized`` one) they were computed from.
+
+    Returns:
+        The path written.
+
+    Raises:
+        InvalidArgumentError: ``spectrum`` is not a ``Spectrum``, ``op`` not a hessops operator, or the vectors'
+            length not ``op``'s size.
+        OutputError: the file could not be written."""
     problem = _problem(op)
     n = problem.numel
     if not (
@@ -105,8 +130,17 @@ def save_eigenvectors(path: str | os.PathLike, spectrum: Spectrum, op: cola.ops.
 
 
 def load_eigenvectors(path: str | os.PathLike) -> Eigenvectors:
-    """The eigenpairs :func:`save_eigenvectors` wrote to ``path`` (on the CPU). A file of another kind or of
-    another format version raises :class:`~hessops.errors.EigenvectorsFileError`, naming what it found."""
+    """The eigenpairs :func:`save_eigenvectors` wrote to ``path``, read back.
+
+    Args:
+        path: the file :func:`save_eigenvectors` wrote.
+
+    Returns:
+        The :class:`Eigenvectors`, on the CPU.
+
+    Raises:
+        EigenvectorsFileError: no such file, a file of another kind or of another format version (the message
+            names what it found)."""
     path = Path(path)
     if not path.is_file():
         raise EigenvectorsFileError(

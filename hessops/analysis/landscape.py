@@ -44,14 +44,23 @@ PASS_BYTES = 2**30  # the parameter copies of the points one pass over the data 
 class LandscapeSlice:
     """The loss on a line (``dims == 1``) or a plane (``dims == 2``) through the parameters.
 
-    ``coordinates``: one ``(points,)`` float64 tensor per axis, symmetric about 0 (which is a grid point when
-    ``points`` is odd); ``loss`` ``(points,)`` or ``(points₁, points₂)`` (``loss[i, j]`` at ``a = coordinates[0][i]``,
-    ``b = coordinates[1][j]``), the dataset loss as the operators define it (each batch's mean weighted by what it
-    averages over); ``accuracy`` the same shape for classifiers, else ``None``; ``center_loss`` and
-    ``center_accuracy`` at ``θ`` itself; ``directions`` ``"eigen"``, ``"random"`` or ``"given"``;
-    ``labels`` one per axis; ``eigenvalues`` the directions' eigenvalues (eigenvectors only); ``direction_norms``
-    the directions' Euclidean norms; ``n_examples`` the examples of one pass; ``n_points`` the points evaluated
-    (θ once), ``n_passes`` the passes over the data they took and ``seconds`` the wall time."""
+    Attributes:
+        coordinates: one ``(points,)`` float64 tensor per axis, symmetric about 0 (which is a grid point when
+            ``points`` is odd).
+        loss: ``(points,)`` or ``(points₁, points₂)`` (``loss[i, j]`` at ``a = coordinates[0][i]``,
+            ``b = coordinates[1][j]``), the dataset loss as the operators define it (each batch's mean weighted by
+            what it averages over).
+        accuracy: the same shape for classifiers, else ``None``.
+        center_loss: the loss at ``θ`` itself.
+        center_accuracy: the accuracy at ``θ`` itself.
+        directions: ``"eigen"``, ``"random"`` or ``"given"``.
+        labels: one per axis.
+        eigenvalues: the directions' eigenvalues (eigenvectors only).
+        direction_norms: the directions' Euclidean norms.
+        n_examples: the examples of one pass.
+        n_points: the points evaluated (θ once).
+        n_passes: the passes over the data they took.
+        seconds: the wall time."""
 
     coordinates: list[Tensor]
     loss: Tensor
@@ -73,9 +82,12 @@ class LandscapeSlice:
         return len(self.coordinates)
 
     def to_dict(self) -> dict:
-        """The slice as JSON-ready values: ``dims``, ``coordinates`` (one list per axis), ``loss`` and ``accuracy``
-        (nested lists, or ``null``), ``center_loss``, ``center_accuracy``, ``directions``, ``labels``,
-        ``eigenvalues``, ``direction_norms``, ``n_examples``, ``n_points``, ``n_passes``, ``seconds``."""
+        """The slice as JSON-ready values.
+
+        Returns:
+            ``dims``, ``coordinates`` (one list per axis), ``loss`` and ``accuracy`` (nested lists, or ``null``),
+            ``center_loss``, ``center_accuracy``, ``directions``, ``labels``, ``eigenvalues``, ``direction_norms``,
+            ``n_examples``, ``n_points``, ``n_passes``, ``seconds``."""
         return {
             "dims": self.dims,
             "coordinates": [c.tolist() for c in self.coordinates],
@@ -101,8 +113,19 @@ def filter_normalized_direction(
     a standard normal tensor of its shape whose each filter (slice along dim 0: a convolution's output channel,
     a linear layer's output unit) is rescaled to the norm of the same filter of the parameter. Parameters of one
     dimension or none (biases, normalization scales and shifts) get a zero direction, as in Li et al.'s
-    plots, which leave them unperturbed. Drawn on the CPU from ``seed`` (the same direction on every device);
-    returns ``name -> tensor`` on the parameters' device, for the trainable parameters (or ``params``)."""
+    plots, which leave them unperturbed. Drawn on the CPU from ``seed`` (the same direction on every device).
+
+    Args:
+        model: the model whose parameters set the filters' norms.
+        seed: the seed of the draw.
+        params: the parameters to draw for (default: the trainable ones).
+
+    Returns:
+        ``name -> tensor`` on the parameters' device, for the trainable parameters (or ``params``).
+
+    Raises:
+        InvalidArgumentError: ``seed`` is not a whole number, or ``model`` not a module.
+        NoParametersError: no trainable parameters, or ``params`` names a tensor the model does not own."""
     seed = integer("seed", seed)
     names, tensors = select_parameters(model, params)
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -154,7 +177,30 @@ def loss_landscape(
     their class weights; a sum for ``reduction="sum"``), the accuracy is over counted targets where the outputs
     are class scores ``(B, C)`` and the targets class indices. The model is checked as the operators
     check it: eval mode (no Dropout or BatchNorm in training mode), a finite loss at ``θ``, data with examples.
-    Points away from ``θ`` whose loss overflows are kept as inf or NaN, with a ``RuntimeWarning``."""
+    Points away from ``θ`` whose loss overflows are kept as inf or NaN, with a ``RuntimeWarning``.
+
+    Args:
+        model: the model, in eval mode.
+        loss_fn: the loss, as for the operators.
+        data: a re-iterable of ``(inputs, targets)`` batches.
+        directions: ``"random"``, eigenvectors or given directions, as above.
+        dims: 1 (a line) or 2 (a plane); the default as above.
+        span: the grid's half-width, a float or one per axis.
+        points: the grid's points, an int or one per axis.
+        seed: the seed of the random directions.
+        params: the parameters the directions move (default: the trainable ones).
+        points_per_pass: the points one pass over the data serves.
+        progress: show the passes as they go.
+
+    Returns:
+        The :class:`LandscapeSlice`.
+
+    Raises:
+        TrainModeError: Dropout or BatchNorm in training mode.
+        InvalidArgumentError: an argument of the wrong type or out of range, or directions that do not fit the
+            parameters.
+        NonFiniteLossError: the loss at ``θ`` is not finite.
+        EmptyDataError: the data yielded no example."""
     began = time.perf_counter()
     check_train_mode(model, False)
     spec = loss_spec(loss_fn)

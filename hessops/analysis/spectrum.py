@@ -37,16 +37,24 @@ GHOST_TOLERANCE = 1000  # without a basis, Ritz values within this × eps × max
 class Spectrum:
     """Eigenpairs found by :func:`eigs`; unpacks as ``values, vectors = eigs(...)``.
 
-    ``values`` (k,) in the order ``which`` implies (LM: by decreasing magnitude; LA and both: decreasing;
-    SA: increasing), ``vectors`` (n, k) orthonormal columns, ``residuals`` (k,) the true ``‖Av − λv‖``
-    (one extra matmat; the Lanczos estimates with ``verify=False``), ``error_bounds`` (k,) bounds on each
-    value's error ``min(r, r²/gap)`` computed from those residuals (see :func:`eigs`),
-    ``residual_estimates`` (k,) the Lanczos estimates ``|β s|`` that decided when to stop, ``steps`` the
-    Lanczos steps taken, ``converged`` whether the stopping test holds for the reported residuals,
-    ``verified`` whether they are the true residuals (``False``: the estimates, which rounding can make far
-    too small in float32), ``n_matvecs`` the operator products used (columns), ``seconds`` the wall time and
-    ``basis`` where the Lanczos basis lived (:mod:`hessops.linalg.basis`) and ``checks`` the deflated check runs
-    made (``steps`` and ``n_matvecs`` count theirs too)."""
+    Attributes:
+        values: ``(k,)`` in the order ``which`` implies (LM: by decreasing magnitude; LA and both: decreasing;
+            SA: increasing).
+        vectors: ``(n, k)`` orthonormal columns.
+        residuals: ``(k,)`` the true ``‖Av − λv‖`` (one extra matmat; the Lanczos estimates with
+            ``verify=False``).
+        error_bounds: ``(k,)`` bounds on each value's error ``min(r, r²/gap)`` computed from those residuals (see
+            :func:`eigs`).
+        residual_estimates: ``(k,)`` the Lanczos estimates ``|β s|`` that decided when to stop.
+        which: the ``which`` of :func:`eigs`.
+        steps: the Lanczos steps taken (the check runs' included).
+        converged: whether the stopping test holds for the reported residuals.
+        verified: whether they are the true residuals (``False``: the estimates, which rounding can make far too
+            small in float32).
+        n_matvecs: the operator products used (columns; the check runs' included).
+        seconds: the wall time.
+        basis: where the Lanczos basis lived (:mod:`hessops.linalg.basis`).
+        checks: the deflated check runs made."""
 
     values: Tensor
     vectors: Tensor
@@ -66,16 +74,28 @@ class Spectrum:
         return iter((self.values, self.vectors))
 
     def save_vectors(self, path: str | os.PathLike, op: cola.ops.LinearOperator) -> Path:
-        """Write the eigenpairs to ``path`` with the parameter layout of ``op``, the operator they are of, and
-        return the path (:func:`hessops.save_eigenvectors`; :func:`hessops.load_eigenvectors` reads them back)."""
+        """Write the eigenpairs to ``path`` with the parameter layout of ``op``, the operator they are of
+        (:func:`hessops.save_eigenvectors`; :func:`hessops.load_eigenvectors` reads them back).
+
+        Args:
+            path: the file to write.
+            op: the operator the eigenpairs are of (its parameter names and shapes are saved with them).
+
+        Returns:
+            The path written.
+
+        Raises:
+            OutputError: the file could not be written."""
         from hessops.analysis.eigenvectors import save_eigenvectors
 
         return save_eigenvectors(path, self, op)
 
     def to_dict(self) -> dict:
-        """The result as JSON-ready values (the vectors left out): ``eigenvalues``, ``residuals``,
-        ``error_bounds``, ``which``, ``converged``, ``verified``, ``lanczos_steps``, ``n_matvecs``, ``seconds``,
-        ``basis``, ``check_runs``."""
+        """The result as JSON-ready values (the vectors left out).
+
+        Returns:
+            ``eigenvalues``, ``residuals``, ``error_bounds``, ``which``, ``converged``, ``verified``,
+            ``lanczos_steps``, ``n_matvecs``, ``seconds``, ``basis``, ``check_runs``."""
         return {
             "eigenvalues": self.values.tolist(),
             "residuals": self.residuals.tolist(),
@@ -181,15 +201,12 @@ def eigs(
     """The ``k`` extreme eigenpairs of a self-adjoint operator, with multiplicity, by Lanczos with full
     re-orthogonalization and a deflated restart check.
 
-    ``which``: ``"LM"`` largest magnitude (either sign: large negative Hessian eigenvalues are found),
-    ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic, ``"both"``: the ``k - k//2`` largest and
-    ``k//2`` smallest. Lanczos approximates both ends of the spectrum at once. It stops as soon as the wanted
-    Ritz pairs pass the test below on their residual estimates, or after ``max_iters`` steps (default
-    ``min(n, max(300, 20k))``). The test, with the default ``value_tol=None``: residuals below
-    ``tol · max|θ|`` (eigenpairs: vectors and values; a value's error is then about ``residual² / gap``);
-    with ``value_tol``: eigenvalue error bounds ``min(r, r²/gap)`` (:func:`error_bounds`) below
-    ``value_tol · max|θ|`` (eigenvalues only, in far fewer steps when the wanted values are separated; the
-    vectors are then less accurate than the values).
+    Lanczos approximates both ends of the spectrum at once. It stops as soon as the wanted Ritz pairs pass the
+    test below on their residual estimates, or after ``max_iters`` steps. The test, with the default
+    ``value_tol=None``: residuals below ``tol · max|θ|`` (eigenpairs: vectors and values; a value's error is then
+    about ``residual² / gap``); with ``value_tol``: eigenvalue error bounds ``min(r, r²/gap)``
+    (:func:`error_bounds`) below ``value_tol · max|θ|`` (eigenvalues only, in far fewer steps when the wanted
+    values are separated; the vectors are then less accurate than the values).
 
     **Multiplicity.** One Lanczos run sees one copy of a repeated eigenvalue: its Krylov space meets the
     eigenspace only in the start vector's component there. With ``check`` (default) each run is followed by a
@@ -203,7 +220,6 @@ def eigs(
     to be nearly orthogonal to the missing eigenvector: its weight there is about ``1/√n``, amplified by
     Lanczos' Chebyshev growth (at least 5.8× a step once the eigenvalue stands apart from the rest of the
     complement's spectrum by that spectrum's width), which the minimum steps are chosen to lift to order one.
-    ``check=False`` skips it: ``converged`` then certifies the values found, not that no copy was missed.
 
     **What the result promises.** ``verify`` (default) finishes with a Rayleigh–Ritz step on the span of all
     pairs found (one product of their columns): the reported values, vectors and true residuals
@@ -215,20 +231,47 @@ def eigs(
     ended with a run that found nothing beyond: the ``i``-th reported value lies within its bound of the
     ``i``-th extreme eigenvalue, counted with multiplicity. ``converged`` is ``False``, with a
     ``RuntimeWarning``, otherwise.
-    ``verify=False`` saves those products and reports the Lanczos estimates (``Spectrum.verified`` is then
-    ``False``). ``start`` warm-starts the first run from a vector (a previous top eigenvector, say).
 
-    Memory: the ``n × steps`` basis of the steps actually taken, where ``basis`` says (:mod:`hessops.linalg.basis`:
-    ``"device"``, ``"host"``, ``"disk"`` at ``basis_path``, ``"none"``, or ``"auto"`` from the free memory; with the
-    default ``max_iters``, ``"auto"`` caps the steps at what fits in half of the free memory when that is at least 40
-    steps, and keeps the basis there). With ``"none"`` nothing is re-orthogonalized: the Ritz values are deduplicated
-    by the Cullum–Willoughby test (:func:`hessops.linalg.basis.cullum_willoughby`), the vectors cost a second pass of
-    the
-    same products, and the bounds are Weyl's (the residuals). ``checkpoint``: a file to save the run to every
-    ``checkpoint_every`` seconds and to resume from (:mod:`hessops.linalg.checkpoint`; each check run saves to the
-    same path
-    plus ``.check1``, ``.check2``, …). Half-precision operators are refused
-    (:func:`hessops.linalg.lanczos.check_precision`).
+    **Memory**: the ``n × steps`` basis of the steps actually taken, where ``basis`` says. With ``"none"`` nothing
+    is re-orthogonalized: the Ritz values are deduplicated by the Cullum–Willoughby test
+    (:func:`hessops.linalg.basis.cullum_willoughby`), the vectors cost a second pass of the same products, and the
+    bounds are Weyl's (the residuals).
+
+    Args:
+        op: the self-adjoint operator (annotated ``cola.SelfAdjoint``), of size ``n``.
+        k: how many eigenpairs.
+        which: ``"LM"`` largest magnitude (either sign: large negative Hessian eigenvalues are found), ``"LA"``
+            largest algebraic, ``"SA"`` smallest algebraic, ``"both"``: the ``k - k//2`` largest and ``k//2``
+            smallest.
+        tol: the residual test's relative tolerance, ``tol · max|θ|`` (with ``value_tol=None``).
+        value_tol: test the eigenvalue error bounds against ``value_tol · max|θ|`` instead of the residuals.
+        max_iters: the cap on Lanczos steps of a run (default ``min(n, max(300, 20k))``).
+        seed: the seed of the random start vectors.
+        start: warm-starts the first run from a vector (a previous top eigenvector, say).
+        verify: finish with the Rayleigh–Ritz step above; ``False`` saves those products and reports the Lanczos
+            estimates (``Spectrum.verified`` is then ``False``).
+        check: run the check runs above; ``False`` skips them: ``converged`` then certifies the values found, not
+            that no copy was missed.
+        progress: show the steps as they go.
+        basis: where the Lanczos basis is kept (:mod:`hessops.linalg.basis`): ``"device"``, ``"host"``, ``"disk"``
+            at ``basis_path``, ``"none"``, or ``"auto"`` from the free memory; with the default ``max_iters``,
+            ``"auto"`` caps the steps at what fits in half of the free memory when that is at least 40 steps, and
+            keeps the basis there.
+        basis_path: the file of the ``"disk"`` basis.
+        checkpoint: a file to save the run to every ``checkpoint_every`` seconds and to resume from
+            (:mod:`hessops.linalg.checkpoint`; each check run saves to the same path plus ``.check1``, ``.check2``,
+            …).
+        checkpoint_every: seconds between two saves of ``checkpoint``.
+
+    Returns:
+        The :class:`Spectrum`: ``k`` values in the order ``which`` asks, their vectors ``(n, k)``, residuals,
+        error bounds, ``converged``, ``verified``, steps and products.
+
+    Raises:
+        InvalidArgumentError: an argument of the wrong type or out of range, or ``op`` not annotated
+            ``SelfAdjoint``.
+        DtypeMismatchError: a half-precision operator (:func:`hessops.linalg.lanczos.check_precision`).
+        CheckpointMismatchError: ``checkpoint`` holds another run.
     """
     settings = _settings(op, k, which, tol, value_tol, max_iters, seed, verify, check, progress, basis, basis_path)
     settings.given_start = start is not None
@@ -330,7 +373,7 @@ def _settings(op, k, which, tol, value_tol, max_iters, seed, verify, check, prog
         raise InvalidArgumentError(f"which={which!r}: choose one of {WHICH} (LM = largest magnitude)")
     linear_operator("op", op)
     if not op.isa(cola.SelfAdjoint):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"eigs needs a self-adjoint operator (Lanczos); {op!r} is not annotated SelfAdjoint: wrap it with "
             "cola.SelfAdjoint(op) if you know it is symmetric"
         )

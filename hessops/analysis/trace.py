@@ -35,10 +35,17 @@ class TraceHistory:
 
 @dataclass
 class TraceEstimate:
-    """``estimate`` of ``tr A`` with its ``std_error`` (the sample standard deviation of the stochastic part
-    over √samples), the ``method`` (``"exact"`` when ``probes ≥ n`` made the exact trace, ``std_error`` 0, no
-    dearer than the estimate), the ``probes`` asked for, the running estimate in ``history``, the operator
-    products used (``n_matvecs``, columns) and the wall time in ``seconds``."""
+    """An estimate of ``tr A`` with its standard error; unpacks as ``estimate, std_error``.
+
+    Attributes:
+        estimate: the estimate of ``tr A``.
+        std_error: the sample standard deviation of the stochastic part over √samples.
+        method: ``"hutchinson"``, ``"hutch++"``, or ``"exact"`` when ``probes ≥ n`` made the exact trace
+            (``std_error`` 0, no dearer than the estimate).
+        probes: the probes asked for.
+        history: the running estimate.
+        n_matvecs: the operator products used (columns).
+        seconds: the wall time."""
 
     estimate: float
     std_error: float
@@ -52,8 +59,11 @@ class TraceEstimate:
         return iter((self.estimate, self.std_error))
 
     def to_dict(self) -> dict:
-        """The result as JSON-ready values: ``trace``, ``std_error``, ``method``, ``probes``, ``history``
-        (``probes``, ``estimate``, ``std_error`` lists), ``n_matvecs``, ``seconds``."""
+        """The result as JSON-ready values.
+
+        Returns:
+            ``trace``, ``std_error``, ``method``, ``probes``, ``history`` (``probes``, ``estimate``,
+            ``std_error`` lists), ``n_matvecs``, ``seconds``."""
         return {
             "trace": self.estimate,
             "std_error": self.std_error,
@@ -102,14 +112,29 @@ def trace(
 
     When ``probes ≥ n`` the exact trace :math:`\sum_i e_i^\top A e_i` takes ``n ≤ probes`` products, no more
     than the estimate: it is returned instead, with ``std_error`` 0 and ``method="exact"`` (so Hutch++'s
-    sketch of ``probes // 3`` columns never exceeds ``n``). Half-precision operators are refused.
+    sketch of ``probes // 3`` columns never exceeds ``n``).
 
     ``history`` holds the running estimate as the samples accumulate (all products are computed in one
     block, so it costs nothing): how the estimate converged, for :func:`hessops.plot.plot_trace`.
 
-    ``checkpoint``: a file to resume from and to save the finished products to, at most every
-    ``checkpoint_every`` seconds (:mod:`hessops.linalg.checkpoint`); the products then run in :data:`CHUNKS`
-    chunks of columns per block (more passes over the data), so that a killed run loses at most one chunk.
+    Args:
+        op: the operator ``A``, square.
+        probes: ``m``, the products to spend.
+        method: ``"hutchinson"`` or ``"hutch++"`` (Meyer et al. 2021).
+        seed: the seed of the Rademacher vectors.
+        checkpoint: a file to resume from and to save the finished products to, at most every
+            ``checkpoint_every`` seconds (:mod:`hessops.linalg.checkpoint`); the products then run in
+            :data:`CHUNKS` chunks of columns per block (more passes over the data), so that a killed run loses at
+            most one chunk.
+        checkpoint_every: seconds between two saves of ``checkpoint``.
+
+    Returns:
+        The :class:`TraceEstimate`; unpacks as ``estimate, std_error = trace(...)``.
+
+    Raises:
+        InvalidArgumentError: an argument of the wrong type or out of range.
+        DtypeMismatchError: a half-precision operator (refused).
+        CheckpointMismatchError: ``checkpoint`` holds another run.
     """
     method = choice("method", method, METHODS)
     probes = integer("probes", probes, minimum=2 if method == "hutchinson" else 4)

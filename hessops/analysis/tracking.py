@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from hessops._arguments import integer, real
 from hessops.analysis.spectrum import eigs
-from hessops.errors import InvalidArgumentError
+from hessops.errors import EmptyDataError, InvalidArgumentError
 from hessops.numerics import norm
 from hessops.operators.evaluation import LossMean, dataset_loss
 from hessops.operators.functional import batch_size, call_model, split_batch
@@ -57,7 +57,22 @@ class SharpnessTracker:
     iterating ``data`` (a shuffling DataLoader, say) inside a measurement does not change the training run's
     later shuffles, augmentations or dropout masks.
 
-    Use ``tracker.step()`` once per optimizer step or per epoch (then pass ``unit="epoch"``)."""
+    Use ``tracker.step()`` once per optimizer step or per epoch (then pass ``unit="epoch"``).
+
+    Args:
+        model: the model being trained.
+        loss_fn: the loss, as for the operators.
+        data: the fixed data subset, a re-iterable of ``(inputs, targets)`` batches.
+        every: measure on the first :meth:`step` and every ``every``-th after.
+        k: how many of the top eigenvalues.
+        unit: the x-axis label: ``"step"`` or ``"epoch"``.
+        tol: :func:`hessops.eigs`' ``tol``.
+        max_iters: :func:`hessops.eigs`' ``max_iters``.
+        seed: :func:`hessops.eigs`' ``seed``.
+        **operator_kwargs: the :class:`hessops.Hessian`'s other keyword arguments.
+
+    Raises:
+        InvalidArgumentError: an argument of the wrong type or out of range, or ``model`` not a module."""
 
     def __init__(
         self,
@@ -89,12 +104,21 @@ class SharpnessTracker:
         self._start: Tensor | None = None
 
     def step(self) -> SharpnessRecord | None:
-        """Count one step; measure on the first call and every ``every``-th after. Returns the new record."""
+        """Count one step; measure on the first call and every ``every``-th after.
+
+        Returns:
+            The new :class:`SharpnessRecord`, or ``None`` when this step measured nothing."""
         step, self._calls = self._calls, self._calls + 1
         return self.measure(step) if step % self.every == 0 else None
 
     def measure(self, step: int) -> SharpnessRecord:
-        """Measure now and record it under ``step``."""
+        """Measure now and record it.
+
+        Args:
+            step: the step (or epoch) to record it under.
+
+        Returns:
+            The new :class:`SharpnessRecord`."""
         began = time.perf_counter()
         cuda_devices = sorted({p.device.index or 0 for p in self.model.parameters() if p.device.type == "cuda"})
         with _eval_mode(self.model), torch.random.fork_rng(devices=cuda_devices):
@@ -109,8 +133,15 @@ class SharpnessTracker:
         return record
 
     def plot(self, path: str | Path | None = None, *, title: str | None = None, ax=None):
-        """The recorded sharpness against steps (or epochs) (:func:`hessops.plot.plot_sharpness`); into ``ax``
-        when given, saved to ``path`` if any."""
+        """The recorded sharpness against steps (or epochs) (:func:`hessops.plot.plot_sharpness`).
+
+        Args:
+            path: the file to save the figure to, if any.
+            title: the figure's title.
+            ax: the matplotlib axes to draw into, when given.
+
+        Returns:
+            The matplotlib figure."""
         from hessops.plot import plot_sharpness
 
         return plot_sharpness(
@@ -121,8 +152,11 @@ class SharpnessTracker:
 @dataclass
 class GradNormTracker:
     """Each parameter tensor's gradient Frobenius norm at every :meth:`step` (call it after
-    ``loss.backward()``), averaged per epoch by :meth:`end_epoch`. ``history`` holds one dict per epoch:
-    ``{"epoch": e, "steps": s, "norms": {name: mean norm}}``."""
+    ``loss.backward()``), averaged per epoch by :meth:`end_epoch`.
+
+    Attributes:
+        model: the model being trained.
+        history: one dict per epoch: ``{"epoch": e, "steps": s, "norms": {name: mean norm}}``."""
 
     model: nn.Module
     history: list[dict] = field(default_factory=list)
@@ -142,9 +176,18 @@ class GradNormTracker:
         self._steps += 1
 
     def end_epoch(self, epoch: int | None = None) -> dict:
-        """Close an epoch: record the mean norm of each parameter over its steps."""
+        """Close an epoch: record the mean norm of each parameter over its steps.
+
+        Args:
+            epoch: the epoch's number (default: the count of epochs recorded so far).
+
+        Returns:
+            The record added to ``history``.
+
+        Raises:
+            EmptyDataError: no :meth:`step` since the last epoch closed."""
         if self._steps == 0:
-            raise ValueError("end_epoch() before any step(): call step() after each loss.backward()")
+            raise EmptyDataError("end_epoch() before any step(): call step() after each loss.backward()")
         epoch = len(self.history) if epoch is None else epoch
         record = {
             "epoch": epoch,
@@ -156,8 +199,15 @@ class GradNormTracker:
         return record
 
     def plot(self, path: str | Path | None = None, *, title: str | None = None, ax=None):
-        """Each parameter's mean gradient norm per epoch (:func:`hessops.plot.plot_grad_norms`); into ``ax`` when
-        given, saved to ``path`` if any."""
+        """Each parameter's mean gradient norm per epoch (:func:`hessops.plot.plot_grad_norms`).
+
+        Args:
+            path: the file to save the figure to, if any.
+            title: the figure's title.
+            ax: the matplotlib axes to draw into, when given.
+
+        Returns:
+            The matplotlib figure."""
         from hessops.plot import plot_grad_norms
 
         names = list(self.history[0]["norms"]) if self.history else []
@@ -181,15 +231,29 @@ def train(
     on_epoch_end: Callable[[int, dict], None] | None = None,
 ) -> list[dict]:
     r"""Plain SGD over ``loader`` for ``epochs`` (classification: outputs are logits or log-probabilities);
-    sharpness measured before training and every ``every`` epochs, gradient norms every step. Returns each
-    epoch's training loss, :math:`\frac1W \sum_b W_b L_b` over its steps' batches as the parameters moved (the
-    dataset loss's rule, :class:`hessops.operators.evaluation.LossMean`: ignored targets and class weights
-    count as the operators count them; the sum for ``reduction="sum"``; a batch whose targets are all ignored is
-    skipped), and, for class scores, the accuracy over counted targets. Batches are ``(inputs, targets)`` or
-    HuggingFace dicts with ``"labels"``.
+    sharpness measured before training and every ``every`` epochs, gradient norms every step.
 
-    ``on_epoch_end(epoch, record)`` is called after each epoch's measurements, the model in eval mode, with
-    that epoch's record (add keys to it, e.g. ``record.update(test=evaluate(model, loss_fn, test_loader))``)."""
+    Args:
+        model: the model to train, in place.
+        loss_fn: the loss, as for the operators.
+        loader: batches of ``(inputs, targets)`` or HuggingFace dicts with ``"labels"``.
+        epochs: how many passes over ``loader``.
+        lr: SGD's learning rate.
+        momentum: SGD's momentum.
+        weight_decay: SGD's weight decay.
+        sharpness: a :class:`SharpnessTracker` to measure with, if any.
+        grad_norms: a :class:`GradNormTracker` to record with, if any.
+        every: the sharpness's interval in epochs.
+        progress: show a progress bar.
+        on_epoch_end: ``on_epoch_end(epoch, record)`` is called after each epoch's measurements, the model in
+            eval mode, with that epoch's record (add keys to it, e.g.
+            ``record.update(test=evaluate(model, loss_fn, test_loader))``).
+
+    Returns:
+        Each epoch's record: its training loss, :math:`\frac1W \sum_b W_b L_b` over its steps' batches as the
+        parameters moved (the dataset loss's rule, :class:`hessops.operators.evaluation.LossMean`: ignored
+        targets and class weights count as the operators count them; the sum for ``reduction="sum"``; a batch
+        whose targets are all ignored is skipped), and, for class scores, the accuracy over counted targets."""
     from tqdm.auto import tqdm
 
     spec = loss_spec(loss_fn)

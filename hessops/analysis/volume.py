@@ -30,18 +30,27 @@ SLQ_CONVERGED = 1e-2  # a smallest Ritz value counts as converged when its resid
 
 @dataclass
 class LogdetEstimate:
-    """``estimate`` of ``log det A`` with its ``std_error`` (zero when exact), the ``method`` used, the
-    operator products (``n_matvecs``, columns), the wall time in ``seconds``, and what the estimate came from:
-    the exact ``eigenvalues`` (``"dense"``) or the SLQ ``quadrature`` (``"slq"``; ``"deflated"``: that of the
-    complement), the other ``None``.
+    """An estimate of ``log det A`` with its standard error; unpacks as ``estimate, std_error``; see :func:`logdet`.
 
-    SLQ and deflation (``None`` when dense) add the Student-t ``confidence_interval`` at level ``confidence``
-    over the probes' ``samples`` (each probe's estimate of the SLQ part); deflation adds the exact
-    ``deflated_eigenvalues``, ``deflation_bias`` (a bound on how far deflating approximate eigenvectors raises
-    the estimate), ``quadrature_bias`` (a bound on how far the Lanczos quadrature raises it: the Gauss rules'
-    mean less their Gauss-Radau counterparts'), whose sum lowers the low end of its ``confidence_interval``
-    (``noise_interval``: the Student-t interval alone, the probes' noise only) and ``quadrature_decay`` (the
-    rate ``ρ^{−2m}`` at which the quadrature's error falls with the Lanczos steps ``m``); see :func:`logdet`."""
+    Attributes:
+        estimate: the estimate of ``log det A``.
+        std_error: its standard error (zero when exact).
+        method: the method used: ``"dense"``, ``"slq"`` or ``"deflated"``.
+        n_matvecs: the operator products (columns).
+        seconds: the wall time.
+        eigenvalues: the exact eigenvalues (``"dense"``; else ``None``).
+        quadrature: the SLQ quadrature (``"slq"``; ``"deflated"``: that of the complement; ``None`` when dense).
+        confidence_interval: SLQ and deflation: the Student-t interval at level ``confidence`` over the probes'
+            ``samples``; deflation lowers its low end by ``deflation_bias + quadrature_bias``.
+        confidence: its level.
+        samples: each probe's estimate of the SLQ part.
+        deflated_eigenvalues: deflation: the exact top eigenvalues.
+        deflation_bias: deflation: a bound on how far deflating approximate eigenvectors raises the estimate.
+        quadrature_decay: deflation: the rate ``ρ^{−2m}`` at which the quadrature's error falls with the Lanczos
+            steps ``m``.
+        quadrature_bias: deflation: a bound on how far the Lanczos quadrature raises the estimate (the Gauss
+            rules' mean less their Gauss-Radau counterparts').
+        noise_interval: deflation: the Student-t interval alone, the probes' noise only."""
 
     estimate: float
     std_error: float
@@ -63,10 +72,13 @@ class LogdetEstimate:
         return iter((self.estimate, self.std_error))
 
     def to_dict(self) -> dict:
-        """The result as JSON-ready values: ``logdet``, ``std_error``, ``method``, ``n_matvecs``, ``seconds``,
-        for SLQ the ``quadrature``'s ``nodes``, ``weights`` (one row per probe) and ``basis``, ``confidence_interval``
-        and ``confidence``, and for deflation ``deflated_eigenvalues``, ``deflation_bias``, ``quadrature_decay``,
-        ``quadrature_bias``, ``noise_interval``."""
+        """The result as JSON-ready values.
+
+        Returns:
+            ``logdet``, ``std_error``, ``method``, ``n_matvecs``, ``seconds``, for SLQ the ``quadrature``'s
+            ``nodes``, ``weights`` (one row per probe) and ``basis``, ``confidence_interval`` and ``confidence``, and
+            for deflation ``deflated_eigenvalues``, ``deflation_bias``, ``quadrature_decay``, ``quadrature_bias``,
+            ``noise_interval``."""
         result = {
             "logdet": self.estimate,
             "std_error": self.std_error,
@@ -160,11 +172,36 @@ def logdet(
     above 0. Guaranteed (in exact arithmetic): a non-positive Ritz value proves the operator indefinite
     (interlacing), and a refused run is never reported as a number. Not guaranteed: that the operator is
     positive definite when the check passes, since an eigenvalue that the Krylov spaces have not reached
-    (one the probes barely touch) can still lie below 0; ``method="dense"`` is exact. Half-precision
-    operators are refused. ``basis``, ``basis_path``, ``checkpoint`` and ``checkpoint_every``: the SLQ
-    run's, as in :func:`hessops.analysis.density.quadrature` (the dense method is one step, not checkpointed); the
-    deflated method's three Lanczos runs each checkpoint to ``checkpoint`` plus ``".smallest"``, ``".top"`` and
-    ``".slq"``."""
+    (one the probes barely touch) can still lie below 0; ``method="dense"`` is exact.
+
+    Args:
+        op: the symmetric positive definite operator ``A`` (annotated ``cola.SelfAdjoint``).
+        method: ``"auto"``, ``"dense"``, ``"slq"`` or ``"deflated"``, as above.
+        probes: ``P``, the Rademacher probe vectors of SLQ.
+        lanczos_steps: the Lanczos steps of each probe.
+        seed: the seed of the probes and of the ``eigs`` runs.
+        progress: show the steps as they go.
+        basis: the SLQ run's, as in :func:`hessops.analysis.density.quadrature`.
+        basis_path: the SLQ run's, as in :func:`hessops.analysis.density.quadrature`.
+        checkpoint: the SLQ run's file to save to and resume from (the dense method is one step, not
+            checkpointed); the deflated method's three Lanczos runs each checkpoint to ``checkpoint`` plus
+            ``".smallest"``, ``".top"`` and ``".slq"``.
+        checkpoint_every: seconds between two saves of ``checkpoint``.
+        deflate: ``"deflated"``: how many of the largest eigenvalues are counted exactly.
+        confidence: the level of ``confidence_interval``.
+        eigs_tol: the ``eigs`` runs' tolerance, as above.
+        lower_bound: a positive lower bound on the smallest eigenvalue when one is known, as above.
+        eigs_max_iters: both ``eigs`` runs' ``max_iters``.
+
+    Returns:
+        The :class:`LogdetEstimate`; unpacks as ``estimate, std_error = logdet(...)``.
+
+    Raises:
+        NotPositiveDefiniteError: a non-positive eigenvalue, or one not verified positive, as above.
+        InvalidArgumentError: an argument of the wrong type or out of range, or ``op`` not annotated
+            ``SelfAdjoint``.
+        DtypeMismatchError: a half-precision operator (refused).
+        CheckpointMismatchError: ``checkpoint`` holds another run."""
     method = choice("method", method, LOGDET_METHODS)
     probes = integer("probes", probes, minimum=1)
     lanczos_steps = integer("lanczos_steps", lanczos_steps, minimum=1)
@@ -179,7 +216,7 @@ def logdet(
         eigs_max_iters = integer("eigs_max_iters", eigs_max_iters, minimum=1)
     linear_operator("op", op)
     if not op.isa(cola.SelfAdjoint):
-        raise ValueError(f"logdet needs a symmetric operator; {op!r} is not annotated SelfAdjoint")
+        raise InvalidArgumentError(f"logdet needs a symmetric operator; {op!r} is not annotated SelfAdjoint")
     check_precision(op, "logdet")
     n = op.shape[0]
     began = time.perf_counter()
@@ -381,11 +418,21 @@ def _check_verified(rule: Quadrature) -> None:
 @dataclass
 class BasinVolume:
     r"""``log_volume = log_unit_ball + log_threshold_term − half_logdet`` for the ellipsoid
-    :math:`\{\delta : \tfrac12 \delta^\top (H + cI)\delta \le \text{threshold}\}` in :math:`n` dimensions,
-    with the :class:`LogdetEstimate` of :math:`H + cI` it came from (``logdet``), the operator products
-    (``n_matvecs``, columns) and the wall time in ``seconds``; with ``check_c``, the ``smallest_eigenvalue``
-    of ``H`` found and its ``smallest_eigenvalue_bound`` (the lower bound given as ``smallest_eigenvalue`` and
-    0; ``None`` without either)."""
+    :math:`\{\delta : \tfrac12 \delta^\top (H + cI)\delta \le \text{threshold}\}` in :math:`n` dimensions.
+
+    Attributes:
+        log_volume: the log-volume.
+        log_unit_ball: :math:`\log V_n` (:func:`log_unit_ball_volume`).
+        log_threshold_term: :math:`\tfrac n2 \log(2\,\text{threshold})`.
+        n: the dimension.
+        threshold: the loss rise that bounds the basin.
+        c: the damping added to ``H``.
+        logdet: the :class:`LogdetEstimate` of :math:`H + cI` it came from.
+        n_matvecs: the operator products (columns).
+        seconds: the wall time.
+        smallest_eigenvalue: with ``check_c``, the smallest eigenvalue of ``H`` found (or the lower bound given
+            as ``smallest_eigenvalue``; ``None`` without either).
+        smallest_eigenvalue_bound: its error bound (0 for a given lower bound; ``None`` without either)."""
 
     log_volume: float
     log_unit_ball: float
@@ -426,11 +473,13 @@ class BasinVolume:
         return self.logdet.method
 
     def to_dict(self) -> dict:
-        """The result as JSON-ready values: the terms (``log_volume``, ``log_unit_ball``,
-        ``log_threshold_term``, ``half_logdet``, ``logdet_std_error``), ``n``, ``threshold``, ``c``,
-        ``method``, ``n_matvecs``, ``seconds``, and ``logdet`` (:meth:`LogdetEstimate.to_dict`); when known, the
-        log-volume's ``confidence_interval`` and ``confidence``, and the ``smallest_eigenvalue`` of ``H`` with
-        its ``smallest_eigenvalue_bound``."""
+        """The result as JSON-ready values.
+
+        Returns:
+            The terms (``log_volume``, ``log_unit_ball``, ``log_threshold_term``, ``half_logdet``,
+            ``logdet_std_error``), ``n``, ``threshold``, ``c``, ``method``, ``n_matvecs``, ``seconds``, and
+            ``logdet`` (:meth:`LogdetEstimate.to_dict`); when known, the log-volume's ``confidence_interval`` and
+            ``confidence``, and the ``smallest_eigenvalue`` of ``H`` with its ``smallest_eigenvalue_bound``."""
         result = {
             "log_volume": self.log_volume,
             "log_unit_ball": self.log_unit_ball,
@@ -455,7 +504,16 @@ class BasinVolume:
 
 
 def log_unit_ball_volume(n: int) -> float:
-    r""":math:`\log V_n = \tfrac n2 \log\pi - \log\Gamma(\tfrac n2 + 1)`, exact through ``lgamma``."""
+    r"""The log-volume of the unit ball, :math:`\log V_n = \tfrac n2 \log\pi - \log\Gamma(\tfrac n2 + 1)`.
+
+    Args:
+        n: the dimension, at least 0.
+
+    Returns:
+        :math:`\log V_n`, exact through ``lgamma``.
+
+    Raises:
+        InvalidArgumentError: ``n`` is not a whole number at least 0."""
     n = integer("n", n, minimum=0)
     return 0.5 * n * math.log(math.pi) - math.lgamma(0.5 * n + 1)
 
@@ -502,9 +560,36 @@ def basin_volume(
     larger ``c``, or ``check_c=False`` at your own risk. It is the smallest eigenvalue *found*: Lanczos from a
     random start finds the bottom of the spectrum unless the start is nearly orthogonal to its eigenvector.
     ``smallest_eigenvalue``, a known lower bound on ``H``'s smallest eigenvalue (0 for a GGN or a Fisher),
-    replaces that run: then ``smallest_eigenvalue + c > 0`` is required. ``basis``, ``basis_path``,
-    ``checkpoint`` and ``checkpoint_every`` are :func:`logdet`'s (the check's ``eigs`` run checkpoints to
-    ``checkpoint`` + ``".smallest"``)."""
+    replaces that run: then ``smallest_eigenvalue + c > 0`` is required.
+
+    Args:
+        H: the curvature operator (annotated ``cola.SelfAdjoint``).
+        threshold: the loss rise that bounds the basin, positive.
+        c: damps flat and negative directions, as above.
+        method: :func:`logdet`'s.
+        probes: :func:`logdet`'s.
+        lanczos_steps: :func:`logdet`'s.
+        seed: :func:`logdet`'s.
+        progress: show the steps as they go.
+        basis: :func:`logdet`'s.
+        basis_path: :func:`logdet`'s.
+        checkpoint: :func:`logdet`'s (the check's ``eigs`` run checkpoints to ``checkpoint`` + ``".smallest"``).
+        checkpoint_every: :func:`logdet`'s.
+        deflate: :func:`logdet`'s.
+        confidence: :func:`logdet`'s.
+        check_c: find the smallest eigenvalue first, as above.
+        eigs_tol: the check's tolerance, as above.
+        eigs_max_iters: the check's ``max_iters``.
+        smallest_eigenvalue: a known lower bound on ``H``'s smallest eigenvalue, as above.
+
+    Returns:
+        The :class:`BasinVolume`.
+
+    Raises:
+        NotPositiveDefiniteError: ``H + cI`` is not (verified) positive definite, as above.
+        InvalidArgumentError: an argument of the wrong type or out of range.
+        DtypeMismatchError: a half-precision operator (refused).
+        CheckpointMismatchError: ``checkpoint`` holds another run."""
     threshold = real("threshold", threshold, positive=True)
     c = real("c", c)
     check_c = boolean("check_c", check_c)

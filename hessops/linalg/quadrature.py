@@ -129,7 +129,7 @@ def quadrature(
     ``vᵀ f(A) v / ‖v‖²`` of these columns (deflation projects its probes this way)."""
     linear_operator("op", op)
     if not op.isa(cola.SelfAdjoint):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{op!r} is not annotated SelfAdjoint: stochastic Lanczos quadrature needs a symmetric operator"
         )
     check_precision(op, "stochastic Lanczos quadrature")

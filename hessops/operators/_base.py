@@ -54,7 +54,7 @@ DEFAULT_CHUNK_SIZE = 16
 
 @dataclass(frozen=True)
 class Batch:
-    """One mini-batch (or micro-batch) of the data, as the data loop hands it to
+    r"""One mini-batch (or micro-batch) of the data, as the data loop hands it to
     :meth:`CurvatureOperator._matmat_batch`.
 
     ``inputs`` and ``targets`` are on the operator's device, floating tensors in its dtype; ``size`` is the
@@ -100,6 +100,10 @@ class CurvatureOperator(cola.ops.LinearOperator):
     derives anything from the model or the loss or refuses some, :meth:`_setup`; a subclass with options of
     its own lists them, with these, in its ``__init__`` (docs/extending.md).
 
+    Construction checks what it can at once (below); the products raise on a bad batch or vector
+    (:class:`~hessops.errors.DeviceMismatchError`, :class:`~hessops.errors.NonFiniteLossError`,
+    :class:`~hessops.errors.WitnessError`, ...: docs/operators.md lists them).
+
     Args:
         model: the network; its current parameters are the point :math:`\theta`. Buffers are used as they are.
         loss_fn: ``loss_fn(outputs, targets)`` returning the batch mean or sum: a loss hessops knows (module,
@@ -133,14 +137,25 @@ class CurvatureOperator(cola.ops.LinearOperator):
             sampling, buffers updated in forward); at every product, an order-independent fingerprint of the
             examples seen must match the first product's (catches random augmentation and shuffle with
             drop_last; plain shuffling passes).
-        distributed, group: data-parallel over a torch.distributed process group (default: exactly when
+        distributed: data-parallel over a torch.distributed process group (default: exactly when
             ``torch.distributed`` is initialized or a ``group`` is given). Each rank passes its own shard as
             ``data``; every product is the exact mean over all ranks' examples, on every rank
             (docs/distributed.md).
+        group: the process group of ``distributed`` (default: the world).
         witness: check the first product, on a slice of the first batch, against a first-order witness (central
             finite differences of the gradient or of the outputs: hessops/operators/witness.py), which catches
             torch's wrong second derivatives; refuse the operator (``WitnessError``) if it disagrees, and measure
             the products' noise (:attr:`product_noise`). ``HESSOPS_WITNESS=0`` turns it off for every operator.
+
+    Raises:
+        TrainModeError: Dropout or BatchNorm in training mode (without ``allow_train_mode``).
+        NoParametersError: nothing to differentiate, or ``params`` names a tensor the model does not own.
+        UnsupportedLossError: a loss that is not a scalar mean or sum over examples.
+        InvalidArgumentError: an argument of the wrong type or out of range.
+        DataFormatError: ``data`` is a one-shot iterator, or a batch is not an ``(inputs, targets)`` pair.
+        DtypeMismatchError: ``dtype`` is not a floating dtype.
+        NondeterministicOperatorError: the first batch's two forwards differ (``check_determinism``).
+        DistributedError: ``distributed=True`` without an initialized process group.
     """
 
     name: str | None = None  # a registered operator's key in hessops.constants.OPERATOR_CLASSES
@@ -172,16 +187,20 @@ class CurvatureOperator(cola.ops.LinearOperator):
         if not dtype.is_floating_point:
             raise DtypeMismatchError(f"dtype={dtype} is not a floating dtype: use torch.float32 or torch.float64")
         if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive number of columns, got {chunk_size}")
+            raise InvalidArgumentError(f"chunk_size must be a positive number of columns, got {chunk_size}")
         if micro_batch_size is not None and micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be a positive number of examples, got {micro_batch_size}")
+            raise InvalidArgumentError(
+                f"micro_batch_size must be a positive number of examples, got {micro_batch_size}"
+            )
         if micro_batch_size is not None and allow_train_mode:
-            raise ValueError(
+            raise InvalidArgumentError(
                 "micro_batch_size splits batches, which changes what train-mode BatchNorm computes (batch "
                 "statistics): call model.eval(), or drop micro_batch_size"
             )
         if batch_size_fn is not None and not callable(batch_size_fn):
-            raise TypeError(f"batch_size_fn must be a function of a batch's inputs, got {type(batch_size_fn).__name__}")
+            raise InvalidArgumentError(
+                f"batch_size_fn must be a function of a batch's inputs, got {type(batch_size_fn).__name__}"
+            )
         check_train_mode(model, allow_train_mode)
         announce_attention_kernels(model)
         spec = loss_spec(loss_fn)
@@ -455,10 +474,15 @@ class CurvatureOperator(cola.ops.LinearOperator):
         return {}
 
     def data_fingerprint(self, take: bool = False) -> Tensor | None:
-        """The data's order-independent fingerprint (:func:`hessops.operators._determinism.batch_fingerprint`, float64
-        ``(5,)`` on the CPU) that the first product took, or ``None`` before it and with
-        ``check_determinism=False``. ``take``: when no product has run, take it now, by one pass over the data
-        without the model (batches prepared and counted as a product prepares them)."""
+        """The data's order-independent fingerprint that the first product took.
+
+        Args:
+            take: when no product has run, take it now, by one pass over the data without the model (batches
+                prepared and counted as a product prepares them).
+
+        Returns:
+            The fingerprint (:func:`hessops.operators._determinism.batch_fingerprint`, float64 ``(5,)`` on the
+            CPU), or ``None`` before the first product (without ``take``) and with ``check_determinism=False``."""
         problem = self.problem
         if take and problem.check_determinism and "data_fingerprint" not in problem.memo:
             total = torch.zeros(5, dtype=torch.float64, device=self.device)
@@ -472,9 +496,15 @@ class CurvatureOperator(cola.ops.LinearOperator):
         return None if fingerprint is None else fingerprint.cpu()
 
     def expect_data(self, fingerprint: Tensor, mismatch: Callable[[str], Exception]) -> None:
-        """Have the data compared with ``fingerprint`` (another run's :meth:`data_fingerprint`): now when a product
-        has run, else by the first product, before it returns; a difference raises ``mismatch(what differs)``.
-        Nothing is compared with ``check_determinism=False`` (no fingerprint is taken)."""
+        """Have the data compared with ``fingerprint``: now when a product has run, else by the first product,
+        before it returns. Nothing is compared with ``check_determinism=False`` (no fingerprint is taken).
+
+        Args:
+            fingerprint: another run's :meth:`data_fingerprint`.
+            mismatch: makes the exception to raise from a description of what differs.
+
+        Raises:
+            Exception: ``mismatch(what differs)``, when the data differ."""
         problem = self.problem
         if not problem.check_determinism:
             return
@@ -487,7 +517,7 @@ class CurvatureOperator(cola.ops.LinearOperator):
 
     def _check_vectors(self, X: Tensor) -> None:
         if not isinstance(X, Tensor):
-            raise TypeError(f"{type(self).__name__} multiplies torch tensors, got {type(X).__name__}")
+            raise InvalidArgumentError(f"{type(self).__name__} multiplies torch tensors, got {type(X).__name__}")
         if X.dtype != self.dtype:
             raise DtypeMismatchError(
                 f"vector dtype {X.dtype} differs from the operator's {self.dtype}: cast it (v.to({self.dtype})) "
@@ -523,9 +553,18 @@ class CurvatureOperator(cola.ops.LinearOperator):
         """Apply the operator twice to the same random vector; raise if the results differ.
 
         Random augmentation in the loader, shuffling with ``drop_last``, or sampling in the model make the
-        operator random, and Lanczos on a random operator returns nonsense. Returns the relative difference
-        ``‖Av − A'v‖ / ‖Av‖``; the default ``rtol`` is ``1000·eps`` of the dtype (room for nondeterministic
-        GPU reductions)."""
+        operator random, and Lanczos on a random operator returns nonsense.
+
+        Args:
+            seed: the seed of the random vector.
+            rtol: the largest relative difference accepted; default ``1000·eps`` of the dtype (room for
+                nondeterministic GPU reductions).
+
+        Returns:
+            The relative difference ``‖Av − A'v‖ / ‖Av‖``.
+
+        Raises:
+            NondeterministicOperatorError: the difference exceeds ``rtol``."""
         rtol = 1e3 * torch.finfo(self.dtype).eps if rtol is None else rtol
         generator = torch.Generator(device="cpu").manual_seed(seed)
         v = torch.randn(self.shape[1], generator=generator, dtype=self.dtype).to(self.device)
@@ -542,7 +581,18 @@ class CurvatureOperator(cola.ops.LinearOperator):
         return rel
 
     def to(self, device, dtype=None):
-        """Operators follow their model: move the model and build a new operator instead."""
+        """Operators follow their model: move the model and build a new operator instead.
+
+        Args:
+            device: the device asked for; only the operator's own is accepted.
+            dtype: the dtype asked for; only the operator's own (or ``None``) is accepted.
+
+        Returns:
+            The operator itself.
+
+        Raises:
+            DtypeMismatchError: another dtype.
+            DeviceMismatchError: another device."""
         if dtype is not None and dtype != self.dtype:
             raise DtypeMismatchError(
                 f"{type(self).__name__}.to cannot change the dtype: build the operator with dtype={dtype}"

@@ -9,6 +9,7 @@ from torch import Tensor
 from torch.func import jvp, vmap
 
 from hessops._cola import cola
+from hessops.errors import InvalidArgumentError
 from hessops.operators import witness as first_order
 from hessops.operators._autograd import block_vjp
 from hessops.operators._base import Batch, CurvatureOperator
@@ -59,7 +60,7 @@ class JacobianSandwich(CurvatureOperator):
         def forward(p: ParamTree) -> Tensor:
             outputs = batch.outputs(p, self.output_model)
             if not isinstance(outputs, Tensor):
-                raise TypeError(
+                raise InvalidArgumentError(
                     f"{type(self).__name__} needs a model that returns one tensor, got {type(outputs).__name__}"
                 )
             return outputs

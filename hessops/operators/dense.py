@@ -49,7 +49,11 @@ def dense_hessian(
     parameter order as the operators. Memory ``n²``: for models up to a few thousand parameters.
 
     Args:
-        model, loss_fn, data, params, dtype: as for the operators (:class:`~hessops.CurvatureOperator`).
+        model: as for the operators (:class:`~hessops.CurvatureOperator`).
+        loss_fn: as for the operators.
+        data: as for the operators.
+        params: as for the operators.
+        dtype: as for the operators.
         chunk_size: rows differentiated together (``is_grads_batched``); ``None``: all at once.
         witness: check the matrix against central differences of the gradient, as above.
 
@@ -110,7 +114,7 @@ def dense_hessian(
 
 
 def _dataset_gradient(batches: Callable, mean: bool, point: Tensor) -> Tensor:
-    """:math:`\nabla L` at the flat ``point``: first-order gradients of the batch losses, weighted as the dataset
+    r""":math:`\nabla L` at the flat ``point``: first-order gradients of the batch losses, weighted as the dataset
     loss weights them."""
     total, gradient = 0.0, torch.zeros_like(point)
     for weight, _, loss in batches():

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.utils.data import Dataset, Subset
 
 from hessops.constants import DEFAULT_TIMEOUT_S, TIMEOUT_ENV
-from hessops.errors import DistributedError
+from hessops.errors import DistributedError, InvalidArgumentError
 
 AGREEMENT_RTOL = 1e-9  # checksums further apart than this (relative) mean the ranks hold different numbers
 STATUS_BYTES = 4096  # room for one rank's pickled status; error messages are cut to fit
@@ -202,7 +202,8 @@ def _pickled(status: dict) -> bytes:
 
 def default_timeout() -> float:
     """The process group's timeout, in seconds, where none is given: ``$HESSOPS_DIST_TIMEOUT`` when set,
-    else ``DEFAULT_TIMEOUT_S`` (30 minutes). Raises ``ValueError`` when the variable is not a positive number."""
+    else ``DEFAULT_TIMEOUT_S`` (30 minutes). Raises ``InvalidArgumentError`` (a ``ValueError``) when the variable
+    is not a positive number."""
     text = os.environ.get(TIMEOUT_ENV, "").strip()
     if not text:
         return DEFAULT_TIMEOUT_S
@@ -211,7 +212,7 @@ def default_timeout() -> float:
     except ValueError:
         seconds = float("nan")
     if not (0 < seconds < float("inf")):
-        raise ValueError(f"{TIMEOUT_ENV}={text!r}: expected a positive number of seconds")
+        raise InvalidArgumentError(f"{TIMEOUT_ENV}={text!r}: expected a positive number of seconds")
     return seconds
 
 

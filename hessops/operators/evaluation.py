@@ -44,10 +44,13 @@ from hessops.operators.losses import CLASSIFICATION, LossSpec, check_counted, lo
 class DatasetLoss:
     r"""The dataset loss at one or more parameter values.
 
-    ``loss``: float64 ``(P,)`` on the CPU, :math:`L` at each of the ``P`` points (``P = 1``: at the model's
-    parameters); ``accuracy``: ``(P,)``, the fraction of counted targets (not ``ignore_index``) whose class
-    scores' argmax is the target, where the outputs are class scores ``(B, C)`` and the targets class indices,
-    else ``None``; ``examples``: :math:`N`, the examples of the data; ``weight``: :math:`W = \sum_b W_b`."""
+    Attributes:
+        loss: float64 ``(P,)`` on the CPU, :math:`L` at each of the ``P`` points (``P = 1``: at the model's
+            parameters).
+        accuracy: ``(P,)``, the fraction of counted targets (not ``ignore_index``) whose class scores' argmax is
+            the target, where the outputs are class scores ``(B, C)`` and the targets class indices, else ``None``.
+        examples: :math:`N`, the examples of the data.
+        weight: :math:`W = \sum_b W_b`."""
 
     loss: Tensor
     accuracy: Tensor | None
@@ -55,7 +58,10 @@ class DatasetLoss:
     weight: float
 
     def to_dict(self) -> dict:
-        """``loss`` and ``accuracy`` (lists, or ``null``), ``examples`` and ``weight``."""
+        """The result as JSON-ready values.
+
+        Returns:
+            ``loss`` and ``accuracy`` (lists, or ``null``), ``examples`` and ``weight``."""
         return {
             "loss": self.loss.tolist(),
             "accuracy": None if self.accuracy is None else self.accuracy.tolist(),

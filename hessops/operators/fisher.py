@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hessops.errors import UnsupportedLossError
+from hessops.errors import InvalidArgumentError, UnsupportedLossError
 from hessops.operators._autograd import gradient
 from hessops.operators._base import Batch
 from hessops.operators._jacobian import JacobianSandwich
@@ -55,8 +55,16 @@ class EmpiricalFisher(JacobianSandwich):
     Examples whose targets are all ignored contribute nothing.
 
     Computed as :math:`J^\top (s s^\top / w) J` with :math:`s_n = w_n \nabla_f \ell_n` the output gradient of
-    the batch's summed loss (no per-example parameter gradient is stored). The arguments are
+    the batch's summed loss (no per-example parameter gradient is stored). The keyword arguments are
     :class:`~hessops.CurvatureOperator`'s.
+
+    Args:
+        model: as in :class:`~hessops.CurvatureOperator`.
+        loss_fn: as in :class:`~hessops.CurvatureOperator`.
+        data: as in :class:`~hessops.CurvatureOperator` (the labels :math:`y_n` are the data's own).
+
+    Raises:
+        UnsupportedLossError: and the other refusals of :class:`~hessops.CurvatureOperator`.
     """
 
     name = "ef"  # its key in hessops.constants.OPERATOR_CLASSES
@@ -94,9 +102,21 @@ class MCFisher(JacobianSandwich):
     ``partial``\ s. Class ``weight=``, ``pos_weight`` and ``label_smoothing`` define no likelihood and are
     refused (use :class:`GGN`, the expectation).
 
-    ``samples`` labels are drawn per target. The labels of batch :math:`b` (micro-batch :math:`m`) are drawn
-    from a generator seeded by ``(seed, rank, b, m)``, so the operator is a fixed matrix as long as the data
-    come in a fixed order (``shuffle=False``). The other arguments are :class:`~hessops.CurvatureOperator`'s.
+    The labels of batch :math:`b` (micro-batch :math:`m`) are drawn from a generator seeded by
+    ``(seed, rank, b, m)``, so the operator is a fixed matrix as long as the data come in a fixed order
+    (``shuffle=False``). The other keyword arguments are :class:`~hessops.CurvatureOperator`'s.
+
+    Args:
+        model: as in :class:`~hessops.CurvatureOperator`.
+        loss_fn: as in :class:`~hessops.CurvatureOperator`; one that defines a likelihood, above.
+        data: as in :class:`~hessops.CurvatureOperator`.
+        samples: ``S``, the labels drawn per target, at least 1.
+        seed: the seed of the labels' generators.
+
+    Raises:
+        InvalidArgumentError: ``samples`` below 1.
+        UnsupportedLossError: a loss that defines no likelihood (L1, class ``weight=``, ``pos_weight``,
+            ``label_smoothing``); and the other refusals of :class:`~hessops.CurvatureOperator`.
     """
 
     name = "mcfisher"  # its key in hessops.constants.OPERATOR_CLASSES
@@ -123,7 +143,7 @@ class MCFisher(JacobianSandwich):
         witness: bool = True,
     ):
         if samples < 1:
-            raise ValueError(f"samples must be at least 1, got {samples}")
+            raise InvalidArgumentError(f"samples must be at least 1, got {samples}")
         self._sampler_for(loss_spec(loss_fn))
         super().__init__(
             model,

@@ -19,9 +19,11 @@ from torch.func import functional_call
 from hessops.errors import (
     AttentionKernelWarning,
     BatchSizeError,
+    DataFormatError,
     DeviceMismatchError,
     DtypeMismatchError,
     EmptyDataError,
+    InvalidArgumentError,
     NoParametersError,
     TrainModeError,
 )
@@ -81,7 +83,7 @@ def normalize_device(device: torch.device | str) -> torch.device:
 def select_parameters(model: nn.Module, params: Sequence[Tensor] | None) -> tuple[tuple[str, ...], tuple[Tensor, ...]]:
     """Names and tensors of the parameters to differentiate, in the flat vector's order."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     named = list(model.named_parameters())
     if params is None:
         chosen = [(name, p) for name, p in named if p.requires_grad]
@@ -156,14 +158,14 @@ def split_batch(batch: Any, index: int) -> tuple[Any, Any]:
     ``"labels"`` (a HuggingFace batch) is ``(the other entries as a dict, batch["labels"])``."""
     if isinstance(batch, Mapping):
         if "labels" not in batch:
-            raise TypeError(
+            raise DataFormatError(
                 f"batch {index} is a mapping with keys {list(batch)} but no 'labels': a HuggingFace-style batch "
                 "holds its targets under 'labels'; for another key, wrap the loader, "
                 "hessops.zoo.data.labels_from(loader, key='labels')"
             )
         return {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise TypeError(f"batch {index} is a {type(batch).__name__}: data must yield (inputs, targets) pairs")
+        raise DataFormatError(f"batch {index} is a {type(batch).__name__}: data must yield (inputs, targets) pairs")
     inputs = dict(batch[0]) if isinstance(batch[0], Mapping) and not isinstance(batch[0], dict) else batch[0]
     return inputs, batch[1]
 
@@ -194,7 +196,7 @@ def batch_size(inputs: Any, index: int, batch_size_fn: Callable[[Any], int] | No
         return n_b
     leaves = _leaves(inputs)
     if not leaves:
-        raise TypeError(f"batch {index} has no tensor inputs")
+        raise DataFormatError(f"batch {index} has no tensor inputs")
     sizes = {tuple(t.shape)[0] for t in leaves if t.dim() > 0}
     if len(sizes) != 1:
         shapes = ", ".join(str(tuple(t.shape)) for t in leaves)
@@ -347,10 +349,12 @@ def first_batch(data: Iterable) -> Any:
     try:
         iterator = iter(data)
     except TypeError:
-        raise TypeError(f"data must be a re-iterable of (inputs, targets) batches, got {type(data).__name__}") from None
+        raise DataFormatError(
+            f"data must be a re-iterable of (inputs, targets) batches, got {type(data).__name__}"
+        ) from None
     # A DataLoader is re-iterable; with persistent workers it hands out the same (reset) iterator each time.
     if iterator is data or (not isinstance(data, torch.utils.data.DataLoader) and iter(data) is iterator):
-        raise TypeError(
+        raise DataFormatError(
             f"data ({type(data).__name__}) is a one-shot iterator (a generator, or an object whose __iter__ returns "
             "one stored iterator): every matmat is a pass over the data, so pass a re-iterable such as a "
             "DataLoader, a list of (inputs, targets) batches, or an object whose __iter__ starts a new pass"

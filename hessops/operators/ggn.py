@@ -32,8 +32,17 @@ class GGN(JacobianSandwich):
     ``nn.LogSoftmax`` with an NLL loss is therefore split before the ``LogSoftmax`` (logits and
     cross-entropy with the same ``ignore_index``, ``weight`` and reduction: the same loss); any other NLL
     model is refused, as is ``KLDivLoss`` (linear in its input too), and a loss hessops does not know (a
-    ``lambda``) whose Hessian with respect to the outputs is zero on the first batch. The arguments are
+    ``lambda``) whose Hessian with respect to the outputs is zero on the first batch. The keyword arguments are
     :class:`~hessops.CurvatureOperator`'s.
+
+    Args:
+        model: as in :class:`~hessops.CurvatureOperator` (its outputs are :math:`f`).
+        loss_fn: as in :class:`~hessops.CurvatureOperator`.
+        data: as in :class:`~hessops.CurvatureOperator`.
+
+    Raises:
+        UnsupportedLossError: an NLL loss without a trailing ``LogSoftmax``, ``KLDivLoss``, or a callable linear
+            in the outputs; and the other refusals of :class:`~hessops.CurvatureOperator`.
     """
 
     name = "ggn"  # its key in hessops.constants.OPERATOR_CLASSES

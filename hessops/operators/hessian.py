@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from hessops._cola import cola
 from hessops.constants import HVP_MODES
-from hessops.errors import HvpFormulationError
+from hessops.errors import HvpFormulationError, InvalidArgumentError
 from hessops.operators import _hvp, hvp_tuning
 from hessops.operators import witness as first_order
 from hessops.operators._base import Batch, CurvatureOperator
@@ -49,7 +49,20 @@ class Hessian(CurvatureOperator):
 
     An explicit mode other than ``"autograd"`` is checked against double backward on its first product, and
     refused (:class:`~hessops.errors.HvpFormulationError`) if it disagrees. Attention runs in torch's math
-    kernel, the one with second derivatives. The other arguments are :class:`CurvatureOperator`'s.
+    kernel, the one with second derivatives. The other keyword arguments are :class:`CurvatureOperator`'s.
+
+    Args:
+        model: as in :class:`CurvatureOperator`.
+        loss_fn: as in :class:`CurvatureOperator`.
+        data: as in :class:`CurvatureOperator`.
+        hvp_mode: the formulation, above: ``"auto"`` (default), ``"autograd"``, ``"autograd-loop"``,
+            ``"forward-over-reverse"``, ``"reverse-over-forward"`` or ``"reverse-over-reverse"``.
+
+    Raises:
+        InvalidArgumentError: ``hvp_mode`` is not one of the formulations.
+        HvpFormulationError: ``hvp_mode`` is known wrong through a layer of the model, or found wrong on its first
+            product; or torch cannot differentiate the model twice.
+        TrainModeError: and the other refusals of :class:`CurvatureOperator`.
     """
 
     name = "hessian"  # its key in hessops.constants.OPERATOR_CLASSES
@@ -75,7 +88,7 @@ class Hessian(CurvatureOperator):
         witness: bool = True,
     ):
         if hvp_mode not in HVP_MODES:
-            raise ValueError(f"hvp_mode={hvp_mode!r}: choose one of {HVP_MODES}")
+            raise InvalidArgumentError(f"hvp_mode={hvp_mode!r}: choose one of {HVP_MODES}")
         wrong = _hvp.known_wrong_on(hvp_mode, model)
         if wrong:
             raise HvpFormulationError(

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hessops.constants import DEFAULT_IGNORE_INDEX
-from hessops.errors import EmptyDataError, TargetShapeError, UnsupportedLossError
+from hessops.errors import EmptyDataError, InvalidArgumentError, TargetShapeError, UnsupportedLossError
 from hessops.numerics import digest
 from hessops.operators.functional import _leaves, map_examples
 
@@ -55,7 +55,19 @@ def next_token_cross_entropy(
     for ``logits`` :math:`z` of shape ``(B, T, V)`` and integer ``labels`` :math:`y` of shape ``(B, T)`` (the
     sum over :math:`C` for ``reduction="sum"``). The shift is HuggingFace's (labels are the input ids, -100 at
     padding): the same loss as its causal LMs compute from ``labels``. Operators weight a batch by
-    :math:`|C|`, its counted tokens (:class:`LossSpec`)."""
+    :math:`|C|`, its counted tokens (:class:`LossSpec`).
+
+    Args:
+        logits: :math:`z`, ``(B, T, V)``.
+        labels: :math:`y`, integer ``(B, T)``.
+        ignore_index: the label of positions not counted (HuggingFace's -100).
+        reduction: ``"mean"`` over :math:`C`, or ``"sum"``.
+
+    Returns:
+        The scalar loss :math:`L`.
+
+    Raises:
+        TargetShapeError: ``logits`` and ``labels`` do not have the shapes above."""
     _check_next_token(logits, labels)
     return F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]),
@@ -218,7 +230,7 @@ class LossSpec:
     def as_cross_entropy(self) -> LossSpec:
         """The cross-entropy of logits with the same options: the NLL of ``log_softmax`` of its input."""
         if self.kind != "nll":
-            raise ValueError(f"{self.name} is not an NLL loss")
+            raise UnsupportedLossError(f"{self.name} is not an NLL loss")
         options = dict(self.options)
         return LossSpec(
             functools.partial(F.cross_entropy, reduction=self.reduction, **options),
@@ -233,7 +245,7 @@ def loss_spec(loss_fn: Callable) -> LossSpec:
     if isinstance(loss_fn, LossSpec):
         return loss_fn
     if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        raise InvalidArgumentError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     kind, options = _recognize(loss_fn)
     reduction = options.pop("reduction", "mean")
     allowed = ("mean", "sum", "batchmean") if kind == "kl_div" else ("mean", "sum")

@@ -17,7 +17,13 @@ class Regularized(cola.ops.LinearOperator):
     CoLA's own ``A + c * cola.ops.I_like(A)`` builds a ``Sum`` that drops ``SelfAdjoint``/``PSD`` (so
     ``cola.linalg.logdet`` falls back to LU, and Lanczos refuses it) and, with beartype ≥ 0.23, raises plum's
     ``AmbiguousLookupError``. Use this instead, e.g. for the log-determinant of a Hessian damped by a prior.
-    ``c`` must be a finite real number.
+
+    Args:
+        op: the operator ``A``, square.
+        c: the shift, a finite real number.
+
+    Raises:
+        InvalidArgumentError: ``op`` is not a square CoLA operator, or ``c`` not a finite real number.
     """
 
     def __init__(self, op: cola.ops.LinearOperator, c: float):

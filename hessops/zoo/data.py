@@ -27,7 +27,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from hessops.constants import DATASETS
-from hessops.errors import CorruptDatasetError, DatasetNotFoundError, UnknownDatasetError
+from hessops.errors import (
+    CorruptDatasetError,
+    DataFormatError,
+    DatasetNotFoundError,
+    InvalidArgumentError,
+    UnknownDatasetError,
+)
 
 # (mean, std) per channel of each dataset, kept with the zoo that trains on them; importable from here too
 from hessops.zoo import CIFAR10_MEAN, CIFAR10_STD, MNIST_MEAN, MNIST_STD, NORMALIZATION  # noqa: F401
@@ -71,7 +77,7 @@ class ImageDataset(Dataset):
         classes: Sequence[str],
     ) -> None:
         if images.dim() != 4 or images.shape[0] != labels.shape[0] or not len(mean) == len(std) == images.shape[1]:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"images {tuple(images.shape)} must be (N, C, H, W) with N = {labels.shape[0]} labels and "
                 f"C = {len(mean)} channels of mean and std"
             )
@@ -137,7 +143,7 @@ def load_dataset(
     """
     _check_name(name)
     if (mean is None) != (std is None):
-        raise ValueError("pass both mean and std to override the normalization, or neither")
+        raise InvalidArgumentError("pass both mean and std to override the normalization, or neither")
     if download:
         download_dataset(name, data_dir)
     if name == "digits":
@@ -228,7 +234,14 @@ class DeviceLoader:
 
 
 def on_device(loader: Iterable, device: torch.device | str) -> DeviceLoader:
-    """``loader``'s batches, re-iterably, with their tensors on ``device`` (e.g. ``make_loader(ds)`` on GPU)."""
+    """``loader``'s batches, re-iterably, with their tensors on ``device``.
+
+    Args:
+        loader: a re-iterable of batches (e.g. ``make_loader(ds)``).
+        device: where the batches' tensors go (e.g. ``"cuda"``).
+
+    Returns:
+        A re-iterable of the moved batches."""
     return DeviceLoader(loader, device)
 
 
@@ -247,7 +260,7 @@ class LabelsFrom:
                 what = (
                     f"a mapping with keys {list(batch)}" if isinstance(batch, Mapping) else f"a {type(batch).__name__}"
                 )
-                raise TypeError(
+                raise DataFormatError(
                     f"labels_from(..., key={self.key!r}): batch {index} is {what}, not a mapping holding the labels "
                     f"under {self.key!r}: pass the key the labels are under (key='label'?), or, for (inputs, targets) "
                     "pairs, the loader itself"
@@ -291,7 +304,7 @@ def _check_name(name: str) -> None:
 def _subset(dataset: ImageDataset, num_examples: int, seed: int, name: str, train: bool) -> Subset:
     n = len(dataset)
     if not 0 < num_examples <= n:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"num_examples={num_examples}, but the {name} {'train' if train else 'test'} split has {n:,} "
             f"examples: pass a number from 1 to {n}, or num_examples=None for all"
         )

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hessops.errors import CheckpointError, UnknownModelError
+from hessops.errors import CheckpointError, InvalidArgumentError, UnknownModelError
 from hessops.zoo.optional import optional_import
 
 __all__ = ["GPTConfig", "GPT", "gpt_config", "GPT_CONFIGS", "load_hf_model"]
@@ -28,9 +28,20 @@ __all__ = ["GPTConfig", "GPT", "gpt_config", "GPT_CONFIGS", "load_hf_model"]
 
 @dataclass(frozen=True)
 class GPTConfig:
-    """The sizes of a :class:`GPT`: ``vocab_size`` tokens, at most ``block_size`` positions, ``n_layer`` blocks
-    of ``n_head`` heads over ``n_embd`` features (``n_embd`` divisible by ``n_head``); ``dropout`` on the
-    embeddings, attention and residual branches (0 for curvature); ``bias`` in the linear layers and norms."""
+    """The sizes of a :class:`GPT`.
+
+    Attributes:
+        vocab_size: the tokens.
+        block_size: the most positions.
+        n_layer: the blocks.
+        n_head: the heads of a block.
+        n_embd: the features (divisible by ``n_head``).
+        dropout: on the embeddings, attention and residual branches (0 for curvature).
+        bias: in the linear layers and norms.
+
+    Raises:
+        InvalidArgumentError: a size that is not a positive int, ``n_embd`` not divisible by ``n_head``, or
+            ``dropout`` outside ``[0, 1)``."""
 
     vocab_size: int
     block_size: int
@@ -44,14 +55,14 @@ class GPTConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+                raise InvalidArgumentError(f"GPTConfig.{name} must be a positive int, got {value!r}")
         if self.n_embd % self.n_head:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}: each head gets "
                 "n_embd / n_head features; choose sizes that divide"
             )
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+            raise InvalidArgumentError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
 
 
 # Named sizes. GPT-2's are its published ones (124M: 124,439,808 parameters with the tied output layer);
@@ -65,8 +76,18 @@ GPT_CONFIGS: dict[str, GPTConfig] = {
 
 
 def gpt_config(name: str, **changes: Any) -> GPTConfig:
-    """The named size ``name`` (a key of :data:`GPT_CONFIGS`), with ``changes`` to its fields, e.g.
-    ``gpt_config("gpt2-small", block_size=128)``."""
+    """A named size, with changes to its fields, e.g. ``gpt_config("gpt2-small", block_size=128)``.
+
+    Args:
+        name: a key of :data:`GPT_CONFIGS`.
+        **changes: new values of :class:`GPTConfig` fields.
+
+    Returns:
+        The :class:`GPTConfig`.
+
+    Raises:
+        UnknownModelError: ``name`` is not a named size.
+        InvalidArgumentError: a changed size out of range."""
     if name not in GPT_CONFIGS:
         raise UnknownModelError(f"unknown GPT size {name!r}: the named sizes are {', '.join(GPT_CONFIGS)}")
     return replace(GPT_CONFIGS[name], **changes)
@@ -117,6 +138,9 @@ class GPT(nn.Module):
     """A GPT-2-style causal language model (module docstring): ``model(input_ids, attention_mask=None)`` with
     ``input_ids`` ``(B, T)``, ``T <= block_size``, returns logits ``(B, T, vocab_size)``.
 
+    Args:
+        config: the sizes.
+
     ``attention_mask`` ``(B, T)`` (1: token, 0: padding, HuggingFace's convention) keeps every position from
     attending to padding; a position still attends to itself, so a padded position's logits stay finite
     (label it -100). Weights are initialized as GPT-2's: normal with std 0.02 (residual projections
@@ -140,10 +164,20 @@ class GPT(nn.Module):
                 nn.init.normal_(p, std=std)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Logits ``(B, T, vocab_size)`` of the next token at every position."""
+        """The logits of the next token at every position.
+
+        Args:
+            input_ids: ``(B, T)`` token ids, ``T <= block_size``.
+            attention_mask: ``(B, T)``, 1: token, 0: padding; ``None``: no padding.
+
+        Returns:
+            Logits ``(B, T, vocab_size)``.
+
+        Raises:
+            InvalidArgumentError: ``T`` exceeds ``block_size``."""
         B, T = input_ids.shape
         if T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
+            raise InvalidArgumentError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
         positions = torch.arange(T, device=input_ids.device)
         x = self.drop(self.wte(input_ids) + self.wpe(positions))
         mask = None
@@ -175,8 +209,22 @@ def load_hf_model(
     constructor, so that fields it derives follow them as in transformers (Llama's ``head_dim =
     hidden_size // num_attention_heads`` unless ``head_dim`` is overridden too). Random weights are the
     model's own initialization under ``torch.manual_seed(seed)``, drawn without touching the global random
-    state. ``use_cache`` is turned off (no key/value cache is needed for the loss). Needs the ``hf`` extra
-    (``pip install hessops[hf]``)."""
+    state. ``use_cache`` is turned off (no key/value cache is needed for the loss).
+
+    Args:
+        source: a checkpoint folder, a config JSON file (or a folder with only ``config.json``), or a model type.
+        overrides: config fields to change first.
+        seed: the seed of random weights.
+        dtype: the model's dtype (default: as loaded).
+
+    Returns:
+        The model, in eval mode.
+
+    Raises:
+        MissingDependencyError: transformers is not installed: it needs the ``hf`` extra
+            (``pip install hessops[hf]``).
+        CheckpointError: the folder or config file cannot be read.
+        UnknownModelError: a model type that transformers does not know."""
     transformers = optional_import("transformers", "load_hf_model needs transformers: pip install 'hessops[hf]'")
 
     path = Path(source)

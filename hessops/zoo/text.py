@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from hessops.constants import DEFAULT_IGNORE_INDEX
-from hessops.errors import CorruptDatasetError, DatasetNotFoundError, EmptyDataError
+from hessops.errors import CorruptDatasetError, DatasetNotFoundError, EmptyDataError, InvalidArgumentError
 from hessops.zoo.optional import optional_import
 
 __all__ = ["BYTE_VOCAB_SIZE", "TextBlocks", "corpus_documents", "load_text"]
@@ -79,15 +79,28 @@ def load_text(
     tokenizer: str | os.PathLike | None = None,
     pad_id: int = 0,
 ) -> TextBlocks:
-    """The corpus (``source``: a ``.txt`` file or a folder of them, :func:`corpus_documents`; ``None``: the
-    bundled one) as :class:`TextBlocks` of ``block_size`` tokens, in corpus order; ``num_blocks`` keeps the
-    first ones. Tokens are UTF-8 bytes (``vocab_size`` 256), or, with ``tokenizer`` a local folder, that
-    HuggingFace tokenizer's ids (``local_files_only``: nothing is downloaded). Padding holds ``pad_id``
-    (ignored by the loss and masked)."""
+    """A corpus as :class:`TextBlocks` of ``block_size`` tokens, in corpus order.
+
+    Args:
+        source: a ``.txt`` file or a folder of them (:func:`corpus_documents`); ``None``: the bundled one.
+        block_size: the tokens of a block, at least 2 (one token predicts the next).
+        num_blocks: keeps the first ones; ``None``: all.
+        tokenizer: a local folder of a HuggingFace tokenizer, whose ids the tokens then are
+            (``local_files_only``: nothing is downloaded); ``None``: UTF-8 bytes (``vocab_size`` 256).
+        pad_id: the token padding holds (ignored by the loss and masked).
+
+    Returns:
+        The :class:`TextBlocks`.
+
+    Raises:
+        InvalidArgumentError: ``block_size`` or ``num_blocks`` out of range.
+        EmptyDataError: the corpus holds no block.
+        DatasetNotFoundError: ``source`` does not exist.
+        MissingDependencyError: ``tokenizer`` given without transformers installed."""
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
-        raise ValueError(f"block_size must be an int >= 2 (one token predicts the next), got {block_size!r}")
+        raise InvalidArgumentError(f"block_size must be an int >= 2 (one token predicts the next), got {block_size!r}")
     if num_blocks is not None and (isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1):
-        raise ValueError(f"num_blocks must be a positive int or None (all), got {num_blocks!r}")
+        raise InvalidArgumentError(f"num_blocks must be a positive int or None (all), got {num_blocks!r}")
     documents = corpus_documents(source)
     if tokenizer is None:
         encoded, vocab_size = [list(d.encode("utf-8")) for d in documents], BYTE_VOCAB_SIZE
