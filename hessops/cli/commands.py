@@ -160,7 +160,7 @@ def _language_setup(args: argparse.Namespace, device: torch.device) -> Setup:
     import torch
 
     from hessops.operators.losses import next_token_cross_entropy
-    from hessops.zoo.data import _subset
+    from hessops.zoo.data import draw_subset
     from hessops.zoo.lm import GPT, gpt_config, load_hf_model
     from hessops.zoo.models import load_checkpoint
     from hessops.zoo.text import load_text
@@ -176,7 +176,7 @@ def _language_setup(args: argparse.Namespace, device: torch.device) -> Setup:
                 f"--num-examples {args.num_examples}: {data_name} has {n:,} blocks of {args.seq_len} tokens; pass at "
                 f"most {n} (or a smaller --seq-len for more blocks)"
             )
-        dataset = _subset(dataset, args.num_examples, args.seed, data_name, True)
+        dataset = draw_subset(dataset, args.num_examples, args.seed, data_name, True)
     if args.model.startswith(GPT_PREFIX):
         with torch.random.fork_rng(devices=[]), torch.device("cpu"):
             torch.manual_seed(args.seed)
