@@ -38,7 +38,6 @@ MOVED: dict[str, str] = {
     "hessops.data": "hessops.zoo.data",
     "hessops.lm": "hessops.zoo.lm",
     "hessops.text": "hessops.zoo.text",
-    "hessops._commands": "hessops.cli.commands",
 }
 
 

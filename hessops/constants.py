@@ -77,7 +77,9 @@ LOGDET_METHODS: tuple[str, ...] = ("auto", "dense", "slq", "deflated")
 # lanczos(basis=...) and the functions built on it: where the Lanczos basis lives (hessops/linalg/basis.py).
 BASIS_MODES: tuple[str, ...] = ("auto", "device", "host", "disk", "none")
 
-# hessops.zoo.data.load_dataset knows these; download_dataset fetches the last three (digits ship with scikit-learn).
+# The names of the datasets hessops.zoo.data.load_dataset knows, and of those download_dataset fetches (digits ship
+# with scikit-learn): each dataset's facts are its entry of hessops.zoo.registry.DATASET_SPECS, which the core may
+# not import; tests/test_cli_contract.py checks that these names are that registry's.
 DATASETS: tuple[str, ...] = ("digits", "mnist", "cifar10", "cifar2")
 DOWNLOADABLE: tuple[str, ...] = ("mnist", "cifar10", "cifar2")
 

@@ -34,10 +34,18 @@ from hessops.errors import (
     InvalidArgumentError,
     UnknownDatasetError,
 )
-
-# (mean, std) per channel of each dataset, kept with the zoo that trains on them; importable from here too
-from hessops.zoo import CIFAR10_MEAN, CIFAR10_STD, MNIST_MEAN, MNIST_STD, NORMALIZATION  # noqa: F401
 from hessops.zoo.optional import optional_import
+
+# Each dataset's facts (split sizes, shape, normalization) are its entry of the zoo's registry; its (mean, std)
+# per channel importable from here too
+from hessops.zoo.registry import (  # noqa: F401
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    DATASET_SPECS,
+    MNIST_MEAN,
+    MNIST_STD,
+    NORMALIZATION,
+)
 
 __all__ = [
     "DATA_NAMES",
@@ -45,6 +53,7 @@ __all__ = [
     "ImageDataset",
     "load_dataset",
     "download_dataset",
+    "draw_subset",
     "make_loader",
     "on_device",
     "DeviceLoader",
@@ -56,7 +65,7 @@ __all__ = [
 DATA_NAMES: tuple[str, ...] = DATASETS  # the names load_dataset knows (hessops.constants)
 
 CIFAR2_CLASSES = (0, 2)  # CIFAR-10's airplane and bird, relabelled 0 and 1
-_DIGITS_TRAIN_FRACTION = (4, 5)  # train = floor(4n/5) = 1,437 of the 1,797 digits, test = 360
+_DIGITS_TRAIN_FRACTION = (4, 5)  # train = floor(4n/5) = 1,437 of the 1,797 digits, test = 360 (DATASET_SPECS)
 
 
 class ImageDataset(Dataset):
@@ -129,10 +138,11 @@ def load_dataset(
       ``data_dir/cifar-10-batches-py``.
     - ``cifar2``: the airplane (label 0) and bird (label 2) images of ``cifar10``, relabelled 0 and 1.
 
-    Inputs are normalized with ``NORMALIZATION[name]``, or with ``mean`` and ``std`` when both are given
-    (e.g. a checkpoint's own, ``model_spec(...).mean``). ``num_examples=k`` keeps the first ``k`` indices of
-    ``torch.randperm(n, generator=torch.Generator().manual_seed(seed))`` (a ``Subset``, the same on every
-    machine for a given torch version). ``download=True`` fetches missing files first (``download_dataset``).
+    Inputs are normalized with ``DATASET_SPECS[name]``'s ``mean`` and ``std`` (``NORMALIZATION[name]``), or
+    with ``mean`` and ``std`` when both are given (e.g. a checkpoint's own, ``model_spec(...).mean``).
+    ``num_examples=k`` keeps the first ``k`` indices of ``torch.randperm(n,
+    generator=torch.Generator().manual_seed(seed))`` (a ``Subset``, the same on every machine for a given
+    torch version). ``download=True`` fetches missing files first (``download_dataset``).
 
     CIFAR-10 is read here, not by ``torchvision.datasets.CIFAR10``, whose loader refuses any file but the
     published ones. With ``verify=True`` (the default) each file is first compared with the published MD5
@@ -158,7 +168,7 @@ def load_dataset(
         dataset = ImageDataset(
             dataset.images, dataset.labels, scale=dataset.scale, mean=mean, std=std, classes=dataset.classes
         )
-    return dataset if num_examples is None else _subset(dataset, num_examples, seed, name, train)
+    return dataset if num_examples is None else draw_subset(dataset, num_examples, seed, name, train)
 
 
 def download_dataset(name: str, data_dir: str | os.PathLike = "data") -> Path:
@@ -170,7 +180,7 @@ def download_dataset(name: str, data_dir: str | os.PathLike = "data") -> Path:
     removed and a ``DatasetNotFoundError`` says which files to fetch elsewhere and the folder to put them in."""
     _check_name(name)
     root = Path(data_dir)
-    if name == "digits":
+    if not DATASET_SPECS[name].downloadable:
         return root
     import torchvision
 
@@ -301,7 +311,12 @@ def _check_name(name: str) -> None:
         )
 
 
-def _subset(dataset: ImageDataset, num_examples: int, seed: int, name: str, train: bool) -> Subset:
+def draw_subset(dataset: Dataset, num_examples: int, seed: int, name: str, train: bool) -> Subset:
+    """The examples at the first ``num_examples`` indices of ``torch.randperm(len(dataset))`` drawn from
+    ``torch.Generator().manual_seed(seed)``; ``name`` and ``train`` name the split in the error.
+
+    Raises:
+        InvalidArgumentError: ``num_examples`` is not from 1 to ``len(dataset)``."""
     n = len(dataset)
     if not 0 < num_examples <= n:
         raise InvalidArgumentError(
@@ -330,8 +345,15 @@ def _digits(train: bool) -> ImageDataset:
     n_train = n * _DIGITS_TRAIN_FRACTION[0] // _DIGITS_TRAIN_FRACTION[1]
     permutation = torch.randperm(n, generator=torch.Generator().manual_seed(0))
     index = (permutation[:n_train] if train else permutation[n_train:]).sort().values
-    mean, std = NORMALIZATION["digits"]
-    return ImageDataset(images[index], labels[index], scale=16, mean=mean, std=std, classes=[str(d) for d in range(10)])
+    spec = DATASET_SPECS["digits"]
+    return ImageDataset(
+        images[index],
+        labels[index],
+        scale=spec.scale,
+        mean=spec.mean,
+        std=spec.std,
+        classes=[str(d) for d in range(spec.num_classes)],
+    )
 
 
 def _mnist(data_dir: Path, train: bool) -> ImageDataset:
@@ -350,14 +372,13 @@ def _mnist(data_dir: Path, train: bool) -> ImageDataset:
             f"the MNIST files in {raw.resolve()} are not valid idx files ({error!r}): delete them and run "
             f"`hessops download mnist --data-dir {shlex.quote(str(data_dir))}`"
         ) from error
-    images, labels = mnist.data.unsqueeze(1), mnist.targets
-    if images.shape[0] != labels.shape[0] or tuple(images.shape[1:]) != (1, 28, 28):
+    images, labels, spec = mnist.data.unsqueeze(1), mnist.targets, DATASET_SPECS["mnist"]
+    if images.shape[0] != labels.shape[0] or tuple(images.shape[1:]) != spec.input_shape:
         raise CorruptDatasetError(
             f"the MNIST files in {raw.resolve()} hold images {tuple(images.shape)} and {labels.shape[0]} labels, "
             "not N×28×28 images with N labels: delete them and download again"
         )
-    mean, std = NORMALIZATION["mnist"]
-    return ImageDataset(images, labels, scale=255, mean=mean, std=std, classes=mnist.classes)
+    return ImageDataset(images, labels, scale=spec.scale, mean=spec.mean, std=spec.std, classes=mnist.classes)
 
 
 def _cifar10(data_dir: Path, train: bool, verify: bool, name: str) -> ImageDataset:
@@ -384,19 +405,18 @@ def _cifar10(data_dir: Path, train: bool, verify: bool, name: str) -> ImageDatas
     data, labels = zip(*(_read_cifar_batch(folder / f) for f, _ in batches))
     meta = _unpickle(folder / CIFAR10.meta["filename"])
     classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta.get("label_names", range(10))]
-    images = torch.from_numpy(np.concatenate(data)).reshape(-1, 3, 32, 32)  # rows are R, G, B planes, row-major
-    mean, std = NORMALIZATION["cifar10"]
-    return ImageDataset(
-        images, torch.from_numpy(np.concatenate(labels)), scale=255, mean=mean, std=std, classes=classes
-    )
+    spec = DATASET_SPECS["cifar10"]
+    images = torch.from_numpy(np.concatenate(data)).reshape(-1, *spec.input_shape)  # rows: R, G, B planes, row-major
+    labels = torch.from_numpy(np.concatenate(labels))
+    return ImageDataset(images, labels, scale=spec.scale, mean=spec.mean, std=spec.std, classes=classes)
 
 
 def _cifar2(cifar10: ImageDataset) -> ImageDataset:
     keep = torch.isin(cifar10.labels, torch.tensor(CIFAR2_CLASSES))
     labels = (cifar10.labels[keep] == CIFAR2_CLASSES[1]).to(torch.int64)
-    mean, std = NORMALIZATION["cifar2"]
+    spec = DATASET_SPECS["cifar2"]
     classes = [cifar10.classes[c] for c in CIFAR2_CLASSES]
-    return ImageDataset(cifar10.images[keep], labels, scale=255, mean=mean, std=std, classes=classes)
+    return ImageDataset(cifar10.images[keep], labels, scale=spec.scale, mean=spec.mean, std=spec.std, classes=classes)
 
 
 def _unpickle(path: Path) -> dict:

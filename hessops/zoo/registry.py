@@ -1,8 +1,13 @@
-"""The one registry of zoo models: each model's spec carries its builder, input size, normalization, default
-data, loss and size. Torch-free at import (each builder imports torch when it runs), so that ``hessops
-models`` and the CLI's choices cost nothing; :mod:`hessops.zoo.models` builds, seeds and loads them.
+"""The registries of the zoo: each dataset's spec (:data:`DATASET_SPECS`: its split sizes, input shape,
+classes, normalization, whether it is downloaded) and each model's (:data:`MODELS`: its builder, input size,
+normalization, default data, loss and size). Torch-free at import (each builder imports torch when it runs),
+so that ``hessops models`` and the CLI's choices and checks cost nothing; :mod:`hessops.zoo.models` builds,
+seeds and loads the models, :mod:`hessops.zoo.data` loads the datasets.
 
-Adding a model is one entry of :data:`MODELS` (docs/extending.md).
+Adding a model is one entry of :data:`MODELS` (docs/extending.md); a dataset, one entry of
+:data:`DATASET_SPECS`, its loader in :mod:`hessops.zoo.data` and its name in ``hessops.constants.DATASETS``
+(the core's torch-free tuple of names, which may not import the zoo; tests/test_cli_contract.py checks
+that the two agree).
 """
 
 from __future__ import annotations
@@ -14,7 +19,17 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ModelSpec", "MODELS", "TIMM_PREFIX", "NORMALIZATION", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = [
+    "DatasetSpec",
+    "DATASET_SPECS",
+    "DOWNLOADABLE",
+    "ModelSpec",
+    "MODELS",
+    "TIMM_PREFIX",
+    "NORMALIZATION",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+]
 
 TIMM_PREFIX = "timm:"
 
@@ -23,11 +38,54 @@ TIMM_PREFIX = "timm:"
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What a dataset of :func:`hessops.zoo.data.load_dataset` is.
+
+    ``split_sizes`` is the number of examples of its ``(train, test)`` splits (the CLI checks
+    ``--num-examples`` against them without loading); ``input_shape`` one example's ``(C, H, W)``; each input
+    is ``x = (u / scale - mean) / std`` per channel from the stored integer pixels ``u``; ``downloadable``
+    whether ``hessops download`` fetches it (``False``: it ships with a dependency); ``description`` one line.
+    """
+
+    name: str
+    split_sizes: tuple[int, int]
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    scale: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    downloadable: bool
+    description: str
+
+
+DATASET_SPECS: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in (
+        DatasetSpec(
+            "digits", (1_437, 360), (1, 8, 8), 10, 16, (0.0,), (1.0,), False, "scikit-learn's bundled 8×8 digits"
+        ),
+        DatasetSpec("mnist", (60_000, 10_000), (1, 28, 28), 10, 255, MNIST_MEAN, MNIST_STD, True, "MNIST"),
+        DatasetSpec("cifar10", (50_000, 10_000), (3, 32, 32), 10, 255, CIFAR10_MEAN, CIFAR10_STD, True, "CIFAR-10"),
+        DatasetSpec(
+            "cifar2",
+            (10_000, 2_000),
+            (3, 32, 32),
+            2,
+            255,
+            CIFAR10_MEAN,
+            CIFAR10_STD,
+            True,
+            "CIFAR-10's airplanes and birds, labelled 0 and 1",
+        ),
+    )
+}
+# The datasets `hessops download` fetches, and each dataset's (mean, std), read from DATASET_SPECS.
+DOWNLOADABLE: tuple[str, ...] = tuple(name for name, spec in DATASET_SPECS.items() if spec.downloadable)
 NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "digits": ((0.0,), (1.0,)),
-    "mnist": (MNIST_MEAN, MNIST_STD),
-    "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
-    "cifar2": (CIFAR10_MEAN, CIFAR10_STD),
+    name: (spec.mean, spec.std) for name, spec in DATASET_SPECS.items()
 }
 
 # The published resnet18_cifar10 weights (the `detectors` package's, trained from timm's resnet18) were

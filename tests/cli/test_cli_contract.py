@@ -17,8 +17,8 @@ import pytest
 
 import hessops.demo
 from hessops.cli import app as cli
-from hessops.cli import commands as _commands
-from hessops.errors import DistributedError, InvalidArgumentError
+from hessops.cli import output, setup, values
+from hessops.errors import CommandError, DistributedError, InvalidArgumentError, OutputError
 from hessops.zoo import MODELS
 
 
@@ -29,7 +29,7 @@ def nothing_loads(monkeypatch):
     def loaded(args):
         raise AssertionError(f"`hessops {args.command}` loaded a model or data before refusing its command line")
 
-    monkeypatch.setattr(_commands, "setup", loaded)
+    monkeypatch.setattr(setup, "load", loaded)
     monkeypatch.setattr(hessops.demo, "run_demo", loaded)
 
 
@@ -224,7 +224,7 @@ def test_an_output_folder_that_does_not_exist_yet_is_accepted():
         (DistributedError("rank 1 stopped answering: check that every rank runs the same command"), cli.EXIT_FAILED),
         (InvalidArgumentError("k=3 must be at most 2"), cli.EXIT_USAGE),
         (ValueError("a reason\nspread over\nthree lines"), cli.EXIT_USAGE),
-        (_commands.OutputError("cannot write x.json: No space left on device"), cli.EXIT_FAILED),
+        (OutputError("cannot write x.json: No space left on device"), cli.EXIT_FAILED),
         (KeyboardInterrupt(), cli.EXIT_INTERRUPTED),
     ],
     ids=["distributed-error", "library-error", "multi-line-value-error", "output-error", "ctrl-c"],
@@ -233,7 +233,7 @@ def test_errors_from_deeper_down_are_one_line_with_their_status(monkeypatch, cap
     def fail(args):
         raise error
 
-    monkeypatch.setattr(_commands, "setup", fail)
+    monkeypatch.setattr(setup, "load", fail)
     line = one_line_error(capsys, cli.main(["eigs"]), status)
     assert line == "hessops: interrupted" if status == cli.EXIT_INTERRUPTED else " ".join(str(error).split()) in line
 
@@ -271,10 +271,11 @@ def test_every_option_has_help_and_shows_its_default():
 
 def test_choices_are_the_library_constants():
     from hessops import constants
+    from hessops.zoo import registry
 
     parser = cli.build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    choices = {(name, a.dest): a.choices for name, p in commands.items() for a in p._actions if a.choices}
+    choices = {(name, a.dest): a.choices for name, p in commands.items() for a in p.load()._actions if a.choices}
     assert choices[("eigs", "which")] is constants.WHICH and choices[("eigs", "operator")] is constants.OPERATOR_NAMES
     assert (
         choices[("blocks", "which")] is constants.WHICH and choices[("blocks", "operator")] is constants.OPERATOR_NAMES
@@ -283,9 +284,9 @@ def test_choices_are_the_library_constants():
         choices[("trace", "method")] is constants.TRACE_METHODS
         and choices[("basin", "method")] is constants.LOGDET_METHODS
     )
-    assert choices[("download", "name")] is constants.DOWNLOADABLE
+    assert choices[("download", "name")] is registry.DOWNLOADABLE  # == constants.DOWNLOADABLE (test below)
     for name in (*constants.DATASETS, constants.TEXT_DATA):  # --data also takes text:PATH, so it has no choices
-        assert cli.data_name(name) == name
+        assert values.data_name(name) == name
     assert choices[("landscape", "directions")] is constants.LANDSCAPE_DIRECTIONS
     assert choices[("track", "hvp_mode")] is constants.HVP_MODES and choices[("logdet", "dtype")] is constants.DTYPES
     assert all(choices[(name, "basis")] is constants.BASIS_MODES for name in ("eigs", "density", "logdet", "basin"))
@@ -300,7 +301,7 @@ def test_gpt_sizes_are_the_named_configs():
 
 
 def test_hf_override_values_are_read_as_json_else_text():
-    parse = cli.config_override
+    parse = values.config_override
     assert [parse("n_layer=2"), parse("resid_pdrop=0.0"), parse("tie_word_embeddings=false")] == [
         ("n_layer", 2),
         ("resid_pdrop", 0.0),
@@ -309,16 +310,72 @@ def test_hf_override_values_are_read_as_json_else_text():
     assert parse("activation_function=gelu_new") == ("activation_function", "gelu_new")
 
 
-def test_split_sizes_are_the_datasets():
-    """SPLIT_SIZES lets --num-examples be checked without loading; digits (embedded) is checked against the
-    data itself, the others are the published split sizes (cifar2: airplane and bird, 5,000 + 5,000 train)."""
-    from hessops.zoo.data import load_dataset
+def test_one_dataset_registry():
+    """Each dataset's facts are one entry of hessops.zoo.registry.DATASET_SPECS, which the CLI's --data,
+    `hessops download` and --num-examples checks (without loading) and hessops.zoo.data read. The core's
+    tuples of names (it may not import the zoo) are that registry's. Split sizes: digits (embedded) checked
+    against the data itself, the others the published sizes (cifar2: airplane and bird, 5,000 + 5,000 train)."""
+    from hessops import constants
+    from hessops.zoo import data, registry
 
-    assert set(cli.SPLIT_SIZES) == set(cli.DATASETS)
-    assert cli.SPLIT_SIZES["digits"] == (
-        len(load_dataset("digits", train=True)),
-        len(load_dataset("digits", train=False)),
+    specs = registry.DATASET_SPECS
+    assert tuple(specs) == constants.DATASETS == values.DATASETS == data.DATA_NAMES
+    assert registry.DOWNLOADABLE == constants.DOWNLOADABLE == tuple(n for n, s in specs.items() if s.downloadable)
+    assert registry.NORMALIZATION == {name: (spec.mean, spec.std) for name, spec in specs.items()}
+    train, test = data.load_dataset("digits", train=True), data.load_dataset("digits", train=False)
+    assert specs["digits"].split_sizes == (len(train), len(test))
+    assert tuple(train[0][0].shape) == specs["digits"].input_shape and len(train.classes) == specs["digits"].num_classes
+    assert specs["mnist"].split_sizes == (60_000, 10_000) and specs["cifar2"].split_sizes == (10_000, 2_000)
+
+
+TOY_COMMAND = """
+def add_arguments(parser):
+    parser.add_argument("--times", type=int, default=2, help="how many greetings")
+
+
+def check(args):
+    return "--times 0: greet at least once" if args.times == 0 else None
+
+
+def run(args):
+    print("hello " * args.times, "own options:", args.own_options)
+"""
+
+
+def test_a_command_is_one_module_and_one_registry_line(tmp_path, monkeypatch, capsys):
+    """docs/cli.md's "Adding a command": a module (here on sys.path, outside the package) with add_arguments,
+    check and run, and its line in hessops.cli.commands.COMMANDS, is listed by `hessops --help`, has its own
+    --help, is checked and runs, with nothing else touched."""
+    from hessops.cli import commands
+
+    (tmp_path / "toy_command.py").write_text(TOY_COMMAND)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(commands.COMMANDS, "toy", commands.Command("toy_command", "greet a few times"))
+
+    assert cli.main(["--help"]) == 0
+    assert "greet a few times" in capsys.readouterr().out
+    assert cli.main(["toy", "--help"]) == 0
+    assert "how many greetings (default: 2)" in capsys.readouterr().out
+    assert cli.main(["toy", "--times", "3"]) == 0
+    assert capsys.readouterr().out == "hello hello hello  own options: ('times',)\n"
+    line = one_line_error(capsys, cli.main(["toy", "--times", "0"]))
+    assert line == "hessops: error: --times 0: greet at least once (see `hessops toy --help`)"
+
+
+def test_a_command_line_imports_its_own_command_only():
+    """`hessops --help` reads the registry alone; `hessops trace ...` imports the trace module and no other
+    command's."""
+    script = (
+        "import json, sys; from hessops.cli import main; main(sys.argv[1:]); "
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('hessops.cli.commands.'))))"
     )
+    loaded = []
+    for argv in (["--help"], ["trace", "--probes", "3"]):
+        run = subprocess.run(
+            [sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=HANG_GUARD_S
+        )
+        loaded.append(json.loads(run.stdout.strip().splitlines()[-1]))
+    assert loaded == [[], ["hessops.cli.commands.trace"]]
 
 
 def test_models_lists_sizes_and_inputs_from_the_registry(capsys, nothing_loads):
@@ -359,7 +416,10 @@ def test_download_offline_says_where_to_put_the_files_and_leaves_nothing(tmp_pat
     assert list(data.iterdir()) == []  # the folder was there before: kept, and left empty
 
 
-def test_replace_file_never_leaves_a_partial_file(tmp_path):
+def test_outputs_are_never_left_partial(tmp_path):
+    """Results and figures are written through hessops._io.atomic_write: whole, or not at all."""
+    from hessops._io import atomic_write
+
     path = tmp_path / "result.json"
     path.write_text('{"old": true}\n')
 
@@ -368,10 +428,10 @@ def test_replace_file_never_leaves_a_partial_file(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _commands.replace_file(path, interrupted)
+        atomic_write(path, interrupted)
     assert path.read_text() == '{"old": true}\n' and [p.name for p in tmp_path.iterdir()] == ["result.json"]
 
-    _commands.write_json(path, {"value": float("nan"), "nested": [1.5, float("inf")]})
+    output.write_json(path, {"value": float("nan"), "nested": [1.5, float("inf")]})
     assert json.loads(path.read_text()) == {"value": None, "nested": [1.5, None]}
     assert (path.stat().st_mode & 0o777) == 0o666 & ~_umask()  # the usual permissions, not mkstemp's 0600
 
@@ -442,5 +502,5 @@ def test_a_bad_timeout_in_the_environment_is_refused_before_joining(monkeypatch)
     """$HESSOPS_DIST_TIMEOUT sets --timeout's default; a value that is not a positive number of seconds is a
     one-line CommandError, raised before the process group is joined."""
     monkeypatch.setenv("HESSOPS_DIST_TIMEOUT", "soon")
-    with pytest.raises(_commands.CommandError, match="HESSOPS_DIST_TIMEOUT='soon': expected a positive number"):
-        _commands._start_distributed(argparse.Namespace(timeout=None, device="cpu"))
+    with pytest.raises(CommandError, match="HESSOPS_DIST_TIMEOUT='soon': expected a positive number"):
+        setup.start_distributed(argparse.Namespace(timeout=None, device="cpu"))

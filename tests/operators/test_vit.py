@@ -225,9 +225,10 @@ def test_bad_timm_sizes_are_refused(name, options, message):
 
 def test_cli_passes_timm_sizes():
     from hessops.cli import app as cli
+    from hessops.cli.options import timm_options
 
     args = cli.build_parser().parse_args(
         ["eigs", "--model", "timm:vit_tiny_patch16_224", "--data", "cifar10", "--img-size", "32", "--patch-size", "4"]
     )
     assert cli.check(args) is None
-    assert cli.timm_options(args) == {"img_size": 32, "patch_size": 4}
+    assert timm_options(args) == {"img_size": 32, "patch_size": 4}
