@@ -24,10 +24,11 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers, IDEs and linter
     from hessops.analysis.density import SpectralDensity, spectral_density
     from hessops.analysis.eigenvectors import Eigenvectors, load_eigenvectors, save_eigenvectors
     from hessops.analysis.landscape import LandscapeSlice, filter_normalized_direction, loss_landscape
+    from hessops.analysis.logdet import LogdetEstimate, logdet
     from hessops.analysis.spectrum import Spectrum, eigs
     from hessops.analysis.trace import TraceEstimate, trace
     from hessops.analysis.tracking import GradNormTracker, SharpnessTracker, evaluate, train
-    from hessops.analysis.volume import BasinVolume, LogdetEstimate, basin_volume, log_unit_ball_volume, logdet
+    from hessops.analysis.volume import BasinVolume, basin_volume, log_unit_ball_volume
     from hessops.operators import GGN, CurvatureOperator, EmpiricalFisher, Hessian, MCFisher, Regularized
     from hessops.operators.dense import dense_hessian
     from hessops.operators.evaluation import DatasetLoss, dataset_loss
@@ -46,9 +47,8 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(("block_spectra", "BlockSpectra"), "analysis.blocks"),
     **dict.fromkeys(("spectral_density", "SpectralDensity"), "analysis.density"),
     **dict.fromkeys(("trace", "TraceEstimate"), "analysis.trace"),
-    **dict.fromkeys(
-        ("logdet", "LogdetEstimate", "basin_volume", "BasinVolume", "log_unit_ball_volume"), "analysis.volume"
-    ),
+    **dict.fromkeys(("logdet", "LogdetEstimate"), "analysis.logdet"),
+    **dict.fromkeys(("basin_volume", "BasinVolume", "log_unit_ball_volume"), "analysis.volume"),
     "dense_hessian": "operators.dense",
     "on_device": "zoo.data",
     "next_token_cross_entropy": "operators.losses",

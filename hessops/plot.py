@@ -26,8 +26,9 @@ from hessops.errors import InvalidArgumentError
 if TYPE_CHECKING:
     from hessops.analysis.blocks import BlockSpectra
     from hessops.analysis.landscape import LandscapeSlice
+    from hessops.analysis.logdet import LogdetEstimate
     from hessops.analysis.trace import TraceEstimate
-    from hessops.analysis.volume import BasinVolume, LogdetEstimate
+    from hessops.analysis.volume import BasinVolume
 
 __all__ = [
     "plot_eigenvalues",

@@ -231,31 +231,14 @@ def loss_landscape(
         accuracy = torch.full_like(result.loss, float("nan")) if result.accuracy is None else result.accuracy
         return result.loss, accuracy, result.examples
 
-    losses, accuracies, examples = evaluate([center])
-    center_loss, center_accuracy = losses[0], accuracies[0]
-    if not torch.isfinite(center_loss):
-        raise NonFiniteLossError(
-            f"the loss at the model's parameters is {float(center_loss)}: check the data for NaN/inf, and the model "
-            "for overflow (float64, or a checkpoint from before divergence)"
-        )
+    center_loss, center_accuracy, examples = _at_center(evaluate, center)
     origin = ~grid.bool().any(dim=1)  # θ itself, a grid point when every axis has an odd number of points
     loss[origin], accuracy[origin] = center_loss, center_accuracy
     todo = (~origin).nonzero().flatten().tolist()
     if points_per_pass is None:  # as many as PASS_BYTES of parameter copies hold
         points_per_pass = max(1, PASS_BYTES // (sum(t.numel() for t in center) * center[0].element_size()))
-    passes = 1
-    with tqdm(
-        total=len(todo), desc=f"loss landscape ({dims}-D)", disable=not progress, leave=False, unit="point"
-    ) as bar:
-        for start in range(0, len(todo), points_per_pass):
-            chunk = todo[start : start + points_per_pass]
-            moved = [
-                tuple(_moved(p, [(float(c), axis[j]) for c, axis in zip(grid[i], axes)]) for j, p in enumerate(center))
-                for i in chunk
-            ]
-            loss[chunk], accuracy[chunk], _ = evaluate(moved)
-            passes += 1
-            bar.update(len(chunk))
+    bar = {"total": len(todo), "desc": f"loss landscape ({dims}-D)", "disable": not progress, "leave": False}
+    passes = 1 + _sweep(evaluate, center, grid, axes, todo, points_per_pass, loss, accuracy, bar)
     bad = int((~torch.isfinite(loss)).sum())
     if bad:
         warnings.warn(
@@ -280,6 +263,45 @@ def loss_landscape(
         n_passes=passes,
         seconds=time.perf_counter() - began,
     )
+
+
+def _at_center(evaluate: Callable, center: ParamTree) -> tuple[Tensor, Tensor, int]:
+    """The loss, the accuracy and the examples at the parameters themselves, where the loss must be finite."""
+    losses, accuracies, examples = evaluate([center])
+    center_loss, center_accuracy = losses[0], accuracies[0]
+    if not torch.isfinite(center_loss):
+        raise NonFiniteLossError(
+            f"the loss at the model's parameters is {float(center_loss)}: check the data for NaN/inf, and the model "
+            "for overflow (float64, or a checkpoint from before divergence)"
+        )
+    return center_loss, center_accuracy, examples
+
+
+def _sweep(
+    evaluate: Callable,
+    center: ParamTree,
+    grid: Tensor,
+    axes: list[tuple[Tensor, ...]],
+    todo: list[int],
+    points_per_pass: int,
+    loss: Tensor,
+    accuracy: Tensor,
+    bar: dict[str, Any],
+) -> int:
+    """Fill ``loss`` and ``accuracy`` at the grid points ``todo``, ``points_per_pass`` of them in a pass over the
+    data, with a progress bar of options ``bar``; returns the passes made."""
+    passes = 0
+    with tqdm(**bar, unit="point") as progress:
+        for start in range(0, len(todo), points_per_pass):
+            chunk = todo[start : start + points_per_pass]
+            moved = [
+                tuple(_moved(p, [(float(c), axis[j]) for c, axis in zip(grid[i], axes)]) for j, p in enumerate(center))
+                for i in chunk
+            ]
+            loss[chunk], accuracy[chunk], _ = evaluate(moved)
+            passes += 1
+            progress.update(len(chunk))
+    return passes
 
 
 def _moved(p: Tensor, steps: list[tuple[float, Tensor]]) -> Tensor:

@@ -134,94 +134,154 @@ def lanczos(
     the vectors."""
     n, P = start.shape
     max_steps = min(max_steps, n)
-    dtype, device = start.dtype, start.device
     mode = "none" if not reorthogonalize else check_mode(basis, basis_path)
     saved = checkpoint.load() if checkpoint is not None else None
-    mode = saved["mode"] if saved is not None else choose_mode(mode, max_steps * n * P * dtype.itemsize, device)
-    reorthogonalize = mode != "none"
+    size = max_steps * n * P * start.dtype.itemsize
+    mode = saved["mode"] if saved is not None else choose_mode(mode, size, start.device)
     keep = checkpoint is not None and mode == "disk"
     if keep and basis_path is None:
         basis_path = Path(str(checkpoint.path) + ".basis")
     storage = make_basis(mode, max_steps, start, basis_path, keep=keep, reopen=keep and saved is not None)
-    generator = torch.Generator(device="cpu").manual_seed(seed + 7919)
-    eps = torch.finfo(dtype).eps
-    q = start / column_norms(start, keepdim=True)
-    alphas, betas, restarts = [], [], {}
-    previous, beta_prev = torch.zeros_like(q), torch.zeros(P, dtype=dtype, device=device)
-    n_matvecs, first, done = 0, 0, False
-    scale = torch.zeros(P, dtype=dtype, device=device)
+    recurrence = _Recurrence(start, storage, mode, seed)
     if saved is not None:
-        first, done, n_matvecs = saved["steps"], saved["done"], saved["n_matvecs"]
-        alphas = list(saved["alphas"].to(dtype=dtype, device=device))
-        betas = list(saved["betas"].to(dtype=dtype, device=device))
-        restarts = {int(j): v for j, v in saved["restarts"].items()}
-        storage.restore(saved.get("basis"), first)
-        if not done:
-            q, previous, beta_prev, scale = (saved[key].to(device) for key in ("q", "previous", "beta_prev", "scale"))
-            generator.set_state(saved["generator"])
+        recurrence.load_state_dict(saved)
+    bar = {"total": max_steps, "desc": description, "disable": not progress, "leave": False, "unit": "step"}
+    _run(recurrence, op, max_steps, stop, checkpoint, bar)
+    state = recurrence.state()
+    state.start, state.op = start, op
+    return state
 
-    def snapshot(steps: int, finished: bool, vectors: tuple = ()) -> dict[str, Any]:
+
+class _Recurrence:
+    """``P`` Lanczos recurrences between two steps, as :func:`lanczos` runs them: the vectors ``q`` to multiply
+    next, the ``previous`` ones and the ``beta_prev`` that couples them, the running ``scale`` (the largest
+    ``|α| + β + β'`` so far, for the breakdown test), the ``generator`` of restart vectors, the coefficients
+    ``alphas``/``betas`` and ``restarts`` (the restart vectors by step) so far, and the products ``n_matvecs``.
+    :meth:`state_dict` and :meth:`load_state_dict` are what a checkpoint saves and resumes from."""
+
+    def __init__(self, start: Tensor, storage: Basis, mode: str, seed: int) -> None:
+        P, dtype, device = start.shape[1], start.dtype, start.device
+        self.storage, self.mode, self.dtype = storage, mode, dtype
+        self.reorthogonalize = mode != "none"
+        self.generator = torch.Generator(device="cpu").manual_seed(seed + 7919)
+        self.eps = torch.finfo(dtype).eps
+        self.q = start / column_norms(start, keepdim=True)
+        self.alphas: list[Tensor] = []
+        self.betas: list[Tensor] = []
+        self.restarts: dict[int, Tensor] = {}
+        self.previous, self.beta_prev = torch.zeros_like(self.q), torch.zeros(P, dtype=dtype, device=device)
+        self.n_matvecs, self.first, self.done = 0, 0, False
+        self.scale = torch.zeros(P, dtype=dtype, device=device)
+
+    def point(self) -> tuple:
+        """The state before the next step, as a checkpoint taken there saves it (:meth:`state_dict`)."""
+        return self.q, self.previous, self.beta_prev, self.scale, self.n_matvecs, self.generator.get_state()
+
+    def state_dict(self, steps: int, point: tuple | None = None) -> dict[str, Any]:
+        """The checkpoint of the run after ``steps`` steps: finished without ``point``, else to go on from
+        ``point`` (:meth:`point`, taken before step ``steps``)."""
+        finished = point is None
+        P = self.q.shape[1]
         state = {
-            "mode": mode,
+            "mode": self.mode,
             "steps": steps,
             "done": finished,
-            "n_matvecs": n_matvecs if finished else vectors[-2],
-            "alphas": _cpu64(alphas[:steps]) if steps else torch.zeros(0, P, dtype=torch.float64),
-            "betas": _cpu64(betas[:steps]) if steps else torch.zeros(0, P, dtype=torch.float64),
-            "restarts": {str(j): v for j, v in restarts.items() if j <= steps},
-            "basis": storage.saved(steps),
+            "n_matvecs": self.n_matvecs if finished else point[-2],
+            "alphas": _cpu64(self.alphas[:steps]) if steps else torch.zeros(0, P, dtype=torch.float64),
+            "betas": _cpu64(self.betas[:steps]) if steps else torch.zeros(0, P, dtype=torch.float64),
+            "restarts": {str(j): v for j, v in self.restarts.items() if j <= steps},
+            "basis": self.storage.saved(steps),
         }
         if not finished:
-            state |= dict(zip(("q", "previous", "beta_prev", "scale"), (v.cpu() for v in vectors[:4])))
-            state["generator"] = vectors[-1]
+            state |= dict(zip(("q", "previous", "beta_prev", "scale"), (v.cpu() for v in point[:4])))
+            state["generator"] = point[-1]
         return state
 
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """Resume from a checkpoint that :meth:`state_dict` wrote."""
+        dtype, device = self.dtype, self.q.device
+        self.first, self.done, self.n_matvecs = saved["steps"], saved["done"], saved["n_matvecs"]
+        self.alphas = list(saved["alphas"].to(dtype=dtype, device=device))
+        self.betas = list(saved["betas"].to(dtype=dtype, device=device))
+        self.restarts = {int(j): v for j, v in saved["restarts"].items()}
+        self.storage.restore(saved.get("basis"), self.first)
+        if not self.done:
+            vectors = (saved[key].to(device) for key in ("q", "previous", "beta_prev", "scale"))
+            self.q, self.previous, self.beta_prev, self.scale = vectors
+            self.generator.set_state(saved["generator"])
+
+    def step(self, op: cola.ops.LinearOperator, j: int) -> tuple[Tensor, Tensor]:
+        """Step ``j``: multiply ``q``, orthogonalize, and record ``α`` and ``β``; returns the new vector (not yet
+        normalized) and ``β``."""
+        storage, q = self.storage, self.q
+        storage.truncate(j)
+        storage.append(q)
+        w = op @ q
+        self.n_matvecs += q.shape[1]
+        alpha = column_dots(q, w).to(self.dtype)
+        w = _three_term(w, q, alpha, self.previous, self.beta_prev)
+        if self.reorthogonalize:
+            for _ in range(2):
+                w = storage.orthogonalize(w)
+        beta = column_norms(w)
+        self.scale = torch.maximum(self.scale, alpha.abs() + beta + self.beta_prev)
+        self.alphas.append(alpha)
+        self.betas.append(beta)
+        return w, beta
+
+    def advance(self, w: Tensor, beta: Tensor, j: int) -> None:
+        """Make ``w``, normalized, the next vector, or restart the recurrences that broke down (``β ≈ 0``)."""
+        self.previous, self.q = self.q, w.div_(beta.clamp_min(torch.finfo(self.dtype).tiny))
+        broken = beta <= 100 * self.eps * self.scale
+        if bool(broken.any()):
+            storage = self.storage if self.reorthogonalize else None
+            self.q = _restart(self.q, broken, storage, self.previous, self.generator)
+            self.restarts[j + 1] = self.q.cpu()
+            beta = torch.where(broken, torch.zeros_like(beta), beta)
+            self.betas[-1] = beta
+        self.beta_prev = beta
+
+    def state(self) -> LanczosState:
+        """The :class:`LanczosState` of the steps taken."""
+        return _state(self.storage, self.alphas, self.betas, self.n_matvecs, self.restarts)
+
+
+def _run(
+    recurrence: _Recurrence,
+    op: cola.ops.LinearOperator,
+    max_steps: int,
+    stop: Callable[[LanczosState], bool] | None,
+    checkpoint: Checkpoint | None,
+    bar: dict[str, Any],
+) -> None:
+    """:func:`lanczos`' steps, from where ``recurrence`` stands to ``max_steps`` or until ``stop``, saving to
+    ``checkpoint`` when due, at the end, and on Ctrl-C (then re-raised as the checkpoint's interruption);
+    ``bar``: the progress bar's options."""
+    first, done = recurrence.first, recurrence.done
     # Where a Ctrl-C or SIGTERM resumes from: the state before the step ``at`` (from the start on, so that a signal
     # while the progress bar is drawn, before the first step, saves too).
-    at, point, bar = first, (q, previous, beta_prev, scale, n_matvecs, generator.get_state()), None
+    at, point, progress = first, recurrence.point(), None
     try:
-        bar = tqdm(total=max_steps, initial=first, desc=description, disable=not progress, leave=False, unit="step")
+        progress = tqdm(initial=first, **bar)
         for j in range(first, max_steps if not done else first):
-            at, point = j, (q, previous, beta_prev, scale, n_matvecs, generator.get_state())
+            at, point = j, recurrence.point()
             if checkpoint is not None and j > first and checkpoint.due():
-                checkpoint.save(snapshot(j, False, point))
-            storage.truncate(j)
-            storage.append(q)
-            w = op @ q
-            n_matvecs += P
-            alpha = column_dots(q, w).to(dtype)
-            w = _three_term(w, q, alpha, previous, beta_prev)
-            if reorthogonalize:
-                for _ in range(2):
-                    w = storage.orthogonalize(w)
-            beta = column_norms(w)
-            scale = torch.maximum(scale, alpha.abs() + beta + beta_prev)
-            alphas.append(alpha)
-            betas.append(beta)
-            bar.update(1)
-            if j + 1 == max_steps or (stop is not None and stop(_state(storage, alphas, betas, n_matvecs, restarts))):
+                checkpoint.save(recurrence.state_dict(j, point))
+            w, beta = recurrence.step(op, j)
+            progress.update(1)
+            if j + 1 == max_steps or (stop is not None and stop(recurrence.state())):
                 break
-            previous, q = q, w.div_(beta.clamp_min(torch.finfo(dtype).tiny))
-            broken = beta <= 100 * eps * scale
-            if bool(broken.any()):
-                q = _restart(q, broken, storage if reorthogonalize else None, previous, generator)
-                restarts[j + 1] = q.cpu()
-                beta = torch.where(broken, torch.zeros_like(beta), beta)
-                betas[-1] = beta
-            beta_prev = beta
+            recurrence.advance(w, beta, j)
     except KeyboardInterrupt:
         if checkpoint is None or done:
             raise
-        checkpoint.save(snapshot(at, False, point))
+        checkpoint.save(recurrence.state_dict(at, point))
         raise checkpoint.interrupted() from None
     finally:
-        if bar is not None:
-            bar.close()
+        if progress is not None:
+            progress.close()
     if checkpoint is not None and not done:
-        checkpoint.save(snapshot(len(alphas), True))
-    state = _state(storage, alphas, betas, n_matvecs, restarts)
-    state.start, state.op = start, op
-    return state
+        checkpoint.save(recurrence.state_dict(len(recurrence.alphas)))
 
 
 def _three_term(w: Tensor, q: Tensor, alpha: Tensor, previous: Tensor, beta_prev: Tensor) -> Tensor:

@@ -2,6 +2,10 @@
 the device; a subclass only says how one mini-batch's curvature multiplies blocks of vectors
 (:meth:`CurvatureOperator._matmat_batch`: a batch and blocks in, blocks out)."""
 
+# Over 500 lines for a reason: one class, CurvatureOperator, owns the data loop, the dataset weights, the checks and
+# the device (docs/architecture.md), and its methods share its state; cut into mixins across modules, it would be
+# harder to read, not easier. Its helpers that need no operator live in functional.py, _determinism.py, witness.py.
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
@@ -380,11 +384,7 @@ class CurvatureOperator(cola.ops.LinearOperator):
             status["examples"] = examples
             if problem.check_determinism:
                 self._check_same_data(data_fingerprint)
-            if losses:
-                finite = torch.isfinite(torch.stack(losses))
-                if not bool(finite.all()):
-                    bad = int((~finite).nonzero()[0])
-                    status["nonfinite"] = (loss_batches[bad], float(losses[bad]))
+            status["nonfinite"] = _first_nonfinite(losses, loss_batches)
         except Exception as error:
             if problem.distributed is None:
                 raise
@@ -396,12 +396,7 @@ class CurvatureOperator(cola.ops.LinearOperator):
             raise
         where = ""
         if problem.distributed is not None:
-            acc, total, statuses = synchronize(acc, total, status, problem.distributed)
-            examples = sum(s["examples"] for s in statuses)
-            bad = [(r, s["nonfinite"]) for r, s in enumerate(statuses) if s["nonfinite"]]
-            if bad:
-                rank, status["nonfinite"] = bad[0]
-                where = f" on rank {rank}"
+            acc, total, examples, where = _gathered(acc, total, status, problem.distributed)
         if examples == 0:
             raise EmptyDataError(EmptyDataError.NO_EXAMPLES)
         check_counted(total, examples)
@@ -607,6 +602,29 @@ class CurvatureOperator(cola.ops.LinearOperator):
     def __repr__(self) -> str:
         n = self.shape[0]
         return f"<{type(self).__name__} {n}x{n}, dtype={self.dtype}, device={self.device}>"
+
+
+def _first_nonfinite(losses: list[Tensor], loss_batches: list[int]) -> tuple[int, float] | None:
+    """The batch index and the loss of the first batch whose loss is not finite, or ``None``."""
+    if losses:
+        finite = torch.isfinite(torch.stack(losses))
+        if not bool(finite.all()):
+            bad = int((~finite).nonzero()[0])
+            return loss_batches[bad], float(losses[bad])
+    return None
+
+
+def _gathered(acc: Tensor, total: Any, status: dict[str, Any], distributed: Any) -> tuple[Tensor, Any, int, str]:
+    """With data parallelism, after the data loop: every rank's sums (:func:`synchronize`), their examples, and
+    where (``" on rank r"``) the first rank that saw a non-finite loss saw it, which ``status`` then reports."""
+    where = ""
+    acc, total, statuses = synchronize(acc, total, status, distributed)
+    examples = sum(s["examples"] for s in statuses)
+    bad = [(r, s["nonfinite"]) for r, s in enumerate(statuses) if s["nonfinite"]]
+    if bad:
+        rank, status["nonfinite"] = bad[0]
+        where = f" on rank {rank}"
+    return acc, total, examples, where
 
 
 def _length(data: Iterable) -> int | None:

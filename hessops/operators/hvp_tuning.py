@@ -279,85 +279,25 @@ def select(
 
 
 def _select(requested, kind, model, key, disk_key, probe: Slice, dtype, spent: float) -> Tuning:
-    if requested == _hvp.REFERENCE:
-        return Tuning(kind, requested, "reference")
-    if requested == "auto" and not enabled():
-        return Tuning(kind, _hvp.REFERENCE, "disabled")
-    if requested == "auto" and torch.finfo(dtype).eps > 1e-6:
-        return Tuning(kind, _hvp.REFERENCE, "low precision")
-    if requested == "auto" and key in _TUNED.get(model, {}):
-        return Tuning(kind, _TUNED[model][key], "in-process")
+    settled = _settled(requested, kind, model, key, dtype)
+    if settled is not None:
+        return settled
     tuning = Tuning(
         kind, _hvp.REFERENCE, "timed", examples=probe.examples, columns=probe.columns, tolerance=tolerance(dtype)
     )
     allowance = budget(spent) if requested == "auto" else float("inf")  # an explicit mode is always checked
-    cost = 0.0  # the tuner's slice runs so far (s)
-
-    def timed(mode: str, call: Callable):
-        nonlocal cost
-        tuning.runs += 1
-        outcome, seconds = _timed(mode, call, probe.device)
-        cost += seconds
-        return outcome, seconds
-
-    reference, tuning.times[_hvp.REFERENCE] = timed(
-        _hvp.REFERENCE, lambda: run_reference(lambda: probe.run(_hvp.REFERENCE)[0])
-    )
-    tuning.errors[_hvp.REFERENCE] = 0.0
-
-    def check(mode: str) -> tuple | None:
-        """The slice products of ``mode`` when it agrees with the reference, else ``None`` (and why)."""
-        try:
-            products, seconds = timed(mode, lambda: probe.run(mode)[0])
-        except Exception as error:
-            if _interrupted(error):
-                raise KeyboardInterrupt from error
-            if not _cannot_differentiate(error):
-                raise
-            tuning.excluded[mode] = f"torch cannot run it here: {str(error).splitlines()[0]}"
-            return None
-        tuning.errors[mode] = error = relative_error(products, reference)
-        tuning.times[mode] = seconds
-        if error > tuning.tolerance:
-            tuning.excluded[mode] = f"{error:.2g} off double backward (tolerance {tuning.tolerance:.1g})"
-            return None
-        return products
-
+    trials = _Trials(tuning, probe, allowance)
     if requested != "auto":
-        tuning.source, tuning.mode = "explicit", requested
-        if check(requested) is None:
-            raise HvpFormulationError(
-                f"hvp_mode={requested!r} is wrong on this model: {tuning.excluded[requested]} on the first "
-                f"{probe.examples} examples{_suspects(model)}. Use hvp_mode='auto' (validated) or 'autograd'"
-            )
-        return tuning
-
-    candidates = []
-    for mode in CANDIDATES[kind]:
-        wrong = _hvp.known_wrong_on(mode, model)
-        if wrong:
-            tuning.excluded[mode] = f"known wrong through {', '.join(wrong)} (docs/torch-pitfalls.md)"
-        else:
-            candidates.append(mode)
+        return _explicit(trials, requested, model)
+    candidates = _candidates(kind, model, tuning)
     entry = disk_key()
     cached = _read_cache().get(entry)
-    if cached in candidates and cost < allowance:
-        if cached == _hvp.REFERENCE or check(cached) is not None:
+    if cached in candidates and trials.cost < allowance:
+        if cached == _hvp.REFERENCE or trials.check(cached) is not None:
             tuning.mode, tuning.source = cached, "disk cache"
             _TUNED.setdefault(model, {})[key] = cached
             return tuning
-    valid, untried = [_hvp.REFERENCE], False
-    for mode in candidates:
-        if mode == _hvp.REFERENCE or mode in tuning.excluded:
-            continue
-        if cost >= allowance:
-            untried = True
-            tuning.excluded[mode] = (
-                f"not tried: the tuner had spent its budget, {TUNING_BUDGET:.0%} of the {spent:.3g} s the products took"
-            )
-        elif check(mode) is not None:  # its first run paid the first-call costs: time it once more
-            _, tuning.times[mode] = timed(mode, lambda mode=mode: probe.run(mode))
-            valid.append(mode)
+    valid, untried = _try(trials, candidates, spent)
     disagreeing = {m: why for m, why in tuning.excluded.items() if m in tuning.errors}
     if disagreeing:
         warnings.warn(
@@ -372,6 +312,102 @@ def _select(requested, kind, model, key, disk_key, probe: Slice, dtype, spent: f
     if not untried:  # a choice among some candidates only is kept for this process, not for the next
         _write_cache(entry, tuning.mode)
     return tuning
+
+
+def _settled(requested: str, kind: str, model: nn.Module, key: tuple, dtype: torch.dtype) -> Tuning | None:
+    """The formulation when no slice need run: the reference asked for, tuning disabled, a low precision (whose
+    rounding hides a wrong formulation), or a choice made earlier in this process; else ``None``."""
+    if requested == _hvp.REFERENCE:
+        return Tuning(kind, requested, "reference")
+    if requested == "auto" and not enabled():
+        return Tuning(kind, _hvp.REFERENCE, "disabled")
+    if requested == "auto" and torch.finfo(dtype).eps > 1e-6:
+        return Tuning(kind, _hvp.REFERENCE, "low precision")
+    if requested == "auto" and key in _TUNED.get(model, {}):
+        return Tuning(kind, _TUNED[model][key], "in-process")
+    return None
+
+
+class _Trials:
+    """The slice runs of one tuning, recorded in ``tuning``: each timed (``cost``: their seconds so far, against
+    the ``allowance``), the reference's first, and each other formulation's checked against its products."""
+
+    def __init__(self, tuning: Tuning, probe: Slice, allowance: float) -> None:
+        self.tuning, self.probe, self.allowance, self.cost = tuning, probe, allowance, 0.0
+        self.reference, tuning.times[_hvp.REFERENCE] = self.timed(
+            _hvp.REFERENCE, lambda: run_reference(lambda: probe.run(_hvp.REFERENCE)[0])
+        )
+        tuning.errors[_hvp.REFERENCE] = 0.0
+
+    def timed(self, mode: str, call: Callable):
+        """``call()``'s outcome and seconds (:func:`_timed`), counted in the runs and the cost."""
+        self.tuning.runs += 1
+        outcome, seconds = _timed(mode, call, self.probe.device)
+        self.cost += seconds
+        return outcome, seconds
+
+    def check(self, mode: str) -> tuple | None:
+        """The slice products of ``mode`` when it agrees with the reference, else ``None`` (and why)."""
+        tuning = self.tuning
+        try:
+            products, seconds = self.timed(mode, lambda: self.probe.run(mode)[0])
+        except Exception as error:
+            if _interrupted(error):
+                raise KeyboardInterrupt from error
+            if not _cannot_differentiate(error):
+                raise
+            tuning.excluded[mode] = f"torch cannot run it here: {str(error).splitlines()[0]}"
+            return None
+        tuning.errors[mode] = error = relative_error(products, self.reference)
+        tuning.times[mode] = seconds
+        if error > tuning.tolerance:
+            tuning.excluded[mode] = f"{error:.2g} off double backward (tolerance {tuning.tolerance:.1g})"
+            return None
+        return products
+
+
+def _explicit(trials: _Trials, requested: str, model: nn.Module) -> Tuning:
+    """The formulation asked for by name, once checked against the reference; raises
+    :class:`HvpFormulationError` when it disagrees or cannot run."""
+    tuning = trials.tuning
+    tuning.source, tuning.mode = "explicit", requested
+    if trials.check(requested) is None:
+        raise HvpFormulationError(
+            f"hvp_mode={requested!r} is wrong on this model: {tuning.excluded[requested]} on the first "
+            f"{trials.probe.examples} examples{_suspects(model)}. Use hvp_mode='auto' (validated) or 'autograd'"
+        )
+    return tuning
+
+
+def _candidates(kind: str, model: nn.Module, tuning: Tuning) -> list[str]:
+    """The formulations of ``kind`` not known to be wrong on ``model`` (those are excluded in ``tuning``)."""
+    candidates = []
+    for mode in CANDIDATES[kind]:
+        wrong = _hvp.known_wrong_on(mode, model)
+        if wrong:
+            tuning.excluded[mode] = f"known wrong through {', '.join(wrong)} (docs/torch-pitfalls.md)"
+        else:
+            candidates.append(mode)
+    return candidates
+
+
+def _try(trials: _Trials, candidates: list[str], spent: float) -> tuple[list[str], bool]:
+    """Check and time each candidate while the allowance lasts: ``(valid, untried)``, the formulations that agree
+    with the reference (the reference first) and whether the budget left some untried."""
+    tuning, probe = trials.tuning, trials.probe
+    valid, untried = [_hvp.REFERENCE], False
+    for mode in candidates:
+        if mode == _hvp.REFERENCE or mode in tuning.excluded:
+            continue
+        if trials.cost >= trials.allowance:
+            untried = True
+            tuning.excluded[mode] = (
+                f"not tried: the tuner had spent its budget, {TUNING_BUDGET:.0%} of the {spent:.3g} s the products took"
+            )
+        elif trials.check(mode) is not None:  # its first run paid the first-call costs: time it once more
+            _, tuning.times[mode] = trials.timed(mode, lambda mode=mode: probe.run(mode))
+            valid.append(mode)
+    return valid, untried
 
 
 def _suspects(model: nn.Module) -> str:
