@@ -7,7 +7,7 @@ misses the truth: ``trace``'s ``estimate ± t·std_error`` (Student t with the s
 :func:`trace_samples`) and the ``confidence_interval`` of ``logdet`` (SLQ, deflated) and ``basin_volume``, at
 their nominal 95 %. The truth is dense: the trace and ``Σ log λ`` of ``torch.linalg.eigvalsh`` in float64.
 A row is *consistent* with its nominal rate when its misses lie within the central 99.8 % of
-Binomial(seeds, 1 − nominal) (:meth:`Coverage.consistent`). tests/test_coverage.py runs the same experiments
+Binomial(seeds, 1 − nominal) (:meth:`Coverage.consistent`). tests/analysis/test_coverage.py runs the same experiments
 with fewer seeds. Prints a Markdown table; ``--out`` also writes it as JSON.
 
 The problems are ``n × n`` float64 matrices ``Q diag(λ) Qᵀ`` in a Haar-random basis ``Q`` (:func:`spectra`:

@@ -79,7 +79,7 @@ BASIS_MODES: tuple[str, ...] = ("auto", "device", "host", "disk", "none")
 
 # The names of the datasets hessops.zoo.data.load_dataset knows, and of those download_dataset fetches (digits ship
 # with scikit-learn): each dataset's facts are its entry of hessops.zoo.registry.DATASET_SPECS, which the core may
-# not import; tests/test_cli_contract.py checks that these names are that registry's.
+# not import; tests/cli/test_cli_contract.py checks that these names are that registry's.
 DATASETS: tuple[str, ...] = ("digits", "mnist", "cifar10", "cifar2")
 DOWNLOADABLE: tuple[str, ...] = ("mnist", "cifar10", "cifar2")
 

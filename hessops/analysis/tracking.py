@@ -299,8 +299,8 @@ def train(
 
 class _SGD:
     """``torch.optim.SGD``'s update (no dampening, no Nesterov: ``d = g + λθ``, ``b ← μb + d`` from ``b = d``,
-    ``θ ← θ − η b``), the same numbers bit for bit (tests/test_tracking.py), without ``torch.optim``, whose first
-    optimizer imports ``torch._dynamo`` (2 s on 2 CPU cores) into a process that may never compile."""
+    ``θ ← θ − η b``), the same numbers bit for bit (tests/analysis/test_tracking.py), without ``torch.optim``,
+    whose first optimizer imports ``torch._dynamo`` (2 s on 2 CPU cores) into a process that may never compile."""
 
     def __init__(self, params: list[Tensor], *, lr: float, momentum: float, weight_decay: float) -> None:
         self.params, self.lr, self.momentum, self.weight_decay = params, lr, momentum, weight_decay

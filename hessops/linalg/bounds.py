@@ -98,7 +98,7 @@ def rounding(eps: float, noise: float) -> float:
     (a float64 Llama's float32 RMSNorm), and ``ROUNDING`` eps of the finest precision whose eps reaches the noise
     count instead, and at least the noise. The symmetry defect alone is too small a bound: it sees the
     antisymmetric part of the error on random vectors, and a float64 residual MLP with float32 RMS norms measured
-    2e-9 for eigenvalue errors up to 1.4e-8 of ``max|θ|`` (tests/test_witness.py)."""
+    2e-9 for eigenvalue errors up to 1.4e-8 of ``max|θ|`` (tests/operators/test_witness.py)."""
     if noise <= constants.NOISE_WARNING * eps:
         return max(ROUNDING * eps, noise)
     inner = next((e for e in INNER_PRECISIONS if e >= noise), noise)

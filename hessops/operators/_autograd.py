@@ -5,7 +5,7 @@ CPU cores), and ``torch.autograd.grad`` with a tensor ``grad_outputs`` imports s
 call, both once per process. A user's first product should not wait for either. A single column of a small
 problem is therefore differentiated through the scalar ``<outputs, cotangent>`` (the same numbers to rounding:
 the backward of the sum and the product seeds the graph with the cotangent itself, and adds the same terms,
-in another order; tests/test_hvp.py),
+in another order; tests/operators/test_hvp.py),
 and only a block of several columns uses ``is_grads_batched``, where batching pays.
 """
 

@@ -6,7 +6,7 @@ seeds and loads the models, :mod:`hessops.zoo.data` loads the datasets.
 
 Adding a model is one entry of :data:`MODELS` (docs/extending.md); a dataset, one entry of
 :data:`DATASET_SPECS`, its loader in :mod:`hessops.zoo.data` and its name in ``hessops.constants.DATASETS``
-(the core's torch-free tuple of names, which may not import the zoo; tests/test_cli_contract.py checks
+(the core's torch-free tuple of names, which may not import the zoo; tests/cli/test_cli_contract.py checks
 that the two agree).
 """
 
