@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers, IDEs and linter
     from hessops.analysis.spectrum import Spectrum, eigs
     from hessops.analysis.trace import TraceEstimate, trace
     from hessops.analysis.tracking import GradNormTracker, SharpnessTracker, evaluate, train
+    from hessops.analysis.update_curvature import UpdateCurvatureRecord, UpdateCurvatureTracker
     from hessops.analysis.volume import BasinVolume, basin_volume, log_unit_ball_volume
     from hessops.operators import GGN, CurvatureOperator, EmpiricalFisher, Hessian, MCFisher, Regularized
     from hessops.operators.dense import dense_hessian
@@ -57,6 +58,7 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(("loss_landscape", "LandscapeSlice", "filter_normalized_direction"), "analysis.landscape"),
     **dict.fromkeys(("save_eigenvectors", "load_eigenvectors", "Eigenvectors"), "analysis.eigenvectors"),
     **dict.fromkeys(("SharpnessTracker", "GradNormTracker", "train", "evaluate"), "analysis.tracking"),
+    **dict.fromkeys(("UpdateCurvatureTracker", "UpdateCurvatureRecord"), "analysis.update_curvature"),
 }
 
 __all__ = [
@@ -103,6 +105,8 @@ __all__ = [
     # training
     "SharpnessTracker",
     "GradNormTracker",
+    "UpdateCurvatureTracker",
+    "UpdateCurvatureRecord",
     "train",
     "evaluate",
     # errors

@@ -165,3 +165,15 @@ def test_resume_benchmark_smoke():
     report = main(["--smoke", "--every", "0", "--kill-at", "0.8"])
     assert report["bit-identical"] and report["attempts"][-1]["killed"] is False
     assert report["total / uninterrupted"] > 0
+
+
+def test_tracking_benchmark_smoke():
+    """Not a measurement: benchmarks/tracking.py trains the digits MLP for one epoch with each tracker setting
+    and reports a fraction and products (one product for the update curvature, fewer for the loose settings)."""
+    from benchmarks.tracking import main
+
+    rows = main(["--models", "mlp-digits", "--train", "100", "--subset", "20", "--epochs", "2"])
+    by = {r["setting"]: r for r in rows}
+    assert set(by) == {"default", "loose", "loose-nocheck", "update-curvature"}
+    assert by["update-curvature"]["products"] == 1 and all(r["fraction"] > 0 for r in rows)
+    assert by["loose-nocheck"]["products"] <= by["default"]["products"]

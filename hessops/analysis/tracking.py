@@ -7,12 +7,12 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from hessops._arguments import integer, real
+from hessops._arguments import boolean, integer, real
 from hessops.analysis.spectrum import eigs
 from hessops.errors import EmptyDataError, InvalidArgumentError
 from hessops.numerics import norm
@@ -20,6 +20,9 @@ from hessops.operators.evaluation import LossMean, dataset_loss
 from hessops.operators.functional import batch_size, call_model, split_batch
 from hessops.operators.hessian import Hessian
 from hessops.operators.losses import loss_spec, probe_mean
+
+if TYPE_CHECKING:
+    from hessops.analysis.update_curvature import UpdateCurvatureTracker
 
 
 @contextmanager
@@ -69,6 +72,10 @@ class SharpnessTracker:
         tol: :func:`hessops.eigs`' ``tol``.
         max_iters: :func:`hessops.eigs`' ``max_iters``.
         seed: :func:`hessops.eigs`' ``seed``.
+        value_tol: :func:`hessops.eigs`' ``value_tol``: stop once each eigenvalue's verified error bound is
+            within this (relative), e.g. ``1e-2`` for a sharpness curve; the bounds recorded stay verified.
+        check: :func:`hessops.eigs`' ``check``: with ``False`` no check run, so a copy of a repeated top
+            eigenvalue may go unseen (the values found and their bounds are still verified), for fewer products.
         **operator_kwargs: the :class:`hessops.Hessian`'s other keyword arguments.
 
     Raises:
@@ -86,6 +93,8 @@ class SharpnessTracker:
         tol: float = 1e-4,
         max_iters: int | None = None,
         seed: int = 0,
+        value_tol: float | None = None,
+        check: bool = True,
         **operator_kwargs,
     ):
         every, k, seed = integer("every", every, minimum=1), integer("k", k, minimum=1), integer("seed", seed)
@@ -94,6 +103,8 @@ class SharpnessTracker:
             raise InvalidArgumentError(f"unit={unit!r} must be a string (the x-axis label: 'step' or 'epoch')")
         if max_iters is not None:
             max_iters = integer("max_iters", max_iters, minimum=k)
+        self.value_tol = None if value_tol is None else real("value_tol", value_tol, positive=True)
+        self.check = boolean("check", check)
         if not isinstance(model, nn.Module):
             raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model, self.loss_fn, self.data = model, loss_fn, data
@@ -124,7 +135,17 @@ class SharpnessTracker:
         with _eval_mode(self.model), torch.random.fork_rng(devices=cuda_devices):
             H = Hessian(self.model, self.loss_fn, self.data, **self.operator_kwargs)
             start = self._start if self._start is not None and self._start.shape[0] == H.shape[0] else None
-            spectrum = eigs(H, self.k, "LA", tol=self.tol, max_iters=self.max_iters, seed=self.seed, start=start)
+            spectrum = eigs(
+                H,
+                self.k,
+                "LA",
+                tol=self.tol,
+                value_tol=self.value_tol,
+                max_iters=self.max_iters,
+                seed=self.seed,
+                start=start,
+                check=self.check,
+            )
         self._start = spectrum.vectors.sum(1)
         record = SharpnessRecord(
             step, spectrum.values.tolist(), spectrum.residuals.tolist(), spectrum.n_matvecs, time.perf_counter() - began
@@ -226,6 +247,7 @@ def train(
     weight_decay: float = 0.0,
     sharpness: SharpnessTracker | None = None,
     grad_norms: GradNormTracker | None = None,
+    update_curvature: UpdateCurvatureTracker | None = None,
     every: int = 1,
     progress: bool = True,
     on_epoch_end: Callable[[int, dict], None] | None = None,
@@ -243,6 +265,8 @@ def train(
         weight_decay: SGD's weight decay.
         sharpness: a :class:`SharpnessTracker` to measure with, if any.
         grad_norms: a :class:`GradNormTracker` to record with, if any.
+        update_curvature: an :class:`~hessops.analysis.update_curvature.UpdateCurvatureTracker`, stepped after
+            every update (it measures on its own ``every``), if any.
         every: the sharpness's interval in epochs.
         progress: show a progress bar.
         on_epoch_end: ``on_epoch_end(epoch, record)`` is called after each epoch's measurements, the model in
@@ -262,6 +286,8 @@ def train(
     history, unknown = [], spec.kind is None
     if sharpness is not None:
         sharpness.measure(0)
+    if update_curvature is not None:
+        update_curvature.remember()
     for epoch in tqdm(range(1, epochs + 1), desc="training", disable=not progress, unit="epoch"):
         model.train()
         mean = LossMean(spec, device=device)
@@ -282,6 +308,8 @@ def train(
                 grad_norms.step()
             optimizer.step()
             mean.add(loss, out, targets, weight)
+            if update_curvature is not None:
+                update_curvature.step()
         model.eval()
         if grad_norms is not None:
             grad_norms.end_epoch(epoch)
