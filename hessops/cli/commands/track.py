@@ -31,6 +31,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=256,
         help="the sharpness is measured on the first this many examples",
     )
+    parser.add_argument(
+        "--value-tol",
+        type=number(above=0),
+        default=None,
+        help=(
+            "stop each measurement once the top eigenvalue's verified bound is within this (relative); fewer "
+            "products (default: none, Lanczos' --tol 1e-4 alone)"
+        ),
+    )
+    parser.add_argument(
+        "--no-check",
+        action="store_true",
+        help="no check run in each measurement (fewer products; a repeated top eigenvalue may go unseen)",
+    )
 
 
 def check(args: argparse.Namespace) -> str | None:
@@ -50,7 +64,9 @@ def run(args: argparse.Namespace) -> None:
     s = setup.load(args)
     subset = torch.utils.data.Subset(s.dataset, range(min(args.sharpness_examples, len(s.dataset))))
     fixed = on_device(make_loader(subset, batch_size=args.batch_size), s.op.device)
-    sharpness = SharpnessTracker(s.model, s.loss_fn, fixed, unit="epoch", dtype=s.op.dtype)
+    sharpness = SharpnessTracker(
+        s.model, s.loss_fn, fixed, unit="epoch", value_tol=args.value_tol, check=not args.no_check, dtype=s.op.dtype
+    )
     grad_norms = GradNormTracker(s.model)
     history = train(
         s.model,
