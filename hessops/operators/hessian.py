@@ -129,7 +129,7 @@ class Hessian(CurvatureOperator):
             return _batch_loss(problem, batch, inputs, targets)
 
         kind = _kind(blocks[0][0].shape[0] if len(blocks) == 1 else 2)
-        if kind not in self.hvp_tuning and not self._tuning_deferred(kind):
+        if not self._settled(kind) and not self._tuning_deferred(kind):
             self.hvp_tuning[kind] = self._tune(kind, loss_on, batch, blocks, randomness)
         whole = loss_on(batch.inputs, batch.targets)
         if kind not in self.hvp_tuning:  # "auto" before a run has shown tuning can pay: the reference
@@ -139,9 +139,15 @@ class Hessian(CurvatureOperator):
         mode = self.hvp_tuning[kind].mode
         return _hvp.run(mode, whole, batch.params, blocks, randomness, problem.memo)
 
+    def _settled(self, kind: str) -> bool:
+        """Whether the formulation of this kind of product is chosen for good: tuned, given, or refused tuning
+        for a reason that lasts (a cheap product may still become worth tuning as a long run adds up)."""
+        tuning = self.hvp_tuning.get(kind)
+        return tuning is not None and tuning.source != "cheap product"
+
     def _matmat(self, X: Tensor) -> Tensor:
         kind = _kind(X.shape[1])
-        if kind in self.hvp_tuning:
+        if self._settled(kind):
             return super()._matmat(X)
         began = time.perf_counter()
         result = super()._matmat(X)

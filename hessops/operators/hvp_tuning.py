@@ -6,7 +6,8 @@ environment variable ``HESSOPS_HVP_TUNING=0`` (then ``"auto"`` means ``"autograd
 
 ``"auto"`` starts with double backward, the reference, and tunes only once a run has shown it is long
 enough to repay tuning: after :data:`TUNE_AFTER_PRODUCTS` products of one kind (one column, or a block of
-columns), when they took at least :data:`MIN_PRODUCT_SECONDS` each (:func:`worth_tuning`). Each other
+columns), when they took at least :data:`MIN_PRODUCT_SECONDS` each, or once cheaper ones have added up to
+:data:`TUNE_AFTER_SECONDS` (:func:`worth_tuning`). Each other
 formulation's first call in a process costs 0.5-4 s of torch.func tracing and warm-up, whatever the
 model, while on the CPU double backward was the fastest on a ResNet-18, and on a small CNN the best took
 about 30 % less time (benchmarks/RESULTS.md): tuning at the first product made a fresh process's top-2
@@ -76,6 +77,11 @@ CACHE_FILE = "hvp-tuning.json"
 # (on the CPU double backward was the fastest on a ResNet-18; on a small CNN the best took ~30 % less time).
 TUNE_AFTER_PRODUCTS = 20
 MIN_PRODUCT_SECONDS = 2.0
+# ... or once cheaper products of one kind have added up to this many seconds: a long run of small products (a
+# density or Hutch++ on a small model, all blocks) then tunes within its budget. Measured (benchmarks/RESULTS.md,
+# "Cheap products tuned once they add up"): a 5,100-parameter CNN's SLQ density, 8 probes x 200 steps, took
+# 39 s instead of 58 s (reverse-over-reverse for its blocks, found in 0.8 s), a 100-step one 22 s instead of 25 s.
+TUNE_AFTER_SECONDS = 10.0
 # The tuner starts a step only while its slice runs have cost less than this fraction of the seconds the
 # products of that kind have taken so far (budget()): it can then cost a run at most ~10 % plus one step.
 TUNING_BUDGET = 0.1
@@ -90,7 +96,8 @@ class Tuning:
 
     ``source``: ``"timed"`` (validated and timed here), ``"disk cache"`` (read from disk, validated here),
     ``"in-process"`` (chosen earlier in this process for the same model), ``"cheap product"`` (the first
-    :data:`TUNE_AFTER_PRODUCTS` products took under :data:`MIN_PRODUCT_SECONDS` each: double backward, untuned),
+    :data:`TUNE_AFTER_PRODUCTS` products took under :data:`MIN_PRODUCT_SECONDS` each: double backward, untuned
+    so far; tuned once they add up to :data:`TUNE_AFTER_SECONDS`),
     ``"explicit"`` (an ``hvp_mode`` validated here), ``"reference"`` (double backward: nothing to check),
     ``"disabled"`` (``HESSOPS_HVP_TUNING=0``) or ``"low precision"`` (a half-precision dtype, where rounding hides
     wrong formulations: double backward). ``seconds``: the tuner's whole cost. ``examples`` and ``columns``: the
@@ -243,10 +250,10 @@ def budget(spent: float) -> float:
 def worth_tuning(products: int, seconds: float) -> bool | None:
     """Whether ``"auto"`` should tune a kind of product after ``products`` of them took ``seconds``:
     ``None`` while too few have run to tell, then ``True`` when they took at least
-    :data:`MIN_PRODUCT_SECONDS` each."""
+    :data:`MIN_PRODUCT_SECONDS` each or :data:`TUNE_AFTER_SECONDS` in all (asked again as a run adds up)."""
     if products < TUNE_AFTER_PRODUCTS:
         return None
-    return seconds >= MIN_PRODUCT_SECONDS * products
+    return seconds >= MIN_PRODUCT_SECONDS * products or seconds >= TUNE_AFTER_SECONDS
 
 
 @dataclass

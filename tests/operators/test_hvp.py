@@ -304,6 +304,26 @@ def test_auto_tunes_only_once_a_run_has_shown_it_can_pay(monkeypatch):
         assert tuning.mode != "reverse-over-forward"  # wrong through LayerNorm, never chosen
 
 
+def test_cheap_products_are_tuned_once_they_add_up(monkeypatch, fresh_cache):
+    """Cheap products are double backward ("cheap product") until the run has spent TUNE_AFTER_SECONDS on them;
+    then the kind is tuned like a dear one, validated on the slice against the reference, and every product
+    stays exact. With the threshold out of reach they are never tuned."""
+    monkeypatch.setattr(hvp_tuning, "TUNE_AFTER_PRODUCTS", 2)
+    monkeypatch.setattr(hvp_tuning, "MIN_PRODUCT_SECONDS", float("inf"))  # every product counts as cheap
+    model, x, y, data, _ = problem("layernorm")
+    truth = plain_hessian(model, x, y)
+    V = torch.randn(truth.shape[0], 3, dtype=torch.float64)
+    for threshold, source in ((float("inf"), "cheap product"), (0.0, "timed")):
+        monkeypatch.setattr(hvp_tuning, "TUNE_AFTER_SECONDS", threshold)
+        hvp_tuning._TUNED.clear()
+        op = hessops.Hessian(model, nn.CrossEntropyLoss(), data)
+        for _ in range(4):
+            assert relative_error(op @ V, truth @ V) < RTOL64
+        tuning = op.hvp_tuning["block"]
+        assert tuning.source == source, (threshold, tuning)
+        assert tuning.mode != "reverse-over-forward"  # wrong through LayerNorm, never chosen
+
+
 @pytest.mark.parametrize("product_seconds, tried", [(5.0, 1), (50.0, 2)])
 def test_tuning_costs_at_most_its_budget_of_the_time_spent(product_seconds, tried, monkeypatch, fresh_cache):
     """Work counted with the clocks mocked: after two products of ``product_seconds`` each, "auto" may spend
