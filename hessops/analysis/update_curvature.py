@@ -130,15 +130,8 @@ class UpdateCurvatureTracker:
         return record
 
     def plot(self, path: str | Path | None = None, *, title: str | None = None, ax=None):
-        """The recorded curvature along the updates against steps (:func:`hessops.plot.plot_sharpness`).
-
-        Args:
-            path: the file to save the figure to, if any.
-            title: the figure's title.
-            ax: the matplotlib axes to draw into, when given.
-
-        Returns:
-            The matplotlib figure."""
+        """The recorded curvature along the updates against steps (:func:`hessops.plot.plot_sharpness`); the
+        arguments and the figure returned are :meth:`hessops.SharpnessTracker.plot`'s."""
         from hessops.plot import plot_sharpness
 
         return plot_sharpness(

@@ -48,7 +48,7 @@ def test_each_measurement_is_the_rayleigh_quotient_along_the_update_and_below_th
     assert [r.step for r in tracker.history] == [0, 1, 2] and all(r.n_matvecs == 1 for r in tracker.history)
 
 
-def test_in_training_it_measures_every_few_steps_and_leaves_the_run_unchanged():
+def test_in_training_it_measures_every_few_steps_and_leaves_the_run_unchanged(tmp_path):
     """Through hessops.train: one record per `every` steps; the trained parameters bit for bit those of the same
     run without the tracker (the tracker only reads the parameters, in eval mode, with the RNG forked)."""
     model, loss_fn, data = problem()
@@ -59,6 +59,8 @@ def test_in_training_it_measures_every_few_steps_and_leaves_the_run_unchanged():
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
     assert [r.step for r in tracker.history] == [0, 2, 4]  # 6 steps (3 batches x 2 epochs), every second
     assert all(r.update_norm > 0 and r.value == r.value for r in tracker.history)
+    tracker.plot(tmp_path / "along.png")
+    assert (tmp_path / "along.png").stat().st_size > 10_000  # a drawn figure, not an empty file
 
 
 def test_no_update_no_measurement_and_bad_input():
