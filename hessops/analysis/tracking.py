@@ -36,6 +36,15 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+@contextmanager
+def measuring(model: nn.Module) -> Iterator[None]:
+    """A measurement during training: ``model`` in eval mode (its mode restored after) and torch's random
+    generators (CPU, and the model's CUDA devices) forked, so that the training run's later draws are unchanged."""
+    cuda_devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with _eval_mode(model), torch.random.fork_rng(devices=cuda_devices):
+        yield
+
+
 @dataclass
 class SharpnessRecord:
     """One sharpness measurement: the top eigenvalues at ``step`` (a step or an epoch, the tracker's unit), their
@@ -131,8 +140,7 @@ class SharpnessTracker:
         Returns:
             The new :class:`SharpnessRecord`."""
         began = time.perf_counter()
-        cuda_devices = sorted({p.device.index or 0 for p in self.model.parameters() if p.device.type == "cuda"})
-        with _eval_mode(self.model), torch.random.fork_rng(devices=cuda_devices):
+        with measuring(self.model):
             H = Hessian(self.model, self.loss_fn, self.data, **self.operator_kwargs)
             start = self._start if self._start is not None and self._start.shape[0] == H.shape[0] else None
             spectrum = eigs(

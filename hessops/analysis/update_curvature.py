@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from hessops._arguments import integer
+from hessops.analysis.tracking import measuring
 from hessops.errors import InvalidArgumentError
 from hessops.numerics import column_dots
 from hessops.operators.hessian import Hessian
@@ -86,12 +87,13 @@ class UpdateCurvatureTracker:
         self._witnessed = False
 
     def _flat(self) -> Tensor:
+        """The trainable parameters as one new flat tensor (``torch.cat`` copies: no clone needed)."""
         return torch.cat([p.detach().reshape(-1) for p in self.model.parameters() if p.requires_grad])
 
     def remember(self) -> None:
         """Keep the current parameters as the point the next update starts from (``hessops.train`` calls it
         before training; :meth:`step` calls it after each measurement or count)."""
-        self._previous = self._flat().clone()
+        self._previous = self._flat()
 
     def step(self) -> UpdateCurvatureRecord | None:
         """Count one optimizer step, measure when it is due, and remember the parameters.
@@ -104,7 +106,7 @@ class UpdateCurvatureTracker:
         if self._previous is not None and self._steps % self.every == 0:
             record = self._measure(current - self._previous)
         self._steps += 1
-        self._previous = current.clone()
+        self._previous = current
         return record
 
     def _measure(self, update: Tensor) -> UpdateCurvatureRecord | None:
@@ -112,18 +114,12 @@ class UpdateCurvatureTracker:
         size = float(torch.linalg.vector_norm(update.double()))
         if size == 0.0:
             return None
-        was_training = self.model.training
-        cuda_devices = sorted({p.device.index or 0 for p in self.model.parameters() if p.device.type == "cuda"})
-        self.model.eval()
-        try:  # measuring leaves the training run's random streams as they were, as SharpnessTracker does
-            with torch.random.fork_rng(devices=cuda_devices):
-                kwargs = {"witness": not self._witnessed, **self.operator_kwargs}
-                H = Hessian(self.model, self.loss_fn, self.data, **kwargs)
-                direction = (update / size).to(H.dtype)
-                product = H @ direction
-                value = float(column_dots(direction[:, None], product.reshape(-1)[:, None])[0])
-        finally:
-            self.model.train(was_training)
+        with measuring(self.model):  # eval mode, the training run's random streams left as they were
+            kwargs = {"witness": not self._witnessed, **self.operator_kwargs}
+            H = Hessian(self.model, self.loss_fn, self.data, **kwargs)
+            direction = (update / size).to(H.dtype)
+            product = H @ direction
+            value = float(column_dots(direction[:, None], product.reshape(-1)[:, None])[0])
         self._witnessed = True
         record = UpdateCurvatureRecord(self._steps, value, size, 1, time.perf_counter() - began)
         self.history.append(record)
