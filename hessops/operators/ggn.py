@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from hessops.errors import UnsupportedLossError
+from hessops.operators import softmax_head
 from hessops.operators import witness as first_order
 from hessops.operators._autograd import block_vjp, gradient
 from hessops.operators._base import Batch
@@ -82,7 +83,41 @@ class GGN(JacobianSandwich):
 
         return first_order.central(output_gradient, eta)
 
+    @property
+    def softmax_head(self) -> softmax_head.HeadCheck | None:
+        """The first-use check of the closed-form softmax cross-entropy output matrix
+        (hessops/operators/softmax_head.py): ``None`` before the first product or for a loss it does not write
+        out; one that failed it is not used."""
+        return self.problem.memo.get("softmax_head")
+
     def _output_operator(self, outputs: Tensor, batch: Batch):
+        loss_fn, targets = self.output_loss, batch.targets
+        closed = softmax_head.output_hessian(loss_fn, outputs, targets) if softmax_head.applies(loss_fn) else None
+        if closed is not None:
+            if self.softmax_head is None:
+                found = self._check_head(closed, outputs, batch)
+                if found is not None:  # None: this batch decides nothing (the next one is tried)
+                    self.problem.memo["softmax_head"] = found
+            if self.softmax_head is not None and self.softmax_head.passed:
+                return closed
+        return self._plain_output_operator(outputs, batch)
+
+    def _check_head(
+        self, closed: Callable[[Tensor], Tensor], outputs: Tensor, batch: Batch
+    ) -> softmax_head.HeadCheck | None:
+        """The closed form against double backward of the loss on two random output directions of this batch."""
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        u = torch.randn((2, *outputs.shape), generator=generator, dtype=outputs.dtype).to(outputs.device)
+        return softmax_head.check(
+            lambda: [(self._plain_output_operator(outputs, batch)(u),)],
+            lambda: [(closed(u),)],
+            outputs.dtype,
+            examples=batch.size,
+            columns=2,
+        )
+
+    def _plain_output_operator(self, outputs: Tensor, batch: Batch):
+        """``U ↦ ∇²_f L_b U`` by double backward of the loss with respect to the outputs."""
         loss_fn, targets = self.output_loss, batch.targets
         with torch.enable_grad():
             o = outputs.detach().requires_grad_()

@@ -12,10 +12,10 @@ from torch import Tensor, nn
 from hessops._cola import cola
 from hessops.constants import HVP_MODES
 from hessops.errors import HvpFormulationError, InvalidArgumentError
-from hessops.operators import _hvp, hvp_tuning
+from hessops.operators import _hvp, hvp_tuning, softmax_head
 from hessops.operators import witness as first_order
 from hessops.operators._base import Batch, CurvatureOperator
-from hessops.operators.functional import ParamTree, call_model, split_examples
+from hessops.operators.functional import ParamTree, call_model, differentiable_kernels, split_examples
 from hessops.operators.hvp_tuning import _TUNED, CANDIDATES, Tuning  # noqa: F401 - where tests and users look
 
 
@@ -125,19 +125,67 @@ class Hessian(CurvatureOperator):
         problem = self.problem
         randomness = "same" if problem.allow_train_mode else "error"
 
-        def loss_on(inputs: Any, targets: Any):
-            return _batch_loss(problem, batch, inputs, targets)
+        def loss_on(inputs: Any, targets: Any, mode: str = _hvp.REFERENCE):
+            return _batch_loss(problem, batch, inputs, targets, self._loss_for(mode))
 
+        if softmax_head.applies(problem.loss_fn) and self.softmax_head is None:
+            self._check_head(batch, blocks)
         kind = _kind(blocks[0][0].shape[0] if len(blocks) == 1 else 2)
         if not self._settled(kind) and not self._tuning_deferred(kind):
             self.hvp_tuning[kind] = self._tune(kind, loss_on, batch, blocks, randomness)
-        whole = loss_on(batch.inputs, batch.targets)
         if kind not in self.hvp_tuning:  # "auto" before a run has shown tuning can pay: the reference
+            whole = loss_on(batch.inputs, batch.targets)
             return hvp_tuning.run_reference(
                 lambda: _hvp.run(_hvp.REFERENCE, whole, batch.params, blocks, randomness, problem.memo)
             )
         mode = self.hvp_tuning[kind].mode
+        whole = loss_on(batch.inputs, batch.targets, mode)
         return _hvp.run(mode, whole, batch.params, blocks, randomness, problem.memo)
+
+    @property
+    def softmax_head(self) -> softmax_head.HeadCheck | None:
+        """The first-use check of the closed-form softmax cross-entropy head
+        (hessops/operators/softmax_head.py): ``None`` before the first product or for a loss it does not write
+        out; a head that failed it is not used."""
+        return self.problem.memo.get("softmax_head")
+
+    def _loss_for(self, mode: str) -> Callable:
+        """The loss ``mode`` differentiates: the closed-form head for the double-backward formulations once it
+        has passed its check, else the user's."""
+        check = self.softmax_head
+        if mode in softmax_head.FORMULATIONS and check is not None and check.passed and softmax_head.enabled():
+            return softmax_head.head_loss(self.problem.loss_fn)
+        return self.problem.loss_fn
+
+    def _check_head(self, batch: Batch, blocks: list[ParamTree]) -> None:
+        """Validate the closed-form head on a slice of this batch (its first ``TUNE_EXAMPLES`` examples, the first
+        two columns of the first block) against plain double backward, or reuse this process's verdict for
+        the model; a head that disagrees is dropped with an :class:`~hessops.errors.HvpFormulationWarning`."""
+        problem = self.problem
+        key = (str(self.device), self.dtype, problem.names, problem.loss_fn.identity)
+        found = softmax_head.earlier(problem.model, key)
+        if found is None:
+            inputs, targets, examples = split_examples(
+                batch.inputs, batch.targets, batch.size, hvp_tuning.TUNE_EXAMPLES
+            )[0]
+            block = tuple(t[:2] for t in blocks[0])
+
+            def products(loss_fn: Callable) -> list[ParamTree]:
+                loss = _batch_loss(problem, batch, inputs, targets, loss_fn)
+                with differentiable_kernels():
+                    return _hvp.autograd(loss, batch.params, [block])[0]
+
+            found = softmax_head.check(
+                lambda: hvp_tuning.run_reference(lambda: products(problem.loss_fn)),
+                lambda: products(softmax_head.head_loss(problem.loss_fn)),
+                self.dtype,
+                examples=examples,
+                columns=block[0].shape[0],
+            )
+            if found is None:  # the slice decides nothing: the next batch is tried
+                return
+            softmax_head.remember(problem.model, key, found)
+        problem.memo["softmax_head"] = found
 
     def _settled(self, kind: str) -> bool:
         """Whether the formulation of this kind of product is chosen for good: tuned, given, or refused tuning
@@ -198,9 +246,10 @@ class Hessian(CurvatureOperator):
         )[0]
         columns = 1 if kind == "single" else min(hvp_tuning.TUNE_COLUMNS, blocks[0][0].shape[0])
         block = tuple(t[:columns] for t in blocks[0])
-        sliced_loss = loss_on(sliced_inputs, sliced_targets)
         probe = hvp_tuning.Slice(
-            run=lambda mode: _hvp.run(mode, sliced_loss, params, [block], randomness, problem.memo),
+            run=lambda mode: _hvp.run(
+                mode, loss_on(sliced_inputs, sliced_targets, mode), params, [block], randomness, problem.memo
+            ),
             examples=examples,
             columns=columns,
             device=self.device,
@@ -217,11 +266,13 @@ class Hessian(CurvatureOperator):
         )
 
 
-def _batch_loss(problem, batch: Batch, inputs: Any, targets: Any) -> Callable:
-    """``p ↦ (L_b(p), L_b(p))`` on ``inputs``, ``targets`` with ``batch``'s constants, as the formulations take it."""
+def _batch_loss(problem, batch: Batch, inputs: Any, targets: Any, loss_fn: Callable | None = None) -> Callable:
+    """``p ↦ (L_b(p), L_b(p))`` on ``inputs``, ``targets`` with ``batch``'s constants, as the formulations take it;
+    ``loss_fn`` in place of the problem's loss (the same loss, differentiated another way)."""
+    loss_fn = loss_fn or problem.loss_fn
 
     def batch_loss(p: ParamTree) -> tuple[Tensor, Tensor]:
-        loss = problem.loss_fn(call_model(problem.model, problem.names, p, batch.constants, inputs), targets)
+        loss = loss_fn(call_model(problem.model, problem.names, p, batch.constants, inputs), targets)
         if loss.dim() != 0:
             raise _not_scalar(loss)
         return loss, loss
