@@ -335,6 +335,16 @@ def add_tree_(flat: Tensor, tree: ParamTree, alpha: float = 1.0) -> None:
         start += size
 
 
+def write_tree_(flat: Tensor, tree: ParamTree, alpha: float = 1.0) -> None:
+    """``flat = alpha · tree``, as :func:`add_tree_` writes it: the first batch's products start the sum without a
+    zeroed buffer to add them to (a parameter-sized fill and pass less per product)."""
+    start = 0
+    for t in tree:
+        size = t[0].numel()
+        torch.mul(t.reshape(t.shape[0], size), alpha, out=flat[:, start : start + size])
+        start += size
+
+
 def all_finite(t: Tensor) -> bool:
     """Whether every element of ``t`` is finite. A sum is non-finite whenever an element is (NaN and ±inf
     propagate), so a finite sum settles it without a boolean copy of ``t``; a non-finite sum (that, or an

@@ -31,8 +31,11 @@ error of :math:`D_h`, and at least the rounding error of both). A product passes
 
 (:func:`hessops.operators.hvp_tuning.tolerance`: 1.5e-7 in float64, 3.5e-3 in float32; correct products
 measured 1e-9 to 1e-11 off :math:`W` in float64, torch's weight norm 5-36 %). The witness runs in float64 on a
-float64 copy of the parameters, buffers and slice (the model's own dtype when it cannot run in float64: then
-its error estimate :math:`e` is larger, and so the tolerance). A product that fails is refused,
+float64 copy of the parameters, buffers and slice, except for a lower-precision operator of more than
+:data:`FLOAT64_LIMIT` parameters (:func:`in_float64`) or a model that cannot run in float64: then in the model's
+own dtype, whose error estimate :math:`e` is larger, and so the tolerance (a float32 witness's
+tolerance measured 0.6-1.5 % on the test models, so torch's weight norm, 5-36 % off, still fails).
+A product that fails is refused,
 :class:`~hessops.errors.WitnessError`, naming the layers hessops suspects.
 
 **The noise of the products**: the symmetry defect
@@ -76,6 +79,7 @@ WITNESS_EXAMPLES = 4  # examples of the first batch the witness runs on
 DIRECTIONS = 3  # random unit directions multiplied: the symmetry probe runs on each pair
 CHECKED = 2  # of which the first CHECKED are checked against finite differences
 SAFETY = 10.0  # the multiple of the finite differences' error estimate e that a product may be off
+FLOAT64_LIMIT = 20_000_000  # parameters: a larger lower-precision operator's witness runs in its own dtype
 NOISE_WARNING = constants.NOISE_WARNING  # warn when the measured product noise exceeds this many eps of the dtype
 # The verdict for a model in this process: model -> {key: WitnessReport}, held weakly (it dies with the model).
 _WITNESSED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, WitnessReport]] = weakref.WeakKeyDictionary()
@@ -138,27 +142,58 @@ def central(fn: Callable[[float], Tensor], h: float) -> Tensor:
 
 def tree_norm(tree: ParamTree) -> float:
     """The Euclidean norm of a tuple of tensors, in float64."""
-    return sum(float(t.double().square().sum()) for t in tree) ** 0.5
+    return sum(float(gram_diagonal(t.reshape(1, -1))) for t in tree) ** 0.5
 
 
 def symmetry_defect(directions: Tensor, products: Tensor) -> float:
     """The largest :math:`|d_i^\\top C d_j - d_j^\\top C d_i| / (\\lVert d_i\\rVert \\lVert Cd_j\\rVert +
-    \\lVert d_j\\rVert \\lVert Cd_i\\rVert)` over the pairs ``i < j`` of the rows of ``directions`` and ``products``."""
-    d, c = directions.double(), products.double()
-    gram, norms_d, norms_c = d @ c.T, d.norm(dim=1), c.norm(dim=1)
+    \\lVert d_j\\rVert \\lVert Cd_i\\rVert)` over the pairs ``i < j`` of the rows of ``directions`` and ``products``
+    (sums in float64, a slab of columns at a time: :func:`gram`)."""
+    gram_dc, norms_d, norms_c = gram(directions, products), row_norms(directions), row_norms(products)
     worst = 0.0
-    for i in range(len(d)):
-        for j in range(i + 1, len(d)):
+    for i in range(len(directions)):
+        for j in range(i + 1, len(directions)):
             scale = float(norms_d[i] * norms_c[j] + norms_d[j] * norms_c[i])
             if scale > 0:
-                worst = max(worst, abs(float(gram[i, j] - gram[j, i])) / scale)
+                worst = max(worst, abs(float(gram_dc[i, j] - gram_dc[j, i])) / scale)
     return worst
 
 
+SLAB = 1 << 20  # columns of a float64 reduction at a time: parameter-sized float64 copies cost more than the sums
+
+
+def gram(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b.T`` in float64 for ``(r, n)`` matrices, summed over slabs of :data:`SLAB` columns (no float64 copy of
+    either matrix is made)."""
+    total = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
+    for start in range(0, a.shape[1], SLAB):
+        total += a[:, start : start + SLAB].double() @ b[:, start : start + SLAB].double().T
+    return total
+
+
+def row_norms(a: Tensor) -> Tensor:
+    """The Euclidean norm of each row of ``a`` in float64, over slabs of :data:`SLAB` columns."""
+    return gram_diagonal(a).sqrt()
+
+
+def gram_diagonal(a: Tensor) -> Tensor:
+    """The squared norm of each row of ``a`` (a 2-d matrix, or one row), in float64 over slabs."""
+    a = a.reshape(-1, a.shape[-1])
+    total = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
+    for start in range(0, a.shape[1], SLAB):
+        total += a[:, start : start + SLAB].double().square().sum(dim=1)
+    return total
+
+
 def _directions(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """:data:`DIRECTIONS` random unit directions from a fixed seed, drawn in ``dtype`` (float32 for the
+    half-precision ones): a float64 draw of three parameter-sized vectors took 10.6 s of a GPT-2-small's first
+    product (benchmarks/RESULTS.md)."""
     generator = torch.Generator(device="cpu").manual_seed(0)
-    d = torch.randn(DIRECTIONS, n, generator=generator, dtype=torch.float64)
-    return (d / d.norm(dim=1, keepdim=True)).to(device=device, dtype=dtype)
+    drawn = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    d = torch.randn(DIRECTIONS, n, generator=generator, dtype=drawn)
+    d /= row_norms(d).to(drawn).unsqueeze(1)
+    return d.to(device=device, dtype=dtype)
 
 
 class Probe:
@@ -246,9 +281,9 @@ def _run(op, batch) -> WitnessReport | None:
     report.written_out = op._written_out_layers()
     probe = Probe()
     try:
-        verdicts = _compare(op, probe, _in_float64(op, piece), blocks, products, report)
+        verdicts = _compare(op, probe, _in_float64(op, piece) if in_float64(op) else piece, blocks, products, report)
     except Exception:
-        if op.dtype == torch.float64:
+        if op.dtype == torch.float64 or not in_float64(op):
             raise
         probe._linearized = None  # the model cannot run in float64 (a cast inside, memory): its own dtype
         verdicts = _compare(op, probe, piece, blocks, products, report)
@@ -287,17 +322,32 @@ def agreement(product: Tensor, one: Tensor, two: Tensor, rho: float) -> tuple[fl
     r"""How far ``product`` :math:`Cd` is from the witness :math:`W = (4D_h - D_{2h})/3` of the central differences
     ``one`` :math:`D_h` and ``two`` :math:`D_{2h}`, and how far it may be: ``(error, allowed, fd_error)``, each
     relative to :math:`\lVert W\rVert`, with ``allowed`` :math:`= 10e + \rho \max(\lVert W\rVert,
-    \lVert Cd\rVert)` and ``fd_error`` :math:`= e = \lVert D_h - D_{2h}\rVert`; computed in float64."""
-    w, product = ((4 * one.double() - two.double()) / 3), product.double()
-    fd_error, error = float((one.double() - two.double()).norm()), float((product - w).norm())
-    allowed = SAFETY * fd_error + rho * max(float(w.norm()), float(product.norm()))
-    scale = max(float(w.norm()), torch.finfo(torch.float64).tiny)
+    \lVert Cd\rVert)` and ``fd_error`` :math:`= e = \lVert D_h - D_{2h}\rVert`; computed in float64, a slab of
+    entries at a time."""
+    sums = torch.zeros(4, dtype=torch.float64, device=product.device)  # |W|², |Cd|², |D_h - D_2h|², |Cd - W|²
+    product, one, two = product.reshape(-1), one.reshape(-1), two.reshape(-1)
+    for start in range(0, product.numel(), SLAB):
+        piece = slice(start, start + SLAB)
+        d_h, d_2h, c = one[piece].double(), two[piece].double(), product[piece].double()
+        w = (4 * d_h - d_2h) / 3
+        sums += torch.stack([w.square().sum(), c.square().sum(), (d_h - d_2h).square().sum(), (c - w).square().sum()])
+    w_norm, c_norm, fd_error, error = (float(x) for x in sums.sqrt())
+    allowed = SAFETY * fd_error + rho * max(w_norm, c_norm)
+    scale = max(w_norm, torch.finfo(torch.float64).tiny)
     return error / scale, allowed / scale, fd_error / scale
 
 
 # The measured noise widens the witness's steps (a model computing in float32 inside is that noisy) up to this
 # level: a larger symmetry defect is an asymmetric product, not noise, and must not blunt the check.
 NOISE_STEP_CAP = 1e-6
+
+
+def in_float64(op) -> bool:
+    """Whether the witness evaluates in float64: for a float64 operator, and for a lower-precision one of at
+    most :data:`FLOAT64_LIMIT` parameters (above it a float64 copy of the model costs more than the check is
+    worth: at GPT-2 small's 124M, 21 s of float64 gradients and 7 s of casts on the CPU, 1 GB more memory,
+    and float64 runs 2-64 times slower than float32 on GPUs)."""
+    return op.dtype == torch.float64 or op.shape[0] <= FLOAT64_LIMIT
 
 
 def _in_float64(op, piece):

@@ -352,10 +352,11 @@ def test_the_witness_costs_a_bounded_number_of_evaluations_once(cls):
     assert report.backwards == (4 if hessian else 2) * witness.CHECKED
     slice_product = 1 if hessian else 1 + witness.DIRECTIONS  # the sandwich's jvp is a forward per column block
     assert checked - plain == slice_product + report.evaluations
-    assert second == plain_second == plain  # later products pay nothing
+    head = 2 if hessian else 0  # the softmax head's first-use check: one forward each way (once per model)
+    assert second == plain_second == plain - head  # later products pay nothing
     assert report.examples == witness.WITNESS_EXAMPLES and report.products == witness.DIRECTIONS
     again, _, later = forwards(model)  # another operator of the kind on the same model: the verdict is kept
-    assert again == plain and later.witness_report.source == "in-process"
+    assert again == plain - head and later.witness_report.source == "in-process"
 
 
 class RMSNormedInside(nn.Module):
@@ -408,3 +409,24 @@ def test_eigs_bounds_cover_the_precision_the_model_computes_in(float32_inside, w
     check_promise(spectrum, truth, 4, which, torch.float64)
     assert float(spectrum.error_bounds.min()) >= 0.99 * 8 * torch.finfo(torch.float32).eps * float(truth.abs().max())
     assert spectrum.converged == (tol >= 1e-6)
+
+
+@pytest.mark.parametrize("kind", ["parametrization-dim0", "legacy-dim1"])
+def test_a_large_float32_model_is_witnessed_in_float32_and_still_refuses_torch_weight_norm(kind, monkeypatch):
+    """Above FLOAT64_LIMIT parameters a float32 operator's witness runs in float32 (no float64 copy of the model):
+    correct products pass (their error within the tolerance, measured 1.5 % here: under 3 %), torch's weight norm
+    (5-36 % off the finite-difference truth) is still refused. The limit is lowered to these tiny models."""
+    monkeypatch.setattr(witness, "FLOAT64_LIMIT", 0)
+    model, x, y, data = labelled(kind)
+    model, data = model.float(), [(a.float(), b) for a, b in data]
+    good = hessops.Hessian(model, nn.CrossEntropyLoss(), data)
+    good @ torch.ones(good.shape[0])
+    report = good.witness_report
+    assert report.passed and report.precision == "float32", report
+    assert max(report.tolerances) < 0.03 and max(report.errors) < max(report.tolerances)
+    model = labelled(kind)[0].float()  # another model: a verdict is kept per model in the process
+    with torch_weight_norm(monkeypatch):
+        bad = hessops.Hessian(model, nn.CrossEntropyLoss(), data)
+        with pytest.raises(WitnessError, match="off the first-order witness"):
+            bad @ torch.ones(bad.shape[0])
+        assert bad.witness_report.precision == "float32"
