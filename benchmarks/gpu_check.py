@@ -18,6 +18,10 @@ CIFAR-shaped images, and the report says so):
    product (a compiled product that disagrees is reported as such, never timed as a success). Its memory is
    counted on a GPU only: the CPU's exact tensor counter (benchmarks/memory.py) cannot see compiled code.
 
+4. ``head``: a GPT with GPT-2's vocabulary (GPT-2 small, 8 sequences of 256 tokens; a toy GPT with ``--smoke``):
+   gradient, HVP with the closed-form softmax head and without it, in gradients and in peak memory
+   (benchmarks/softmax_head.py).
+
 Sections run in that order, each in its own ``try`` (a failure is recorded and the next section runs), and
 the JSON report is rewritten after each one, so what finished survives a time limit.
 """
@@ -40,6 +44,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 
 import hessops
+from benchmarks import softmax_head
 from benchmarks.memory import peak_bytes
 from benchmarks.peers import interleaved_times, timer
 from hessops.errors import DatasetNotFoundError
@@ -222,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--sections", nargs="+", default=["top", "products", "compiled"])
+    parser.add_argument("--sections", nargs="+", default=["top", "products", "compiled", "head"])
     parser.add_argument("--smoke", action="store_true", help="toy sizes on any device: checks the harness")
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
     args = parser.parse_args(argv)
@@ -270,6 +275,13 @@ def main(argv: list[str] | None = None) -> dict:
             "compiled",
             lambda: check_compiled(model, batches, products["v"], products["reference"], args.repeats, device),
         )
+    if "head" in args.sections:
+        sizes = (
+            ["--smoke", "--tokens", "16"]
+            if args.smoke
+            else ["--size", "gpt2-small", "--sequences", "8", "--tokens", "256"]
+        )
+        record("head", lambda: softmax_head.main([*sizes, "--device", str(device), "--repeats", str(args.repeats)]))
     return report
 
 

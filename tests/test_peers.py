@@ -135,13 +135,17 @@ def test_gpu_check_smoke(tmp_path):
 
     out = tmp_path / "gpu.json"
     report = main(
-        ["--smoke", "--device", "cpu", "--data-dir", str(tmp_path), "--sections", "top", "products", "--out", str(out)]
+        ["--smoke", "--device", "cpu", "--data-dir", str(tmp_path), "--sections", "top", "products", "head"]
+        + ["--out", str(out)]
     )
     assert report["data"].startswith("synthetic") and json.loads(out.read_text())["model"] == "cnn-cifar-5k"
     top, products = report["top"], report["products"]
     assert "error" not in top and "error" not in products, (top.get("traceback"), products.get("traceback"))
     assert len(top["eigenvalues"]) == 2 and top["hvps"] >= 2 and top["converged"]
     assert products["hvp / grad"] > 0 and products["peak bytes"]["hessops hvp"] > 0
+    head = report["head"]
+    assert "error" not in head, head.get("traceback")
+    assert head["head_check"]["passed"] and head["head_vs_plain"] < 1e-4 and head["in_gradients"]["head"] > 0
 
 
 def test_large_runs_harness_smoke(tmp_path):

@@ -1,0 +1,109 @@
+"""The closed-form softmax cross-entropy head (hessops/operators/softmax_head.py) against plain double backward
+through the vocabulary, on GPTs with GPT-2's vocabulary (50,257 tokens), in one process:
+
+    python -m benchmarks.softmax_head                                  # 2 layers of width 192, 2 x 64 tokens
+    python -m benchmarks.softmax_head --size gpt2-small --tokens 128   # GPT-2 small's own sizes
+    python -m benchmarks.softmax_head --smoke                          # toy sizes: checks the harness
+
+One dataset gradient, hessops' ``H @ v`` with the head (the default) and without it (``HESSOPS_SOFTMAX_HEAD=0``),
+each warmed up once (the first-use check and the witness are the warm-up, timed on their own line), then
+medians of ``--repeats`` interleaved rounds; the peak tensor memory of each (benchmarks/memory.py, exact on the
+CPU); the two products' relative difference. Random weights and tokens (seeded), float32, eval mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+import hessops
+from benchmarks.memory import peak_bytes
+from hessops.numerics import norm
+from hessops.operators.losses import next_token_cross_entropy
+from hessops.zoo.lm import GPT, gpt_config
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="small-vocab", help="'small-vocab' (2 x 192) or a hessops.zoo.lm size")
+    parser.add_argument("--sequences", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--smoke", action="store_true", help="a toy GPT (vocabulary 300, width 16)")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    if args.smoke:
+        config = gpt_config("gpt2-small", n_layer=1, n_embd=16, n_head=2, vocab_size=300, block_size=args.tokens)
+        args.repeats = 1
+    elif args.size == "small-vocab":
+        config = gpt_config("gpt2-small", n_layer=2, n_embd=192, n_head=4, block_size=args.tokens)
+    else:
+        config = gpt_config(args.size, block_size=args.tokens)
+    model = GPT(config).eval().to(device)
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, config.vocab_size, (args.sequences, args.tokens), generator=generator).to(device)
+    data = [(ids, ids)]
+    head = hessops.Hessian(model, next_token_cross_entropy, data)
+    v = torch.randn(head.shape[0], generator=torch.Generator().manual_seed(2)).to(device)
+
+    def gradient() -> None:
+        torch.autograd.grad(next_token_cross_entropy(model(ids), ids), list(model.parameters()))
+
+    def plain_product() -> torch.Tensor:
+        os.environ["HESSOPS_SOFTMAX_HEAD"] = "0"
+        try:
+            return plain @ v
+        finally:
+            os.environ.pop("HESSOPS_SOFTMAX_HEAD")
+
+    warm: dict[str, float] = {}
+    for name, work in (("grad", gradient), ("head", lambda: head @ v)):
+        began = time.perf_counter()
+        work()
+        warm[name] = time.perf_counter() - began
+    os.environ["HESSOPS_SOFTMAX_HEAD"] = "0"
+    plain = hessops.Hessian(model, next_token_cross_entropy, data)
+    began = time.perf_counter()
+    plain @ v
+    warm["plain"] = time.perf_counter() - began
+    os.environ.pop("HESSOPS_SOFTMAX_HEAD")
+    methods = {"grad": gradient, "plain": plain_product, "head": lambda: head @ v}
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(args.repeats):
+        for name, work in methods.items():
+            began = time.perf_counter()
+            work()
+            times[name].append(time.perf_counter() - began)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    peaks = {name: peak_bytes(work, device) for name, work in methods.items()}
+    with_head, without = head @ v, plain_product()
+    report = {
+        "model": f"GPT {config.n_layer} x {config.n_embd}, vocabulary {config.vocab_size}",
+        "parameters": head.shape[0],
+        "tokens": f"{args.sequences} x {args.tokens}",
+        "first_call_seconds": warm,
+        "head_check": head.softmax_head.to_dict() if head.softmax_head else None,
+        "seconds": medians,
+        "in_gradients": {name: m / medians["grad"] for name, m in medians.items()},
+        "peak_bytes": peaks,
+        "peak_in_gradients": {name: p / peaks["grad"] for name, p in peaks.items()},
+        "head_vs_plain": float(norm(with_head - without) / norm(without)),
+        "torch": torch.__version__,
+        "device": str(device),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
+    print(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
