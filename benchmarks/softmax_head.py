@@ -8,7 +8,7 @@ through the vocabulary, on GPTs with GPT-2's vocabulary (50,257 tokens), in one 
 One dataset gradient, hessops' ``H @ v`` with the head (the default) and without it (``HESSOPS_SOFTMAX_HEAD=0``),
 each warmed up once (the first-use check and the witness are the warm-up, timed on their own line), then
 medians of ``--repeats`` interleaved rounds; the peak tensor memory of each (benchmarks/memory.py, exact on the
-CPU); the two products' relative difference. Random weights and tokens (seeded), float32, eval mode.
+CPU); the two products' relative difference. Random weights and tokens (seeded), float32 (``--dtype``), eval mode.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--smoke", action="store_true", help="a toy GPT (vocabulary 300, width 16)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -47,12 +48,12 @@ def main(argv: list[str] | None = None) -> dict:
         config = gpt_config("gpt2-small", n_layer=2, n_embd=192, n_head=4, block_size=args.tokens)
     else:
         config = gpt_config(args.size, block_size=args.tokens)
-    model = GPT(config).eval().to(device)
+    model = GPT(config).eval().to(device=device, dtype=getattr(torch, args.dtype))
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(0, config.vocab_size, (args.sequences, args.tokens), generator=generator).to(device)
     data = [(ids, ids)]
     head = hessops.Hessian(model, next_token_cross_entropy, data)
-    v = torch.randn(head.shape[0], generator=torch.Generator().manual_seed(2)).to(device)
+    v = torch.randn(head.shape[0], generator=torch.Generator().manual_seed(2)).to(device=device, dtype=head.dtype)
 
     def gradient() -> None:
         torch.autograd.grad(next_token_cross_entropy(model(ids), ids), list(model.parameters()))
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model": f"GPT {config.n_layer} x {config.n_embd}, vocabulary {config.vocab_size}",
         "parameters": head.shape[0],
         "tokens": f"{args.sequences} x {args.tokens}",
+        "dtype": args.dtype,
         "first_call_seconds": warm,
         "head_check": head.softmax_head.to_dict() if head.softmax_head else None,
         "seconds": medians,

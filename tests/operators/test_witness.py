@@ -430,3 +430,19 @@ def test_a_large_float32_model_is_witnessed_in_float32_and_still_refuses_torch_w
         with pytest.raises(WitnessError, match="off the first-order witness"):
             bad @ torch.ones(bad.shape[0])
         assert bad.witness_report.precision == "float32"
+
+
+def test_the_slab_reductions_are_the_float64_sums(monkeypatch):
+    """gram, row_norms and agreement sum in float64 over slabs of columns: the same as float64 on whole copies,
+    across slab edges (SLAB lowered to 7 so that 50 columns make 8 slabs, the last one short)."""
+    monkeypatch.setattr(witness, "SLAB", 7)
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 50, generator=generator), torch.randn(3, 50, generator=generator)
+    assert torch.allclose(witness.gram(a, b), a.double() @ b.double().T, rtol=1e-14, atol=0)
+    assert torch.allclose(witness.row_norms(a), a.double().norm(dim=1), rtol=1e-14, atol=0)
+    one, two = b[0], b[0] + 1e-3 * b[1]
+    w = (4 * one.double() - two.double()) / 3
+    error, allowed, fd_error = witness.agreement(a[0], one, two, rho=0.1)
+    assert error == pytest.approx(float((a[0].double() - w).norm() / w.norm()), rel=1e-13)
+    assert fd_error == pytest.approx(float((one.double() - two.double()).norm() / w.norm()), rel=1e-13)
+    assert allowed == pytest.approx(10 * fd_error + 0.1 * max(1.0, float(a[0].double().norm() / w.norm())), rel=1e-13)
