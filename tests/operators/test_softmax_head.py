@@ -244,3 +244,27 @@ def test_an_nll_model_split_before_its_log_softmax_uses_the_head_in_the_ggn():
     truth = dense_ggn(model[:-1], nn.CrossEntropyLoss(ignore_index=2), data)
     assert reference_error(dense(op), truth) < RTOL64
     assert used_head(op)
+
+
+@pytest.mark.parametrize("cls", [hessops.Hessian, hessops.GGN])
+def test_a_first_batch_that_decides_nothing_defers_the_check(cls):
+    """A first batch whose targets are all ignored has zero products: they cannot judge the closed form, so the
+    check waits for a batch that counts a target (a vacuous pass would vouch for nothing)."""
+    loss, targets = nn.CrossEntropyLoss(ignore_index=2), class_targets(N).clone()
+    targets[:2] = 2
+    model, data = mlp(), batches(targets, [2, 4, 3])
+    op = cls(model, loss, data)
+    truth = reference_hessian(model, loss, data) if cls is hessops.Hessian else dense_ggn(model, loss, data)
+    assert reference_error(dense(op), truth) < RTOL64
+    assert used_head(op) and op.softmax_head.examples == 4  # checked on the second batch
+
+
+def test_a_slice_that_decides_nothing_leaves_the_plain_path():
+    """The check's slice (the first 8 examples) counts no target while the batch does (its 9th example): zero
+    products decide nothing, so the head is not used, and the products are exact all the same."""
+    loss, targets = nn.CrossEntropyLoss(ignore_index=2), class_targets(N).clone()
+    targets[:8] = 2
+    model, data = mlp(), batches(targets, [9])
+    op = hessops.Hessian(model, loss, data)
+    assert reference_error(dense(op), reference_hessian(model, loss, data)) < RTOL64
+    assert op.softmax_head is None
