@@ -498,6 +498,7 @@ def test_eigs_of_a_gpt_on_text_against_the_reference_on_the_same_model_and_block
     data = as_float64(make_loader(torch.utils.data.Subset(blocks, keep), batch_size=128))
     n = sum(p.numel() for p in model.parameters())
     assert record["settings"]["n_params"] == n
+    assert record["softmax_head"]["passed"] and record["softmax_head"]["error"] < record["softmax_head"]["tolerance"]
 
     def product(v):
         return hessian_product(model, next_token_loss, data, torch.from_numpy(np.ravel(v))).numpy()

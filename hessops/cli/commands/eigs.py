@@ -94,4 +94,6 @@ def run(args: argparse.Namespace) -> None:
         print(f"wrote {args.save_vectors}")
         settings["save_vectors"] = str(args.save_vectors)
     tuning = {kind: t.to_dict() for kind, t in getattr(s.op, "hvp_tuning", {}).items()}
-    output.emit(args, settings, result | {"hvp_tuning": tuning}, s.op.device, draw)
+    head = getattr(s.op, "softmax_head", None)
+    record = result | {"hvp_tuning": tuning, "softmax_head": head.to_dict() if head is not None else None}
+    output.emit(args, settings, record, s.op.device, draw)
