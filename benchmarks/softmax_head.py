@@ -4,11 +4,17 @@ through the vocabulary, on GPTs with GPT-2's vocabulary (50,257 tokens), in one 
     python -m benchmarks.softmax_head                                  # 2 layers of width 192, 2 x 64 tokens
     python -m benchmarks.softmax_head --size gpt2-small --tokens 128   # GPT-2 small's own sizes
     python -m benchmarks.softmax_head --smoke                          # toy sizes: checks the harness
+    python -m benchmarks.softmax_head --loss-only --sequences 8 --tokens 256   # the loss alone, in the logits
 
 One dataset gradient, hessops' ``H @ v`` with the head (the default) and without it (``HESSOPS_SOFTMAX_HEAD=0``),
 each warmed up once (the first-use check and the witness are the warm-up, timed on their own line), then
 medians of ``--repeats`` interleaved rounds; the peak tensor memory of each (benchmarks/memory.py, exact on the
 CPU); the two products' relative difference. Random weights and tokens (seeded), float32 (``--dtype``), eval mode.
+
+``--loss-only``: the next-token loss alone, as a function of random logits ``(sequences, tokens, 50,304)`` (the
+sizes of hessian-eigenthings' fused cross-entropy HVP, its PR #47): one gradient in the logits, the product
+``u ↦ ∇²_z L u`` by plain double backward and in closed form (hessops.operators.softmax_head.hessian_product),
+medians and peak memory of each.
 """
 
 from __future__ import annotations
@@ -29,6 +35,55 @@ from hessops.operators.losses import next_token_cross_entropy
 from hessops.zoo.lm import GPT, gpt_config
 
 
+def loss_only(sequences: int, tokens: int, vocabulary: int, repeats: int, device: torch.device) -> dict:
+    """The loss's own curvature in the logits: plain double backward against the closed form."""
+    from hessops.operators import softmax_head
+    from hessops.operators.losses import loss_spec
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(sequences, tokens, vocabulary, generator=generator).to(device)
+    labels = torch.randint(0, vocabulary, (sequences, tokens), generator=generator).to(device)
+    u = torch.randn(sequences, tokens, vocabulary, generator=generator).to(device)
+    spec = loss_spec(next_token_cross_entropy)
+
+    def gradient() -> torch.Tensor:
+        z = logits.detach().requires_grad_()
+        return torch.autograd.grad(next_token_cross_entropy(z, labels), z)[0]
+
+    def plain() -> torch.Tensor:
+        z = logits.detach().requires_grad_()
+        (g,) = torch.autograd.grad(next_token_cross_entropy(z, labels), z, create_graph=True)
+        return torch.autograd.grad(g, z, u)[0]
+
+    def closed() -> torch.Tensor:
+        s, dim = softmax_head.coefficients(spec, logits, labels)
+        return softmax_head.hessian_product(logits, s, dim, u)
+
+    methods = {"grad": gradient, "plain": plain, "closed form": closed}
+    for work in methods.values():
+        work()
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, work in methods.items():
+            began = time.perf_counter()
+            work()
+            times[name].append(time.perf_counter() - began)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    peaks = {name: peak_bytes(work, device) for name, work in methods.items()}
+    reference = plain()
+    return {
+        "logits": [sequences, tokens, vocabulary],
+        "seconds": medians,
+        "plain / closed form": medians["plain"] / medians["closed form"],
+        "peak_bytes": peaks,
+        "memory plain / closed form": peaks["plain"] / peaks["closed form"],
+        "closed_vs_plain": float(norm(closed() - reference) / norm(reference)),
+        "torch": torch.__version__,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="small-vocab", help="'small-vocab' (2 x 192) or a hessops.zoo.lm size")
@@ -38,9 +93,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--smoke", action="store_true", help="a toy GPT (vocabulary 300, width 16)")
+    parser.add_argument("--loss-only", action="store_true", help="the loss alone in random logits (vocabulary 50,304)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     device = torch.device(args.device)
+    if args.loss_only:
+        report = loss_only(args.sequences, args.tokens, 300 if args.smoke else 50_304, args.repeats, device)
+        print(json.dumps(report, indent=1))
+        return report
     if args.smoke:
         config = gpt_config("gpt2-small", n_layer=1, n_embd=16, n_head=2, vocab_size=300, block_size=args.tokens)
         args.repeats = 1
