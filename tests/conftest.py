@@ -29,7 +29,8 @@ def case(request) -> Case:
 
 @pytest.fixture(scope="session")
 def cifar_case() -> Case:
-    """The 5,100-parameter CIFAR CNN on 6 random images in batches of 4 and 2 (dense Hessian: ~20 s)."""
+    """The 5,100-parameter CIFAR CNN on 6 random images in batches of 4 and 2 (its dense Hessian would take ~20 s:
+    its test takes H V by double backward instead)."""
     torch.manual_seed(0)
     model = toy_networks.cifar_cnn_5k().double()
     x, y = torch.randn(6, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (6,))

@@ -29,12 +29,16 @@ def uneven_shards(world: int) -> list[list[int]]:
     return {1: [[5, 7, 11]], 2: [[5, 7], [11]], 3: [[5, 7, 1], [10], []]}[world]
 
 
+def directions(model: nn.Module) -> torch.Tensor:
+    """The three vectors the products are taken on, the same in every process."""
+    n = sum(p.numel() for p in model.parameters())
+    return torch.randn(n, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+
+
 def single_process_results() -> dict:
     model, loss_fn, x, y = problem()
     data = [(x, y)]
-    V = torch.randn(
-        sum(p.numel() for p in model.parameters()), 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5)
-    )
+    V = directions(model)
     H, G = hessops.Hessian(model, loss_fn, data), hessops.GGN(model, loss_fn, data)
     return {"HV": H @ V, "GV": G @ V, "top5": hessops.eigs(H, 5, "LM", tol=1e-10).values, "V": V}
 
@@ -42,7 +46,9 @@ def single_process_results() -> dict:
 def _init(rank: int, world: int, store: str) -> None:
     """Join the gloo group with the library's timeout ($HESSOPS_DIST_TIMEOUT, else 30 minutes): long enough for
     a rank that a loaded machine slows down; no test waits for it (a failing or dead rank ends the others at
-    once, which the tests check by the collectives each rank ran, not by the clock)."""
+    once, which the tests check by the collectives each rank ran, not by the clock). One thread per rank: two or
+    three ranks of two threads each on a 2-core machine wait on each other's spinning threads."""
+    torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
         init_method=f"file://{store}",
@@ -75,7 +81,7 @@ def products(rank: int, world: int, store: str, out_dir: str) -> None:
         mine = sizes[rank]
         xs, ys = x[start : start + sum(mine)], y[start : start + sum(mine)]
         data = list(zip(xs.split(mine), ys.split(mine))) if mine else []
-        V = single_process_results()["V"]
+        V = directions(model)  # not single_process_results()'s: its products and eigs would all be wasted here
         H, G = hessops.Hessian(model, loss_fn, data), hessops.GGN(model, loss_fn, data)
         assert H.problem.distributed is not None
         result = {"HV": H @ V, "GV": G @ V, "top5": hessops.eigs(H, 5, "LM", tol=1e-10).values}

@@ -21,7 +21,10 @@ from toy_networks import bn_mlp, interrupted_at, mlp
 import hessops
 from hessops.errors import CheckpointMismatchError
 
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+# One thread per child: the test below runs three command-line processes at once, and three processes of torch's
+# default two threads each on a 2-core machine spent 50-75 s on 600 products that take 3 s alone (oversubscribed
+# threads spin-waiting on each other). Each run's result is bit-identical from one run to the next either way.
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
 def mlp_hessian(seed: int) -> hessops.Hessian:
@@ -286,12 +289,26 @@ def _as_a_terminal_foreground_job() -> None:
 
 def _stop_after_first_checkpoint(path, *args: str, how: signal.Signals) -> subprocess.Popen:
     """Run the command with ``--resume path`` and send it ``how`` once ``path`` exists (its first checkpoint)."""
-    process = _run(*args, "--resume", str(path), "--checkpoint-every", "0.2")
+    return _stop_each_after_first_checkpoint({path: (args, how)})[path]
+
+
+def _stop_each_after_first_checkpoint(runs: dict) -> dict:
+    """Start the commands ``{path: (args, how)}`` at once, each with ``--resume path``, and send each its signal
+    ``how`` as soon as its ``path`` exists (its first checkpoint): two runs cost one torch import's wait."""
+    processes = {
+        path: _run(*args, "--resume", str(path), "--checkpoint-every", "0.2") for path, (args, _) in runs.items()
+    }
+    waiting = dict(processes)
     deadline = time.monotonic() + 3600  # a hang guard only: importing torch on a loaded machine can take minutes
-    while not path.exists() and process.poll() is None and time.monotonic() < deadline:
+    while waiting and time.monotonic() < deadline:
+        for path, process in list(waiting.items()):
+            if path.exists() or process.poll() is not None:
+                process.send_signal(runs[path][1])
+                del waiting[path]
         time.sleep(0.005)
-    process.send_signal(how)
-    return process
+    for path, process in waiting.items():
+        process.send_signal(runs[path][1])
+    return processes
 
 
 def test_cli_resumes_after_sigkill_and_ctrl_c(tmp_path):
@@ -301,10 +318,13 @@ def test_cli_resumes_after_sigkill_and_ctrl_c(tmp_path):
     common = ["density", "--num-examples", "200", "--num-probes", "4", "--lanczos-steps", "150", "--grid", "200"]
     common += ["--dtype", "float64", "--no-progress"]
     killed_at, interrupted_at = tmp_path / "killed.ckpt", tmp_path / "interrupted.ckpt"
-    killed = _stop_after_first_checkpoint(killed_at, *common, how=signal.SIGKILL)
+    uninterrupted = _run(*common, "--out", str(tmp_path / "uninterrupted.json"))  # meanwhile, on its own
+    stopped = _stop_each_after_first_checkpoint(
+        {killed_at: (common, signal.SIGKILL), interrupted_at: (common, signal.SIGINT)}
+    )
+    killed, interrupted = stopped[killed_at], stopped[interrupted_at]
     killed.communicate()
     assert killed.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-way"
-    interrupted = _stop_after_first_checkpoint(interrupted_at, *common, how=signal.SIGINT)
     _, err = interrupted.communicate(timeout=3600)
     assert interrupted.returncode == 130 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == (
@@ -317,7 +337,7 @@ def test_cli_resumes_after_sigkill_and_ctrl_c(tmp_path):
     runs = {
         "killed": _run(*common, "--resume", str(killed_at), "--out", str(tmp_path / "killed.json")),
         "interrupted": _run(*common, "--resume", str(interrupted_at), "--out", str(tmp_path / "interrupted.json")),
-        "uninterrupted": _run(*common, "--out", str(tmp_path / "uninterrupted.json")),
+        "uninterrupted": uninterrupted,
     }
     for process in runs.values():
         _, err = process.communicate(timeout=3600)

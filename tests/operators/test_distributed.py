@@ -151,14 +151,15 @@ def test_torchrun_cli_matches_one_process(tmp_path):
         "1e-10",
         "--no-progress",
     ]
-    one = subprocess.run(
-        [sys.executable, *args, "--out", str(tmp_path / "one.json")],
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD_S,
-    )
-    assert one.returncode == 0, one.stderr
+    # both at once, one thread per process (the two runs are independent: one torch import's wait, not two)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.Popen(
+        [sys.executable, *args, "--out", str(tmp_path / "one.json")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     two = subprocess.run(
         [str(torchrun), "--nproc_per_node=2", "--master_port=29547", *args, "--out", str(tmp_path / "two.json")],
         capture_output=True,
@@ -167,6 +168,8 @@ def test_torchrun_cli_matches_one_process(tmp_path):
         env=env,
         cwd=tmp_path,
     )
+    _, one_stderr = one.communicate(timeout=HANG_GUARD_S)
+    assert one.returncode == 0, one_stderr
     assert two.returncode == 0, two.stderr
     single, parallel = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert parallel["settings"]["world_size"] == 2 and parallel["settings"]["num_examples"] == 200
