@@ -158,15 +158,16 @@ class Hessian(CurvatureOperator):
         return self.problem.loss_fn
 
     def _check_head(self, batch: Batch, blocks: list[ParamTree]) -> None:
-        """Validate the closed-form head on a slice of this batch (its first ``TUNE_EXAMPLES`` examples, the first
-        two columns of the first block) against plain double backward, or reuse this process's verdict for
+        """Validate the closed-form head on a slice of this batch (its first examples as the witness takes them,
+        :func:`~hessops.operators.witness.slice_examples`; the first two columns of the first block) against
+        plain double backward, or reuse this process's verdict for
         the model; a head that disagrees is dropped with an :class:`~hessops.errors.HvpFormulationWarning`."""
         problem = self.problem
         key = (str(self.device), self.dtype, problem.names, problem.loss_fn.identity)
         found = softmax_head.earlier(problem.model, key)
         if found is None:
             inputs, targets, examples = split_examples(
-                batch.inputs, batch.targets, batch.size, hvp_tuning.TUNE_EXAMPLES
+                batch.inputs, batch.targets, batch.size, first_order.slice_examples(self)
             )[0]
             block = tuple(t[:2] for t in blocks[0])
 

@@ -230,7 +230,7 @@ class _Gradient(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, u: Tensor):  # noqa: D102
         logits, g, s, upstream = ctx.saved_tensors
-        hu = hessian_product(logits, s, ctx.dim, u) * upstream if ctx.needs_input_grad[0] else None
+        hu = hessian_product(logits, s * upstream, ctx.dim, u) if ctx.needs_input_grad[0] else None
         to_upstream = (u * g).sum().reshape(upstream.shape) if ctx.needs_input_grad[3] else None
         return hu, None, None, to_upstream, None
 
@@ -241,7 +241,8 @@ def hessian_product(logits: Tensor, s: Tensor, dim: int, u: Tensor) -> Tensor:
     extra = u.dim() - logits.dim()
     p = torch.softmax(logits, dim)
     pu = p * u
-    return (pu - p * pu.sum(dim + extra, keepdim=True)) * s
+    # two logit-sized tensors and in-place updates: a fresh logit-sized temporary costs as much as the arithmetic
+    return pu.addcmul_(p, pu.sum(dim + extra, keepdim=True), value=-1).mul_(s)
 
 
 def output_hessian(spec, outputs: Tensor, targets: Any) -> Callable[[Tensor], Tensor] | None:

@@ -4,7 +4,7 @@ Every product formulation is checked against double backward (hessops/operators/
 second derivatives are themselves wrong (weight norm in torch 2.14.1: hessops/operators/_written_out.py,
 docs/torch-pitfalls.md) every formulation agrees on the wrong matrix. First-order autograd and plain forward
 passes are not where torch's bugs are, so on the first product of an operator (:func:`check`) its products
-:math:`C d` on a *slice* (the first :data:`WITNESS_EXAMPLES` examples of the batch at hand; unit directions
+:math:`C d` on a *slice* (the first :func:`slice_examples` examples of the batch at hand; unit directions
 :math:`d` drawn from a fixed seed) are compared with a witness that uses no second derivative:
 
 - Hessian: central differences of the gradient, :math:`D_h = (\nabla L(\theta + h d) - \nabla L(\theta - h d)) / 2h`,
@@ -268,7 +268,7 @@ def check(op, batch) -> WitnessReport | None:
 
 def _run(op, batch) -> WitnessReport | None:
     problem = op.problem
-    inputs, targets, examples = split_examples(batch.inputs, batch.targets, batch.size, WITNESS_EXAMPLES)[0]
+    inputs, targets, examples = split_examples(batch.inputs, batch.targets, batch.size, slice_examples(op))[0]
     if problem.loss_fn.batch_weight(targets, examples) == 0:
         return None
     piece = type(batch)(inputs, targets, examples, batch.index, batch.part, batch.params, batch.constants, problem)
@@ -340,6 +340,13 @@ def agreement(product: Tensor, one: Tensor, two: Tensor, rho: float) -> tuple[fl
 # The measured noise widens the witness's steps (a model computing in float32 inside is that noisy) up to this
 # level: a larger symmetry defect is an asymmetric product, not noise, and must not blunt the check.
 NOISE_STEP_CAP = 1e-6
+
+
+def slice_examples(op) -> int:
+    """How many examples of a batch a first-use check runs on: :data:`WITNESS_EXAMPLES`, or one for an operator of
+    more than :data:`FLOAT64_LIMIT` parameters, where each example's evaluations cost seconds (a check's power does
+    not grow with the slice: every example runs the same layers)."""
+    return WITNESS_EXAMPLES if op.shape[0] <= FLOAT64_LIMIT else 1
 
 
 def in_float64(op) -> bool:
