@@ -44,6 +44,7 @@ from torch.autograd.function import once_differentiable
 
 from hessops.errors import HvpFormulationWarning
 from hessops.operators.hvp_tuning import tolerance
+from hessops.operators.witness import gram_diagonal
 
 KINDS = ("cross_entropy", "next_token")  # the losses written out here (an NLL after a split is cross_entropy)
 FORMULATIONS = ("autograd", "autograd-loop")  # the Hessian's formulations that use it (double backward)
@@ -257,12 +258,13 @@ def output_hessian(spec, outputs: Tensor, targets: Any) -> Callable[[Tensor], Te
 
 
 def relative_error(products: list, reference: list) -> float:
-    """The relative Frobenius distance between two lists of parameter trees (blocks of products), in float64."""
+    """The relative Frobenius distance between two lists of parameter trees (blocks of products), summed in float64
+    a slab at a time (:func:`~hessops.operators.witness.gram_diagonal`)."""
     num = den = 0.0
     for block, ref_block in zip(products, reference):
         for t, r in zip(block, ref_block):
-            num += float((t.double() - r.double()).square().sum())
-            den += float(r.double().square().sum())
+            num += float(gram_diagonal((t - r).reshape(1, -1)).sum())
+            den += float(gram_diagonal(r.reshape(1, -1)).sum())
     if den == 0.0:
         return 0.0 if num == 0.0 else float("inf")
     return (num / den) ** 0.5
