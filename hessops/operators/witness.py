@@ -142,10 +142,16 @@ def shifted(params: ParamTree, direction: ParamTree, h: float) -> ParamTree:
     return tuple(torch.add(p, d, alpha=h) for p, d in zip(params, direction))
 
 
-def central(fn: Callable[[float], Tensor], h: float) -> Tensor:
-    """``(fn(h) - fn(-h)) / 2h``: the central difference of ``fn`` along the step ``h``, in place in ``fn(h)``'s
-    result (no parameter-sized temporaries: at 124M parameters each one costs a second of fresh pages)."""
-    return fn(h).sub_(fn(-h)).div_(2 * h)
+def central(fn: Callable[[float], Tensor | ParamTree], h: float) -> Tensor | ParamTree:
+    """``(fn(h) - fn(-h)) / 2h``: the central difference of ``fn`` (a tensor, or a tuple of tensors) along the step
+    ``h``, in place in ``fn(h)``'s fresh result (no parameter-sized temporaries: at 124M parameters each one costs
+    a second of fresh pages)."""
+    plus, minus = fn(h), fn(-h)
+    if isinstance(plus, tuple):
+        for a, b in zip(plus, minus):
+            a.sub_(b).div_(2 * h)
+        return plus
+    return plus.sub_(minus).div_(2 * h)
 
 
 def tree_norm(tree: ParamTree) -> float:
@@ -213,16 +219,16 @@ class Probe:
         self.backwards = 0
         self._linearized: tuple | None = None
 
-    def gradient(self, batch, params: ParamTree) -> Tensor:
+    def gradient(self, batch, params: ParamTree) -> ParamTree:
         """:math:`\\nabla_\\theta L_b(\\theta)` at ``params`` on ``batch`` (a
-        :class:`~hessops.operators.Batch`), flat."""
+        :class:`~hessops.operators.Batch`), leaf by leaf in the flat order (not concatenated: a parameter-sized
+        copy per evaluation)."""
         self.evaluations += 1
         self.backwards += 1
         with torch.enable_grad():
             p = tuple(t.detach().requires_grad_() for t in params)
             loss = batch.loss(batch.outputs(p))
-            grads = torch.autograd.grad(loss, p, allow_unused=True, materialize_grads=True)
-        return torch.cat([g.reshape(-1) for g in grads])
+            return tuple(torch.autograd.grad(loss, p, allow_unused=True, materialize_grads=True))
 
     def outputs(self, batch, params: ParamTree, model: nn.Module) -> Tensor:
         """The outputs of ``model`` (sharing the operator's parameter names) at ``params`` on ``batch``."""
@@ -329,23 +335,35 @@ def _compare(op, probe: Probe, witness, blocks: list[ParamTree], products: Tenso
     return verdicts
 
 
-def agreement(product: Tensor, one: Tensor, two: Tensor, rho: float) -> tuple[float, float, float]:
+def agreement(
+    product: Tensor, one: Tensor | ParamTree, two: Tensor | ParamTree, rho: float
+) -> tuple[float, float, float]:
     r"""How far ``product`` :math:`Cd` is from the witness :math:`W = (4D_h - D_{2h})/3` of the central differences
-    ``one`` :math:`D_h` and ``two`` :math:`D_{2h}`, and how far it may be: ``(error, allowed, fd_error)``, each
+    ``one`` :math:`D_h` and ``two`` :math:`D_{2h}` (flat, or leaf by leaf in the flat order), and how far it may
+    be: ``(error, allowed, fd_error)``, each
     relative to :math:`\lVert W\rVert`, with ``allowed`` :math:`= 10e + \rho \max(\lVert W\rVert,
     \lVert Cd\rVert)` and ``fd_error`` :math:`= e = \lVert D_h - D_{2h}\rVert`; computed in float64, a slab of
     entries at a time."""
     sums = torch.zeros(4, dtype=torch.float64, device=product.device)  # |W|², |Cd|², |D_h - D_2h|², |Cd - W|²
-    product, one, two = product.reshape(-1), one.reshape(-1), two.reshape(-1)
-    for start in range(0, product.numel(), SLAB):
-        piece = slice(start, start + SLAB)
-        d_h, d_2h, c = one[piece].double(), two[piece].double(), product[piece].double()
-        w = (4 * d_h - d_2h) / 3
-        sums += torch.stack([w.square().sum(), c.square().sum(), (d_h - d_2h).square().sum(), (c - w).square().sum()])
+    ones, twos = _pieces(one), _pieces(two)
+    products = product.reshape(-1).split([t.numel() for t in ones])
+    for leaf_product, leaf_one, leaf_two in zip(products, ones, twos):
+        for start in range(0, leaf_product.numel(), SLAB):
+            piece = slice(start, start + SLAB)
+            d_h, d_2h, c = leaf_one[piece].double(), leaf_two[piece].double(), leaf_product[piece].double()
+            w = (4 * d_h - d_2h) / 3
+            sums += torch.stack(
+                [w.square().sum(), c.square().sum(), (d_h - d_2h).square().sum(), (c - w).square().sum()]
+            )
     w_norm, c_norm, fd_error, error = (float(x) for x in sums.sqrt())
     allowed = SAFETY * fd_error + rho * max(w_norm, c_norm)
     scale = max(w_norm, torch.finfo(torch.float64).tiny)
     return error / scale, allowed / scale, fd_error / scale
+
+
+def _pieces(x: Tensor | ParamTree) -> list[Tensor]:
+    """A flat tensor, or a tuple of tensors in the flat order, as a list of flat pieces (views)."""
+    return [t.reshape(-1) for t in x] if isinstance(x, tuple) else [x.reshape(-1)]
 
 
 # The measured noise widens the witness's steps (a model computing in float32 inside is that noisy) up to this
