@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import toy_networks
 from cases import Case, make_case, split
 from torch import nn
 
-torch.set_num_threads(2)
+# `make test` runs the suite in two pytest-xdist workers, one per core: each computes on one thread (and so do the
+# processes its tests start), so that the two never stall on a shared core. Run alone, pytest computes on two.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session", autouse=True)
