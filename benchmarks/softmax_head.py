@@ -30,6 +30,7 @@ import torch
 
 import hessops
 from benchmarks.memory import peak_bytes
+from benchmarks.peers import interleaved_times, timer
 from hessops.numerics import norm
 from hessops.operators.losses import next_token_cross_entropy
 from hessops.zoo.lm import GPT, gpt_config
@@ -62,12 +63,7 @@ def loss_only(sequences: int, tokens: int, vocabulary: int, repeats: int, device
     methods = {"grad": gradient, "plain": plain, "closed form": closed}
     for work in methods.values():
         work()
-    times: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(repeats):
-        for name, work in methods.items():
-            began = time.perf_counter()
-            work()
-            times[name].append(time.perf_counter() - began)
+    times = interleaved_times(methods, repeats, timer(device))
     medians = {name: statistics.median(t) for name, t in times.items()}
     peaks = {name: peak_bytes(work, device) for name, work in methods.items()}
     reference = plain()
@@ -137,12 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     warm["plain"] = time.perf_counter() - began
     os.environ.pop("HESSOPS_SOFTMAX_HEAD")
     methods = {"grad": gradient, "plain": plain_product, "head": lambda: head @ v}
-    times: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(args.repeats):
-        for name, work in methods.items():
-            began = time.perf_counter()
-            work()
-            times[name].append(time.perf_counter() - began)
+    times = interleaved_times(methods, args.repeats, timer(device))
     medians = {name: statistics.median(t) for name, t in times.items()}
     peaks = {name: peak_bytes(work, device) for name, work in methods.items()}
     with_head, without = head @ v, plain_product()
