@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -160,8 +161,9 @@ class Hessian(CurvatureOperator):
     def _check_head(self, batch: Batch, blocks: list[ParamTree]) -> None:
         """Validate the closed-form head on a slice of this batch (its first examples as the witness takes them,
         :func:`~hessops.operators.witness.slice_examples`; the first two columns of the first block) against
-        plain double backward, or reuse this process's verdict for
-        the model; a head that disagrees is dropped with an :class:`~hessops.errors.HvpFormulationWarning`."""
+        plain double backward, or reuse this process's verdict for the model; a head that disagrees is dropped
+        with an :class:`~hessops.errors.HvpFormulationWarning`. After :data:`~hessops.operators.softmax_head.TRIES`
+        slices that decide nothing (no counted target), the plain loss is kept without a check."""
         problem = self.problem
         key = (str(self.device), self.dtype, problem.names, problem.loss_fn.identity)
         found = softmax_head.earlier(problem.model, key)
@@ -183,8 +185,12 @@ class Hessian(CurvatureOperator):
                 examples=examples,
                 columns=block[0].shape[0],
             )
-            if found is None:  # the slice decides nothing: the next batch is tried
-                return
+            if found is None:  # the slice decides nothing: the next batch is tried, up to TRIES of them
+                tries = problem.memo["softmax_head_tries"] = problem.memo.get("softmax_head_tries", 0) + 1
+                if tries < softmax_head.TRIES:
+                    return
+                found = softmax_head.HeadCheck(False, math.nan, tolerance=0.0)  # undecided: the plain loss
+            softmax_head.remember(problem.model, key, found)
             softmax_head.remember(problem.model, key, found)
         problem.memo["softmax_head"] = found
 

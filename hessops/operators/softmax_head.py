@@ -47,6 +47,7 @@ from hessops.operators.hvp_tuning import tolerance
 from hessops.operators.witness import gram_diagonal
 
 KINDS = ("cross_entropy", "next_token")  # the losses written out here (an NLL after a split is cross_entropy)
+TRIES = 3  # slices that decide nothing (no counted target) before the Hessian keeps the plain loss unchecked
 FORMULATIONS = ("autograd", "autograd-loop")  # the Hessian's formulations that use it (double backward)
 # The verdict for a model in this process: model -> {key: HeadCheck}, held weakly (it dies with the model).
 _CHECKED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, HeadCheck]] = weakref.WeakKeyDictionary()
