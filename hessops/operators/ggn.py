@@ -92,7 +92,9 @@ class GGN(JacobianSandwich):
 
     def _output_operator(self, outputs: Tensor, batch: Batch):
         loss_fn, targets = self.output_loss, batch.targets
-        closed = softmax_head.output_hessian(loss_fn, outputs, targets) if softmax_head.applies(loss_fn) else None
+        refused = self.softmax_head is not None and not self.softmax_head.passed
+        wanted = softmax_head.applies(loss_fn) and not refused  # a refused head's coefficients are not computed
+        closed = softmax_head.output_hessian(loss_fn, outputs, targets) if wanted else None
         if closed is not None:
             if self.softmax_head is None:
                 found = self._check_head(closed, outputs, batch)

@@ -129,7 +129,7 @@ class Hessian(CurvatureOperator):
         def loss_on(inputs: Any, targets: Any, mode: str = _hvp.REFERENCE):
             return _batch_loss(problem, batch, inputs, targets, self._loss_for(mode))
 
-        if softmax_head.applies(problem.loss_fn) and self.softmax_head is None:
+        if self.softmax_head is None and softmax_head.applies(problem.loss_fn):  # until the check has decided
             self._check_head(batch, blocks)
         kind = _kind(blocks[0][0].shape[0] if len(blocks) == 1 else 2)
         if not self._settled(kind) and not self._tuning_deferred(kind):
