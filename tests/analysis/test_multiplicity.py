@@ -63,11 +63,16 @@ def test_extreme_values_with_multiplicity(case, dtype, test):
     spectrum, which, k = CASES[case]
     op, truth, _ = operator(spectrum, dtype)
     # float32: verified residuals of a 6-fold null space reach ~3e-3 × max|λ| (estimates say 1e-7), so the strict
-    # value test is 1e-3 there; 1e-4 ends converged=False, as it should, with bounds that still cover the truth
+    # value test is 1e-3 there; 1e-4 ends converged=False, as it should, with bounds that still cover the truth.
+    # Even 1e-3 is the edge there: its bounds measured below it on an AMD EPYC and 1.3-2e-3 × max|λ| on an Intel Xeon
+    # (BLAS rounds differently by CPU and thread count), so that case may end converged=False, with its warning.
     strict = 1e-8 if dtype == torch.float64 else (1e-4 if test == "tol" else 1e-3)
     options = {"tol": strict} if test == "tol" else {"value_tol": strict}
-    result = hessops.eigs(op, k, which, **options)
-    assert result.converged, result
+    edge = dtype == torch.float32 and case == "null space" and test == "value_tol"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = hessops.eigs(op, k, which, **options)
+    assert result.converged or (edge and any("eigs stopped" in str(w.message) for w in caught)), result
     check_promise(result, truth, k, which, dtype)
 
 
