@@ -57,7 +57,10 @@ def test_spectrum_to_dict(hessian):
         "seconds",
         "basis",
         "check_runs",
+        "block_size",
+        "restarts",
     }
+    assert (d["block_size"], d["restarts"]) == (s.block_size, s.restarts) == (1, 0)
     assert d["check_runs"] == s.checks >= 1  # the deflated restart check ran, and the dict says how often
     assert d["basis"] == s.basis == "device"  # auto: a small basis stays on the device
     assert d["eigenvalues"] == s.values.tolist() and d["residuals"] == s.residuals.tolist()

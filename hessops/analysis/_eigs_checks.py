@@ -11,10 +11,11 @@ import torch
 from torch import Tensor
 
 from hessops._cola import cola
-from hessops.analysis._eigs_runs import _distinct, _Found, _select, _Settings
+from hessops.analysis._eigs_runs import _distinct, _Found, _krylov, _select, _Settings
+from hessops.linalg.block_lanczos import BlockState
 from hessops.linalg.checkpoint import open_checkpoint, tensor_digest
 from hessops.linalg.deflation import Complement
-from hessops.linalg.lanczos import LanczosState, lanczos
+from hessops.linalg.lanczos import LanczosState
 from hessops.numerics import column_norms
 
 # a check run is long enough for a missing eigenvector whose start weight is this fraction of the typical 1/√n
@@ -112,6 +113,7 @@ def _check_runs(
         vectors = state.ritz_vectors(S[:, new]) if bool(new.any()) else None
         found.checks, found.steps, found.n_matvecs = found.checks + 1, found.steps + state.steps, found.n_matvecs
         found.n_matvecs += state.n_matvecs
+        found.restarts += state.restarts if isinstance(state, BlockState) else 0
         state.close()
         if vectors is None:
             found.finished = stopped
@@ -130,15 +132,16 @@ def _check_run(
     round: int,
     checkpoint: str | os.PathLike | None,
     every: float,
-) -> tuple[LanczosState, bool]:
+) -> tuple[LanczosState | BlockState, bool]:
     """One check run: Lanczos from a seeded random start on the complement of the pairs found, for at least
     :func:`check_steps` steps and until its Ritz values whose interval reaches beyond the ``k``-th found value
     pass the test. Returns the run and whether that test passed (rather than the step cap)."""
     test, n, m = settings.test, op.shape[0], found.vectors.shape[1]
     complement = Complement(op, found.vectors, _inside(found, settings.which))
     generator = torch.Generator(device="cpu").manual_seed(settings.seed + 104729 * round)
-    start = complement.project(torch.randn(n, 1, generator=generator, dtype=op.dtype).to(op.device))
-    fewest = min(check_steps(n), n - m)
+    width = min(settings.block, n - m)
+    start = complement.project(torch.randn(n, width, generator=generator, dtype=op.dtype).to(op.device))
+    fewest = min(max(check_steps(n), width), n - m)
 
     def settled(state: LanczosState) -> bool:
         if state.steps < fewest:
@@ -161,17 +164,16 @@ def _check_run(
         deflated=tensor_digest(found.vectors),
         basis=settings.basis,
     )
-    state = lanczos(
+    state = _krylov(
         complement,
         start,
         min(settings.max_iters, n - m),
-        stop=settled,
-        seed=settings.seed + round,
-        progress=settings.progress,
-        description=f"eigs {settings.which} check {round}",
-        basis=settings.basis,
-        basis_path=None if settings.basis_path is None else f"{os.fspath(settings.basis_path)}.check{round}",
-        checkpoint=saving,
+        settled,
+        settings,
+        settings.seed + round,
+        f"eigs {settings.which} check {round}",
+        None if settings.basis_path is None else f"{os.fspath(settings.basis_path)}.check{round}",
+        saving,
     )
     return state, settled(state)
 

@@ -14,7 +14,8 @@ from torch import Tensor
 
 from hessops._cola import cola
 from hessops.linalg.basis import ghost_masks
-from hessops.linalg.bounds import error_bounds, product_noise, rounding
+from hessops.linalg.block_lanczos import BlockState, block_lanczos
+from hessops.linalg.bounds import cluster_residuals, error_bounds, product_noise, rounding
 from hessops.linalg.lanczos import LanczosState, lanczos, ritz
 from hessops.numerics import column_norms, inner_products
 
@@ -35,10 +36,18 @@ class _Test:
         """How far rounding in the products moves an eigenvalue, relative to ``max|θ|``."""
         return rounding(self.eps, product_noise(self.op))
 
-    def meets(self, theta: Tensor, residuals: Tensor, scale: float, weyl: bool = False) -> Tensor:
-        """Which Ritz values pass the test on their residuals (all values set the gaps); ``weyl``: bound the
-        values by their residuals alone, as a run without a basis reports them."""
+    def meets(
+        self, theta: Tensor, residuals: Tensor, scale: float, weyl: bool = False, wanted: Tensor | None = None
+    ) -> Tensor:
+        """Which Ritz values pass the test on their residuals (all values set the gaps); ``weyl``: bound the values
+        by their residuals alone, as a run without a basis reports them. With ``tol`` and the ``wanted`` indices,
+        the wanted values of a cluster pass together, on :func:`~hessops.linalg.bounds.cluster_residuals`: the
+        verifying Rayleigh–Ritz step may rotate copies of a repeated eigenvalue among themselves (a block run finds
+        them together) and share their residuals out unevenly."""
         if self.value_tol is None:
+            if wanted is not None and not weyl:
+                residuals = residuals.clone()
+                residuals[wanted] = cluster_residuals(theta[wanted], residuals[wanted])
             return residuals <= self.tol * scale
         return self.bounds(theta, residuals, scale, weyl) <= self.value_tol * scale
 
@@ -62,6 +71,14 @@ class _Settings:
     progress: bool
     basis: str
     basis_path: str | os.PathLike | None
+    block: int = 1
+    capacity: int | None = None
+
+    @property
+    def blocked(self) -> bool:
+        """Whether the runs are block Lanczos runs (:mod:`hessops.linalg.block_lanczos`): several vectors a step,
+        or a basis of bounded size that restarts thick."""
+        return self.block > 1 or self.capacity is not None
 
 
 @dataclass
@@ -89,6 +106,7 @@ class _Found:
     checks: int = 0
     finished: bool = True
     estimated: bool = True
+    restarts: int = 0
 
 
 def _select(theta: Tensor, k: int, which: str) -> Tensor:
@@ -154,20 +172,11 @@ def _first_run(op: cola.ops.LinearOperator, start: Tensor, settings: _Settings, 
         residuals[rest] = residuals[rest].clamp_min(float(residuals[wanted].max()))
         # Without a basis the values are reported with Weyl's bound: stop on the same test, or the run would stop
         # where the Kato-Temple bound passes and report that it has not converged.
-        meets = test.meets(theta, residuals, _scale(theta), weyl=state.mode == "none")
+        meets = test.meets(theta, residuals, _scale(theta), weyl=state.mode == "none", wanted=wanted)
         return bool(meets[wanted].all())
 
-    state = lanczos(
-        op,
-        start,
-        settings.max_iters,
-        stop=estimated,
-        seed=settings.seed,
-        progress=settings.progress,
-        description=f"eigs {which}",
-        basis=settings.basis,
-        basis_path=settings.basis_path,
-        checkpoint=saving,
+    state = _krylov(
+        op, start, settings.max_iters, estimated, settings, settings.seed, f"eigs {which}", settings.basis_path, saving
     )
     met = estimated(state)
     theta, S, estimates = _distinct(state, test)
@@ -189,10 +198,52 @@ def _first_run(op: cola.ops.LinearOperator, start: Tensor, settings: _Settings, 
         low=float(theta.min()),
         high=float(theta.max()),
         estimated=met,
+        restarts=state.restarts if isinstance(state, BlockState) else 0,
     )
     if state.mode == "none":
         _deduplicate(found)
     return found
+
+
+def _krylov(
+    op: cola.ops.LinearOperator,
+    start: Tensor,
+    max_steps: int,
+    stop,
+    settings: _Settings,
+    seed: int,
+    description: str,
+    basis_path,
+    checkpoint,
+) -> LanczosState | BlockState:
+    """One Lanczos run of :func:`eigs` from the ``(n, b)`` block ``start``: single-vector Lanczos
+    (:func:`hessops.linalg.lanczos.lanczos`, ``b = 1``) or, when the settings ask for blocks or a bounded basis,
+    block Lanczos with thick restarts keeping the Ritz vectors at the wanted end."""
+    if not settings.blocked:
+        return lanczos(
+            op,
+            start,
+            max_steps,
+            stop=stop,
+            seed=seed,
+            progress=settings.progress,
+            description=description,
+            basis=settings.basis,
+            basis_path=basis_path,
+            checkpoint=checkpoint,
+        )
+    return block_lanczos(
+        op,
+        start,
+        max_steps,
+        capacity=settings.capacity or max_steps,
+        keep=lambda theta, count: _select(theta, count, settings.which),
+        wanted=settings.k,
+        stop=stop,
+        seed=seed,
+        progress=settings.progress,
+        description=description,
+    )
 
 
 def _deduplicate(found: _Found) -> None:

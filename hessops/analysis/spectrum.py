@@ -29,6 +29,8 @@ from hessops.numerics import column_norms, inner_products, orthonormal_basis
 
 WHICH = constants.WHICH
 MIN_BASIS_STEPS = 40  # with basis='auto', the default max_iters is capped at what fits in memory, if at least this
+# with basis='auto', a run whose default steps' basis does not fit restarts thick in what fits, if at least this
+MIN_RESTART_SIZE = 8
 
 
 @dataclass
@@ -52,7 +54,9 @@ class Spectrum:
         n_matvecs: the operator products used (columns; the check runs' included).
         seconds: the wall time.
         basis: where the Lanczos basis lived (:mod:`hessops.linalg.basis`).
-        checks: the deflated check runs made."""
+        checks: the deflated check runs made.
+        block_size: the vectors multiplied per Lanczos step (1: single-vector Lanczos).
+        restarts: the thick restarts made (a basis of bounded size: ``basis_size``)."""
 
     values: Tensor
     vectors: Tensor
@@ -67,6 +71,8 @@ class Spectrum:
     seconds: float
     basis: str = "device"
     checks: int = 0
+    block_size: int = 1
+    restarts: int = 0
 
     def __iter__(self):
         return iter((self.values, self.vectors))
@@ -93,7 +99,8 @@ class Spectrum:
 
         Returns:
             ``eigenvalues``, ``residuals``, ``error_bounds``, ``which``, ``converged``, ``verified``,
-            ``lanczos_steps``, ``n_matvecs``, ``seconds``, ``basis``, ``check_runs``."""
+            ``lanczos_steps``, ``n_matvecs``, ``seconds``, ``basis``, ``check_runs``, ``block_size``,
+            ``restarts``."""
         return {
             "eigenvalues": self.values.tolist(),
             "residuals": self.residuals.tolist(),
@@ -106,6 +113,8 @@ class Spectrum:
             "seconds": self.seconds,
             "basis": self.basis,
             "check_runs": self.checks,
+            "block_size": self.block_size,
+            "restarts": self.restarts,
         }
 
 
@@ -126,6 +135,8 @@ def eigs(
     basis_path: str | os.PathLike | None = None,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: float = 60.0,
+    block_size: int = 1,
+    basis_size: int | None = None,
 ) -> Spectrum:
     """The ``k`` extreme eigenpairs of a self-adjoint operator, with multiplicity, by Lanczos with full
     re-orthogonalization and a deflated restart check.
@@ -161,10 +172,19 @@ def eigs(
     ``i``-th extreme eigenvalue, counted with multiplicity. ``converged`` is ``False``, with a
     ``RuntimeWarning``, otherwise.
 
-    **Memory**: the ``n × steps`` basis of the steps actually taken, where ``basis`` says. With ``"none"`` nothing
-    is re-orthogonalized: the Ritz values are deduplicated by the Cullum–Willoughby test
-    (:func:`hessops.linalg.basis.cullum_willoughby`), the vectors cost a second pass of the same products, and the
-    bounds are Weyl's (the residuals).
+    **Memory**: the ``n × steps`` basis of the steps actually taken, where ``basis`` says. With ``basis_size`` the
+    basis holds at most that many vectors: when it is full the run restarts thick (Wu & Simon 2000), keeping the
+    Ritz vectors nearest the wanted end, and goes on to ``max_iters`` products
+    (:mod:`hessops.linalg.block_lanczos`). With ``basis="auto"`` and the default ``max_iters``, a run whose basis
+    would not fit in half of the free memory restarts in a basis of what fits (a checkpointed run instead caps its
+    steps there, or keeps no basis). With ``"none"`` nothing is re-orthogonalized: the Ritz values are
+    deduplicated by the Cullum–Willoughby test (:func:`hessops.linalg.basis.cullum_willoughby`), the vectors cost
+    a second pass of the same products, and the bounds are Weyl's (the residuals).
+
+    **Blocks**: ``block_size = b`` multiplies ``b`` vectors a step (block Lanczos, Golub & Underwood 1977): each
+    run then finds up to ``b`` copies of a repeated eigenvalue, and a step costs one product of ``b`` columns,
+    which pays where such a product costs little more than one column (a GPU a single product leaves idle, a small
+    model). ``steps`` and ``max_iters`` count vectors, ``b`` a step.
 
     Args:
         op: the self-adjoint operator (annotated ``cola.SelfAdjoint``), of size ``n``.
@@ -191,6 +211,12 @@ def eigs(
             (:mod:`hessops.linalg.checkpoint`; each check run saves to the same path plus ``.check1``, ``.check2``,
             …).
         checkpoint_every: seconds between two saves of ``checkpoint``.
+        block_size: the vectors multiplied per Lanczos step (block Lanczos above); the first is ``start`` or the
+            seeded one, the others seeded Gaussian.
+        basis_size: the most vectors the basis holds (at least ``k + 2·block_size``); a full basis restarts thick.
+            ``None``: as many as the steps, except where ``basis="auto"`` restarts in what fits. Neither
+            ``block_size > 1`` nor ``basis_size`` takes a ``checkpoint`` or a ``basis`` other than ``"auto"`` or
+            ``"device"``.
 
     Returns:
         The :class:`Spectrum`: ``k`` values in the order ``which`` asks, their vectors ``(n, k)``, residuals,
@@ -203,8 +229,9 @@ def eigs(
         CheckpointMismatchError: ``checkpoint`` holds another run.
     """
     settings = _settings(op, k, which, tol, value_tol, max_iters, seed, verify, check, progress, basis, basis_path)
+    _restarting(settings, op, block_size, basis_size, max_iters, checkpoint is not None)
     settings.given_start = start is not None
-    start = _start(op, start, settings.seed)
+    start = _start(op, start, settings.seed, settings.block)
     saving = open_checkpoint(
         checkpoint,
         checkpoint_every,
@@ -271,12 +298,56 @@ def _settings(op, k, which, tol, value_tol, max_iters, seed, verify, check, prog
     )
 
 
-def _start(op: cola.ops.LinearOperator, start: Tensor | None, seed: int) -> Tensor:
-    """The first run's start vector ``(n, 1)``: ``start`` checked, or a seeded Gaussian one."""
+def _start(op: cola.ops.LinearOperator, start: Tensor | None, seed: int, block: int = 1) -> Tensor:
+    """The first run's start block ``(n, block)``: ``start`` checked, or a seeded Gaussian vector, then seeded
+    Gaussian columns for the rest of a block."""
     n = op.shape[0]
+    generator = torch.Generator(device="cpu").manual_seed(seed)
     if start is None:
-        start = torch.randn(n, generator=torch.Generator(device="cpu").manual_seed(seed), dtype=op.dtype)
-    return _checked_start(start, n).reshape(n, 1).to(device=op.device, dtype=op.dtype)
+        start = torch.randn(n, generator=generator, dtype=op.dtype)
+    start = _checked_start(start, n).reshape(n, 1).to(device=op.device, dtype=op.dtype)
+    if block == 1:
+        return start
+    rest = torch.randn(n, block - 1, generator=generator, dtype=op.dtype).to(op.device)
+    return torch.cat([start, rest], dim=1)
+
+
+def _restarting(
+    settings: _Settings, op: cola.ops.LinearOperator, block_size, basis_size, max_iters, checkpoint: bool
+) -> None:
+    """Check :func:`eigs`' ``block_size`` and ``basis_size`` into ``settings``; with neither given, ``basis="auto"``
+    and the default ``max_iters``, restart thick in a basis of what fits in memory when the default steps' would
+    not fit (a checkpointed run keeps the single-vector Lanczos it can resume, capped or without a basis). A
+    restarted run's ``max_iters`` is not capped at ``n``: restarts may need more products than the space has
+    dimensions."""
+    n, k, default_steps = op.shape[0], settings.k, max_iters is None
+    settings.block = integer("block_size", block_size, minimum=1)
+    if settings.block > n:
+        raise InvalidArgumentError(f"block_size={block_size} must be at most the operator's size {n}")
+    if basis_size is not None:
+        fewest = min(n, k + 2 * settings.block)
+        settings.capacity = min(integer("basis_size", basis_size, minimum=fewest), n)
+    elif settings.block == 1 and default_steps and settings.basis == "auto" and not checkpoint:
+        fit, default = steps_in_memory(n, 1, op.dtype, op.device), min(n, max(300, 20 * k))
+        if max(MIN_RESTART_SIZE, k + 2) <= fit < default:
+            settings.capacity = fit
+    if not settings.blocked:
+        return
+    if settings.capacity is not None and settings.capacity < n:
+        settings.max_iters = max(300, 20 * k) if default_steps else max_iters
+    if settings.basis not in ("auto", "device"):
+        raise InvalidArgumentError(
+            f"basis={settings.basis!r} with block_size={block_size} or basis_size={basis_size}: block Lanczos keeps "
+            "its basis on the operator's device (basis='auto' or 'device'); a bounded basis_size is how it fits "
+            "there"
+        )
+    if checkpoint:
+        raise InvalidArgumentError(
+            f"checkpoint with block_size={block_size} or basis_size={basis_size}: only single-vector Lanczos without "
+            "restarts saves checkpoints; leave block_size and basis_size out to resume a run"
+        )
+    if settings.block > 1 and settings.max_iters < settings.block:
+        raise InvalidArgumentError(f"max_iters={settings.max_iters} is less than block_size={settings.block}")
 
 
 def _finish(op: cola.ops.LinearOperator, found: _Found, settings: _Settings, began: float) -> Spectrum:
@@ -312,6 +383,8 @@ def _finish(op: cola.ops.LinearOperator, found: _Found, settings: _Settings, beg
         seconds=time.perf_counter() - began,
         basis=found.mode,
         checks=found.checks,
+        block_size=settings.block,
+        restarts=found.restarts,
     )
 
 

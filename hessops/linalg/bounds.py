@@ -58,6 +58,17 @@ def error_bounds(theta: Tensor, residuals: Tensor, rounding: float = 0.0, gaps: 
     return torch.minimum(alone, _kato_temple(rho, nearest[cluster])) + rounding
 
 
+def cluster_residuals(theta: Tensor, residuals: Tensor) -> Tensor:
+    """For each value, ``ρ_C = (Σ_{i∈C} r_i²)^{1/2}`` over its cluster ``C`` (values whose intervals ``θ ± r``
+    overlap): the norm bound of the cluster's residual matrix, and so of the residual of any unit vector in the
+    span of the cluster's Ritz vectors. A Rayleigh–Ritz step may rotate copies of a repeated eigenvalue among
+    themselves; each rotated residual stays below ``ρ_C``, not below the largest ``r_i``."""
+    if theta.shape[0] < 2:
+        return residuals
+    cluster = _clusters(theta, residuals)
+    return torch.zeros(theta.shape[0], dtype=residuals.dtype).index_add_(0, cluster, residuals**2).sqrt()[cluster]
+
+
 def _kato_temple(residuals: Tensor, gap: Tensor) -> Tensor:
     """``min(r, r² / gap)``, or ``r`` where the gap is not positive or unknown (no other value: infinite)."""
     usable = (gap > 0) & torch.isfinite(gap)

@@ -98,6 +98,14 @@ class LanczosState:
             )
         return vectors
 
+    def ritz(self, p: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """Ritz values ``θ`` (ascending), the eigenvectors ``S`` of ``T_p``, and the residual estimates
+        ``|β_m · S[m-1, i]|`` (``‖A y_i − θ_i y_i‖`` for the Ritz vector ``y_i = Q_p S[:, i]``, exact in exact
+        arithmetic)."""
+        theta, S = torch.linalg.eigh(self.tridiagonal(p))
+        residuals = (self.betas[-1, p] * S[-1, :]).abs()
+        return theta, S, residuals
+
     def close(self) -> None:
         """Release the basis (a temporary disk file is deleted)."""
         self.storage.close()
@@ -333,10 +341,8 @@ def _cpu64(values: list[Tensor]) -> Tensor:
     return torch.stack(values).to(device="cpu", dtype=torch.float64)
 
 
-def ritz(state: LanczosState, p: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-    """Ritz values ``θ`` (ascending), the eigenvectors ``S`` of ``T_p``, and the residual estimates
-    ``|β_m · S[m-1, i]|`` (``‖A y_i − θ_i y_i‖`` for the Ritz vector ``y_i = Q_p S[:, i]``, exact in exact
-    arithmetic)."""
-    theta, S = torch.linalg.eigh(state.tridiagonal(p))
-    residuals = (state.betas[-1, p] * S[-1, :]).abs()
-    return theta, S, residuals
+def ritz(state, p: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Ritz values ``θ`` (ascending), the eigenvectors ``S`` of the projected matrix, and the residual estimates
+    of run ``p`` of a :class:`LanczosState` or a :class:`~hessops.linalg.block_lanczos.BlockState` (their
+    ``ritz``)."""
+    return state.ritz(p)

@@ -134,24 +134,27 @@ def test_basin_volume_checks_c_and_names_one_that_works(mlp_hessian):
 
 
 def test_basin_volume_refuses_a_smallest_eigenvalue_that_has_not_converged(monkeypatch):
-    """Memory for a basis of only 40 steps (basis="auto" caps the check's eigs run there): the run stops unconverged
-    at 0.25 ± 1.4 while λ_min = −10. Its bound cannot clear c = 2 (H + 2I has the eigenvalue −8), but before the
-    convergence check 0.25 − 1.4 + 2 > 0 passed. Now it is refused, naming the fixes; with the steps raised the
-    run finds −10 and c = 2 is refused as too small, c = 12 accepted."""
+    """The check's eigs run capped at 40 steps (``eigs_max_iters``; before thick restarts, basis="auto" capped it
+    there when memory held 40 steps): the run stops unconverged at 0.25 ± 1.4 while λ_min = −10. Its bound cannot
+    clear c = 2 (H + 2I has the eigenvalue −8), but before the convergence check 0.25 − 1.4 + 2 > 0 passed. Now it
+    is refused, naming the fixes; with the steps raised the run finds −10 and c = 2 is refused as too small, c = 12
+    accepted. Memory for only 40 steps now restarts thick in them and finds −10 too."""
     H, spectrum = hidden_bottom()
     n = H.shape[0]
-    monkeypatch.setattr(hessops.linalg.basis, "free_device_bytes", lambda device: 2 * 40 * n * 8)
     with (
         pytest.warns(RuntimeWarning, match="eigs stopped after 40 Lanczos steps"),
         pytest.raises(hessops.NotPositiveDefiniteError, match="stopped after 40 steps without converging") as error,
     ):
-        hessops.basin_volume(H, threshold=1.0, c=2.0)
+        hessops.basin_volume(H, threshold=1.0, c=2.0, eigs_max_iters=40)
     for fix in ("raise eigs_max_iters", "smallest_eigenvalue=", "larger c", "check_c=False"):
         assert fix in str(error.value)
     with pytest.raises(hessops.NotPositiveDefiniteError, match=r"smallest eigenvalue is -(9\.9|10)"):
         hessops.basin_volume(H, threshold=1.0, c=2.0, eigs_max_iters=n)
     volume = hessops.basin_volume(H, threshold=1.0, c=12.0, eigs_max_iters=n)
     assert abs(volume.smallest_eigenvalue + 10) <= volume.smallest_eigenvalue_bound
+    monkeypatch.setattr(hessops.linalg.basis, "free_device_bytes", lambda device: 2 * 40 * n * 8)
+    with pytest.raises(hessops.NotPositiveDefiniteError, match=r"smallest eigenvalue is -(9\.9|10)"):
+        hessops.basin_volume(H, threshold=1.0, c=2.0)
     assert volume.half_logdet == pytest.approx(0.5 * float((spectrum + 12).log().sum()), rel=1e-10)
 
 

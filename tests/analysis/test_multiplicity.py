@@ -87,6 +87,34 @@ def test_every_basis_mode(case, basis, tmp_path):
     check_promise(result, truth, k, which, torch.float64)
 
 
+# block Lanczos and thick restarts (hessops.linalg.block_lanczos): a block of 3 (as many copies as the top has, or
+# fewer), a bounded basis that restarts many times, and both
+BLOCKED = {
+    "block 3": {"block_size": 3},
+    "basis 14": {"basis_size": 14},
+    "block 4 basis 24": {"block_size": 4, "basis_size": 24},
+}
+
+
+@pytest.mark.parametrize("blocked", list(BLOCKED))
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_blocks_and_thick_restarts_keep_the_promise(case, dtype, blocked):
+    """The promise on the whole grid for block Lanczos and thick restarts, at the residual test (1e-8 in float64,
+    1e-4 in float32), with the restarts counted and the steps in whole blocks."""
+    spectrum, which, k = CASES[case]
+    op, truth, _ = operator(spectrum, dtype)
+    options = BLOCKED[blocked]
+    result = hessops.eigs(op, k, which, tol=1e-8 if dtype == torch.float64 else 1e-4, max_iters=N, **options)
+    assert result.converged, result
+    assert result.block_size == options.get("block_size", 1)
+    if "basis_size" not in options:
+        assert result.restarts == 0
+    elif result.steps > options["basis_size"] * (result.checks + 1):  # some run outgrew its basis
+        assert result.restarts > 0
+    check_promise(result, truth, k, which, dtype)
+
+
 @pytest.mark.parametrize("tol", [1e-2, 1e-4, 1e-10])
 @pytest.mark.parametrize("seed", range(5))
 def test_loose_and_strict_tolerances(tol, seed):

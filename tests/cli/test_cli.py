@@ -179,6 +179,26 @@ def test_eigs_value_tol_stops_on_eigenvalue_error_bounds(tmp_path, capsys, exact
     )
 
 
+def test_eigs_blocks_and_a_bounded_basis(tmp_path, exact_200, capsys):
+    """`--block-size` and `--basis-size`: the top-2 of the 200-example digits MLP (float64) within its bounds of
+    the exact values, with the JSON saying what ran; refused with --resume or a basis off the device, and below
+    k + 2 blocks."""
+    out = tmp_path / "eigs.json"
+    common = ["eigs", "--num-examples", "200", "--k", "2", "--which", "LA", "--dtype", "float64", "--no-progress"]
+    assert main([*common, "--block-size", "2", "--basis-size", "8", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert (result["block_size"], result["settings"]["basis_size"]) == (2, 8) and result["restarts"] >= 1
+    errors = (torch.tensor(result["eigenvalues"], dtype=torch.float64) - exact_200.flip(0)[:2]).abs()
+    assert result["converged"] and all(float(e) <= b for e, b in zip(errors, result["error_bounds"]))
+    for extra, problem in (
+        (["--basis-size", "8", "--resume", str(tmp_path / "run.ckpt")], "--resume saves single-vector"),
+        (["--block-size", "2", "--basis", "none"], "keep the basis on the device"),
+        (["--block-size", "2", "--basis-size", "5"], "less than --k + 2 x --block-size"),
+    ):
+        assert main([*common, *extra]) == 2
+        assert problem in capsys.readouterr().err
+
+
 def test_density_trace_logdet_basin_and_their_figures(tmp_path, exact_200, hessian_200):
     common = ("--num-examples", "200", "--dtype", "float64", "--no-progress")
     runs = {

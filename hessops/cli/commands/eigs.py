@@ -35,12 +35,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="skip the check runs that find further copies of repeated eigenvalues: one Lanczos run, fewer "
         "products, and 'converged' no longer certifies the k extreme values with multiplicity (default: checked)",
     )
+    parser.add_argument(
+        "--block-size",
+        type=count(),
+        default=1,
+        help="vectors multiplied per Lanczos step (block Lanczos: pays where a block of products costs little more "
+        "than one, as on a GPU a single product leaves idle; default 1)",
+    )
+    parser.add_argument(
+        "--basis-size",
+        type=count(),
+        help="keep at most this many Lanczos vectors and restart thick when the basis is full (at least k + 2 "
+        "blocks; default: as many as the steps, or what fits in memory with --basis auto)",
+    )
     options.long_runs(parser)
 
 
 def check(args: argparse.Namespace) -> str | None:
     """``--k`` and ``--max-iters`` against the model; ``--save-vectors`` a file of its own."""
     problem = options.check_eigenvalue_count(args)
+    blocked = args.block_size > 1 or args.basis_size is not None
+    if problem is None and blocked and args.resume is not None:
+        return "--resume saves single-vector Lanczos runs only: leave out --block-size and --basis-size to resume"
+    if problem is None and blocked and args.basis not in ("auto", "device"):
+        return f"--block-size and --basis-size keep the basis on the device: --basis {args.basis} cannot be used"
+    if problem is None and args.basis_size is not None and args.basis_size < args.k + 2 * args.block_size:
+        return f"--basis-size {args.basis_size} is less than --k + 2 x --block-size ({args.k + 2 * args.block_size})"
     if problem is None and args.save_vectors is not None:
         where = os.path.abspath(args.save_vectors)
         same = [
@@ -67,6 +87,8 @@ def run(args: argparse.Namespace) -> None:
         seed=args.seed,
         check=not args.no_check,
         progress=not args.no_progress,
+        block_size=args.block_size,
+        basis_size=args.basis_size,
         **setup.long_run_options(args),
     )
     result = spectrum.to_dict()
