@@ -22,6 +22,10 @@ CIFAR-shaped images, and the report says so):
    gradient, HVP with the closed-form softmax head and without it, in gradients and in peak memory
    (benchmarks/softmax_head.py).
 
+5. ``blocks``: single-vector Lanczos against block Lanczos (blocks of 4 and 8) for the top-``k`` on the same
+   operator, warmed first (benchmarks/eigs_blocks.py): products and seconds of each. Blocks are where a single
+   product leaves the GPU idle; eigs' default stays ``block_size=1`` until this row says otherwise.
+
 Sections run in that order, each in its own ``try`` (a failure is recorded and the next section runs), and
 the JSON report is rewritten after each one, so what finished survives a time limit.
 """
@@ -44,7 +48,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 
 import hessops
-from benchmarks import softmax_head
+from benchmarks import eigs_blocks, softmax_head
 from benchmarks.memory import peak_bytes
 from benchmarks.peers import interleaved_times, timer
 from hessops.errors import DatasetNotFoundError
@@ -217,6 +221,16 @@ def check_compiled(
     return report | {"peak bytes": peaks, "hvp / grad memory": peaks["compiled hvp"] / peaks["compiled grad"]}
 
 
+def check_blocks(model: nn.Module, batches: list, k: int, device: torch.device) -> dict:
+    """Top-``k`` by single-vector and block Lanczos (blocks of 4 and 8) on one warmed operator, in turn."""
+    H = hessops.Hessian(model, nn.CrossEntropyLoss(), batches)
+    H @ torch.randn(H.shape[0], 8, device=device)  # the first-use checks and the tuning, before any timing
+    rows = {f"block {b}": eigs_blocks.run_one(H, k, {"block_size": b}) for b in (1, 4, 8)}
+    for row in rows.values():
+        row["seconds over single"] = row["seconds"] / rows["block 1"]["seconds"]
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -227,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--sections", nargs="+", default=["top", "products", "compiled", "head"])
+    parser.add_argument("--sections", nargs="+", default=["top", "products", "compiled", "head", "blocks"])
     parser.add_argument("--smoke", action="store_true", help="toy sizes on any device: checks the harness")
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
     args = parser.parse_args(argv)
@@ -282,6 +296,8 @@ def main(argv: list[str] | None = None) -> dict:
             else ["--size", "gpt2-small", "--sequences", "8", "--tokens", "256"]
         )
         record("head", lambda: softmax_head.main([*sizes, "--device", str(device), "--repeats", str(args.repeats)]))
+    if "blocks" in args.sections:
+        record("blocks", lambda: check_blocks(model, batches, args.k, device))
     return report
 
 

@@ -135,7 +135,7 @@ def test_gpu_check_smoke(tmp_path):
 
     out = tmp_path / "gpu.json"
     report = main(
-        ["--smoke", "--device", "cpu", "--data-dir", str(tmp_path), "--sections", "top", "products", "head"]
+        ["--smoke", "--device", "cpu", "--data-dir", str(tmp_path), "--sections", "top", "products", "head", "blocks"]
         + ["--out", str(out)]
     )
     assert report["data"].startswith("synthetic") and json.loads(out.read_text())["model"] == "cnn-cifar-5k"
@@ -146,6 +146,9 @@ def test_gpu_check_smoke(tmp_path):
     head = report["head"]
     assert "error" not in head, head.get("traceback")
     assert head["head_check"]["passed"] and head["head_vs_plain"] < 1e-4 and head["in_gradients"]["head"] > 0
+    blocks = report["blocks"]
+    assert "error" not in blocks, blocks.get("traceback")
+    assert all(blocks[f"block {b}"]["converged"] and blocks[f"block {b}"]["n_matvecs"] >= b for b in (1, 4, 8))
 
 
 def test_large_runs_harness_smoke(tmp_path):

@@ -204,10 +204,10 @@ class _Run:
     def fresh(self, earlier: Tensor, size: int) -> Tensor:
         """A seeded random unit vector orthogonal to the first ``size`` basis vectors and to ``earlier``."""
         vector = torch.randn(earlier.shape[0], 1, generator=self.generator, dtype=earlier.dtype).to(earlier.device)
-        Q = torch.cat([self.basis(size), earlier], dim=1) if size else earlier
         for _ in range(2):
-            if Q.shape[1]:
-                vector -= Q @ inner_products(Q, vector).to(vector)
+            for Q in (self.basis(size), earlier):  # apart: joined, they would be a copy of the basis
+                if Q.shape[1]:
+                    vector -= Q @ inner_products(Q, vector).to(vector)
         return vector / column_norms(vector)
 
     def restart(self, keep: Callable[[Tensor, int], Tensor], count: int) -> None:
