@@ -374,8 +374,8 @@ def _check_converged(low: Spectrum, name: str, known: str, alternatives: str = "
         f"run for it (eigs 'SA', basis '{low.basis}') stopped after {low.steps} steps without converging, at "
         f"{value:.6g} with error bound {bound:.2g}, and an unconverged run can lie far above the smallest "
         "eigenvalue (a short run misses a large negative one). Fixes: raise eigs_max_iters (without it, "
-        "basis='auto' caps the steps at what fits in half of the free memory, and basis='none' needs no memory "
-        f"for them), or pass {known}{alternatives}"
+        "eigs' default steps, restarted in what fits in memory, or capped there for a checkpointed run; "
+        f"basis='none' needs no memory for them), or pass {known}{alternatives}"
     )
 
 

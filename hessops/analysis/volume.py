@@ -164,9 +164,9 @@ def basin_volume(
     bound ``b`` (:func:`hessops.eigs`, ``"SA"``, bound below ``eigs_tol · max|θ|``) and requires
     :math:`\lambda_{\min} - b + c > 0` (``c`` exceeds :math:`|\lambda_{\min}|` by more than the bound), else
     raises :class:`NotPositiveDefiniteError` naming :math:`\lambda_{\min}` and a ``c`` that works, before the
-    costly part. A run that has not converged (``Spectrum.converged`` false: a short run, e.g. one whose steps
-    ``basis="auto"`` capped at what fits in memory, can stop far above a large negative eigenvalue) raises it
-    too, naming the fixes: a larger ``eigs_max_iters`` (the run's ``max_iters``), ``smallest_eigenvalue``, a
+    costly part. A run that has not converged (``Spectrum.converged`` false: a short run, e.g. one capped by
+    ``eigs_max_iters`` or, checkpointed, at what fits in memory, can stop far above a large negative eigenvalue)
+    raises it too, naming the fixes: a larger ``eigs_max_iters`` (the run's ``max_iters``), ``smallest_eigenvalue``, a
     larger ``c``, or ``check_c=False`` at your own risk. It is the smallest eigenvalue *found*: Lanczos from a
     random start finds the bottom of the spectrum unless the start is nearly orthogonal to its eigenvector.
     ``smallest_eigenvalue``, a known lower bound on ``H``'s smallest eigenvalue (0 for a GGN or a Fisher),

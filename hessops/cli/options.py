@@ -211,7 +211,8 @@ def log_determinant(parser: argparse.ArgumentParser, c: float) -> None:
         "--eigs-max-iters",
         type=count(),
         help="at most this many Lanczos steps in each eigs run (λ_min, and the top K of --deflate); default: "
-        "eigs' own, which --basis auto caps at what fits in half of the free memory",
+        "eigs' own (with --basis auto, restarted in what fits in half of the free memory, or capped there with "
+        "--resume)",
     )
 
 

@@ -80,6 +80,39 @@ def test_an_mlp_hessian_against_its_dense_eigendecomposition(which, options):
     check_promise(result, truth, 4, which, torch.float64)
 
 
+class _TokenTagger(nn.Module):
+    """LayerNorm, self-attention and a per-token head: a sequence model with a per-token cross-entropy."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.norm = nn.Linear(4, 6), nn.LayerNorm(6)
+        self.attention, self.head = nn.MultiheadAttention(6, 2, batch_first=True), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.norm(self.embed(x))
+        return self.head(h + self.attention(h, h, h, need_weights=False)[0]).transpose(1, 2)
+
+
+@pytest.mark.parametrize("options", [{"block_size": 2, "basis_size": 10}, {"basis_size": 8}])
+def test_a_layernorm_attention_model_with_ignored_tokens(options):
+    """Beyond the MLP: LayerNorm and attention, a per-token cross-entropy with ignore_index (padding), uneven
+    batches, float64; blocks and restarts against the reference's dense Hessian (plain double backward on the whole
+    dataset): the top-3 in magnitude within their bounds, with multiplicity."""
+    torch.manual_seed(0)
+    model = _TokenTagger().double().eval()
+    x, y = torch.randn(7, 5, 4, dtype=torch.float64), torch.randint(0, 3, (7, 5))
+    y[0, 3:], y[4, 1:] = -100, -100  # padded tokens
+    loss_fn = nn.CrossEntropyLoss(ignore_index=-100)
+    data = [(x[:2], y[:2]), (x[2:6], y[2:6]), (x[6:], y[6:])]
+    from reference import reference_hessian
+
+    H = hessops.Hessian(model, loss_fn, data)
+    truth = torch.linalg.eigvalsh(reference_hessian(model, loss_fn, data))
+    result = hessops.eigs(H, 3, "LM", tol=1e-9, **options)
+    assert result.converged and result.restarts > 0
+    check_promise(result, truth, 3, "LM", torch.float64)
+
+
 def test_kept_count_leaves_room_for_two_blocks():
     assert kept_count(16, 1, 2) == 9
     assert kept_count(40, 1, 10) == 25
