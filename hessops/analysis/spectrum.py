@@ -196,7 +196,9 @@ def eigs(
         value_tol: test the eigenvalue error bounds against ``value_tol · max|θ|`` instead of the residuals.
         max_iters: the cap on Lanczos steps of a run (default ``min(n, max(300, 20k))``).
         seed: the seed of the random start vectors.
-        start: warm-starts the first run from a vector (a previous top eigenvector, say).
+        start: warm-starts the first run from a vector (a previous top eigenvector, say), or, with
+            ``block_size = b``, from up to ``b`` columns ``(n, c)`` (the previous top-``c`` eigenvectors: a block
+            warm start).
         verify: finish with the Rayleigh–Ritz step above; ``False`` saves those products and reports the Lanczos
             estimates (``Spectrum.verified`` is then ``False``).
         check: run the check runs above; ``False`` skips them: ``converged`` then certifies the values found, not
@@ -211,8 +213,8 @@ def eigs(
             (:mod:`hessops.linalg.checkpoint`; each check run saves to the same path plus ``.check1``, ``.check2``,
             …).
         checkpoint_every: seconds between two saves of ``checkpoint``.
-        block_size: the vectors multiplied per Lanczos step (block Lanczos above); the first is ``start`` or the
-            seeded one, the others seeded Gaussian.
+        block_size: the vectors multiplied per Lanczos step (block Lanczos above); the first are ``start``'s
+            columns or the seeded one, the others seeded Gaussian.
         basis_size: the most vectors the basis holds (at least ``k + 2·block_size``); a full basis restarts thick.
             ``None``: as many as the steps, except where ``basis="auto"`` restarts in what fits. Neither
             ``block_size > 1`` nor ``basis_size`` takes a ``checkpoint`` or a ``basis`` other than ``"auto"`` or
@@ -299,16 +301,16 @@ def _settings(op, k, which, tol, value_tol, max_iters, seed, verify, check, prog
 
 
 def _start(op: cola.ops.LinearOperator, start: Tensor | None, seed: int, block: int = 1) -> Tensor:
-    """The first run's start block ``(n, block)``: ``start`` checked, or a seeded Gaussian vector, then seeded
-    Gaussian columns for the rest of a block."""
+    """The first run's start block ``(n, block)``: ``start`` checked (a vector, or up to ``block`` columns), or a
+    seeded Gaussian vector, then seeded Gaussian columns for the rest of a block."""
     n = op.shape[0]
     generator = torch.Generator(device="cpu").manual_seed(seed)
     if start is None:
         start = torch.randn(n, generator=generator, dtype=op.dtype)
-    start = _checked_start(start, n).reshape(n, 1).to(device=op.device, dtype=op.dtype)
-    if block == 1:
+    start = _checked_start(start, n, block).reshape(n, -1).to(device=op.device, dtype=op.dtype)
+    if start.shape[1] == block:
         return start
-    rest = torch.randn(n, block - 1, generator=generator, dtype=op.dtype).to(op.device)
+    rest = torch.randn(n, block - start.shape[1], generator=generator, dtype=op.dtype).to(op.device)
     return torch.cat([start, rest], dim=1)
 
 
@@ -480,13 +482,15 @@ def _apply_columns(op: cola.ops.LinearOperator, vectors: Tensor) -> Tensor:
     return products
 
 
-def _checked_start(start: Tensor, n: int) -> Tensor:
-    """``start`` when it is a finite, non-zero tensor of ``n`` entries (``(n,)`` or ``(n, 1)``)."""
+def _checked_start(start: Tensor, n: int, block: int = 1) -> Tensor:
+    """``start`` when it is a finite, non-zero tensor of ``n`` entries (``(n,)``) or of at most ``block`` columns
+    (``(n, c)``)."""
     if not isinstance(start, Tensor):
         raise InvalidArgumentError(f"start must be a torch tensor of {n} entries, got {type(start).__name__}")
-    if start.shape not in ((n,), (n, 1)):
+    if start.shape != (n,) and not (start.dim() == 2 and start.shape[0] == n and 1 <= start.shape[1] <= block):
+        columns = f"an ({n}, c) block of c ≤ block_size={block} columns" if block > 1 else f"({n},)"
         raise InvalidArgumentError(
-            f"start has shape {tuple(start.shape)}: it must be one vector of the operator's size, ({n},)"
+            f"start has shape {tuple(start.shape)}: it must be one vector of the operator's size, {columns}"
         )
     if not bool(torch.isfinite(start).all()):
         raise InvalidArgumentError("start holds NaN or inf: pass a finite vector (or start=None for a random one)")
