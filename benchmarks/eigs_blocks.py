@@ -2,12 +2,13 @@
 k = 2 and k = 10, on the CIFAR CNN, ResNet-18, ViT-Tiny and a GPT (random models and data, seeded):
 ``python -m benchmarks.eigs_blocks [--workloads cnn resnet18 vit-tiny gpt-bytes-mini] [--k 2 10]``.
 
-Every configuration runs ``hessops.eigs(H, k, "LM", tol=TOL)`` (or ``value_tol=--value-tol``) (verified, with the check runs) on one operator,
-warmed by products first (its tuning and first-use checks done), configurations in turn; each reports its
-products, wall seconds (the median of ``--repeats``, configurations interleaved), thick restarts, ``converged`` and the largest distance of its values from the single-vector
-run's, in units of the reported bounds (≤ 1: the same answer at the verified accuracy). ``--basis-size`` sets the
-bounded basis of the thick-restart rows (the memory a 124M-parameter model has for ~20 vectors on 24 GB). Results
-in benchmarks/RESULTS.md ("Block Lanczos and thick restarts")."""
+Every configuration runs ``hessops.eigs(H, k, "LM", tol=TOL)`` (or ``value_tol=--value-tol``; verified, with
+the check runs) on one operator, warmed by products first (its tuning and first-use checks done). Each reports
+its products, wall seconds (the median of ``--repeats``, configurations interleaved), thick restarts,
+``converged`` and the largest distance of its values from the single-vector run's, in units of the reported
+bounds (≤ 1: the same answer at the verified accuracy). ``--basis-size`` sets the bounded basis of the
+thick-restart rows (the memory a 124M-parameter model has for ~20 vectors on 24 GB). Results in
+benchmarks/RESULTS.md ("Block Lanczos and thick restarts")."""
 
 from __future__ import annotations
 
@@ -90,13 +91,12 @@ def main(argv: list[str] | None = None) -> dict:
             for config, row in rows.items():
                 row["seconds"], row["all_seconds"] = statistics.median(seconds[config]), seconds[config]
             single = rows.get("single")
-            for row in rows.values():
-                if single is not None:
-                    gaps = [abs(a - b) for a, b in zip(row["values"], single["values"])]
-                    row["distance_over_bounds"] = max(
-                        g / max(b1 + b2, 1e-300) for g, b1, b2 in zip(gaps, row["bounds"], single["bounds"])
-                    )
-                    row["seconds_over_single"] = row["seconds"] / single["seconds"]
+            for row in rows.values() if single is not None else ():
+                gaps = [abs(a - b) for a, b in zip(row["values"], single["values"])]
+                row["distance_over_bounds"] = max(
+                    g / max(b1 + b2, 1e-300) for g, b1, b2 in zip(gaps, row["bounds"], single["bounds"])
+                )
+                row["seconds_over_single"] = row["seconds"] / single["seconds"]
             report["runs"].append(
                 {"workload": name, "n_params": H.shape[0], "k": k, "warm_seconds": warm, "rows": rows}
             )
