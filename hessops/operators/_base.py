@@ -394,6 +394,8 @@ class CurvatureOperator(cola.ops.LinearOperator):
             except DistributedError:
                 pass
             raise
+        finally:  # also on Ctrl-C or SIGTERM: a bar left to the garbage collector cleared its line after the CLI's
+            bar.close()  # one-line message ("\x1b[A" last on stderr: test_sigterm_ends_cleanly..., one run in four)
         acc = running.total()
         where = ""
         if problem.distributed is not None:
