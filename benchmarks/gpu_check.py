@@ -26,6 +26,19 @@ CIFAR-shaped images, and the report says so):
    operator, warmed first (benchmarks/eigs_blocks.py): products and seconds of each. Blocks are where a single
    product leaves the GPU idle; eigs' default stays ``block_size=1`` until this row says otherwise.
 
+6. ``peers``: the ResNet-18's top-2 and top-``k`` against PyHessian on the first ``--peer-examples`` images, each
+   from a fresh operator (construction and tuning timed), PyHessian run at tighter tolerances until its values
+   are as accurate as hessops' verified ones (benchmarks/peers.py: ``equal_accuracy_race``; each sweep stopped
+   after ``--pyhessian-budget`` seconds).
+
+7. ``vit``: ViT-Tiny at 32×32 (benchmarks/transformers.py): gradient and HVP (hessops and PyHessian), peak
+   memory, and the top-2 race to equal accuracy.
+
+8. ``gpt``: GPT-2 small (8 sequences of 128 tokens) in the same harness: products and the top-2 race.
+
+9. ``tracking``: benchmarks/tracking.py on the device: each tracker's measurement as a fraction of a training
+   epoch (the digits MLP, the CIFAR CNN, the micro ViT on 20,000 random examples, a 1 % subset measured).
+
 Sections run in that order, each in its own ``try`` (a failure is recorded and the next section runs), and
 the JSON report is rewritten after each one, so what finished survives a time limit.
 """
@@ -48,9 +61,10 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 
 import hessops
-from benchmarks import eigs_blocks, softmax_head
+from benchmarks import eigs_blocks, softmax_head, tracking, transformers
 from benchmarks.memory import peak_bytes
-from benchmarks.peers import interleaved_times, timer
+from benchmarks.peers import PyHessianPeer, equal_accuracy_race, interleaved_times, timer
+from benchmarks.workloads import Workload
 from hessops.errors import DatasetNotFoundError
 from hessops.numerics import norm
 from hessops.zoo.data import load_dataset
@@ -221,6 +235,17 @@ def check_compiled(
     return report | {"peak bytes": peaks, "hvp / grad memory": peaks["compiled hvp"] / peaks["compiled grad"]}
 
 
+def peer_batches(batches: list, count: int) -> list:
+    """The first ``count`` examples of ``batches``, in the same batches (the last one cut)."""
+    out, left = [], count
+    for x, y in batches:
+        if left <= 0:
+            break
+        out.append((x[:left], y[:left]))
+        left -= len(y)
+    return out
+
+
 def check_blocks(model: nn.Module, batches: list, k: int, device: torch.device) -> dict:
     """Top-``k`` by single-vector and block Lanczos (blocks of 4 and 8) on one warmed operator, in turn."""
     H = hessops.Hessian(model, nn.CrossEntropyLoss(), batches)
@@ -228,6 +253,24 @@ def check_blocks(model: nn.Module, batches: list, k: int, device: torch.device) 
     rows = {f"block {b}": eigs_blocks.run_one(H, k, {"block_size": b}) for b in (1, 4, 8)}
     for row in rows.values():
         row["seconds over single"] = row["seconds"] / rows["block 1"]["seconds"]
+    return rows
+
+
+def check_peers(model: nn.Module, batches: list, ks: tuple[int, ...], device: torch.device, budget: float) -> dict:
+    """Top-k by hessops (a fresh operator each time) against PyHessian run to the same accuracy."""
+    w = Workload(MODEL, model, nn.CrossEntropyLoss(), batches)
+    peer = PyHessianPeer(w)
+    now = timer(device)
+    rows = {}
+    for k in sorted(set(ks)):
+        start = now()
+        H = hessops.Hessian(model, nn.CrossEntropyLoss(), batches)
+        result = hessops.eigs(H, k, "LM", value_tol=1e-3)
+        seconds = now() - start
+        rows[f"top-{k}"] = {
+            "hessops": {"seconds": seconds, "hvps": result.n_matvecs, "values": result.values.tolist()},
+            **equal_accuracy_race(H, result, seconds, peer, 1e-3, now, budget_seconds=budget),
+        }
     return rows
 
 
@@ -241,12 +284,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--sections", nargs="+", default=["top", "products", "compiled", "head", "blocks"])
+    parser.add_argument("--peer-examples", type=int, default=2_000, help="the images of the race against PyHessian")
+    parser.add_argument("--pyhessian-budget", type=float, default=60.0, help="seconds of each PyHessian sweep")
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        default=["top", "products", "compiled", "head", "blocks", "peers", "vit", "gpt", "tracking"],
+    )
     parser.add_argument("--smoke", action="store_true", help="toy sizes on any device: checks the harness")
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
     args = parser.parse_args(argv)
     if args.smoke:
         args.model, args.num_examples, args.batch_size, args.k, args.repeats = "cnn-cifar-5k", 16, 8, 2, 1
+        args.peer_examples, args.pyhessian_budget = 16, 1.0
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = build_model(args.model)
@@ -298,6 +348,21 @@ def main(argv: list[str] | None = None) -> dict:
         record("head", lambda: softmax_head.main([*sizes, "--device", str(device), "--repeats", str(args.repeats)]))
     if "blocks" in args.sections:
         record("blocks", lambda: check_blocks(model, batches, args.k, device))
+    if "peers" in args.sections:
+        subset = peer_batches(batches, args.peer_examples)
+        record("peers", lambda: check_peers(model, subset, (2, args.k), device, args.pyhessian_budget))
+    common = ["--device", str(device), "--repeats", str(args.repeats), "--peers", "pyhessian"]
+    race = ["--top", "2", "--equal-accuracy", "--pyhessian-budget", str(args.pyhessian_budget)]
+    if "vit" in args.sections:
+        sizes = ["--smoke"] if args.smoke else ["--num-examples", "256", "--batch-size", "128"]
+        record("vit", lambda: transformers.main(["--workloads", "vit-tiny", *sizes, *common, *race]))
+    if "gpt" in args.sections:
+        sizes = ["--smoke"] if args.smoke else ["--num-examples", "8", "--batch-size", "8", "--seq-len", "128"]
+        record("gpt", lambda: transformers.main(["--workloads", "gpt2-small", *sizes, *common, *race]))
+    if "tracking" in args.sections:
+        small = ["--models", "mlp-digits", "--train", "100", "--subset", "20"]
+        sizes = small if args.smoke else ["--data", "random", "--train", "20000", "--subset", "200"]
+        record("tracking", lambda: {"rows": tracking.main([*sizes, "--epochs", "2", "--device", str(device)])})
     return report
 
 

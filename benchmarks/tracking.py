@@ -60,7 +60,8 @@ def random_as(name: str, count: int) -> TensorDataset:
 def run(name: str, setting: str, args: argparse.Namespace) -> dict:
     """One training run of ``name`` with the tracker ``setting``; its timings."""
     data = (digits_as if args.data == "digits" else random_as)(name, args.train)
-    model = build_model(name, seed=0).train()
+    data = TensorDataset(*(t.to(args.device) for t in data.tensors))
+    model = build_model(name, seed=0).to(args.device).train()
     loss_fn = make_loss(model_spec(name))
     loader = DataLoader(data, batch_size=args.batch, shuffle=True, generator=torch.Generator().manual_seed(0))
     subset = DataLoader(Subset(data, range(args.subset)), batch_size=args.batch)
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--device", default="cpu", help="the model and the (whole) training set live there")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     rows = []

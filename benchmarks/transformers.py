@@ -12,8 +12,13 @@ For each workload, with random weights (seeded) and random tokens or images (see
 - ``memory``: the peak tensor memory of one HVP against one gradient (benchmarks/memory.py; exact counts, CPU or
   CUDA), for hessops and PyHessian;
 - ``top`` (``--top k``, 0 to skip): wall time and HVPs to the top-k eigenvalues, hessops'
-  ``eigs(H, k, "LM", value_tol=1e-3)`` with its verified error bounds against PyHessian's power iteration
-  (tolerance 1e-3), and how far apart their values are.
+  ``eigs(H, k, "LM", value_tol=1e-3)`` (``--value-tol``) with its verified error bounds against PyHessian's power
+  iteration (tolerance 1e-3), and how far apart their values are. With ``--equal-accuracy``, PyHessian is run
+  again at tighter tolerances until hessops' bounds certify its values to the same accuracy
+  (benchmarks/peers.py: ``pyhessian_to_accuracy``), and the ratio is taken to that run: the same answer.
+
+Workloads: ``gpt2-small`` and the byte-level GPTs of hessops.zoo.lm; ``gpt2-vocab-2x192`` (2 layers of width 192
+with GPT-2's vocabulary, 10.5M parameters: where the vocabulary dominates); ``vit-tiny``.
 
 The peers cannot differentiate the fused attention kernels twice ("derivative for
 aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"), so they run inside
@@ -36,11 +41,18 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import hessops
 from benchmarks.memory import peak_bytes
-from benchmarks.peers import CurvlinopsPeer, PyHessianPeer, dataset_gradient, interleaved_times, timer
+from benchmarks.peers import (
+    CurvlinopsPeer,
+    PyHessianPeer,
+    dataset_gradient,
+    equal_accuracy_race,
+    interleaved_times,
+    timer,
+)
 from benchmarks.workloads import Workload
 from hessops.numerics import norm
 
-SIZES = ("gpt2-small", "gpt-bytes-mini", "gpt-bytes-tiny")
+SIZES = ("gpt2-small", "gpt-bytes-mini", "gpt-bytes-tiny", "gpt2-vocab-2x192")
 
 
 def language_workload(name: str, *, num_examples: int, batch_size: int, seq_len: int, seed: int) -> Workload:
@@ -50,7 +62,10 @@ def language_workload(name: str, *, num_examples: int, batch_size: int, seq_len:
     from hessops.zoo.lm import GPT, gpt_config
 
     torch.manual_seed(seed)
-    config = gpt_config(name, block_size=seq_len)
+    if name == "gpt2-vocab-2x192":
+        config = gpt_config("gpt2-small", n_layer=2, n_embd=192, n_head=4, block_size=seq_len)
+    else:
+        config = gpt_config(name, block_size=seq_len)
     model = GPT(config).eval()
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, config.vocab_size, (num_examples, seq_len), generator=generator)
@@ -73,6 +88,14 @@ def vit_workload(*, num_examples: int, batch_size: int, seed: int, tiny: bool = 
     y = torch.randint(0, 10, (num_examples,), generator=generator)
     data = [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, num_examples, batch_size)]
     return Workload("vit-tiny" + ("-smoke" if tiny else ""), model, nn.CrossEntropyLoss(), data)
+
+
+def on_device(w: Workload, device: torch.device) -> Workload:
+    """The workload with its model and batches on ``device``."""
+    if device.type == "cpu":
+        return w
+    data = [(x.to(device), y.to(device)) for x, y in w.data]
+    return Workload(w.name, w.model.to(device), w.loss_fn, data)
 
 
 def _math_attention(f):
@@ -146,13 +169,22 @@ def bench_memory(w: Workload, device: torch.device, peers: dict, micro_batch_siz
     return {"peak_bytes": peaks, "ratios": ratios, **extra}
 
 
-def bench_top(w: Workload, device: torch.device, k: int, peers: dict) -> dict:
-    """Time and HVPs to the top-k (largest magnitude) eigenvalues: hessops at ``value_tol=1e-3`` with verified
-    error bounds, PyHessian's power iteration at its tolerance 1e-3."""
+def bench_top(
+    w: Workload,
+    device: torch.device,
+    k: int,
+    peers: dict,
+    value_tol: float = 1e-3,
+    equal_accuracy: bool = False,
+    budget_seconds: float | None = None,
+) -> dict:
+    """Time and HVPs to the top-k (largest magnitude) eigenvalues: hessops at ``value_tol`` with verified
+    error bounds, PyHessian's power iteration at its tolerance 1e-3, or, with ``equal_accuracy``, at the first
+    tolerance whose values hessops' bounds certify to the same accuracy."""
     now = timer(device)
     start = now()
     H = hessops.Hessian(w.model, w.loss_fn, w.data)
-    ours = hessops.eigs(H, k, "LM", value_tol=1e-3)
+    ours = hessops.eigs(H, k, "LM", value_tol=value_tol)
     out = {
         "hessops": {
             "seconds": now() - start,
@@ -162,7 +194,12 @@ def bench_top(w: Workload, device: torch.device, k: int, peers: dict) -> dict:
             "converged": bool(ours.converged),
         }
     }
-    if "pyhessian" in peers:
+    if "pyhessian" in peers and equal_accuracy:
+        race = equal_accuracy_race(
+            H, ours, out["hessops"]["seconds"], peers["pyhessian"], value_tol, now, budget_seconds=budget_seconds
+        )
+        out |= race
+    elif "pyhessian" in peers:
         peers["pyhessian"].hvps = 0
         start = now()
         values = peers["pyhessian"].top(k)
@@ -183,6 +220,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (language models)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--top", type=int, default=2, help="top-k eigenvalues to time (0: skip)")
+    parser.add_argument("--value-tol", type=float, default=1e-3, help="hessops' top-k accuracy (relative)")
+    parser.add_argument(
+        "--equal-accuracy",
+        action="store_true",
+        help="run PyHessian at tighter tolerances until hessops' bounds certify its values to the same accuracy",
+    )
+    parser.add_argument(
+        "--pyhessian-budget", type=float, help="with --equal-accuracy: stop PyHessian's sweep after this many seconds"
+    )
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory counts")
     parser.add_argument("--only-top", action="store_true", help="skip the products and memory: only the top-k race")
     parser.add_argument(
@@ -195,11 +242,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cpu")
+    device = torch.device(args.device)
     report: dict = {
         "date": str(date.today()),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "args": vars(args) | {"out": str(args.out)},
         "workloads": {},
     }
@@ -217,6 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
             w = language_workload(
                 name, num_examples=args.num_examples, batch_size=args.batch_size, seq_len=args.seq_len, seed=0
             )
+        w = on_device(w, device)
         peers = {}
         if "pyhessian" in args.peers:
             peers["pyhessian"] = PyHessianPeer(w)
@@ -233,7 +282,9 @@ def main(argv: list[str] | None = None) -> dict:
         if not (args.no_memory or args.only_top):
             sections["memory"] = lambda: bench_memory(w, device, peers, args.micro_batch_size)
         if args.top:
-            sections["top"] = lambda: bench_top(w, device, args.top, peers)
+            sections["top"] = lambda: bench_top(
+                w, device, args.top, peers, args.value_tol, args.equal_accuracy, args.pyhessian_budget
+            )
         for section, run in sections.items():  # each printed (and written) as it ends: a late failure keeps them
             entry[section] = run()
             entry["seconds"] = time.perf_counter() - began

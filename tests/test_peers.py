@@ -151,6 +151,67 @@ def test_gpu_check_smoke(tmp_path):
     assert all(blocks[f"block {b}"]["converged"] and blocks[f"block {b}"]["n_matvecs"] >= b for b in (1, 4, 8))
 
 
+def test_gpu_check_smoke_races_and_tracking(tmp_path):
+    """Not a measurement: the GPU check's races against PyHessian (the ResNet's stand-in, the ViT, the GPT) and
+    its tracking rows run at toy sizes; hessops' values sit within their verified bounds of the tight
+    reference, and a PyHessian run that counts as agreeing is within the accuracy asked."""
+    from benchmarks.gpu_check import main
+
+    report = main(
+        ["--smoke", "--device", "cpu", "--data-dir", str(tmp_path), "--out", str(tmp_path / "gpu.json")]
+        + ["--sections", "peers", "vit", "gpt", "tracking"]
+    )
+    for section in ("peers", "vit", "gpt", "tracking"):
+        assert "error" not in report[section], report[section].get("traceback")
+    tops = [v for k, v in report["peers"].items() if k.startswith("top-")]
+    tops += [next(iter(report[s]["workloads"].values()))["top"] for s in ("vit", "gpt")]
+    for top in tops:
+        assert top["hessops within its bounds"]
+        race = top["pyhessian to equal accuracy"]
+        assert race["attempts"] and race["attempts"][0]["tol"] == 1e-3
+        if race["agreed"] is not None:
+            assert race["agreed"]["max certified error"] <= race["accuracy"]
+    assert {r["setting"] for r in report["tracking"]["rows"]} >= {"default", "update-curvature"}
+
+
+class _ScriptedPeer:
+    """A stand-in for PyHessian whose top-k at each tolerance is given, costing one product per call."""
+
+    def __init__(self, answers: dict[float, list[float]]):
+        self.answers, self.hvps = answers, 0
+
+    def top(self, k: int, tol: float, max_iter: int) -> list[float]:
+        self.hvps += 1
+        return self.answers[tol][:k]
+
+
+def test_certified_errors_pair_values_by_magnitude_and_add_the_reference_bound():
+    from benchmarks.peers import certified_errors
+
+    # ranks by |value|: -10 with 9.9, 5 with 5.2; each error is the distance plus the reference's bound
+    errors = certified_errors([5.2, 9.9], reference=[-10.0, 5.0], bounds=[0.5, 0.25])
+    assert errors == pytest.approx([19.9 + 0.5, 0.2 + 0.25])
+
+
+def test_pyhessian_sweep_stops_at_the_first_tolerance_within_the_accuracy():
+    from benchmarks.peers import pyhessian_to_accuracy
+
+    clock = iter(range(100))
+    answers = {1e-3: [9.0, 4.0], 1e-4: [9.95, 4.02], 1e-5: [10.0, 4.0], 1e-6: [10.0, 4.0]}
+    race = pyhessian_to_accuracy(_ScriptedPeer(answers), [10.0, 4.0], [0.01, 0.01], 0.1, lambda: next(clock))
+    assert [a["tol"] for a in race["attempts"]] == [1e-3, 1e-4] and race["agreed"]["tol"] == 1e-4
+    assert race["agreed"]["max certified error"] == pytest.approx(0.06) and race["sweep hvps"] == 2
+    # never close enough: every tolerance tried, none agreed
+    never = {tol: [9.0, 4.0] for tol in answers}
+    race = pyhessian_to_accuracy(_ScriptedPeer(never), [10.0, 4.0], [0.01, 0.01], 0.1, lambda: next(clock))
+    assert len(race["attempts"]) == 4 and race["agreed"] is None
+    # a budget ends the sweep after the attempt that spends it
+    race = pyhessian_to_accuracy(
+        _ScriptedPeer(never), [10.0, 4.0], [0.01, 0.01], 0.1, lambda: next(clock), budget_seconds=0.5
+    )
+    assert len(race["attempts"]) == 1 and race["agreed"] is None
+
+
 def test_large_runs_harness_smoke(tmp_path):
     """Not a measurement: benchmarks/large.py runs each configuration in its own process, reports the basis
     each used and its peak resident memory, and the disk basis gives the device basis's eigenvalues."""
