@@ -3,7 +3,10 @@ eigenvalues, and a trace. Each counts its Hessian-vector products."""
 
 from __future__ import annotations
 
+import json
 import math
+import sys
+import time
 import warnings
 from collections.abc import Callable
 
@@ -25,6 +28,10 @@ def dataset_gradient(w: Workload) -> list[torch.Tensor]:
     return total
 
 
+class OutOfBudget(Exception):
+    """A peer's run stopped at its time budget (benchmarks only)."""
+
+
 class PyHessianPeer:
     """PyHessian 0.1 (Yao et al. 2020): double-backward HVPs over the dataloader, power iteration with
     deflation for the top-k, Hutchinson for the trace."""
@@ -36,9 +43,12 @@ class PyHessianPeer:
         self.h = hessian(w.model, w.loss_fn, dataloader=w.data, cuda=w.data[0][0].is_cuda)
         self.h.device = str(w.data[0][0].device)
         self.hvps = 0
+        self.deadline: float | None = None  # time.perf_counter() past which a product raises OutOfBudget
         original = self.h.dataloader_hv_product
 
         def counted(v):
+            if self.deadline is not None and time.perf_counter() > self.deadline:
+                raise OutOfBudget
             self.hvps += 1
             return original(v)
 
@@ -88,12 +98,23 @@ def pyhessian_to_accuracy(
     (hessops' eigs at a far smaller tolerance, with error ``bounds``) certifies it (:func:`certified_errors`).
     Reported: every attempt, and the first agreeing one's seconds and products (a user who knew that tolerance
     beforehand) and the sweep's total (one who did not); ``agreed`` is ``None`` when no run of the sweep agreed,
-    or when the sweep stopped at ``budget_seconds`` (its total so far) before one did."""
+    or when the sweep reached ``budget_seconds`` before one did (a run still going then is stopped at its next
+    product, and recorded with what it cost and no values)."""
     attempts = []
     for tol, max_iter in sweep:
+        spent = sum(a["seconds"] for a in attempts)
         peer.hvps = 0
+        peer.deadline = None if budget_seconds is None else time.perf_counter() + budget_seconds - spent
         start = now()
-        values = peer.top(len(reference), tol=tol, max_iter=max_iter)
+        try:
+            values = peer.top(len(reference), tol=tol, max_iter=max_iter)
+        except OutOfBudget:  # stopped mid-run: what it had cost, and no values
+            attempts.append({"tol": tol, "maxIter": max_iter, "seconds": now() - start, "hvps": peer.hvps})
+            attempts[-1] |= {"values": None, "stopped at the budget": True, "agrees": False}
+            print(json.dumps({"pyhessian attempt": attempts[-1]}), file=sys.stderr, flush=True)
+            break
+        finally:
+            peer.deadline = None
         errors = certified_errors(values, reference, bounds)
         attempts.append(
             {
@@ -106,9 +127,10 @@ def pyhessian_to_accuracy(
                 "agrees": max(errors) <= accuracy,
             }
         )
+        print(json.dumps({"pyhessian attempt": attempts[-1]}), file=sys.stderr, flush=True)
         if attempts[-1]["agrees"]:
             break
-        if budget_seconds is not None and sum(a["seconds"] for a in attempts) > budget_seconds:
+        if budget_seconds is not None and sum(a["seconds"] for a in attempts) >= budget_seconds:
             break
     agreed = attempts[-1] if attempts[-1]["agrees"] else None
     return {
@@ -144,6 +166,8 @@ def equal_accuracy_race(
     ours = sorted(zip(result.values.tolist(), result.error_bounds.tolist()), key=lambda t: abs(t[0]), reverse=True)
     truth = sorted(zip(reference, reference_bounds), key=lambda t: abs(t[0]), reverse=True)
     accuracy = value_tol * float(result.values.abs().max())
+    summary = {"seconds": seconds, "hvps": result.n_matvecs, "values": result.values.tolist(), "reference": reference}
+    print(json.dumps({"hessops": summary}), file=sys.stderr, flush=True)
     race = pyhessian_to_accuracy(peer, reference, reference_bounds, accuracy, now, budget_seconds=budget_seconds)
     out = {
         "reference": {"values": reference, "error_bounds": reference_bounds, "hvps": tight.n_matvecs},

@@ -227,6 +227,8 @@ def headline(args: argparse.Namespace, name: str) -> dict:
     ]
     if args.equal_accuracy:
         command.append("--equal-accuracy")
+    if args.pyhessian_budget is not None:
+        command += ["--pyhessian-budget", str(args.pyhessian_budget)]
     if args.threads:
         command += ["--threads", str(args.threads)]
     done = subprocess.run(command, capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
@@ -264,7 +266,9 @@ def headline_child(args: argparse.Namespace) -> dict:
         },
     }
     if "pyhessian" in args.peers and args.equal_accuracy:
-        out |= equal_accuracy_race(H, result, out["hessops"]["seconds"], PyHessianPeer(w), 1e-3, now, which)
+        out |= equal_accuracy_race(
+            H, result, out["hessops"]["seconds"], PyHessianPeer(w), 1e-3, now, which, args.pyhessian_budget
+        )
     elif "pyhessian" in args.peers:
         peer = PyHessianPeer(w)
         start = now()
@@ -437,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--equal-accuracy",
         action="store_true",
         help="the headline's PyHessian run at tighter tolerances until its values are as accurate as hessops'",
+    )
+    parser.add_argument(
+        "--pyhessian-budget", type=float, help="with --equal-accuracy: stop PyHessian's sweep after this many seconds"
     )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks the harness")
     parser.add_argument("--out", type=Path, help="write the JSON report here")

@@ -181,7 +181,11 @@ class _ScriptedPeer:
         self.answers, self.hvps = answers, 0
 
     def top(self, k: int, tol: float, max_iter: int) -> list[float]:
+        from benchmarks.peers import OutOfBudget
+
         self.hvps += 1
+        if self.answers[tol] is None:  # a run still going when the budget ran out
+            raise OutOfBudget
         return self.answers[tol][:k]
 
 
@@ -210,6 +214,13 @@ def test_pyhessian_sweep_stops_at_the_first_tolerance_within_the_accuracy():
         _ScriptedPeer(never), [10.0, 4.0], [0.01, 0.01], 0.1, lambda: next(clock), budget_seconds=0.5
     )
     assert len(race["attempts"]) == 1 and race["agreed"] is None
+    # a run stopped by the budget mid-way: recorded with its cost and no values, and the sweep ends there
+    stopped = {1e-3: [9.0, 4.0], 1e-4: None, 1e-5: [10.0, 4.0], 1e-6: [10.0, 4.0]}
+    race = pyhessian_to_accuracy(
+        _ScriptedPeer(stopped), [10.0, 4.0], [0.01, 0.01], 0.1, lambda: next(clock), budget_seconds=50
+    )
+    assert [a["tol"] for a in race["attempts"]] == [1e-3, 1e-4] and race["agreed"] is None
+    assert race["attempts"][1]["stopped at the budget"] and race["attempts"][1]["values"] is None
 
 
 def test_large_runs_harness_smoke(tmp_path):
