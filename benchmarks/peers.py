@@ -143,6 +143,19 @@ def pyhessian_to_accuracy(
     }
 
 
+def add_race_arguments(parser) -> None:
+    """``--equal-accuracy`` and ``--pyhessian-budget``, the options of :func:`equal_accuracy_race`, on an argparse
+    parser."""
+    parser.add_argument(
+        "--equal-accuracy",
+        action="store_true",
+        help="rerun PyHessian at tighter tolerances until its values are as accurate as hessops'",
+    )
+    parser.add_argument(
+        "--pyhessian-budget", type=float, help="with --equal-accuracy: stop PyHessian's sweep after this many seconds"
+    )
+
+
 def equal_accuracy_race(
     H,
     result,

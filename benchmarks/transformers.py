@@ -44,6 +44,7 @@ from benchmarks.memory import peak_bytes
 from benchmarks.peers import (
     CurvlinopsPeer,
     PyHessianPeer,
+    add_race_arguments,
     dataset_gradient,
     equal_accuracy_race,
     interleaved_times,
@@ -221,14 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--top", type=int, default=2, help="top-k eigenvalues to time (0: skip)")
     parser.add_argument("--value-tol", type=float, default=1e-3, help="hessops' top-k accuracy (relative)")
-    parser.add_argument(
-        "--equal-accuracy",
-        action="store_true",
-        help="run PyHessian at tighter tolerances until hessops' bounds certify its values to the same accuracy",
-    )
-    parser.add_argument(
-        "--pyhessian-budget", type=float, help="with --equal-accuracy: stop PyHessian's sweep after this many seconds"
-    )
+    add_race_arguments(parser)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory counts")
     parser.add_argument("--only-top", action="store_true", help="skip the products and memory: only the top-k race")

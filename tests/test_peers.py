@@ -223,6 +223,23 @@ def test_pyhessian_sweep_stops_at_the_first_tolerance_within_the_accuracy():
     assert race["attempts"][1]["stopped at the budget"] and race["attempts"][1]["values"] is None
 
 
+def test_headline_rows_show_each_pyhessian_attempt_including_one_stopped_at_the_budget():
+    from benchmarks.run import render_headline
+
+    attempts = [
+        {"tol": 1e-3, "seconds": 2.0, "hvps": 9, "values": [1.0], "max certified error": 0.5, "agrees": False},
+        {"tol": 1e-4, "seconds": 3.0, "hvps": 12, "values": None, "stopped at the budget": True, "agrees": False},
+    ]
+    headline = {
+        "hessops": {"seconds": 1.0, "hvps": 5, "values": [1.0, 0.5], "tuning seconds": 0.0},
+        "pyhessian to equal accuracy": {"accuracy": 1e-3, "attempts": attempts, "agreed": None},
+        "pyhessian sweep / hessops time": 5.0,
+    }
+    rows = "\n".join(render_headline(headline))
+    assert "top-2 LM" in rows and "| 2.00 / 9 / 0.5 |" in rows and "| 3.00 / 12 / stopped at the budget |" in rows
+    assert "equal accuracy** |" not in rows and "whole sweep / hessops time | 5.00 |" in rows
+
+
 def test_large_runs_harness_smoke(tmp_path):
     """Not a measurement: benchmarks/large.py runs each configuration in its own process, reports the basis
     each used and its peak resident memory, and the disk basis gives the device basis's eigenvalues."""
