@@ -74,11 +74,16 @@ class PyHessianPeer:
 PYHESSIAN_SWEEP: tuple[tuple[float, int], ...] = ((1e-3, 100), (1e-4, 1000), (1e-5, 1000), (1e-6, 1000))
 
 
+def by_magnitude(values: list[float], bounds: list[float]) -> list[tuple[float, float]]:
+    """``(value, bound)`` pairs ranked by ``|value|``, largest first: how top-k answers are matched rank by rank."""
+    return sorted(zip(values, bounds), key=lambda t: abs(t[0]), reverse=True)
+
+
 def certified_errors(theirs: list[float], reference: list[float], bounds: list[float]) -> list[float]:
     """How far each of a method's top-k (largest magnitude) values can be from the truth, by a verified
     reference: its distance from the reference value of the same rank plus that value's bound ``|λ − λ_ref| ≤ b``."""
-    pairs = sorted(zip(reference, bounds), key=lambda t: abs(t[0]), reverse=True)
-    return [abs(mu - value) + bound for mu, (value, bound) in zip(sorted(theirs, key=abs, reverse=True), pairs)]
+    ranked = sorted(theirs, key=abs, reverse=True)
+    return [abs(mu - value) + bound for mu, (value, bound) in zip(ranked, by_magnitude(reference, bounds))]
 
 
 def pyhessian_to_accuracy(
@@ -109,26 +114,18 @@ def pyhessian_to_accuracy(
         try:
             values = peer.top(len(reference), tol=tol, max_iter=max_iter)
         except OutOfBudget:  # stopped mid-run: what it had cost, and no values
-            attempts.append({"tol": tol, "maxIter": max_iter, "seconds": now() - start, "hvps": peer.hvps})
-            attempts[-1] |= {"values": None, "stopped at the budget": True, "agrees": False}
-            print(json.dumps({"pyhessian attempt": attempts[-1]}), file=sys.stderr, flush=True)
-            break
+            values = None
         finally:
             peer.deadline = None
-        errors = certified_errors(values, reference, bounds)
-        attempts.append(
-            {
-                "tol": tol,
-                "maxIter": max_iter,
-                "seconds": now() - start,
-                "hvps": peer.hvps,
-                "values": values,
-                "max certified error": max(errors),
-                "agrees": max(errors) <= accuracy,
-            }
-        )
-        print(json.dumps({"pyhessian attempt": attempts[-1]}), file=sys.stderr, flush=True)
-        if attempts[-1]["agrees"]:
+        attempt = {"tol": tol, "maxIter": max_iter, "seconds": now() - start, "hvps": peer.hvps, "values": values}
+        if values is None:
+            attempt |= {"stopped at the budget": True, "agrees": False}
+        else:
+            error = max(certified_errors(values, reference, bounds))
+            attempt |= {"max certified error": error, "agrees": error <= accuracy}
+        attempts.append(attempt)
+        print(json.dumps({"pyhessian attempt": attempt}), file=sys.stderr, flush=True)
+        if values is None or attempt["agrees"]:
             break
         if budget_seconds is not None and sum(a["seconds"] for a in attempts) >= budget_seconds:
             break
@@ -176,8 +173,8 @@ def equal_accuracy_race(
         warnings.simplefilter("ignore", RuntimeWarning)
         tight = hessops.eigs(H, k, which, tol=1e-7, start=result.vectors.sum(1))
     reference, reference_bounds = tight.values.tolist(), tight.error_bounds.tolist()
-    ours = sorted(zip(result.values.tolist(), result.error_bounds.tolist()), key=lambda t: abs(t[0]), reverse=True)
-    truth = sorted(zip(reference, reference_bounds), key=lambda t: abs(t[0]), reverse=True)
+    ours = by_magnitude(result.values.tolist(), result.error_bounds.tolist())
+    truth = by_magnitude(reference, reference_bounds)
     accuracy = value_tol * float(result.values.abs().max())
     summary = {"seconds": seconds, "hvps": result.n_matvecs, "values": result.values.tolist(), "reference": reference}
     print(json.dumps({"hessops": summary}), file=sys.stderr, flush=True)
