@@ -5,11 +5,16 @@ through the vocabulary, on GPTs with GPT-2's vocabulary (50,257 tokens), in one 
     python -m benchmarks.softmax_head --size gpt2-small --tokens 128   # GPT-2 small's own sizes
     python -m benchmarks.softmax_head --smoke                          # toy sizes: checks the harness
     python -m benchmarks.softmax_head --loss-only --sequences 8 --tokens 256   # the loss alone, in the logits
+    python -m benchmarks.softmax_head --compiled                       # and hvp_mode="compiled" beside them
 
 One dataset gradient, hessops' ``H @ v`` with the head (the default) and without it (``HESSOPS_SOFTMAX_HEAD=0``),
 each warmed up once (the first-use check and the witness are the warm-up, timed on their own line), then
 medians of ``--repeats`` interleaved rounds; the peak tensor memory of each (benchmarks/memory.py, exact on the
 CPU); the two products' relative difference. Random weights and tokens (seeded), float32 (``--dtype``), eval mode.
+
+``--compiled``: also ``hvp_mode="compiled"`` (hessops/operators/compiled.py); its first call (the compile and the
+check against double backward) is timed on its own line. Its peak memory is not measured: compiled code allocates
+its buffers below torch's dispatcher, where benchmarks/memory.py's exact CPU count does not see them.
 
 ``--loss-only``: the next-token loss alone, as a function of random logits ``(sequences, tokens, 50,304)`` (the
 sizes of hessian-eigenthings' fused cross-entropy HVP, its PR #47): one gradient in the logits, the product
@@ -89,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--smoke", action="store_true", help="a toy GPT (vocabulary 300, width 16)")
+    parser.add_argument("--compiled", action="store_true", help="also hvp_mode='compiled' (its compile timed apart)")
     parser.add_argument("--loss-only", action="store_true", help="the loss alone in random logits (vocabulary 50,304)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -133,9 +139,15 @@ def main(argv: list[str] | None = None) -> dict:
     warm["plain"] = time.perf_counter() - began
     os.environ.pop("HESSOPS_SOFTMAX_HEAD")
     methods = {"grad": gradient, "plain": plain_product, "head": lambda: head @ v}
+    if args.compiled:
+        compiled = hessops.Hessian(model, next_token_cross_entropy, data, hvp_mode="compiled")
+        began = time.perf_counter()
+        compiled @ v
+        warm["compiled"] = time.perf_counter() - began
+        methods["compiled"] = lambda: compiled @ v
     times = interleaved_times(methods, args.repeats, timer(device))
     medians = {name: statistics.median(t) for name, t in times.items()}
-    peaks = {name: peak_bytes(work, device) for name, work in methods.items()}
+    peaks = {name: peak_bytes(work, device) for name, work in methods.items() if name != "compiled"}
     with_head, without = head @ v, plain_product()
     report = {
         "model": f"GPT {config.n_layer} x {config.n_embd}, vocabulary {config.vocab_size}",
@@ -149,6 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_bytes": peaks,
         "peak_in_gradients": {name: p / peaks["grad"] for name, p in peaks.items()},
         "head_vs_plain": float(norm(with_head - without) / norm(without)),
+        "compiled_vs_plain": float(norm(compiled @ v - without) / norm(without)) if args.compiled else None,
+        "compiles": hessops.operators.compiled.stats(model) if args.compiled else None,
         "torch": torch.__version__,
         "device": str(device),
         "cpu": platform.processor() or platform.machine(),

@@ -3,6 +3,7 @@
     python -m benchmarks.transformers --workloads gpt2-small --batch-size 2 --seq-len 128 --top 0
     python -m benchmarks.transformers --workloads vit-tiny gpt-bytes-mini --top 2
     python -m benchmarks.transformers --smoke                      # seconds: checks the harness
+    python -m benchmarks.transformers --workloads vit-tiny --compiled --peers --top 0   # and hvp_mode="compiled"
 
 For each workload, with random weights (seeded) and random tokens or images (seeded), float32, eval mode:
 
@@ -110,14 +111,18 @@ def _math_attention(f):
     return run
 
 
-def bench_products(w: Workload, device: torch.device, repeats: int, peers: dict) -> dict:
-    """Interleaved medians of the gradient and each method's HVP, their ratios, and the peers' agreement."""
+def bench_products(w: Workload, device: torch.device, repeats: int, peers: dict, compiled: bool = False) -> dict:
+    """Interleaved medians of the gradient and each method's HVP, their ratios, and the peers' agreement; with
+    ``compiled``, hessops' ``hvp_mode="compiled"`` too (its first call, the compile, timed on its own line)."""
     now = timer(device)
     H = hessops.Hessian(w.model, w.loss_fn, w.data)
     v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(0), dtype=H.dtype).to(device)
     shapes = [p.shape for p in w.model.parameters()]
     v_list = [t.reshape(s) for t, s in zip(v.split([s.numel() for s in shapes]), shapes)]
     methods = {"grad": lambda: dataset_gradient(w), "hessops hvp": lambda: H @ v}
+    if compiled:
+        H_compiled = hessops.Hessian(w.model, w.loss_fn, w.data, hvp_mode="compiled")
+        methods["hessops compiled hvp"] = lambda: H_compiled @ v
     if "pyhessian" in peers:
         methods["pyhessian hvp"] = lambda: peers["pyhessian"].hvp(v_list)
     if "curvlinops" in peers:
@@ -138,6 +143,8 @@ def bench_products(w: Workload, device: torch.device, repeats: int, peers: dict)
     if "curvlinops" in peers:
         theirs = peers["curvlinops"].matmat(v[:, None])[:, 0].detach().to(reference)
         agreement["curvlinops rel. diff"] = float(norm(theirs - reference) / norm(reference))
+    if compiled:
+        agreement["hessops compiled rel. diff"] = float(norm(H_compiled @ v - reference) / norm(reference))
     return {"first call seconds": first, "seconds": medians, "ratios": ratios, "agreement": agreement}
 
 
@@ -226,6 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
     add_race_arguments(parser)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory counts")
+    parser.add_argument("--compiled", action="store_true", help="also time hessops' hvp_mode='compiled' product")
     parser.add_argument("--only-top", action="store_true", help="skip the products and memory: only the top-k race")
     parser.add_argument(
         "--micro-batch-size", type=int, help="also count (and time) hessops' HVP in micro-batches of this size"
@@ -273,7 +281,9 @@ def main(argv: list[str] | None = None) -> dict:
         report["workloads"][w.name] = entry
         sections = {}
         if not args.only_top:
-            sections["products"] = lambda: bench_products(w, device, 1 if args.smoke else args.repeats, peers)
+            sections["products"] = lambda: bench_products(
+                w, device, 1 if args.smoke else args.repeats, peers, args.compiled
+            )
         if not (args.no_memory or args.only_top):
             sections["memory"] = lambda: bench_memory(w, device, peers, args.micro_batch_size)
         if args.top:

@@ -60,6 +60,7 @@ HVP_MODES: tuple[str, ...] = (
     "forward-over-reverse",
     "reverse-over-forward",
     "reverse-over-reverse",
+    "compiled",
 )
 
 # eigs(which=...): largest magnitude, largest algebraic, smallest algebraic, or both ends.

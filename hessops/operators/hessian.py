@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -12,8 +13,8 @@ from torch import Tensor, nn
 
 from hessops._cola import cola
 from hessops.constants import HVP_MODES
-from hessops.errors import HvpFormulationError, InvalidArgumentError
-from hessops.operators import _hvp, hvp_tuning, softmax_head
+from hessops.errors import HvpFormulationError, HvpFormulationWarning, InvalidArgumentError
+from hessops.operators import _hvp, compiled, hvp_tuning, softmax_head
 from hessops.operators import witness as first_order
 from hessops.operators._base import Batch, CurvatureOperator
 from hessops.operators.functional import ParamTree, call_model, differentiable_kernels, split_examples
@@ -37,11 +38,16 @@ class Hessian(CurvatureOperator):
     - ``"reverse-over-forward"``: ``vmap(grad(v ↦ jvp(L_b)·v))`` — wrong in torch 2.14 through LayerNorm,
       InstanceNorm and BatchNorm with batch statistics (docs/torch-pitfalls.md), so refused on such models;
     - ``"reverse-over-reverse"``: ``vmap`` over the ``vjp`` of ``grad(L_b)``;
+    - ``"compiled"``: forward-over-reverse under ``torch.compile``, column by column: about two thirds of double
+      backward's time on a GPT, but each new batch shape compiles (about 60 s for a 10M-parameter GPT on 2 CPU
+      cores with an empty inductor cache; hessops/operators/compiled.py);
     - ``"auto"`` (default): double backward, until a run has shown that tuning can pay: after 20 products
       of one kind (one column, or a block) that took at least 2 s each, the candidates are checked against
       double backward and timed on a slice of a batch, and the fastest that agrees is kept; tuning spends
       at most 10 % of the time the products took, plus one step (hessops/operators/hvp_tuning.py;
-      ``HESSOPS_HVP_TUNING=0`` turns this off). What it did is in :attr:`hvp_tuning`.
+      ``HESSOPS_HVP_TUNING=0`` turns this off). Single products try the compiled one later, once 10 % of
+      their time covers its expected compile, and keep it if it agrees and is faster. What it did is in
+      :attr:`hvp_tuning`.
 
     The reference itself is checked on the first product: double backward against central differences of the
     gradient on a slice of the first batch (``witness``, hessops/operators/witness.py), and the operator is
@@ -57,7 +63,7 @@ class Hessian(CurvatureOperator):
         loss_fn: as in :class:`CurvatureOperator`.
         data: as in :class:`CurvatureOperator`.
         hvp_mode: the formulation, above: ``"auto"`` (default), ``"autograd"``, ``"autograd-loop"``,
-            ``"forward-over-reverse"``, ``"reverse-over-forward"`` or ``"reverse-over-reverse"``.
+            ``"forward-over-reverse"``, ``"reverse-over-forward"``, ``"reverse-over-reverse"`` or ``"compiled"``.
 
     Raises:
         InvalidArgumentError: ``hvp_mode`` is not one of the formulations.
@@ -126,22 +132,92 @@ class Hessian(CurvatureOperator):
         problem = self.problem
         randomness = "same" if problem.allow_train_mode else "error"
 
-        def loss_on(inputs: Any, targets: Any, mode: str = _hvp.REFERENCE):
-            return _batch_loss(problem, batch, inputs, targets, self._loss_for(mode))
-
         if self.softmax_head is None and softmax_head.applies(problem.loss_fn):  # until the check has decided
             self._check_head(batch, blocks)
         kind = _kind(blocks[0][0].shape[0] if len(blocks) == 1 else 2)
         if not self._settled(kind) and not self._tuning_deferred(kind):
-            self.hvp_tuning[kind] = self._tune(kind, loss_on, batch, blocks, randomness)
+            self.hvp_tuning[kind] = self._tune(kind, batch, blocks, randomness)
         if kind not in self.hvp_tuning:  # "auto" before a run has shown tuning can pay: the reference
-            whole = loss_on(batch.inputs, batch.targets)
+            whole = _batch_loss(problem, batch, batch.inputs, batch.targets, self._loss_for(_hvp.REFERENCE))
             return hvp_tuning.run_reference(
                 lambda: _hvp.run(_hvp.REFERENCE, whole, batch.params, blocks, randomness, problem.memo)
             )
-        mode = self.hvp_tuning[kind].mode
-        whole = loss_on(batch.inputs, batch.targets, mode)
-        return _hvp.run(mode, whole, batch.params, blocks, randomness, problem.memo)
+        if kind == "single" and self._compile_due():
+            return self._compile_trial(batch, blocks, randomness)
+        return self._products(self.hvp_tuning[kind].mode, batch, batch.inputs, batch.targets, blocks, randomness)
+
+    def _products(self, mode: str, batch: Batch, inputs: Any, targets: Any, blocks: list[ParamTree], randomness: str):
+        """``mode``'s products ``[H_b V]`` on ``inputs``, ``targets`` (a batch, or a slice of one) and their loss."""
+        problem = self.problem
+        if mode == compiled.MODE:
+            return compiled.run(
+                problem.model, problem.names, problem.loss_fn, batch.params, batch.constants, inputs, targets, blocks
+            )
+        loss = _batch_loss(problem, batch, inputs, targets, self._loss_for(mode))
+        return _hvp.run(mode, loss, batch.params, blocks, randomness, problem.memo)
+
+    def _compile_due(self) -> bool:
+        """Whether ``"auto"`` tries the compiled product on this batch (:func:`compiled.due`): once per model and
+        workload in a process, when tuning is on, in float32 or float64, after the single products have taken
+        long enough to repay the expected compile."""
+        tuning = self.hvp_tuning["single"]
+        if self.hvp_mode != "auto" or tuning.source in ("disabled", "low precision") or tuning.compile_trial:
+            return False
+        if tuning.mode == compiled.MODE or hvp_tuning.compile_tried(self.problem.model, self._key("single")):
+            return False
+        spent = self.problem.memo.get("hvp_usage", {}).get("single", (0, 0.0))[1]
+        return compiled.due(spent, tuning.seconds, hvp_tuning.read_entry(self._compile_record()))
+
+    def _compile_record(self) -> str:
+        problem = self.problem
+        entry = hvp_tuning.cache_key(problem.model, problem.names, problem.shapes, self.device, self.dtype, "single")
+        return compiled.record_key(entry)
+
+    def _compile_trial(self, batch: Batch, blocks: list[ParamTree], randomness: str):
+        """Try the compiled product on this batch, whole: double backward (whose products are returned), the tuned
+        formulation when it is another (the baseline), then the compiled product twice (the first call compiles).
+        Kept, for this model in this process, when it agrees with double backward and its second run is faster
+        than the baseline; what it found is recorded in :attr:`hvp_tuning` and on disk."""
+        problem, tuning = self.problem, self.hvp_tuning["single"]
+        hvp_tuning.compile_tried(problem.model, self._key("single"), mark=True)
+        began = time.perf_counter()
+
+        def timed(mode: str):
+            call = lambda: self._products(mode, batch, batch.inputs, batch.targets, blocks, randomness)  # noqa: E731
+            return hvp_tuning._timed(mode, lambda: hvp_tuning.run_reference(call), self.device)
+
+        reference, baseline = timed(_hvp.REFERENCE)
+        if tuning.mode != _hvp.REFERENCE:
+            _, baseline = timed(tuning.mode)
+        trial = tuning.compile_trial
+        trial.update(baseline=tuning.mode, baseline_seconds=baseline)
+        try:
+            (products, _), trial["compile_seconds"] = timed(compiled.MODE)
+        except HvpFormulationError as failure:
+            trial.update(kept=False, reason=str(failure).splitlines()[0])
+        else:
+            trial["error"] = error = hvp_tuning.relative_error(products, reference[0])
+            if error > tuning.tolerance:
+                trial.update(kept=False, reason=f"{error:.2g} off double backward (tolerance {tuning.tolerance:.1g})")
+                warnings.warn(
+                    f"the compiled Hessian-vector product was set aside: {trial['reason']}. hessops goes on with "
+                    f"{tuning.mode} (docs/torch-pitfalls.md)",
+                    HvpFormulationWarning,
+                    stacklevel=8,
+                )
+            else:
+                _, trial["seconds"] = timed(compiled.MODE)
+                trial["kept"] = trial["seconds"] < baseline
+                if not trial["kept"]:
+                    trial["reason"] = f"slower than {tuning.mode} ({trial['seconds']:.3g} s against {baseline:.3g} s)"
+        if trial["kept"]:
+            tuning.mode, tuning.source = compiled.MODE, "compile trial"
+            hvp_tuning.remember(problem.model, self._key("single"), compiled.MODE)
+        tuning.seconds += time.perf_counter() - began
+        hvp_tuning.write_entry(
+            self._compile_record(), {"kept": trial["kept"], "compile_seconds": trial.get("compile_seconds")}
+        )
+        return reference
 
     @property
     def softmax_head(self) -> softmax_head.HeadCheck | None:
@@ -202,7 +278,7 @@ class Hessian(CurvatureOperator):
 
     def _matmat(self, X: Tensor) -> Tensor:
         kind = _kind(X.shape[1])
-        if self._settled(kind):
+        if self._settled(kind) and (kind != "single" or self.hvp_mode != "auto"):
             return super()._matmat(X)
         began = time.perf_counter()
         result = super()._matmat(X)
@@ -244,19 +320,21 @@ class Hessian(CurvatureOperator):
     def _key(self, kind: str) -> tuple:
         return (str(self.device), self.dtype, self.problem.names, kind)
 
-    def _tune(self, kind, loss_on, batch: Batch, blocks, randomness) -> Tuning:
+    def _tune(self, kind: str, batch: Batch, blocks: list[ParamTree], randomness: str) -> Tuning:
         """Validate (and for ``"auto"`` time) the formulations on a slice of this batch: the first
-        ``TUNE_EXAMPLES`` examples and the first ``TUNE_COLUMNS`` columns of the first block."""
-        problem, params = self.problem, batch.params
+        ``TUNE_EXAMPLES`` examples and the first ``TUNE_COLUMNS`` columns of the first block (for ``"compiled"``:
+        the whole batch and one column)."""
+        problem = self.problem
         sliced_inputs, sliced_targets, examples = split_examples(
             batch.inputs, batch.targets, batch.size, hvp_tuning.TUNE_EXAMPLES
         )[0]
         columns = 1 if kind == "single" else min(hvp_tuning.TUNE_COLUMNS, blocks[0][0].shape[0])
         block = tuple(t[:columns] for t in blocks[0])
+        if self.hvp_mode == compiled.MODE:  # the whole batch, one column: a slice would be one more shape to compile
+            sliced_inputs, sliced_targets, examples = batch.inputs, batch.targets, batch.size
+            columns, block = 1, tuple(t[:1] for t in blocks[0])
         probe = hvp_tuning.Slice(
-            run=lambda mode: _hvp.run(
-                mode, loss_on(sliced_inputs, sliced_targets, mode), params, [block], randomness, problem.memo
-            ),
+            run=lambda mode: self._products(mode, batch, sliced_inputs, sliced_targets, [block], randomness),
             examples=examples,
             columns=columns,
             device=self.device,

@@ -88,6 +88,8 @@ TUNING_BUDGET = 0.1
 # The validated choice for a model in this process: model -> {(device, dtype, names, kind): mode}. Held
 # weakly, so that a model's choice dies with it (an id() key would pass it on to a later model at the same address).
 _TUNED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, str]] = weakref.WeakKeyDictionary()
+# The workloads of a model on which the compiled product was tried in this process (hessops/operators/compiled.py).
+_COMPILE_TRIED: weakref.WeakKeyDictionary[nn.Module, set[tuple]] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -98,12 +100,15 @@ class Tuning:
     ``"in-process"`` (chosen earlier in this process for the same model), ``"cheap product"`` (the first
     :data:`TUNE_AFTER_PRODUCTS` products took under :data:`MIN_PRODUCT_SECONDS` each: double backward, untuned
     so far; tuned once they add up to :data:`TUNE_AFTER_SECONDS`),
-    ``"explicit"`` (an ``hvp_mode`` validated here), ``"reference"`` (double backward: nothing to check),
+    ``"explicit"`` (an ``hvp_mode`` validated here), ``"compile trial"`` (the compiled product, kept after a trial
+    on a long run: :mod:`hessops.operators.compiled`), ``"reference"`` (double backward: nothing to check),
     ``"disabled"`` (``HESSOPS_HVP_TUNING=0``) or ``"low precision"`` (a half-precision dtype, where rounding hides
     wrong formulations: double backward). ``seconds``: the tuner's whole cost. ``examples`` and ``columns``: the
     slice it ran on; ``runs``: slice products it computed. ``errors``: each candidate's relative error against
     double backward on the slice; ``times``: its timed slice run (s); ``excluded``: why a formulation was not a
-    candidate, or was not tried (the tuning budget, :func:`budget`, was spent)."""
+    candidate, or was not tried (the tuning budget, :func:`budget`, was spent). ``compile_trial``: what trying the
+    compiled product on a whole batch found (its compile and product seconds, the baseline's, its error, whether it
+    was kept, or why not); empty when it was not tried."""
 
     kind: str
     mode: str
@@ -116,6 +121,7 @@ class Tuning:
     errors: dict[str, float] = field(default_factory=dict)
     times: dict[str, float] = field(default_factory=dict)
     excluded: dict[str, str] = field(default_factory=dict)
+    compile_trial: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """The fields as a JSON-ready dict."""
@@ -160,7 +166,7 @@ def cache_key(
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _read_cache() -> dict[str, str]:
+def _read_cache() -> dict:
     try:
         entries = json.loads((cache_dir() / CACHE_FILE).read_text())
     except (OSError, ValueError):
@@ -168,9 +174,14 @@ def _read_cache() -> dict[str, str]:
     return entries if isinstance(entries, dict) else {}
 
 
-def _write_cache(key: str, mode: str) -> None:
+def read_entry(key: str):
+    """The value kept on disk under ``key`` (``None`` when there is none)."""
+    return _read_cache().get(key)
+
+
+def _write_cache(key: str, value) -> None:
     entries = _read_cache()
-    entries[key] = mode
+    entries[key] = value
     path = cache_dir() / CACHE_FILE
     text = json.dumps(entries, indent=1, sort_keys=True)
     try:
@@ -239,6 +250,25 @@ def run_reference(call: Callable):
 def in_process(model: nn.Module, key: tuple) -> bool:
     """Whether a formulation was already chosen for this model and workload in this process."""
     return key in _TUNED.get(model, {})
+
+
+def remember(model: nn.Module, key: tuple, mode: str) -> None:
+    """Keep ``mode`` as the formulation for ``model`` and workload ``key`` in this process."""
+    _TUNED.setdefault(model, {})[key] = mode
+
+
+def compile_tried(model: nn.Module, key: tuple, mark: bool = False) -> bool:
+    """Whether the compiled product was tried for ``model`` and workload ``key`` in this process (``mark``: it is
+    now)."""
+    tried = _COMPILE_TRIED.setdefault(model, set())
+    if mark:
+        tried.add(key)
+    return key in tried
+
+
+def write_entry(key: str, value) -> None:
+    """Keep ``value`` on disk under ``key`` (:func:`cache_dir`); a read-only home keeps nothing."""
+    _write_cache(key, value)
 
 
 def budget(spent: float) -> float:
@@ -358,6 +388,9 @@ class _Trials:
         tuning = self.tuning
         try:
             products, seconds = self.timed(mode, lambda: self.probe.run(mode)[0])
+        except HvpFormulationError as error:  # torch.compile failed on the model
+            tuning.excluded[mode] = f"torch cannot run it here: {str(error).splitlines()[0]}"
+            return None
         except Exception as error:
             if _interrupted(error):
                 raise KeyboardInterrupt from error
@@ -379,6 +412,11 @@ def _explicit(trials: _Trials, requested: str, model: nn.Module) -> Tuning:
     tuning = trials.tuning
     tuning.source, tuning.mode = "explicit", requested
     if trials.check(requested) is None:
+        if requested not in tuning.errors:  # it did not run
+            raise HvpFormulationError(
+                f"hvp_mode={requested!r} cannot be used on this model: {tuning.excluded[requested]}. "
+                "Use hvp_mode='auto' (validated) or 'autograd'"
+            )
         raise HvpFormulationError(
             f"hvp_mode={requested!r} is wrong on this model: {tuning.excluded[requested]} on the first "
             f"{trials.probe.examples} examples{_suspects(model)}. Use hvp_mode='auto' (validated) or 'autograd'"

@@ -25,6 +25,9 @@ from torch import Tensor, nn
 
 import hessops
 
+# "compiled" has its own tests (tests/operators/test_compiled.py): it compiles once per batch shape, 5-15 s each.
+EAGER_MODES = tuple(m for m in hessops.operators.hessian.HVP_MODES if m != "compiled")
+
 RTOL64 = 1e-10
 RTOL32 = 2e-4
 N_EXAMPLES = 7
@@ -251,7 +254,7 @@ def formulation_failure(arch: str, mode: str) -> str | None:
     return None if error < RTOL64 else f"{mode} on {arch} is {error:.2g} off double backward"
 
 
-@pytest.mark.parametrize("mode", hessops.operators.hessian.HVP_MODES)
+@pytest.mark.parametrize("mode", EAGER_MODES)
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_every_formulation_is_right_or_refused_as_expected(arch, mode, tune_at_once):
     """Exact to 1e-10 (float64) against double backward on the module, or refused exactly where
