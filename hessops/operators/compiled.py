@@ -50,8 +50,9 @@ _COMPILED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _Compiled]] = weakre
 class _Compiled:
     """One model's compiled product, and the shapes it has compiled for (each first call compiles)."""
 
-    def __init__(self, model: nn.Module, names: tuple[str, ...], loss_fn: Callable) -> None:
-        def product(params: ParamTree, column: ParamTree, constants: dict, inputs: Any, targets: Any):
+    def __init__(self, names: tuple[str, ...], loss_fn: Callable) -> None:
+        # The model is an argument, not a closure's: this entry, kept while the model lives, must not keep it alive.
+        def product(model: nn.Module, params: ParamTree, column: ParamTree, constants: dict, inputs: Any, targets: Any):
             def batch_loss(p: ParamTree):
                 loss = loss_fn(call_model(model, names, p, constants, inputs), targets)
                 return loss, loss
@@ -75,7 +76,7 @@ def compiled_for(model: nn.Module, names: tuple[str, ...], loss_fn: Callable) ->
     entries = _COMPILED.setdefault(model, {})
     key = (names, getattr(loss_fn, "identity", id(loss_fn)))
     if key not in entries:
-        entries[key] = _Compiled(model, names, loss_fn)
+        entries[key] = _Compiled(names, loss_fn)
     return entries[key]
 
 
@@ -104,7 +105,8 @@ def run(
             columns = []
             for c in range(block[0].shape[0]):
                 try:
-                    hv, loss = compiled.function(params, tuple(t[c] for t in block), constants, inputs, targets)
+                    column = tuple(t[c] for t in block)
+                    hv, loss = compiled.function(model, params, column, constants, inputs, targets)
                 except Exception as error:
                     if isinstance(error.__context__, KeyboardInterrupt) or "KeyboardInterrupt" in str(error):
                         raise KeyboardInterrupt from error

@@ -9,6 +9,9 @@ percents off)."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from reference import autograd_hessian, hessian_product, next_token_loss, relative_error
@@ -64,6 +67,10 @@ def test_compiled_is_exact_through_layernorm_with_mse_and_compiles_once_per_shap
     assert (tuning.mode, tuning.source, tuning.examples) == ("compiled", "explicit", 4)  # the whole batch
     assert tuning.errors["compiled"] < RTOL64
     assert compiled.stats(model)["compiles"] == 1
+    alive = weakref.ref(model)  # the compiled code kept for the model does not keep it alive
+    del op, model
+    gc.collect()
+    assert alive() is None
 
 
 def rig_trial(monkeypatch, *, compile_guess: float = 0.0) -> None:
