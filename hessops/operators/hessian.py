@@ -165,10 +165,16 @@ class Hessian(CurvatureOperator):
             return False
         if tuning.mode == compiled.MODE or hvp_tuning.compile_tried(self.problem.model, self._key("single")):
             return False
-        spent = self.problem.memo.get("hvp_usage", {}).get("single", (0, 0.0))[1]
-        return compiled.due(spent, tuning.seconds, hvp_tuning.read_entry(self._compile_record()))
+        memo = self.problem.memo
+        spent = memo.get("hvp_usage", {}).get("single", (0, 0.0))[1]
+        if hvp_tuning.budget(spent) < tuning.seconds:  # not yet (no disk read, no digest: this runs every product)
+            return False
+        if "compile_record" not in memo:  # read once per operator
+            memo["compile_record"] = hvp_tuning.read_entry(self._compile_record())
+        return compiled.due(spent, tuning.seconds, memo["compile_record"])
 
     def _compile_record(self) -> str:
+        """The key of the compiled trial's record in the tuner's disk cache for this model and workload."""
         problem = self.problem
         entry = hvp_tuning.cache_key(problem.model, problem.names, problem.shapes, self.device, self.dtype, "single")
         return compiled.record_key(entry)
