@@ -6,6 +6,7 @@ through the vocabulary, on GPTs with GPT-2's vocabulary (50,257 tokens), in one 
     python -m benchmarks.softmax_head --smoke                          # toy sizes: checks the harness
     python -m benchmarks.softmax_head --loss-only --sequences 8 --tokens 256   # the loss alone, in the logits
     python -m benchmarks.softmax_head --compiled                       # and hvp_mode="compiled" beside them
+    python -m benchmarks.softmax_head --finite-difference              # and the gradient-only product
 
 One dataset gradient, hessops' ``H @ v`` with the head (the default) and without it (``HESSOPS_SOFTMAX_HEAD=0``),
 each warmed up once (the first-use check and the witness are the warm-up, timed on their own line), then
@@ -15,6 +16,9 @@ CPU); the two products' relative difference. Random weights and tokens (seeded),
 ``--compiled``: also ``hvp_mode="compiled"`` (hessops/operators/compiled.py); its first call (the compile and the
 check against double backward) is timed on its own line. Its peak memory is not measured: compiled code allocates
 its buffers below torch's dispatcher, where benchmarks/memory.py's exact CPU count does not see them.
+
+``--finite-difference``: also ``hvp_mode="finite-difference"`` (two gradients a column; its first call measures its
+error, timed on its own line), its distance to double backward's product and its measured ``product_error``.
 
 ``--loss-only``: the next-token loss alone, as a function of random logits ``(sequences, tokens, 50,304)`` (the
 sizes of hessian-eigenthings' fused cross-entropy HVP, its PR #47): one gradient in the logits, the product
@@ -85,6 +89,19 @@ def loss_only(sequences: int, tokens: int, vocabulary: int, repeats: int, device
     }
 
 
+def optional_products(args, model, data, v, warm: dict) -> dict:
+    """The ``hvp_mode="compiled"`` and ``"finite-difference"`` operators asked for, each's first call (the compile
+    and its check; the error's measurement) timed into ``warm``."""
+    operators = {}
+    for flag, mode in (("compiled", "compiled"), ("finite_difference", "finite-difference")):
+        if getattr(args, flag):
+            operators[mode] = hessops.Hessian(model, next_token_cross_entropy, data, hvp_mode=mode)
+            began = time.perf_counter()
+            operators[mode] @ v
+            warm[mode] = time.perf_counter() - began
+    return operators
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="small-vocab", help="'small-vocab' (2 x 192) or a hessops.zoo.lm size")
@@ -95,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--smoke", action="store_true", help="a toy GPT (vocabulary 300, width 16)")
     parser.add_argument("--compiled", action="store_true", help="also hvp_mode='compiled' (its compile timed apart)")
+    parser.add_argument("--finite-difference", action="store_true", help="also hvp_mode='finite-difference'")
     parser.add_argument("--loss-only", action="store_true", help="the loss alone in random logits (vocabulary 50,304)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -139,12 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
     warm["plain"] = time.perf_counter() - began
     os.environ.pop("HESSOPS_SOFTMAX_HEAD")
     methods = {"grad": gradient, "plain": plain_product, "head": lambda: head @ v}
-    if args.compiled:
-        compiled = hessops.Hessian(model, next_token_cross_entropy, data, hvp_mode="compiled")
-        began = time.perf_counter()
-        compiled @ v
-        warm["compiled"] = time.perf_counter() - began
-        methods["compiled"] = lambda: compiled @ v
+    extra = optional_products(args, model, data, v, warm)
+    methods |= {mode: (lambda op=op: op @ v) for mode, op in extra.items()}
     times = interleaved_times(methods, args.repeats, timer(device))
     medians = {name: statistics.median(t) for name, t in times.items()}
     peaks = {name: peak_bytes(work, device) for name, work in methods.items() if name != "compiled"}
@@ -161,8 +175,11 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_bytes": peaks,
         "peak_in_gradients": {name: p / peaks["grad"] for name, p in peaks.items()},
         "head_vs_plain": float(norm(with_head - without) / norm(without)),
-        "compiled_vs_plain": float(norm(compiled @ v - without) / norm(without)) if args.compiled else None,
+        "vs_plain": {mode: float(norm(op @ v - without) / norm(without)) for mode, op in extra.items()},
         "compiles": hessops.operators.compiled.stats(model) if args.compiled else None,
+        "finite_difference_report": extra["finite-difference"].finite_difference_report.to_dict()
+        if args.finite_difference
+        else None,
         "torch": torch.__version__,
         "device": str(device),
         "cpu": platform.processor() or platform.machine(),

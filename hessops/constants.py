@@ -61,6 +61,7 @@ HVP_MODES: tuple[str, ...] = (
     "reverse-over-forward",
     "reverse-over-reverse",
     "compiled",
+    "finite-difference",
 )
 
 # eigs(which=...): largest magnitude, largest algebraic, smallest algebraic, or both ends.

@@ -15,7 +15,7 @@ from torch import Tensor
 from hessops._cola import cola
 from hessops.linalg.basis import ghost_masks
 from hessops.linalg.block_lanczos import BlockState, block_lanczos
-from hessops.linalg.bounds import cluster_residuals, error_bounds, product_noise, rounding
+from hessops.linalg.bounds import cluster_residuals, error_bounds, product_error, product_noise, rounding
 from hessops.linalg.lanczos import LanczosState, lanczos, ritz
 from hessops.numerics import column_norms, inner_products
 
@@ -33,8 +33,9 @@ class _Test:
 
     @property
     def rounding(self) -> float:
-        """How far rounding in the products moves an eigenvalue, relative to ``max|θ|``."""
-        return rounding(self.eps, product_noise(self.op))
+        """How far rounding in the products moves an eigenvalue, relative to ``max|θ|``, plus the error of products
+        that are not exact (finite differences: :func:`~hessops.linalg.bounds.product_error`)."""
+        return rounding(self.eps, product_noise(self.op)) + product_error(self.op)
 
     def meets(
         self, theta: Tensor, residuals: Tensor, scale: float, weyl: bool = False, wanted: Tensor | None = None

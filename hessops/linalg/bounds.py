@@ -103,6 +103,21 @@ def product_noise(op: cola.ops.LinearOperator) -> float:
     return 0.0
 
 
+def product_error(op: cola.ops.LinearOperator) -> float:
+    """The relative error of ``op``'s products that is not rounding, as the operator measured it (a finite-difference
+    Hessian's ``product_error``, hessops/operators/finite_difference.py, looked up through wrappers), or 0: how far,
+    relative to ``max|θ|``, its products may move an eigenvalue, added to :func:`rounding` in the error bounds."""
+    inner = op
+    for _ in range(16):
+        error = getattr(inner, "product_error", None)
+        if isinstance(error, (int, float)) and math.isfinite(error):
+            return float(error)
+        inner = getattr(inner, "op", None)
+        if inner is None:
+            break
+    return 0.0
+
+
 def rounding(eps: float, noise: float) -> float:
     """How far rounding in the products moves an eigenvalue, relative to ``max|θ|``: ``ROUNDING · eps`` of the
     operator's dtype, unless the measured ``noise`` (the symmetry defect, :func:`product_noise`) exceeds

@@ -74,7 +74,7 @@ def run(mode: str, batch_loss: Callable, params: ParamTree, blocks: list[ParamTr
     """``mode``'s products ``[H_b V]`` and the batch loss. ``forward-over-reverse`` that torch cannot run
     ("ZeroTensors are immutable", e.g. ``nn.MSELoss`` in torch 2.14) falls back to double backward, which is
     right on every model, and ``memo["forward_fails"]`` remembers it."""
-    if mode not in FORMULATIONS or mode == "compiled":  # hessops/operators/compiled.py runs that one
+    if mode not in FORMULATIONS or mode in ("compiled", "finite-difference"):  # their own modules run those
         raise ValueError(f"_hvp.run has no formulation {mode!r}")
     with differentiable_kernels():
         if mode == "forward-over-reverse" and not memo.get("forward_fails"):

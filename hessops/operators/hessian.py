@@ -14,10 +14,10 @@ from torch import Tensor, nn
 from hessops._cola import cola
 from hessops.constants import HVP_MODES
 from hessops.errors import HvpFormulationError, HvpFormulationWarning, InvalidArgumentError
-from hessops.operators import _hvp, compiled, hvp_tuning, softmax_head
+from hessops.operators import _hvp, compiled, finite_difference, hvp_tuning, softmax_head
 from hessops.operators import witness as first_order
 from hessops.operators._base import Batch, CurvatureOperator
-from hessops.operators.functional import ParamTree, call_model, differentiable_kernels, split_examples
+from hessops.operators.functional import ParamTree, call_model, differentiable_kernels, flat_to_tree, split_examples
 from hessops.operators.hvp_tuning import _TUNED, CANDIDATES, Tuning  # noqa: F401 - where tests and users look
 
 
@@ -41,6 +41,10 @@ class Hessian(CurvatureOperator):
     - ``"compiled"``: forward-over-reverse under ``torch.compile``, column by column: about two thirds of double
       backward's time on a GPT, but each new batch shape compiles (about 60 s for a 10M-parameter GPT on 2 CPU
       cores with an empty inductor cache; hessops/operators/compiled.py);
+    - ``"finite-difference"``: central differences of the gradient, two first-order gradients a column: not
+      exact, but needs no second derivative (any kernel, any wrapper that supports ``backward()``); its error is
+      measured on the first product and carried into :func:`hessops.eigs`' bounds (:attr:`product_error`,
+      hessops/operators/finite_difference.py);
     - ``"auto"`` (default): double backward, until a run has shown that tuning can pay: after 20 products
       of one kind (one column, or a block) that took at least 2 s each, the candidates are checked against
       double backward and timed on a slice of a batch, and the fastest that agrees is kept; tuning spends
@@ -63,7 +67,8 @@ class Hessian(CurvatureOperator):
         loss_fn: as in :class:`CurvatureOperator`.
         data: as in :class:`CurvatureOperator`.
         hvp_mode: the formulation, above: ``"auto"`` (default), ``"autograd"``, ``"autograd-loop"``,
-            ``"forward-over-reverse"``, ``"reverse-over-forward"``, ``"reverse-over-reverse"`` or ``"compiled"``.
+            ``"forward-over-reverse"``, ``"reverse-over-forward"``, ``"reverse-over-reverse"``, ``"compiled"`` or
+            ``"finite-difference"``.
 
     Raises:
         InvalidArgumentError: ``hvp_mode`` is not one of the formulations.
@@ -96,6 +101,9 @@ class Hessian(CurvatureOperator):
     ):
         if hvp_mode not in HVP_MODES:
             raise InvalidArgumentError(f"hvp_mode={hvp_mode!r}: choose one of {HVP_MODES}")
+        if hvp_mode == finite_difference.MODE:
+            finite_difference.refuse_low_precision(dtype or _model_dtype(model))
+            witness = False  # first derivatives only: nothing for the witness to catch; the error is measured instead
         wrong = _hvp.known_wrong_on(hvp_mode, model)
         if wrong:
             raise HvpFormulationError(
@@ -132,6 +140,8 @@ class Hessian(CurvatureOperator):
         problem = self.problem
         randomness = "same" if problem.allow_train_mode else "error"
 
+        if self.hvp_mode == finite_difference.MODE:  # first derivatives only: no closed-form head to check
+            return self._finite_differences(batch, blocks)
         if self.softmax_head is None and softmax_head.applies(problem.loss_fn):  # until the check has decided
             self._check_head(batch, blocks)
         kind = _kind(blocks[0][0].shape[0] if len(blocks) == 1 else 2)
@@ -145,6 +155,37 @@ class Hessian(CurvatureOperator):
         if kind == "single" and self._compile_due():
             return self._compile_trial(batch, blocks, randomness)
         return self._products(self.hvp_tuning[kind].mode, batch, batch.inputs, batch.targets, blocks, randomness)
+
+    def _finite_differences(self, batch: Batch, blocks: list[ParamTree]):
+        """The gradient-only products of this batch; on the operator's first batch, their error measured first
+        (:func:`finite_difference.estimate`)."""
+        problem = self.problem
+        loss_of = finite_difference.batch_loss(
+            problem.model, problem.names, problem.loss_fn, batch.constants, batch.inputs, batch.targets
+        )
+        if "finite_difference" not in problem.memo:
+            first = tuple(t[0] for t in blocks[0])
+            problem.memo["finite_difference"] = finite_difference.estimate(
+                loss_of, finite_difference.exact_product(loss_of, batch.params), batch.params, first
+            )
+            for kind in ("single", "block"):
+                self.hvp_tuning[kind] = Tuning(kind, finite_difference.MODE, "explicit")
+        return finite_difference.run(loss_of, batch.params, blocks)
+
+    @property
+    def product_error(self) -> float | None:
+        """For ``hvp_mode="finite-difference"``: the relative error of one product measured on the first product
+        (:class:`~hessops.operators.finite_difference.FiniteDifferenceError`'s ``error``), which
+        :func:`hessops.eigs` adds, times ``max|θ|``, to its error bounds; ``None`` for the exact modes or before
+        the first product."""
+        report = self.problem.memo.get("finite_difference")
+        return None if report is None else report.error
+
+    @property
+    def finite_difference_report(self) -> finite_difference.FiniteDifferenceError | None:
+        """What measuring the finite differences' error found (``None`` for the exact modes or before the first
+        product)."""
+        return self.problem.memo.get("finite_difference")
 
     def _products(self, mode: str, batch: Batch, inputs: Any, targets: Any, blocks: list[ParamTree], randomness: str):
         """``mode``'s products ``[H_b V]`` on ``inputs``, ``targets`` (a batch, or a slice of one) and their loss."""
@@ -242,7 +283,7 @@ class Hessian(CurvatureOperator):
 
     def _check_head(self, batch: Batch, blocks: list[ParamTree]) -> None:
         """Validate the closed-form head on a slice of this batch (its first examples as the witness takes them,
-        :func:`~hessops.operators.witness.slice_examples`; the first two columns of the first block) against
+        :func:`~hessops.operators.witness.slice_examples`; two random unit directions) against
         plain double backward, or reuse this process's verdict for the model; a head that disagrees is dropped
         with an :class:`~hessops.errors.HvpFormulationWarning`. After :data:`~hessops.operators.softmax_head.TRIES`
         slices that decide nothing (no counted target), the plain loss is kept without a check."""
@@ -253,12 +294,15 @@ class Hessian(CurvatureOperator):
             inputs, targets, examples = split_examples(
                 batch.inputs, batch.targets, batch.size, first_order.slice_examples(self)
             )[0]
-            block = tuple(t[:2] for t in blocks[0])
+            # Two random unit directions (a fixed seed), not the user's columns: a column in the Hessian's null space
+            # (all ones through a softmax, say) has a product at rounding level, where a relative error judges nothing.
+            rows = torch.randn(2, self.shape[0], generator=torch.Generator().manual_seed(0), dtype=self.dtype)
+            block = flat_to_tree((rows / rows.norm(dim=1, keepdim=True)).to(self.device), problem.shapes)
 
             def products(loss_fn: Callable) -> list[ParamTree]:
                 loss = _batch_loss(problem, batch, inputs, targets, loss_fn)
                 with differentiable_kernels():
-                    return _hvp.autograd(loss, batch.params, [block])[0]
+                    return _hvp.autograd(loss, batch.params, [block], batched=False)[0]  # no vmap: no sympy
 
             found = softmax_head.check(
                 lambda: hvp_tuning.run_reference(lambda: products(problem.loss_fn)),
@@ -369,6 +413,11 @@ def _batch_loss(problem, batch: Batch, inputs: Any, targets: Any, loss_fn: Calla
         return loss, loss
 
     return batch_loss
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (float32 when it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _kind(columns: int) -> str:

@@ -50,6 +50,12 @@ class Regularized(cola.ops.LinearOperator):
         measures none."""
         return getattr(self.op, "product_noise", None)
 
+    @property
+    def product_error(self) -> float | None:
+        """The wrapped operator's relative product error that is not rounding (a finite-difference Hessian's
+        ``product_error``), ``None`` where it has none."""
+        return getattr(self.op, "product_error", None)
+
     def _matmat(self, X: Tensor) -> Tensor:
         return self.op @ X + self.c * X
 

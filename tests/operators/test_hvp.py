@@ -19,9 +19,10 @@ from hessops.errors import HvpFormulationError, HvpFormulationWarning
 from hessops.operators import _hvp, hvp_tuning
 
 BUDGET = hvp_tuning.budget  # the real rule, which the fixture below lifts for most tests
-# Every formulation but "compiled", which has its own tests (tests/operators/test_compiled.py): it compiles once
-# per batch shape, 5-15 s each on 2 CPU cores, so it runs on a few models, not on every grid.
-EAGER_MODES = tuple(m for m in hessops.operators.hessian.HVP_MODES if m != "compiled")
+# Every exact formulation but "compiled", which has its own tests (tests/operators/test_compiled.py): it compiles
+# once per batch shape, 5-15 s each on 2 CPU cores, so it runs on a few models, not on every grid; and not
+# "finite-difference", which is not exact (tests/operators/test_finite_difference.py checks it within its error).
+EAGER_MODES = tuple(m for m in hessops.operators.hessian.HVP_MODES if m not in ("compiled", "finite-difference"))
 RTOL64 = 1e-12  # float64: formulations agree with double backward to ~5e-16 on these models (measured)
 
 

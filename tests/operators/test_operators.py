@@ -17,8 +17,9 @@ from toy_networks import cifar_cnn_5k, mlp
 
 import hessops
 
-# "compiled" has its own tests (tests/operators/test_compiled.py): it compiles once per batch shape, 5-15 s each.
-EAGER_MODES = tuple(m for m in hessops.operators.hessian.HVP_MODES if m != "compiled")
+# "compiled" and "finite-difference" have their own tests (test_compiled.py: it compiles once per batch shape, 5-15 s
+# each; test_finite_difference.py: not exact, within its measured error).
+EAGER_MODES = tuple(m for m in hessops.operators.hessian.HVP_MODES if m not in ("compiled", "finite-difference"))
 
 RTOL64 = 1e-10
 OPERATORS = {"hessian": hessops.Hessian, "ggn": hessops.GGN, "ef": hessops.EmpiricalFisher}
