@@ -168,6 +168,12 @@ class ProductNoiseWarning(UserWarning):
     precision inside (a float64 operator over layers that cast to float32)."""
 
 
+class InexactProductWarning(UserWarning):
+    """An estimate whose interval leaves out the error of products that are not exact (``hvp_mode="finite-difference"``
+    into a log-determinant or a spectral density): :func:`hessops.eigs` and :func:`hessops.trace` carry that error,
+    these do not yet."""
+
+
 class AttentionKernelWarning(UserWarning):
     """The model runs attention in fused kernels without second derivatives, so products run it in torch's
     math kernel instead (said once per process)."""

@@ -17,6 +17,7 @@ from torch import Tensor
 from hessops._arguments import integer, real
 from hessops._cola import cola
 from hessops.errors import InvalidArgumentError
+from hessops.linalg.bounds import warn_inexact
 from hessops.linalg.quadrature import Quadrature, quadrature
 
 
@@ -115,6 +116,7 @@ def spectral_density(
     if sigma is not None:
         sigma = real("sigma", sigma, positive=True)
     began = time.perf_counter()
+    warn_inexact(op, "a spectral density")
     rule = quadrature(
         op,
         num_probes=num_probes,

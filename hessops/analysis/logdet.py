@@ -18,6 +18,7 @@ from hessops._arguments import boolean, choice, integer, linear_operator, real
 from hessops._cola import cola
 from hessops.analysis.spectrum import Spectrum, eigs
 from hessops.errors import InvalidArgumentError, NotPositiveDefiniteError
+from hessops.linalg.bounds import warn_inexact
 from hessops.linalg.deflation import Complement, student_t_interval
 from hessops.linalg.lanczos import check_precision, rademacher
 from hessops.linalg.quadrature import Quadrature, quadrature
@@ -218,6 +219,7 @@ def logdet(
     if not op.isa(cola.SelfAdjoint):
         raise InvalidArgumentError(f"logdet needs a symmetric operator; {op!r} is not annotated SelfAdjoint")
     check_precision(op, "logdet")
+    warn_inexact(op, "logdet")
     n = op.shape[0]
     began = time.perf_counter()
     if method == "dense" or (method == "auto" and n <= DENSE_LIMIT):

@@ -14,9 +14,10 @@ from hessops import constants
 from hessops._arguments import choice, integer, linear_operator
 from hessops._cola import cola
 from hessops.errors import InvalidArgumentError
+from hessops.linalg.bounds import product_error
 from hessops.linalg.checkpoint import Checkpoint, open_checkpoint
 from hessops.linalg.lanczos import check_precision, rademacher
-from hessops.numerics import inner_products, orthonormal_basis
+from hessops.numerics import column_norms, inner_products, orthonormal_basis
 
 METHODS = constants.TRACE_METHODS
 CHUNKS = 8  # with a checkpoint, each block of products runs in this many chunks of columns
@@ -45,7 +46,11 @@ class TraceEstimate:
         probes: the probes asked for.
         history: the running estimate.
         n_matvecs: the operator products used (columns).
-        seconds: the wall time."""
+        seconds: the wall time.
+        bias_bound: a bound on what products that are not exact (``hvp_mode="finite-difference"``, relative error
+            ``η = product_error``) can move the estimate: ``η/(1−η)`` times the sum, over the exact part's and the
+            samples' contributions, of ``‖z‖‖Az‖`` as computed (0 for exact products). An interval is
+            ``estimate ± (t · std_error + bias_bound)``."""
 
     estimate: float
     std_error: float
@@ -54,6 +59,7 @@ class TraceEstimate:
     history: TraceHistory
     n_matvecs: int
     seconds: float
+    bias_bound: float = 0.0
 
     def __iter__(self):
         return iter((self.estimate, self.std_error))
@@ -63,7 +69,7 @@ class TraceEstimate:
 
         Returns:
             ``trace``, ``std_error``, ``method``, ``probes``, ``history`` (``probes``, ``estimate``,
-            ``std_error`` lists), ``n_matvecs``, ``seconds``."""
+            ``std_error`` lists), ``n_matvecs``, ``seconds``, ``bias_bound``."""
         return {
             "trace": self.estimate,
             "std_error": self.std_error,
@@ -72,6 +78,7 @@ class TraceEstimate:
             "history": asdict(self.history),
             "n_matvecs": self.n_matvecs,
             "seconds": self.seconds,
+            "bias_bound": self.bias_bound,
         }
 
 
@@ -149,16 +156,27 @@ def trace(
     )
     if probes >= n:
         identity = torch.eye(n, dtype=op.dtype, device=op.device)
-        exact = float(torch.diagonal(apply("identity", identity)).double().sum())
+        columns = apply("identity", identity)
+        exact = float(torch.diagonal(columns).double().sum())
         history = TraceHistory([n], [exact], [0.0])
-        return TraceEstimate(exact, 0.0, "exact", probes, history, n, time.perf_counter() - began)
+        bias = _bias_bound(op, identity, columns)
+        return TraceEstimate(exact, 0.0, "exact", probes, history, n, time.perf_counter() - began, bias)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     if method == "hutchinson":
         Z = rademacher(n, probes, generator, op)
-        samples = (Z * apply("probes", Z)).sum(0).double().cpu()
+        products = apply("probes", Z)
+        samples = (Z * products).sum(0).double().cpu()
         history = _running(samples, 0.0, 0)
+        bias = _bias_bound(op, Z, products) / probes
         return TraceEstimate(
-            history.estimate[-1], history.std_error[-1], method, probes, history, probes, time.perf_counter() - began
+            history.estimate[-1],
+            history.std_error[-1],
+            method,
+            probes,
+            history,
+            probes,
+            time.perf_counter() - began,
+            bias,
         )
     sketch = probes // 3
     remaining = probes - 2 * sketch
@@ -170,9 +188,20 @@ def trace(
     deflated = products[:, sketch:] - Q @ inner_products(Q, products[:, sketch:]).to(Q.dtype)
     samples = (Z * deflated).sum(0).double().cpu()
     history = _running(samples, exact_part, 2 * sketch)
+    bias = _bias_bound(op, Q, products[:, :sketch]) + _bias_bound(op, Z, products[:, sketch:]) / max(remaining, 1)
     return TraceEstimate(
-        history.estimate[-1], history.std_error[-1], method, probes, history, probes, time.perf_counter() - began
+        history.estimate[-1], history.std_error[-1], method, probes, history, probes, time.perf_counter() - began, bias
     )
+
+
+def _bias_bound(op: cola.ops.LinearOperator, Z: Tensor, products: Tensor) -> float:
+    """``η/(1−η) Σ_i ‖z_i‖‖A z_i‖`` over the columns, ``η`` the operator's product error (0: exact products):
+    how far inexact products can move ``Σ_i z_iᵀ A z_i``, each product being within ``η‖Az‖`` of the exact one."""
+    eta = product_error(op)
+    if eta == 0.0:
+        return 0.0
+    eta = min(eta, 0.5)
+    return eta / (1 - eta) * float((column_norms(Z).double() * column_norms(products).double()).sum())
 
 
 class _Products:

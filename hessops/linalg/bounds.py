@@ -118,6 +118,29 @@ def product_error(op: cola.ops.LinearOperator) -> float:
     return 0.0
 
 
+def warn_inexact(op: cola.ops.LinearOperator, what: str) -> None:
+    """One :class:`~hessops.errors.InexactProductWarning` when ``op`` (or an operator it wraps) computes its products
+    by finite differences, whose error ``what`` (an estimate that does not carry it) leaves out."""
+    import warnings
+
+    from hessops.errors import InexactProductWarning
+
+    inner = op
+    for _ in range(16):
+        if getattr(inner, "hvp_mode", None) == "finite-difference":
+            warnings.warn(
+                f"{what} of an operator whose products are finite differences (hvp_mode='finite-difference', each "
+                "product's relative error measured on its first use: op.product_error): its interval leaves that "
+                "error out. eigs and trace carry it; for this estimate use an exact hvp_mode",
+                InexactProductWarning,
+                stacklevel=3,
+            )
+            return
+        inner = getattr(inner, "op", None)
+        if inner is None:
+            return
+
+
 def rounding(eps: float, noise: float) -> float:
     """How far rounding in the products moves an eigenvalue, relative to ``max|θ|``: ``ROUNDING · eps`` of the
     operator's dtype, unless the measured ``noise`` (the symmetry defect, :func:`product_noise`) exceeds
