@@ -90,6 +90,25 @@ def products(rank: int, world: int, store: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def finite_differences(rank: int, world: int, store: str, out_dir: str) -> None:
+    """hvp_mode="finite-difference" on uneven shards (with 3 ranks, one has no data): products, the error every rank
+    carries, and eigs in lock-step."""
+    _init(rank, world, store)
+    try:
+        model, loss_fn, x, y = problem()
+        sizes = uneven_shards(world)
+        start = sum(sum(s) for s in sizes[:rank])
+        mine = sizes[rank]
+        xs, ys = x[start : start + sum(mine)], y[start : start + sum(mine)]
+        data = list(zip(xs.split(mine), ys.split(mine))) if mine else []
+        H = hessops.Hessian(model, loss_fn, data, hvp_mode="finite-difference")
+        result = {"HV": H @ directions(model), "error": H.product_error}
+        result["top3"] = hessops.eigs(H, 3, "LM", tol=1e-7).values
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
 def failing(rank: int, world: int, store: str, out_dir: str) -> None:
     """Rank 1's data holds a batch the model cannot take; every rank must end with an error naming rank 1,
     after the one status exchange of the product (no sum, no wait for the timeout)."""

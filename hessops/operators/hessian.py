@@ -17,6 +17,7 @@ from hessops.errors import HvpFormulationError, HvpFormulationWarning, InvalidAr
 from hessops.operators import _hvp, compiled, finite_difference, hvp_tuning, softmax_head
 from hessops.operators import witness as first_order
 from hessops.operators._base import Batch, CurvatureOperator
+from hessops.operators.distributed import all_reduce
 from hessops.operators.functional import ParamTree, call_model, differentiable_kernels, flat_to_tree, split_examples
 from hessops.operators.hvp_tuning import _TUNED, CANDIDATES, Tuning  # noqa: F401 - where tests and users look
 
@@ -171,6 +172,26 @@ class Hessian(CurvatureOperator):
             for kind in ("single", "block"):
                 self.hvp_tuning[kind] = Tuning(kind, finite_difference.MODE, "explicit")
         return finite_difference.run(loss_of, batch.params, blocks)
+
+    def _agree_on_error(self) -> None:
+        """Data-parallel ranks measured the finite differences' error on their own first batch (a rank without data
+        measured none): after the first product all take the largest, so that every rank's bounds, and with them
+        eigs' stopping decisions, agree (one all-reduce of ``world`` numbers, once)."""
+        problem = self.problem
+        if problem.distributed is None or problem.memo.get("finite_difference_agreed"):
+            return
+        group, rank, world = problem.distributed
+        report = problem.memo.get("finite_difference")
+        table = torch.zeros(world, dtype=torch.float64, device=self.device)
+        if report is not None and math.isfinite(report.error):
+            table[rank] = report.error
+        all_reduce(table, group)
+        if report is None:  # no data here: the others' measurement
+            report = problem.memo["finite_difference"] = finite_difference.FiniteDifferenceError(
+                finite_difference.step(self.dtype), exact=None, exact_failure="measured on other ranks (none here)"
+            )
+        report.error = float(table.max())
+        problem.memo["finite_difference_agreed"] = True
 
     @property
     def product_error(self) -> float | None:
@@ -327,6 +348,10 @@ class Hessian(CurvatureOperator):
         return tuning is not None and tuning.source != "cheap product"
 
     def _matmat(self, X: Tensor) -> Tensor:
+        if self.hvp_mode == finite_difference.MODE:
+            result = super()._matmat(X)
+            self._agree_on_error()
+            return result
         kind = _kind(X.shape[1])
         if self._settled(kind) and (kind != "single" or self.hvp_mode != "auto"):
             return super()._matmat(X)

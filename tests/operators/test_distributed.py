@@ -47,6 +47,21 @@ def test_distributed_products_and_eigenvalues_match_one_process(world, tmp_path)
         assert torch.equal(result["HV"], results[0]["HV"]) and torch.equal(result["top5"], results[0]["top5"])
 
 
+def test_finite_difference_ranks_agree_on_their_error_and_stay_in_lock_step(tmp_path):
+    """Each rank measures the finite differences' error on its own first batch, and rank 2 has no data at all:
+    after the first product every rank carries the largest, so their bounds and eigs' steps agree; the products are
+    within that error of one process's exact ones."""
+    spawn(workers.finite_differences, 3, tmp_path)
+    expected = workers.single_process_results()
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(3)]
+    errors = {result["error"] for result in results}
+    assert len(errors) == 1 and 0 < errors.pop() < 1e-6
+    for result in results:
+        assert relative_error(result["HV"], expected["HV"]) <= result["error"]
+        assert torch.equal(result["top3"], results[0]["top3"])
+    torch.testing.assert_close(results[0]["top3"], expected["top5"][:3], rtol=1e-6, atol=0)
+
+
 def test_a_failing_rank_stops_every_rank_with_its_name(tmp_path):
     """No rank waits for the timeout: each ends after the product's one status exchange (no sum follows),
     rank 0 with rank 1's error, which only that exchange carries (a timeout says "a collective failed")."""
