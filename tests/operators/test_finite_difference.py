@@ -151,3 +151,30 @@ def test_estimates_that_do_not_carry_the_error_say_so():
         hessops.logdet(hessops.Regularized(op, 1.0), method="dense")
     with pytest.warns(InexactProductWarning, match="a spectral density"):
         hessops.spectral_density(op, num_probes=1, lanczos_steps=5)
+
+
+LOSSES = {
+    "cross-entropy": lambda: nn.CrossEntropyLoss(),
+    "label-smoothing": lambda: nn.CrossEntropyLoss(label_smoothing=0.1),
+    "class-weights": lambda: nn.CrossEntropyLoss(weight=torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)),
+    "mse": lambda: nn.MSELoss(),
+}
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("batching", ["one", "micro-batches"])
+@pytest.mark.parametrize("arch", ["mlp", "attention", "embedding"])
+def test_losses_and_batchings_stay_within_the_measured_error(arch, batching, loss):
+    """The grid's other axes: losses (the weights and smoothing enter the mean's divisor), micro-batches (the
+    operator's own split of batches of 4 and 3 into 2, 2 and 2, 1: one of a single example), and integer inputs
+    (an embedding)."""
+    model, x, y, _ = build(arch)
+    loss_fn = LOSSES[loss]()
+    if loss == "mse":
+        y = torch.randn(len(y), 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    sizes = {"one": [7], "micro-batches": [4, 3]}[batching]
+    data = batches(x, y, sizes)
+    micro = 2 if batching == "micro-batches" else None
+    op = hessops.Hessian(model, loss_fn, data, hvp_mode=FD, micro_batch_size=micro)
+    truth = grid_reference_hessian(model, loss_fn, data, per_batch=False)
+    assert relative_error(dense_of(op), truth) <= op.product_error < 1e-6
