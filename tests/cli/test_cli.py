@@ -631,3 +631,27 @@ def test_vocabulary_that_does_not_cover_the_tokens_is_one_line(tmp_path, capsys)
     assert main([*args, "--no-progress"]) == 2
     line = capsys.readouterr().err.strip()
     assert "hf:gpt2 has a vocabulary of 100 tokens, but text's token ids go up to" in line and "\n" not in line
+
+
+def test_finite_difference_products_record_their_error_and_keep_their_bounds(tmp_path):
+    """--hvp-mode finite-difference: the JSON records the error measured on the first product, and each eigenvalue
+    lies within its reported bound of double backward's (eigs adds that error to the bounds)."""
+    results = {}
+    for mode, extra in (("autograd", []), ("finite-difference", ["--value-tol", "0.01"])):
+        out = tmp_path / f"{mode}.json"
+        command = ["eigs", "--num-examples", "64", "--k", "2", "--hvp-mode", mode, "--out", str(out), "--no-progress"]
+        assert main([*command, *extra]) == 0
+        results[mode] = json.loads(out.read_text())
+    differences = results["finite-difference"]
+    report = differences["finite_difference"]
+    assert (
+        report["step"] > 0
+        and 0 < report["error"] < 0.05
+        and report["exact"]
+        and results["autograd"]["finite_difference"] is None
+    )
+    assert differences["converged"]
+    for ours, bound, reference in zip(
+        differences["eigenvalues"], differences["error_bounds"], results["autograd"]["eigenvalues"]
+    ):
+        assert bound >= report["error"] * max(map(abs, differences["eigenvalues"])) and abs(ours - reference) <= bound

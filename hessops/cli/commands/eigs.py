@@ -117,5 +117,10 @@ def run(args: argparse.Namespace) -> None:
         settings["save_vectors"] = str(args.save_vectors)
     tuning = {kind: t.to_dict() for kind, t in getattr(s.op, "hvp_tuning", {}).items()}
     head = getattr(s.op, "softmax_head", None)
-    record = result | {"hvp_tuning": tuning, "softmax_head": head.to_dict() if head is not None else None}
+    differences = getattr(s.op, "finite_difference_report", None)  # hvp_mode="finite-difference": its measured error
+    record = result | {
+        "hvp_tuning": tuning,
+        "softmax_head": head.to_dict() if head is not None else None,
+        "finite_difference": differences.to_dict() if differences is not None else None,
+    }
     output.emit(args, settings, record, s.op.device, draw)
