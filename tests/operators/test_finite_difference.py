@@ -178,3 +178,23 @@ def test_losses_and_batchings_stay_within_the_measured_error(arch, batching, los
     op = hessops.Hessian(model, loss_fn, data, hvp_mode=FD, micro_batch_size=micro)
     truth = grid_reference_hessian(model, loss_fn, data, per_batch=False)
     assert relative_error(dense_of(op), truth) <= op.product_error < 1e-6
+
+
+def test_a_gpt_with_padding_and_tied_embeddings_is_within_its_error():
+    """The next-token loss with padded labels (-100, ignored) in batches of uneven counted tokens, attention, LayerNorm
+    and a head tied to the embedding; the truth: double backward on the module (tests/reference.py)."""
+    from reference import hessian_product, next_token_loss
+
+    from hessops.operators.losses import next_token_cross_entropy
+    from hessops.zoo.lm import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=11, block_size=6, n_layer=1, n_head=2, n_embd=4)).double().eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 11, (5, 6), generator=g)
+    labels = torch.where(torch.arange(6) < torch.tensor([6, 2, 4, 6, 3])[:, None], ids, -100)
+    data = [(ids[:2], labels[:2]), (ids[2:], labels[2:])]
+    op = hessops.Hessian(model, next_token_cross_entropy, data, hvp_mode=FD)
+    V = torch.randn(op.shape[0], 2, dtype=torch.float64, generator=g)
+    truth = torch.stack([hessian_product(model, next_token_loss, data, v) for v in V.T], dim=1)
+    assert relative_error(op @ V, truth) <= op.product_error < 1e-5  # measured 1.8e-6: larger third derivatives
