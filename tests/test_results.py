@@ -84,8 +84,9 @@ def test_trace_to_dict_and_history(hessian, method):
     H, _ = hessian
     t = hessops.trace(H, probes=30, method=method, seed=4)
     d = round_trip(t)
-    assert set(d) == {"trace", "std_error", "method", "probes", "history", "n_matvecs", "seconds"}
+    assert set(d) == {"trace", "std_error", "method", "probes", "history", "n_matvecs", "seconds", "bias_bound"}
     assert (d["trace"], d["std_error"], d["method"], d["probes"]) == (t.estimate, t.std_error, method, 30)
+    assert d["bias_bound"] == 0.0  # exact products
     history = d["history"]
     assert set(history) == {"probes", "estimate", "std_error"}
     first = 2 if method == "hutchinson" else 2 * (30 // 3) + 2  # Hutch++: the sketch's products come first
