@@ -29,6 +29,17 @@ def uneven_shards(world: int) -> list[list[int]]:
     return {1: [[5, 7, 11]], 2: [[5, 7], [11]], 3: [[5, 7, 1], [10], []]}[world]
 
 
+def my_shard(rank: int, world: int) -> tuple:
+    """``(model, loss_fn, batches)``: the problem with this rank's batches of :func:`uneven_shards` (none for an
+    empty shard)."""
+    model, loss_fn, x, y = problem()
+    sizes = uneven_shards(world)
+    start = sum(sum(s) for s in sizes[:rank])
+    mine = sizes[rank]
+    xs, ys = x[start : start + sum(mine)], y[start : start + sum(mine)]
+    return model, loss_fn, list(zip(xs.split(mine), ys.split(mine))) if mine else []
+
+
 def directions(model: nn.Module) -> torch.Tensor:
     """The three vectors the products are taken on, the same in every process."""
     n = sum(p.numel() for p in model.parameters())
@@ -75,12 +86,7 @@ def _count_collectives() -> dict:
 def products(rank: int, world: int, store: str, out_dir: str) -> None:
     _init(rank, world, store)
     try:
-        model, loss_fn, x, y = problem()
-        sizes = uneven_shards(world)
-        start = sum(sum(s) for s in sizes[:rank])
-        mine = sizes[rank]
-        xs, ys = x[start : start + sum(mine)], y[start : start + sum(mine)]
-        data = list(zip(xs.split(mine), ys.split(mine))) if mine else []
+        model, loss_fn, data = my_shard(rank, world)
         V = directions(model)  # not single_process_results()'s: its products and eigs would all be wasted here
         H, G = hessops.Hessian(model, loss_fn, data), hessops.GGN(model, loss_fn, data)
         assert H.problem.distributed is not None
@@ -95,12 +101,7 @@ def finite_differences(rank: int, world: int, store: str, out_dir: str) -> None:
     carries, and eigs in lock-step."""
     _init(rank, world, store)
     try:
-        model, loss_fn, x, y = problem()
-        sizes = uneven_shards(world)
-        start = sum(sum(s) for s in sizes[:rank])
-        mine = sizes[rank]
-        xs, ys = x[start : start + sum(mine)], y[start : start + sum(mine)]
-        data = list(zip(xs.split(mine), ys.split(mine))) if mine else []
+        model, loss_fn, data = my_shard(rank, world)
         H = hessops.Hessian(model, loss_fn, data, hvp_mode="finite-difference")
         result = {"HV": H @ directions(model), "error": H.product_error}
         result["top3"] = hessops.eigs(H, 3, "LM", tol=1e-7).values

@@ -88,34 +88,32 @@ def _clusters(theta: Tensor, residuals: Tensor) -> Tensor:
     return labels
 
 
-def product_noise(op: cola.ops.LinearOperator) -> float:
-    """The relative noise of ``op``'s products as measured by the operator itself (a hessops operator's
-    ``product_noise``, looked up through wrappers such as ``Regularized`` and ``Complement``), or 0 where none was
-    measured: a float64 model that computes in float32 inside carries ~1e-7, far above float64's eps."""
+def _measured(op: cola.ops.LinearOperator, name: str) -> float:
+    """The finite number ``op.<name>``, looked up through wrappers (``Regularized``, ``Complement``: their ``op``), or
+    0 where none holds one."""
     inner = op
     for _ in range(16):
-        noise = getattr(inner, "product_noise", None)
-        if isinstance(noise, (int, float)) and math.isfinite(noise):
-            return float(noise)
+        value = getattr(inner, name, None)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            return float(value)
         inner = getattr(inner, "op", None)
         if inner is None:
             break
     return 0.0
+
+
+def product_noise(op: cola.ops.LinearOperator) -> float:
+    """The relative noise of ``op``'s products as measured by the operator itself (a hessops operator's
+    ``product_noise``, looked up through wrappers such as ``Regularized`` and ``Complement``), or 0 where none was
+    measured: a float64 model that computes in float32 inside carries ~1e-7, far above float64's eps."""
+    return _measured(op, "product_noise")
 
 
 def product_error(op: cola.ops.LinearOperator) -> float:
     """The relative error of ``op``'s products that is not rounding, as the operator measured it (a finite-difference
     Hessian's ``product_error``, hessops/operators/finite_difference.py, looked up through wrappers), or 0: how far,
     relative to ``max|θ|``, its products may move an eigenvalue, added to :func:`rounding` in the error bounds."""
-    inner = op
-    for _ in range(16):
-        error = getattr(inner, "product_error", None)
-        if isinstance(error, (int, float)) and math.isfinite(error):
-            return float(error)
-        inner = getattr(inner, "op", None)
-        if inner is None:
-            break
-    return 0.0
+    return _measured(op, "product_error")
 
 
 def warn_inexact(op: cola.ops.LinearOperator, what: str) -> None:
