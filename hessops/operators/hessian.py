@@ -170,7 +170,7 @@ class Hessian(CurvatureOperator):
                 loss_of, finite_difference.exact_product(loss_of, batch.params), batch.params, first
             )
             for kind in ("single", "block"):
-                self.hvp_tuning[kind] = Tuning(kind, finite_difference.MODE, "explicit")
+                self.hvp_tuning[kind] = Tuning(kind, finite_difference.MODE, "finite differences")
         return finite_difference.run(loss_of, batch.params, blocks)
 
     def _agree_on_error(self) -> None:

@@ -101,7 +101,9 @@ class Tuning:
     :data:`TUNE_AFTER_PRODUCTS` products took under :data:`MIN_PRODUCT_SECONDS` each: double backward, untuned
     so far; tuned once they add up to :data:`TUNE_AFTER_SECONDS`),
     ``"explicit"`` (an ``hvp_mode`` validated here), ``"compile trial"`` (the compiled product, kept after a trial
-    on a long run: :mod:`hessops.operators.compiled`), ``"reference"`` (double backward: nothing to check),
+    on a long run: :mod:`hessops.operators.compiled`), ``"finite differences"`` (``hvp_mode="finite-difference"``: not
+    checked against double backward, its error measured instead: hessops/operators/finite_difference.py),
+    ``"reference"`` (double backward: nothing to check),
     ``"disabled"`` (``HESSOPS_HVP_TUNING=0``) or ``"low precision"`` (a half-precision dtype, where rounding hides
     wrong formulations: double backward). ``seconds``: the tuner's whole cost. ``examples`` and ``columns``: the
     slice it ran on; ``runs``: slice products it computed. ``errors``: each candidate's relative error against
