@@ -19,7 +19,14 @@ from hessops.analysis._eigs_checks import CHECK_WEIGHT, _check_runs, _ordered, c
 from hessops.analysis._eigs_runs import GHOST_TOLERANCE, _first_run, _Found, _select, _Settings, _Test
 from hessops.errors import InvalidArgumentError
 from hessops.linalg.basis import check_mode, steps_in_memory
-from hessops.linalg.bounds import INNER_PRECISIONS, ROUNDING, error_bounds, product_noise, rounding  # noqa: F401 (*)
+from hessops.linalg.bounds import (  # noqa: F401 (*)
+    INNER_PRECISIONS,
+    ROUNDING,
+    error_bounds,
+    product_error,
+    product_noise,
+    rounding,
+)
 from hessops.linalg.checkpoint import open_checkpoint, tensor_digest
 from hessops.linalg.lanczos import check_precision
 from hessops.numerics import column_norms, inner_products, orthonormal_basis
@@ -417,6 +424,7 @@ def _warn(
             settings.test.value_tol,
             settings.test.op.dtype,
             settings.verify and found.estimated,
+            product_error(settings.test.op),
         )
     else:
         warnings.warn(
@@ -511,8 +519,10 @@ def _warn_not_converged(
     value_tol: float | None,
     dtype: torch.dtype,
     estimates_met: bool,
+    inexact: float = 0.0,
 ) -> None:
-    """The RuntimeWarning of a run whose reported residuals (or bounds) miss the stopping test."""
+    """The RuntimeWarning of a run whose reported residuals (or bounds) miss the stopping test; ``inexact``: the
+    relative error of products that are not exact (finite differences), 0 for exact ones."""
     what = "residuals" if value_tol is None else "eigenvalue error bounds"
     worst = float(residuals.max() if value_tol is None else bounds.max())
     tolerance = f"tolerance {tol if value_tol is None else value_tol:g} × {scale:.3g}"
@@ -524,6 +534,12 @@ def _warn_not_converged(
             f"the Lanczos estimates (up to {float(estimates.max()):.3g}) met it, but products in {dtype} do not "
             "reach that accuracy: raise tol (or value_tol) above the verified level, or use a float64 operator"
         )
+        if inexact > 0:
+            fix = (
+                f"the Lanczos estimates (up to {float(estimates.max()):.3g}) met it, but the products are finite "
+                f"differences, each within {inexact:.2g} relative as measured (op.product_error): raise tol (or "
+                "value_tol) above that, or use an exact hvp_mode"
+            )
     warnings.warn(
         f"eigs stopped after {steps} Lanczos steps with {what} up to {worst:.3g} ({tolerance}): {fix}",
         RuntimeWarning,

@@ -198,3 +198,15 @@ def test_a_gpt_with_padding_and_tied_embeddings_is_within_its_error():
     V = torch.randn(op.shape[0], 2, dtype=torch.float64, generator=g)
     truth = torch.stack([hessian_product(model, next_token_loss, data, v) for v in V.T], dim=1)
     assert relative_error(op @ V, truth) <= op.product_error < 1e-5  # measured 1.8e-6: larger third derivatives
+
+
+def test_a_residual_tolerance_finite_differences_cannot_reach_is_named_in_the_warning():
+    """float32 finite differences are 1e-4 to 1e-3 off: eigs' default residual tolerance (1e-4) is out of reach,
+    and the warning says why and what to do, rather than blaming float32 rounding."""
+    model, _, _, _ = build("mlp")
+    g = torch.Generator().manual_seed(10)
+    x, y = ARCHITECTURES["mlp"][1](40, g), torch.randint(0, 3, (40,), generator=g)
+    op = hessops.Hessian(model.float(), nn.CrossEntropyLoss(), batches(x.float(), y, [24, 16]), hvp_mode=FD)
+    with pytest.warns(RuntimeWarning, match="products are finite differences, each within .* exact hvp_mode"):
+        spectrum = hessops.eigs(op, 2, "LM", tol=1e-6)
+    assert not spectrum.converged
