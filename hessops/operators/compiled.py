@@ -108,7 +108,7 @@ def run(
                     column = tuple(t[c] for t in block)
                     hv, loss = compiled.function(model, params, column, constants, inputs, targets)
                 except Exception as error:
-                    if isinstance(error.__context__, KeyboardInterrupt) or "KeyboardInterrupt" in str(error):
+                    if hvp_tuning.interrupted(error):
                         raise KeyboardInterrupt from error
                     raise HvpFormulationError(
                         f"torch.compile could not compile this model's Hessian-vector product ({type(error).__name__}: "

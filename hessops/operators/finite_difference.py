@@ -38,7 +38,9 @@ import torch
 from torch import Tensor, nn
 
 from hessops.errors import HvpFormulationError
-from hessops.operators.functional import ParamTree, call_model, differentiable_kernels
+from hessops.operators import _hvp, hvp_tuning
+from hessops.operators import witness as first_order
+from hessops.operators.functional import ParamTree, call_model
 
 MODE = "finite-difference"
 DIRECTIONS = 2  # directions the error is measured along on first use
@@ -98,15 +100,13 @@ def _norm(tree: ParamTree) -> float:
 
 
 def _central(loss_of: Callable, params: ParamTree, column: ParamTree, relative_step: float, scale: float):
-    """:math:`D_\\varepsilon v` for one column ``v`` with the relative step ``relative_step`` (zero for ``v = 0``).
-    Holds one shifted copy of the parameters and one gradient at a time besides the result."""
+    """:math:`D_\\varepsilon v` for one column ``v`` with the relative step ``relative_step`` (zero for ``v = 0``),
+    by the witness's central difference (in place in the first gradient: no parameter-sized temporaries)."""
     size = _norm(column)
     if size == 0.0:
         return tuple(torch.zeros_like(t) for t in column)
     h = relative_step * scale / size
-    plus, _ = gradient(loss_of, tuple(torch.add(p, v, alpha=h) for p, v in zip(params, column)))
-    minus, _ = gradient(loss_of, tuple(torch.add(p, v, alpha=-h) for p, v in zip(params, column)))
-    return tuple(a.sub_(b).div_(2 * h) for a, b in zip(plus, minus))
+    return first_order.central(lambda s: gradient(loss_of, first_order.shifted(params, column, s))[0], h)
 
 
 def run(loss_of: Callable[[ParamTree], Tensor], params: ParamTree, blocks: list[ParamTree]):
@@ -148,7 +148,7 @@ def estimate(loss_of: Callable, exact: Callable[[ParamTree], ParamTree], params:
             try:
                 truth = exact(column)
             except Exception as error:  # noqa: BLE001 - no double backward here: the Richardson pairs alone count
-                if isinstance(error.__context__, KeyboardInterrupt) or "KeyboardInterrupt" in str(error):
+                if hvp_tuning.interrupted(error):
                     raise KeyboardInterrupt from error
                 report.exact, report.exact_failure = None, f"{type(error).__name__}: {str(error).splitlines()[0]}"
                 continue
@@ -176,16 +176,12 @@ def batch_loss(model: nn.Module, names, loss_fn: Callable, constants: dict, inpu
 
 
 def exact_product(loss_of: Callable, params: ParamTree) -> Callable[[ParamTree], ParamTree]:
-    """``v ↦ H_b v`` by double backward (attention in the math kernel), for :func:`estimate`."""
+    """``v ↦ H_b v`` by double backward, the reference formulation (:func:`hessops.operators._hvp.run`, attention in
+    the math kernel), for :func:`estimate`."""
 
     def product(column: ParamTree) -> ParamTree:
-        with differentiable_kernels(), torch.enable_grad():
-            p = tuple(t.detach().requires_grad_() for t in params)
-            g = torch.autograd.grad(loss_of(p), p, create_graph=True, allow_unused=True, materialize_grads=True)
-            live = [i for i, gi in enumerate(g) if gi.requires_grad]
-            if not live:
-                return tuple(torch.zeros_like(t) for t in column)
-            dot = sum((g[i] * column[i]).sum() for i in live)
-            return tuple(h.detach() for h in torch.autograd.grad(dot, p, allow_unused=True, materialize_grads=True))
+        block = tuple(t.unsqueeze(0) for t in column)
+        products, _ = _hvp.run(_hvp.REFERENCE, lambda p: (loss_of(p),) * 2, params, [block], "error", {})
+        return tuple(t[0] for t in products[0])
 
     return product

@@ -215,7 +215,7 @@ def _timed(mode: str, call: Callable, device: torch.device):
     return outcome, time.perf_counter() - began
 
 
-def _interrupted(error: BaseException) -> bool:
+def interrupted(error: BaseException) -> bool:
     """A Ctrl-C that torch handed back wrapped in a RuntimeError: not a failed formulation."""
     return isinstance(error.__context__, KeyboardInterrupt) or "KeyboardInterrupt" in str(error)
 
@@ -238,7 +238,7 @@ def run_reference(call: Callable):
     try:
         return call()
     except Exception as error:
-        if _interrupted(error):
+        if interrupted(error):
             raise KeyboardInterrupt from error
         if _cannot_differentiate(error):
             raise HvpFormulationError(
@@ -394,7 +394,7 @@ class _Trials:
             tuning.excluded[mode] = f"torch cannot run it here: {str(error).splitlines()[0]}"
             return None
         except Exception as error:
-            if _interrupted(error):
+            if interrupted(error):
                 raise KeyboardInterrupt from error
             if not _cannot_differentiate(error):
                 raise
